@@ -1,0 +1,87 @@
+"""The model/layout module and the local fixtures."""
+
+import pytest
+import torch
+
+from tests import builders
+from tl_circuits.model import BLOCKS, model_spec
+
+
+def test_spec_mha(mha_model):
+    spec = model_spec(mha_model)
+    assert (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.d_head) == (2, 4, 4, 8)
+    assert not spec.grouped and not spec.rotary
+    assert spec.param_name(1, "K") == "blocks.1.attn.W_K"
+    assert spec.query_hook(0) == "blocks.0.attn.hook_q"
+
+
+def test_spec_gqa(gqa_model):
+    spec = model_spec(gqa_model)
+    assert (spec.n_heads, spec.n_kv_heads, spec.group_size) == (4, 2, 2)
+    assert [spec.kv_head(h) for h in range(4)] == [0, 0, 1, 1]
+    assert spec.param_name(0, "V") == "blocks.0.attn._W_V"
+    assert spec.param_name(0, "Q", bias=True) == "blocks.0.attn.b_Q"
+    assert spec.key_hook(1) == "blocks.1.attn.hook_rot_k"
+    names = dict(gqa_model.named_parameters())
+    for name in spec.attention_param_names(include_biases=True):
+        assert name in names, name
+
+
+@pytest.mark.parametrize("which", ["mha", "gqa"])
+def test_per_head_matches_parameter_slices(which):
+    model = builders.mha() if which == "mha" else builders.gqa()
+    spec = model_spec(model)
+    params = dict(model.named_parameters())
+    for block in BLOCKS:
+        rows = spec.per_head(params, block, include_biases=True)
+        assert rows.shape == (spec.n_layers, spec.n_block_heads(block), spec.n_params_per_head(block, True))
+        for layer in range(spec.n_layers):
+            weight = params[spec.param_name(layer, block)]
+            for head in range(spec.n_block_heads(block)):
+                expect = [weight[head].reshape(-1)]
+                if block != "O":
+                    expect.append(params[spec.param_name(layer, block, bias=True)][head])
+                torch.testing.assert_close(rows[layer, head], torch.cat(expect), rtol=0, atol=0)
+
+
+def test_gqa_repeated_weights_are_copies(gqa_model):
+    attn = gqa_model.blocks[0].attn
+    torch.testing.assert_close(attn.W_K[1], attn._W_K[0], rtol=0, atol=0)  # heads 0,1 read KV head 0
+    torch.testing.assert_close(attn.W_K[2], attn._W_K[1], rtol=0, atol=0)
+
+
+def test_rejects_other_models():
+    with pytest.raises(TypeError, match="HookedTransformer"):
+        model_spec(torch.nn.Linear(2, 2))
+    with pytest.raises(NotImplementedError, match="alibi"):
+        model_spec(builders.hooked(positional_embedding_type="alibi"))
+
+
+def test_bad_layer_head(mha_model):
+    spec = model_spec(mha_model)
+    with pytest.raises(IndexError, match="layer 2 out of range"):
+        spec.check_layer_head(2, 0)
+    with pytest.raises(IndexError, match="head -1 out of range"):
+        spec.check_layer_head(0, -1)
+    with pytest.raises(ValueError, match="unknown block"):
+        spec.param_name(0, "X")
+
+
+def test_fixtures_cover_the_configs(attn_only_model, nobias_model):
+    assert attn_only_model.cfg.attn_only
+    assert all(float(p.abs().sum()) == 0 for n, p in nobias_model.named_parameters() if ".b_" in n)
+
+
+def test_hf_gpt2_logits_match(hf_gpt2):
+    hf, model = hf_gpt2
+    tokens = builders.random_tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_llama_logits_match(hf_llama):
+    hf, model = hf_llama
+    assert model_spec(model).grouped
+    tokens = builders.random_tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
