@@ -1,0 +1,185 @@
+"""Freeze each head in turn, per circuit, and measure the effect on a metric.
+
+Freezing a head in layer l cannot change anything before layer l, so the sweep runs the clean model
+once, caches every ``resid_pre``, and for layer l restarts from the cached ``resid_pre_l``
+(``start_at_layer=l``) instead of re-running the whole model. The (circuit, head) variants of one
+layer are stacked along the batch — copy c freezes one head in its own rows only — so a layer is
+one forward pass (or a few, within ``max_batch_rows``).
+
+>>> import torch
+>>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+>>> model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8,
+...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
+>>> result = freeze_sweep(model, torch.randint(0, 20, (2, 6)), progress=False)
+>>> result.effect["qk"].shape, result.effect["ov"].shape
+(torch.Size([2, 2]), torch.Size([2, 2]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.utils import lm_cross_entropy_loss
+
+from tl_circuits.freezing import (
+    Circuit,
+    FreezeSpec,
+    GradientMode,
+    Replacement,
+    _enum,
+    _generator,
+    _LayerFreeze,
+    _prepare_reference,
+)
+from tl_circuits.model import check_tokens, model_spec
+
+Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
+
+
+@dataclass
+class SweepResult:
+    """Metric of the model with each head's circuit frozen in turn.
+
+    ``frozen[circuit][layer, head]``: the metric with that head's circuit frozen;
+    ``clean``: the metric of the unfrozen model; ``effect[circuit] = frozen[circuit] - clean``.
+    """
+
+    clean: float
+    frozen: dict[str, Float[Tensor, "n_layers n_heads"]]
+    replacement: str
+    metric_name: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def effect(self) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
+        return {circuit: values - self.clean for circuit, values in self.frozen.items()}
+
+    def top_heads(self, k: int = 5, circuit: str = "qk") -> list[tuple[int, int, float]]:
+        """The k heads whose freeze moves the metric most (largest |effect|): (layer, head, effect)."""
+        effect = self.effect[circuit]
+        order = effect.abs().flatten().argsort(descending=True)[:k]
+        n_heads = effect.shape[1]
+        return [(int(i) // n_heads, int(i) % n_heads, float(effect.flatten()[i])) for i in order]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for circuit, values in self.frozen.items():
+            for (layer, head), v in zip(torch.cartesian_prod(torch.arange(values.shape[0]), torch.arange(values.shape[1])).tolist(),
+                                        values.flatten().tolist()):
+                rows.append(dict(circuit=circuit, layer=layer, head=head, metric=v, effect=v - self.clean))
+        return pd.DataFrame(rows)
+
+    def plot(self, title: Optional[str] = None):
+        """Effect heatmap per circuit (diverging, centred at 0)."""
+        from tl_circuits.plotting import plot_blocks
+
+        effect = self.effect
+        return plot_blocks(effect, blocks=list(effect), signed=True,
+                           colorbar_label=f"Δ {self.metric_name}",
+                           title=title or f"{self.replacement.upper()} freeze effect on {self.metric_name}")
+
+
+def freeze_sweep(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: Optional[Metric] = None,
+    *,
+    circuits: Sequence[Union[str, Circuit]] = ("qk", "ov"),
+    replacement: Union[str, Replacement] = "zero",
+    reference=None,
+    noise_scale: float = 1.0,
+    seed: Optional[int] = 0,
+    max_batch_rows: Optional[int] = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Freeze every head's circuit in turn and evaluate ``metric`` on the logits.
+
+    Args:
+        tokens: the input batch [batch, pos].
+        metric: ``logits -> scalar`` (TransformerLens's patching-metric convention); default: the
+            mean next-token cross-entropy loss on ``tokens``.
+        circuits: which circuits to sweep, each giving an [n_layers, n_heads] tensor.
+        replacement, reference, noise_scale, seed: as :func:`tl_circuits.freeze`. A RESAMPLE sweep
+            with ``reference=clean_cache`` on corrupted ``tokens`` equals TransformerLens's
+            ``patching.get_act_patch_attn_head_pattern_all_pos`` (QK) and
+            ``get_act_patch_attn_head_out_all_pos`` (OV).
+        max_batch_rows: most rows in one stacked forward (default: about 1 GB of logits).
+    """
+    spec = model_spec(model)
+    check_tokens(spec, tokens)
+    circuits = [_enum(Circuit, c, "circuit") for c in circuits]
+    if not circuits:
+        raise ValueError("circuits is empty: name at least one of 'qk', 'ov', 'both'")
+    replacement = _enum(Replacement, replacement, "replacement")
+    if replacement == Replacement.IDENTITY and any(c != Circuit.QK for c in circuits):
+        raise ValueError("IDENTITY is defined for the QK circuit only")
+    metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
+    if metric is None:
+        metric = lambda logits: lm_cross_entropy_loss(logits, tokens)  # noqa: E731
+
+    all_heads = tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads))
+    references = {}
+    for circuit in circuits:
+        fspec = FreezeSpec(all_heads, circuit, replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
+        references[circuit] = _prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
+    generator = _generator(model, seed) if replacement == Replacement.NOISE else None
+
+    batch, n_pos = tokens.shape
+    if max_batch_rows is None:
+        max_batch_rows = max(batch, (2**30) // (n_pos * spec.d_vocab * 4))
+    copies = [(circuit, head) for circuit in circuits for head in range(spec.n_heads)]
+    per_pass = max(1, min(len(copies), max_batch_rows // batch))
+    passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
+
+    resid_names = [spec.resid_pre_hook(layer) for layer in range(spec.n_layers)]
+    frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in circuits}
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
+        clean = float(metric(clean_logits))
+        del clean_logits
+        bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
+        for layer in range(spec.n_layers):
+            resid = cache[spec.resid_pre_hook(layer)]
+            for chunk in passes:
+                hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator)
+                with model.hooks(fwd_hooks=hooks):
+                    logits = model(resid.repeat(len(chunk), 1, 1), start_at_layer=layer)
+                for j, (circuit, head) in enumerate(chunk):
+                    frozen[circuit.value][layer, head] = float(metric(logits[j * batch:(j + 1) * batch]))
+                del logits
+                bar.update()
+        bar.close()
+    settings = dict(circuits=[c.value for c in circuits], noise_scale=noise_scale, seed=seed,
+                    batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch)
+    return SweepResult(clean=clean, frozen=frozen, replacement=replacement.value, metric_name=metric_name,
+                       settings=settings)
+
+
+def _tile(reference, copies: int):
+    """Repeat a RESAMPLE reference (hook name -> [batch, ...]) for the stacked copies."""
+    if not isinstance(reference, dict):
+        return reference  # MEAN references broadcast over the batch
+    return {name: t if t.shape[0] == 1 else t.repeat(copies, *([1] * (t.ndim - 1))) for name, t in reference.items()}
+
+
+def _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator):
+    """Hooks freezing head ``chunk[j]`` in rows ``[j*batch, (j+1)*batch)`` of a stacked batch."""
+    hooks = []
+    for circuit in dict.fromkeys(c for c, _ in chunk):
+        heads = [h for c, h in chunk if c == circuit]
+        row_mask = torch.zeros(len(chunk) * batch, len(heads), dtype=torch.bool)
+        for j, (c, h) in enumerate(chunk):
+            if c == circuit:
+                row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
+        layer_freeze = _LayerFreeze(model, spec, layer, heads, circuit, replacement, GradientMode.STOPGRAD,
+                                    _tile(references[circuit], len(chunk)), float(noise_scale), generator, row_mask)
+        hooks.extend(layer_freeze.hooks())
+    return hooks
