@@ -55,6 +55,15 @@ def attn_only(seed: int = 0, biases: bool = True) -> HookedTransformer:
     return hooked(seed, biases, attn_only=True, d_mlp=None)
 
 
+def _spread_weights(hf, std: float = 0.3) -> None:
+    """HF initialises matrices with std 0.02, which leaves attention almost uniform and heads almost
+    inert; wider weights make every head matter, so equivalence tests can tell heads apart."""
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.ndim == 2:
+                param.normal_(0, std)
+
+
 # ----- HF models converted by TransformerLens's own functions -----------------------------------
 
 def hf_gpt2(seed: int = 0):
@@ -66,6 +75,7 @@ def hf_gpt2(seed: int = 0):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf_cfg._attn_implementation = "eager"
     hf = GPT2LMHeadModel(hf_cfg).eval()
+    _spread_weights(hf)
     with torch.no_grad():  # HF initialises biases to zero too; make the fused QKV bias layout matter
         for block in hf.transformer.h:
             block.attn.c_attn.bias.normal_(0, 0.1)
@@ -93,6 +103,7 @@ def hf_llama(seed: int = 0):
                          rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
     hf_cfg._attn_implementation = "eager"
     hf = LlamaForCausalLM(hf_cfg).eval()
+    _spread_weights(hf)
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=N_CTX, d_vocab=D_VOCAB,
         act_fn="silu", normalization_type="RMS", eps=1e-6, n_key_value_heads=2,

@@ -57,8 +57,7 @@ def plot_heads(
         fig, ax = plt.subplots(figsize=(max(3.5, 0.55 * n_heads + 2), max(2.5, 0.45 * n_layers + 1.2)))
     else:
         fig = ax.figure
-    cmap_obj = plt.get_cmap(cmap or ("RdBu_r" if signed else "viridis")).copy()
-    cmap_obj.set_bad("#bbbbbb")
+    cmap_obj = plt.get_cmap(cmap or ("RdBu_r" if signed else "viridis")).with_extremes(bad="#bbbbbb")
     norm = None
     if signed and finite.size:
         bound = float(np.abs(finite).max()) or 1.0
