@@ -64,6 +64,22 @@ def test_qk_zero_is_uniform_causal(model, tokens):
     torch.testing.assert_close(pattern, expected.expand_as(pattern), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("which", ["attn_only", "no_biases"])
+def test_exactness_on_other_fixtures(which, tokens):
+    model = builders.attn_only() if which == "attn_only" else builders.mha(biases=False)
+    _, clean = _run(model, tokens)
+    with freeze(model, [(LAYER, HEAD)], "both", "zero"):
+        _, frozen = _run(model, tokens)
+    pattern, z = f"blocks.{LAYER}.attn.hook_pattern", f"blocks.{LAYER}.attn.hook_z"
+    others = [h for h in range(4) if h != HEAD]
+    assert torch.equal(clean[pattern][:, others], frozen[pattern][:, others])
+    assert torch.equal(clean[z][:, :, others], frozen[z][:, :, others])
+    assert torch.count_nonzero(frozen[z][:, :, HEAD]) == 0
+    n = tokens.shape[1]
+    uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
+    assert torch.equal(frozen[pattern][:, HEAD], uniform.expand(tokens.shape[0], -1, -1))
+
+
 def test_qk_zero_equals_zeroing_hook_q(mha_model, tokens):
     """SPEC §0: zeroing hook_q for a head gives an exactly uniform causal pattern — same z as the freeze."""
     def zero_q(q, hook):
@@ -232,9 +248,14 @@ def _true_gradient_at(model, tokens, hook_name, head_axis, upstream_grad, params
     return out
 
 
+def _own_params(model, names):
+    """Parameters that only the frozen head uses: under GQA its K/V weights are shared with a sibling."""
+    grouped = model_spec(model).grouped
+    return [f"blocks.{LAYER}.attn.{w}" for w in names if not (grouped and w[-1] in "KV")]
+
+
 @pytest.mark.parametrize("replacement", ["zero", "mean", "resample", "identity"])
-def test_straight_through_qk_restores_query_key_gradients(mha_model, tokens, replacement):
-    model = mha_model
+def test_straight_through_qk_restores_query_key_gradients(model, tokens, replacement):
     ref = _reference(model, replacement, tokens)
     hook_name, captured = f"blocks.{LAYER}.attn.hook_pattern", {}
     def keep_grad(pattern, hook):  # registered after the freeze: sees the written pattern
@@ -243,17 +264,16 @@ def test_straight_through_qk_restores_query_key_gradients(mha_model, tokens, rep
     model.zero_grad(set_to_none=True)
     with freeze(model, [(LAYER, HEAD)], "qk", replacement, reference=ref, gradient="straight_through"):
         model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, keep_grad)]).backward()
-    st = {n: p.grad.clone() for n, p in model.named_parameters()}
+    st = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     upstream = captured["pattern"].grad[:, HEAD]
-    params = [f"blocks.{LAYER}.attn.{w}" for w in ("W_Q", "W_K", "b_Q", "b_K")]
+    params = _own_params(model, ("W_Q", "W_K", "b_Q", "b_K"))
     expected = _true_gradient_at(model, tokens, hook_name, 1, upstream, params)
     for name in params:
         assert torch.count_nonzero(st[name][HEAD]) > 0
         torch.testing.assert_close(st[name][HEAD], expected[name][HEAD], rtol=1e-5, atol=1e-7)
 
 
-def test_straight_through_ov_restores_value_gradients(mha_model, tokens):
-    model = mha_model
+def test_straight_through_ov_restores_value_gradients(model, tokens):
     hook_name, captured = f"blocks.{LAYER}.attn.hook_z", {}
     def keep_grad(z, hook):
         z.retain_grad()
@@ -261,10 +281,11 @@ def test_straight_through_ov_restores_value_gradients(mha_model, tokens):
     model.zero_grad(set_to_none=True)
     with freeze(model, [(LAYER, HEAD)], "ov", "zero", preserve_gradients=True):
         model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, keep_grad)]).backward()
-    st = {n: p.grad.clone() for n, p in model.named_parameters()}
-    params = [f"blocks.{LAYER}.attn.{w}" for w in ("W_V", "b_V", "W_Q")]
+    st = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = _own_params(model, ("W_V", "b_V", "W_Q"))
     expected = _true_gradient_at(model, tokens, hook_name, 2, captured["z"].grad[:, :, HEAD], params)
     for name in params:
+        assert torch.count_nonzero(st[name][HEAD]) > 0
         torch.testing.assert_close(st[name][HEAD], expected[name][HEAD], rtol=1e-5, atol=1e-7)
 
 
