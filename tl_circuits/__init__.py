@@ -14,11 +14,27 @@ from tl_circuits.freezing import (
 )
 from tl_circuits.model import BLOCKS, ModelSpec, model_spec
 from tl_circuits.plotting import plot_blocks, plot_heads
+from tl_circuits.statistics import (
+    BootstrapCI,
+    InterferenceTestResult,
+    bootstrap_ci,
+    cluster_mass_correction,
+    fdr_correction,
+    maxstat_correction,
+    permutation_test,
+)
 from tl_circuits.sweep import SweepResult, freeze_sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BootstrapCI",
+    "InterferenceTestResult",
+    "bootstrap_ci",
+    "cluster_mass_correction",
+    "fdr_correction",
+    "maxstat_correction",
+    "permutation_test",
     "BLOCKS",
     "Circuit",
     "FreezeHandle",
