@@ -33,21 +33,26 @@ def build(smoke: bool, vocab: int) -> HookedTransformer:
     return model.eval()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
+def timed_pair(first, second, repeats: int) -> tuple[float, float, float, float]:
+    """Median wall and CPU times of two calls, alternated so that drift in machine load hits both
+    alike. CPU time (this process) is printed too: on a shared machine it is the steadier figure."""
+    first(), second()
+    wall, cpu = ([], []), ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, fn in enumerate((first, second)):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    med = statistics.median
+    return med(wall[0]), med(wall[1]), med(cpu[0]), med(cpu[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, for CI")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4, help="batch of the forward-overhead timing")
+    parser.add_argument("--sweep-batch", type=int, default=1, help="batch of the sweep comparison")
     parser.add_argument("--vocab", type=int, default=50257, help="d_vocab of the full-size model")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
@@ -57,23 +62,26 @@ def main() -> None:
     n_pos = 8 if args.smoke else 64
     repeats = args.repeats or (3 if args.smoke else 10)
     clean = torch.randint(0, cfg.d_vocab, (args.batch, n_pos))
-    corrupted = torch.randint(0, cfg.d_vocab, (args.batch, n_pos))
+    sweep_clean = torch.randint(0, cfg.d_vocab, (args.sweep_batch, n_pos))
+    corrupted = torch.randint(0, cfg.d_vocab, (args.sweep_batch, n_pos))
     print(f"model: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, d_vocab {cfg.d_vocab}; "
-          f"batch {args.batch} x seq {n_pos}; torch threads {torch.get_num_threads()}")
+          f"seq {n_pos}; torch threads {torch.get_num_threads()}")
 
     # 1. forward overhead of a 12-head freeze
     heads = [(layer % cfg.n_layers, (3 * layer) % cfg.n_heads) for layer in range(12)]
-    with torch.no_grad():
-        plain = timed(lambda: model(clean), repeats)
+    def frozen_forward():  # includes registering and removing the hooks
         with freeze(model, heads, "both", "zero"):
-            frozen = timed(lambda: model(clean), repeats)
-    print(f"\n[forward] no hooks {plain * 1e3:8.1f} ms | 12-head freeze {frozen * 1e3:8.1f} ms | "
-          f"ratio {frozen / plain:.3f}x (goal <= 1.10x)")
+            model(clean)
+
+    with torch.no_grad():
+        plain, frozen, plain_cpu, frozen_cpu = timed_pair(lambda: model(clean), frozen_forward, repeats)
+    print(f"\n[forward, batch {args.batch}] no hooks {plain * 1e3:8.1f} ms | 12-head freeze (BOTH, ZERO) {frozen * 1e3:8.1f} ms | "
+          f"ratio {frozen / plain:.3f}x (goal <= 1.10x) | CPU-time ratio {frozen_cpu / plain_cpu:.3f}x")
 
     # 2. QK+OV sweep vs TransformerLens's patching loop, same numbers
     metric = lambda logits: logits[:, -1, 0].mean()  # noqa: E731
     with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean)
+        _, clean_cache = model.run_with_cache(sweep_clean)
         start = time.perf_counter()
         tl_qk = patching.get_act_patch_attn_head_pattern_all_pos(model, corrupted, clean_cache, metric)
         tl_ov = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric)
@@ -83,7 +91,7 @@ def main() -> None:
         sweep = time.perf_counter() - start
     diff = max(float((ours.frozen["qk"] - tl_qk).abs().max()), float((ours.frozen["ov"] - tl_ov).abs().max()))
     n_runs = 2 * cfg.n_layers * cfg.n_heads
-    print(f"[sweep]   TL patching loop ({n_runs} full forwards) {baseline:8.2f} s | freeze_sweep {sweep:8.2f} s | "
+    print(f"[sweep, batch {args.sweep_batch}] TL patching loop ({n_runs} full forwards) {baseline:8.2f} s | freeze_sweep {sweep:8.2f} s | "
           f"speed-up {baseline / sweep:.2f}x (goal >= 1.8x) | max |difference| {diff:.2e}")
     if diff > 1e-3:
         raise SystemExit(f"sweep and TL patching disagree by {diff}")
