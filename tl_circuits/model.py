@@ -154,6 +154,65 @@ class ModelSpec:
             per_layer.append(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         return torch.stack(per_layer, dim=-3)
 
+    # ----- per-head gradients from activations (used by tl_circuits.gradients) ------------------
+    # A block's per-sample weight gradient is a sum over positions of outer products:
+    #   Q/K/V: W[h] is [D, d] and its input is the attention input x_t (query/key/value input of
+    #          the attention module): dL/dW[h] = Σ_t x_t ⊗ dL/d(hook_q|k|v)_t[h], dL/db[h] = Σ_t dL/d(...)_t[h]
+    #          (hook_q/k/v hold x·W + b before rotary and qk-norm; K/V over KV heads under GQA);
+    #   O:     W_O[h] is [d, D] and reads z (hook_z): dL/dW_O[h] = Σ_t z_t[h] ⊗ dL/d(attention output)_t.
+    def rows_from_factors(
+        self,
+        block: Block,
+        inputs: Float[Tensor, "... n_layers pos in_dim"],
+        out_grads: Float[Tensor, "... n_layers pos out_dim"],
+        include_biases: bool = False,
+    ) -> Float[Tensor, "... n_layers block_heads per_head"]:
+        """Per-head gradient rows (as :meth:`per_head` lays them out) from activations and output gradients.
+
+        Q/K/V: ``inputs`` is the attention input ``[..., L, pos, D]`` and ``out_grads`` the gradient at
+        ``hook_q``/``hook_k``/``hook_v`` ``[..., L, pos, heads, d]``. O: ``inputs`` is ``hook_z``
+        ``[..., L, pos, H, d]`` and ``out_grads`` the gradient of the attention module's output
+        ``[..., L, pos, D]``.
+        """
+        _check_block(block)
+        if block == "O":
+            rows = einops.einsum(inputs, out_grads, "... t h e, ... t m -> ... h e m")
+        else:
+            rows = einops.einsum(inputs, out_grads, "... t m, ... t h e -> ... h m e")
+        rows = einops.rearrange(rows, "... h a b -> ... h (a b)")
+        if include_biases and block != "O":
+            rows = torch.cat([rows, out_grads.sum(-3)], dim=-1)
+        return rows
+
+    def write_rows_from_factors(
+        self,
+        block: Block,
+        inputs: Float[Tensor, "n n_layers pos in_dim"],
+        out_grads: Float[Tensor, "n n_layers pos out_dim"],
+        out: Float[Tensor, "n_layers block_heads n per_head"],
+        scratch: Tensor,
+        include_biases: bool = False,
+    ) -> None:
+        """:meth:`rows_from_factors` written into ``out`` (sample-minor layout ``[L, heads, n, P]``, any
+        strides), through ``scratch`` (a contiguous float32 tensor of at least ``n·L·D·H·d`` elements):
+        one batched matmul, one strided copy, no large allocation."""
+        _check_block(block)
+        n, n_layers, n_pos = inputs.shape[:3]
+        heads = self.n_block_heads(block)
+        d_in, d_out = (self.n_heads * self.d_head, self.d_model) if block == "O" else (self.d_model, heads * self.d_head)
+        lhs = inputs.reshape(n * n_layers, n_pos, d_in).transpose(1, 2)  # [n·L, in, pos]
+        rhs = out_grads.reshape(n * n_layers, n_pos, d_out)  # [n·L, pos, out]
+        product = scratch.view(-1)[: n * n_layers * d_in * d_out].view(n * n_layers, d_in, d_out)
+        torch.bmm(lhs, rhs, out=product)
+        if block == "O":  # [n, L, (h e), m] -> [L, h, n, e, m]
+            rows = product.view(n, n_layers, heads, self.d_head, self.d_model).permute(1, 2, 0, 3, 4)
+        else:  # [n, L, m, (h e)] -> [L, h, n, m, e]
+            rows = product.view(n, n_layers, self.d_model, heads, self.d_head).permute(1, 3, 0, 2, 4)
+        n_weights = self.d_model * self.d_head
+        out[..., :n_weights].unflatten(-1, rows.shape[-2:]).copy_(rows)
+        if include_biases and block != "O":
+            out[..., n_weights:].copy_(out_grads.sum(2).permute(1, 2, 0, 3))
+
     def n_params_per_head(self, block: Block, include_biases: bool = False) -> int:
         """Length of a head's row in :meth:`per_head`."""
         n = self.d_model * self.d_head

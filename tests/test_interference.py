@@ -1,0 +1,577 @@
+"""The QK-OV interference metric (tl_circuits.interference) against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests import builders
+from tests.test_gradients import hand_rows, loop_reference
+from tl_circuits.fisher import EMAFisher, fisher_from_gradients
+from tl_circuits.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
+from tl_circuits.interference import (
+    Conflict,
+    InterferenceConfig,
+    InterferenceResult,
+    compute_interference,
+    pairwise_scores,
+)
+from tl_circuits.model import BLOCKS, model_spec
+
+QUIET = dict(progress=False)
+DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping matters in every check
+
+
+# ----- tasks and the brute-force reference -------------------------------------------------------------
+
+def task_a():
+    return builders.random_tokens(3, 10, seed=11)
+
+
+def task_b():
+    tokens = builders.random_tokens(2, 8, seed=12)
+    mask = torch.ones_like(tokens)
+    mask[1, 6:] = 0  # right padding
+    return tokens, mask
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def setup(request):
+    """(model, raw loop gradients of A, raw loop gradients of B) — computed once per model."""
+    model = builders.mha() if request.param == "mha" else builders.gqa()
+    tokens_b, mask_b = task_b()
+    return model, loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
+
+
+def brute_force(spec, raw_a, raw_b, variant="unsigned", reduction="sum", source="a", loo=False,
+                damping_abs=1e-6, damping_rel=0.05):
+    """SPEC §3 with explicit Python loops over blocks, layers, heads and pairs, in float64."""
+    n_a = next(iter(raw_a.values())).shape[0]
+    n_b = next(iter(raw_b.values())).shape[0]
+    out = {}
+    for block in BLOCKS:
+        out[block] = torch.empty(n_a, n_b, spec.n_layers, spec.n_block_heads(block), dtype=torch.float64)
+        for layer in range(spec.n_layers):
+            for head in range(spec.n_block_heads(block)):
+                ga = hand_rows(spec, raw_a, block, layer, head).double()
+                gb = hand_rows(spec, raw_b, block, layer, head).double()
+                members = {"a": ga, "b": gb, "pooled": torch.cat([ga, gb])}[source]
+                n_f = members.shape[0]
+                fisher = (members**2).mean(0)
+
+                def normaliser(g_own):
+                    f = (n_f * fisher - g_own**2) / (n_f - 1) if loo else fisher
+                    return f + max(damping_abs, damping_rel * float(f.mean()))
+
+                for i in range(n_a):
+                    for j in range(n_b):
+                        if variant == "unsigned":
+                            m = (ga[i] ** 2 / normaliser(ga[i]) * gb[j].abs()).sum()
+                        elif variant == "signed":
+                            m = (ga[i] * gb[j] / normaliser(ga[i])).sum()
+                        else:
+                            m = 0.5 * ((ga[i] ** 2 / normaliser(ga[i]) * gb[j].abs()).sum()
+                                       + (gb[j] ** 2 / normaliser(gb[j]) * ga[i].abs()).sum())
+                        if reduction == "mean":
+                            m = m / ga.shape[1]
+                        out[block][i, j, layer, head] = m
+    return out
+
+
+def assert_scores_close(got, expect, rtol=2e-4):
+    for block in BLOCKS:
+        scale = float(expect[block].abs().max())
+        torch.testing.assert_close(got[block].double(), expect[block], rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m: f"block {block}: {m}")
+
+
+def run(model, config, **kwargs):
+    tokens_b, mask_b = task_b()
+    return compute_interference(model, task_a(), tokens_b, attention_mask_b=mask_b, config=config, **kwargs)
+
+
+# ----- batched == brute force ----------------------------------------------------------------------------
+
+CONFIGS = [
+    ("unsigned", "sum", "a", False),
+    ("unsigned", "mean", "b", False),
+    ("unsigned", "sum", "pooled", True),
+    ("unsigned", "sum", "a", True),
+    ("signed", "sum", "a", True),
+    ("signed", "mean", "pooled", False),
+    ("symmetric", "sum", "pooled", False),
+    ("symmetric", "mean", "pooled", True),
+]
+
+
+@pytest.mark.parametrize("variant,reduction,source,loo", CONFIGS)
+def test_batched_equals_brute_force(setup, variant, reduction, source, loo):
+    model, raw_a, raw_b = setup
+    cfg = InterferenceConfig(variant=variant, reduction=reduction, fisher_source=source, leave_one_out=loo,
+                             **DAMP, **QUIET)
+    result = run(model, cfg)
+    expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
+    assert_scores_close(result.scores, expect)
+    assert result.config.fisher_source == source and result.config.variant == variant
+    for block, s in result.scores.items():
+        assert s.dtype == torch.float32 and not bool(torch.isnan(s).any())
+
+
+def test_pairwise_scores_stage_with_tiny_chunks_equals_brute_force(setup):
+    """The pure scoring stage, forced to one pair per contraction by a tiny budget."""
+    model, raw_a, raw_b = setup
+    tokens_b, mask_b = task_b()
+    ga = per_sample_gradients(model, task_a(), config=GradientConfig(**QUIET))
+    gb = per_sample_gradients(model, tokens_b, mask_b, GradientConfig(**QUIET))
+    fisher = fisher_from_gradients(PerSampleGradients.cat([ga, gb]))
+    for variant in ("unsigned", "signed", "symmetric"):
+        got = pairwise_scores(ga, gb, fisher, variant, "sum", leave_one_out=True, memory_budget_gb=1e-9, **DAMP)
+        assert_scores_close(got, brute_force(model_spec(model), raw_a, raw_b, variant, "sum", "pooled", True))
+
+
+# ----- streaming --------------------------------------------------------------------------------------------
+
+# (cap on held samples per task, Fisher source) -> (separate Fisher pass?, per-sample gradient evaluations),
+# by the documented cost, with N_A = 5, N_B = 3.
+EVALUATIONS = {
+    (3, "a"): (True, 5 + 2 + 3),  # A in 2 blocks of 3 (first kept from the Fisher pass), B held: computed once
+    (3, "b"): (False, 5 + 3),  # B (the Fisher set) held whole: no Fisher pass, nothing recomputed
+    (3, "pooled"): (True, 8 + 2 + 0),  # B kept from the Fisher pass
+    (2, "a"): (True, 5 + 3 + 3 * 3),  # A in 3 blocks of 2, B streamed in blocks of 2 for each
+    (2, "b"): (True, 3 + 5 + 3 * 3),
+    (2, "pooled"): (True, 8 + 3 + 3 * 3),
+}
+
+
+@pytest.mark.parametrize("cap", [3, 2])
+@pytest.mark.parametrize("variant,source,loo", [("unsigned", "a", False), ("signed", "b", False),
+                                                ("unsigned", "pooled", True), ("symmetric", "pooled", True)])
+def test_streaming_equals_holding(mha_model, cap, variant, source, loo):
+    tokens_a = builders.random_tokens(5, 9, seed=21)
+    tokens_b = builders.random_tokens(3, 9, seed=22)
+    common = dict(variant=variant, fisher_source=source, leave_one_out=loo, chunk_size=2, **DAMP, **QUIET)
+    held = compute_interference(mha_model, tokens_a, tokens_b, config=InterferenceConfig(**common))
+    streamed = compute_interference(mha_model, tokens_a, tokens_b,
+                                    config=InterferenceConfig(max_held_samples=cap, **common))
+    plan, held_plan = streamed.settings["plan"], held.settings["plan"]
+    assert (held_plan["block_a"], held_plan["block_b"], held_plan["fisher_pass"]) == (5, 3, False)
+    assert held_plan["n_gradient_evaluations"] == 8 and not held_plan["streamed"]
+    fisher_pass, evaluations = EVALUATIONS[cap, source]
+    assert (plan["block_a"], plan["block_b"], plan["fisher_pass"]) == (cap, min(cap, 3), fisher_pass)
+    assert plan["n_gradient_evaluations"] == evaluations and plan["streamed"]
+    for block in BLOCKS:
+        scale = float(held.scores[block].abs().max())
+        torch.testing.assert_close(streamed.scores[block], held.scores[block], rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(streamed.fisher.per_block[block], held.fisher.per_block[block], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_chunked_contractions_equal_brute_force(setup, monkeypatch, cap):
+    """Force one layer per contraction, one or two samples per operand chunk and per materialisation."""
+    import tl_circuits.interference as interference
+
+    real_plan = interference._plan
+
+    def small_plan(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        plan.layer_group, plan.chunk_a, plan.chunk_b, plan.sub_chunk = 1, 2, 1, 1
+        return plan
+
+    monkeypatch.setattr(interference, "_plan", small_plan)
+    model, raw_a, raw_b = setup
+    for variant, source, loo in (("unsigned", "pooled", True), ("symmetric", "pooled", False), ("signed", "b", False)):
+        cfg = InterferenceConfig(variant=variant, fisher_source=source, leave_one_out=loo, max_held_samples=cap,
+                                 **DAMP, **QUIET)
+        result = run(model, cfg)
+        assert result.settings["plan"]["layer_group"] == 1
+        assert_scores_close(result.scores, brute_force(model_spec(model), raw_a, raw_b, variant, "sum", source, loo))
+
+
+def test_budget_too_small_is_a_clear_error(mha_model):
+    with pytest.raises(ValueError, match=r"memory_budget_gb=1e-06 is too small .* at least"):
+        run(mha_model, InterferenceConfig(memory_budget_gb=1e-6, **QUIET))
+
+
+# ----- sanity properties (SPEC §3) --------------------------------------------------------------------------
+
+def test_head_additivity(setup):
+    """Σ over heads equals the score on the whole, unsliced layer tensor (K/V: the G-head `_W_K`/`_W_V`,
+    so a shared KV head is counted once)."""
+    model, raw_a, raw_b = setup
+    spec = model_spec(model)
+    lam = 1e-3
+    result = run(model, InterferenceConfig(damping_abs=lam, damping_rel=0.0, **QUIET))
+    for block in BLOCKS:
+        for layer in range(spec.n_layers):
+            name = spec.param_name(layer, block)
+            wa, wb = raw_a[name].double().flatten(1), raw_b[name].double().flatten(1)  # whole layer tensor
+            fisher = (wa**2).mean(0) + lam
+            whole = (wa[:, None, :] ** 2 / fisher * wb[None].abs()).sum(-1)  # [N_A, N_B]
+            per_head_sum = result.scores[block][:, :, layer].double().sum(-1)
+            torch.testing.assert_close(per_head_sum, whole, rtol=1e-4, atol=0)
+
+
+def test_scale_law(mha_model):
+    """g -> s·g: unsigned and symmetric scores scale by |s|, signed ones are invariant (λ_abs = 0)."""
+    tokens_b, mask_b = task_b()
+    ga = per_sample_gradients(mha_model, task_a(), config=GradientConfig(**QUIET))
+    gb = per_sample_gradients(mha_model, tokens_b, mask_b, GradientConfig(**QUIET))
+    for s in (-3.0, 0.25):
+        for variant, factor in (("unsigned", abs(s)), ("symmetric", abs(s)), ("signed", 1.0)):
+            def scores(a, b):
+                f = fisher_from_gradients(PerSampleGradients.cat([a, b]) if variant == "symmetric" else a)
+                return pairwise_scores(a, b, f, variant, damping_abs=0.0, damping_rel=0.05)
+
+            base, scaled = scores(ga, gb), scores(ga.scaled(s), gb.scaled(s))
+            for block in BLOCKS:
+                torch.testing.assert_close(scaled[block], factor * base[block], rtol=1e-4,
+                                           atol=1e-6 * float(base[block].abs().max()))
+    # an absolute ridge breaks the law (the law is a property of relative damping)
+    f_small = fisher_from_gradients(ga.scaled(1e-3))
+    broken = pairwise_scores(ga.scaled(1e-3), gb.scaled(1e-3), f_small, damping_abs=1.0, damping_rel=0.0)
+    ref = pairwise_scores(ga, gb, fisher_from_gradients(ga), damping_abs=1.0, damping_rel=0.0)
+    assert not torch.allclose(broken["Q"], 1e-3 * ref["Q"], rtol=1e-2)
+
+
+# ----- layout against HF's own parameter gradients ----------------------------------------------------------
+
+def hf_loop(hf, tokens):
+    """Per-sample HF parameter gradients with HF's own loss (labels=tokens: token-mean next-token CE)."""
+    params = dict(hf.named_parameters())
+    out = {name: [] for name in params}
+    for i in range(tokens.shape[0]):
+        hf.zero_grad(set_to_none=True)
+        hf(tokens[i:i + 1], labels=tokens[i:i + 1]).loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                out[name].append(p.grad.detach().clone())
+    hf.zero_grad(set_to_none=True)
+    return {name: torch.stack(g) for name, g in out.items() if g}
+
+
+def gpt2_rows(raw, n_layers, n_heads, d_head):
+    """GPT-2 by hand: c_attn is Conv1D [D, 3D] with columns [Q|K|V], head h at columns h·d..(h+1)·d of each;
+    c_proj is Conv1D [D, D] whose *rows* h·d..(h+1)·d belong to head h. Biases appended to Q/K/V rows."""
+    d_model = n_heads * d_head
+    rows = {b: [] for b in BLOCKS}
+    for layer in range(n_layers):
+        w = raw[f"transformer.h.{layer}.attn.c_attn.weight"]  # [N, D, 3D]
+        bias = raw[f"transformer.h.{layer}.attn.c_attn.bias"]  # [N, 3D]
+        w_o = raw[f"transformer.h.{layer}.attn.c_proj.weight"]  # [N, D(in = heads·d), D]
+        per_layer = {b: [] for b in BLOCKS}
+        for k, block in enumerate("QKV"):
+            for h in range(n_heads):
+                cols = slice(k * d_model + h * d_head, k * d_model + (h + 1) * d_head)
+                per_layer[block].append(torch.cat([w[:, :, cols].flatten(1), bias[:, cols]], dim=1))
+        for h in range(n_heads):
+            per_layer["O"].append(w_o[:, h * d_head:(h + 1) * d_head, :].flatten(1))
+        for b in BLOCKS:
+            rows[b].append(torch.stack(per_layer[b], dim=1))
+    return {b: torch.stack(r, dim=1) for b, r in rows.items()}  # [N, L, H, P]
+
+
+def llama_rows(raw, n_layers, n_heads, n_kv, d_head):
+    """LLaMA by hand: q/k/v_proj are Linear [heads·d, D] (rows per head, transposed to [D, d]); o_proj is
+    Linear [D, heads·d] whose *columns* belong to a head (transposed to [d, D])."""
+    rows = {b: [] for b in BLOCKS}
+    for layer in range(n_layers):
+        pre = f"model.layers.{layer}.self_attn."
+        per_layer = {}
+        for block, proj, heads in (("Q", "q_proj", n_heads), ("K", "k_proj", n_kv), ("V", "v_proj", n_kv)):
+            w = raw[pre + proj + ".weight"]  # [N, heads·d, D]
+            per_layer[block] = [w[:, h * d_head:(h + 1) * d_head, :].transpose(1, 2).flatten(1) for h in range(heads)]
+        w_o = raw[pre + "o_proj.weight"]  # [N, D, heads·d]
+        per_layer["O"] = [w_o[:, :, h * d_head:(h + 1) * d_head].transpose(1, 2).flatten(1) for h in range(n_heads)]
+        for b in BLOCKS:
+            rows[b].append(torch.stack(per_layer[b], dim=1))
+    return {b: torch.stack(r, dim=1) for b, r in rows.items()}
+
+
+def scores_from_rows(rows_a, rows_b, damping_abs, damping_rel):
+    """Unsigned scores, Fisher of A, vectorised in float64 over hand-made rows (independent of the library)."""
+    out = {}
+    for b in BLOCKS:
+        ga, gb = rows_a[b].double(), rows_b[b].double()
+        fisher = (ga**2).mean(0)
+        fisher = fisher + torch.clamp(damping_rel * fisher.mean(-1, keepdim=True), min=damping_abs)
+        out[b] = torch.einsum("ilhp,jlhp->ijlh", ga**2 / fisher, gb.abs())
+    return out
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_layout_against_hf_parameter_gradients(which, hf_gpt2, hf_llama):
+    hf, model = hf_gpt2 if which == "gpt2" else hf_llama
+    spec = model_spec(model)
+    biases = which == "gpt2"
+    tokens_a, tokens_b = builders.random_tokens(3, 10, seed=31), builders.random_tokens(2, 10, seed=32)
+    if which == "gpt2":
+        make = lambda raw: gpt2_rows(raw, spec.n_layers, spec.n_heads, spec.d_head)  # noqa: E731
+    else:
+        make = lambda raw: llama_rows(raw, spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.d_head)  # noqa: E731
+    rows_a, rows_b = make(hf_loop(hf, tokens_a)), make(hf_loop(hf, tokens_b))
+    # the per-sample gradients themselves
+    ours = per_sample_gradients(model, tokens_a, config=GradientConfig(include_biases=biases, **QUIET))
+    for b in BLOCKS:
+        assert ours.per_block[b].shape == rows_a[b].shape, b
+        torch.testing.assert_close(ours.per_block[b], rows_a[b], rtol=1e-3, atol=1e-5, msg=lambda m: f"{b}: {m}")
+    # and the scores
+    result = compute_interference(model, tokens_a, tokens_b,
+                                  config=InterferenceConfig(include_biases=biases, **DAMP, **QUIET))
+    assert_scores_close(result.scores, scores_from_rows(rows_a, rows_b, **DAMP), rtol=1e-3)
+
+
+# ----- a planted case ---------------------------------------------------------------------------------------
+
+def planted_model(gqa: bool):
+    """Attention-only model where only `alive` query heads write (W_O ≠ 0) and only their KV heads read
+    values (W_V ≠ 0); every other head gets exactly zero gradient from any task."""
+    model = builders.hooked(seed=3, biases=False, attn_only=True, d_mlp=None,
+                            **(dict(n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)
+                               if gqa else {}))
+    spec = model_spec(model)
+    alive = {0: [3], 1: [0]}  # layer -> query heads
+    with torch.no_grad():
+        for layer, heads in alive.items():
+            attn = model.blocks[layer].attn
+            for h in range(spec.n_heads):
+                if h not in heads:
+                    attn.W_O[h] = 0.0
+            w_v = attn._W_V if gqa else attn.W_V
+            for g in range(spec.n_kv_heads):
+                if g not in {spec.kv_head(h) for h in heads}:
+                    w_v[g] = 0.0
+    return model, alive
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_planted_heads(gqa):
+    """Task B (2-token sequences: one key per query, so softmax has no Q/K gradient) reaches only the
+    planted heads' V/O; task A reaches their Q/K/V/O. Interference is > 0 exactly there, 0 elsewhere."""
+    model, alive = planted_model(gqa)
+    spec = model_spec(model)
+    tokens_a = builders.random_tokens(4, 10, seed=41)
+    tokens_b = builders.random_tokens(3, 2, seed=42)
+    result = compute_interference(model, tokens_a, tokens_b, config=InterferenceConfig(**QUIET))
+    expected = {b: torch.zeros(spec.n_layers, spec.n_block_heads(b), dtype=torch.bool) for b in BLOCKS}
+    for layer, heads in alive.items():
+        for h in heads:
+            g = spec.kv_head(h)
+            expected["V"][layer, g] = True
+            expected["O"][layer, h] = True
+            if gqa:  # a sibling of an alive head reads the same non-zero values: its z, so W_O's gradient, is non-zero
+                for sibling in range(spec.n_heads):
+                    if spec.kv_head(sibling) == g:
+                        expected["O"][layer, sibling] = True
+    for block in BLOCKS:
+        s = result.scores[block]
+        assert not bool(torch.isnan(s).any())
+        hit = expected[block][None, None].expand_as(s)
+        assert bool((s[hit] > 0).all()), block
+        assert bool((s[~hit] == 0).all()), block  # exactly zero: Q/K everywhere, V/O off the planted heads
+    assert result.most_conflicted_block in ("V", "O")
+    top = result.top_conflicts(5)
+    assert all(expected[c.block][c.layer, c.head] for c in top)
+
+
+# ----- the result object -----------------------------------------------------------------------------------
+
+def test_result_object(mha_model):
+    tokens_b, mask_b = task_b()
+    ids_a, ids_b = ["a0", "a1", "a2"], [100, 200]
+    result = compute_interference(mha_model, task_a(), tokens_b, attention_mask_b=mask_b, ids_a=ids_a, ids_b=ids_b,
+                                  config=InterferenceConfig(**QUIET))
+    # layer x head means
+    for b in BLOCKS:
+        torch.testing.assert_close(result.layer_head_mean(b), result.scores[b].mean((0, 1)))
+        assert torch.equal(result.mean[b], result.layer_head_mean(b))
+    # top conflicts: the k largest cells over all blocks, with the caller's ids
+    cells = [(float(s[i, j, l, h]), ids_a[i], ids_b[j], b, l, h) for b, s in result.scores.items()
+             for i in range(3) for j in range(2) for l in range(2) for h in range(s.shape[3])]
+    cells.sort(reverse=True)
+    top = result.top_conflicts(4)
+    assert [(c.id_a, c.id_b, c.block, c.layer, c.head) for c in top] == [c[1:] for c in cells[:4]]
+    assert [c.score for c in top] == pytest.approx([c[0] for c in cells[:4]])
+    assert isinstance(top[0], Conflict)
+    # most conflicted block: the largest mean
+    means = {b: float(s.mean()) for b, s in result.scores.items()}
+    assert result.most_conflicted_block == max(means, key=means.get)
+    # data frame
+    df = result.to_dataframe()
+    assert len(df) == sum(s.numel() for s in result.scores.values())
+    row = df[(df.id_a == "a2") & (df.id_b == 200) & (df.block == "K") & (df.layer == 1) & (df["head"] == 3)]
+    assert float(row.score.iloc[0]) == pytest.approx(float(result.scores["K"][2, 1, 1, 3]))
+    assert set(df.head_kind[df.block == "V"]) == {"kv"}
+    # pair lookup by id; unknown ids are errors, not zeros
+    torch.testing.assert_close(result.pair("a1", 100)["O"], result.scores["O"][1, 0])
+    with pytest.raises(KeyError, match="unknown pair"):
+        result.pair("nope", 100)
+    # settings
+    assert result.settings["fisher_n_samples"] == 3 and result.settings["n_a"] == 3
+    assert result.config.fisher_source == "a" and result.config.damping_rel == 1e-3
+    # plot
+    fig = result.plot()
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == list("QKVO")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_signed_conventions(mha_model):
+    """Signed: negative = conflict, so top conflicts are the most negative cells."""
+    tokens_b, mask_b = task_b()
+    result = compute_interference(mha_model, task_a(), tokens_b, attention_mask_b=mask_b,
+                                  config=InterferenceConfig(variant="signed", **QUIET))
+    lowest = min(float(s.min()) for s in result.scores.values())
+    assert lowest < 0
+    assert result.top_conflicts(1)[0].score == pytest.approx(lowest)
+    means = {b: float(s.mean()) for b, s in result.scores.items()}
+    assert result.most_conflicted_block == min(means, key=means.get)
+
+
+def test_missing_data_is_nan_not_zero():
+    """With no damping floor, a head with zero Fisher has no normaliser: its scores are NaN, not 0."""
+    model, _ = planted_model(gqa=False)
+    tokens_a = builders.random_tokens(3, 10, seed=51)
+    result = compute_interference(model, tokens_a, builders.random_tokens(2, 10, seed=52),
+                                  config=InterferenceConfig(damping_abs=0.0, damping_rel=0.0, **QUIET))
+    s = result.scores["Q"]
+    assert bool(torch.isnan(s[:, :, 0, 0]).all())  # dead head: F = 0
+    assert bool(torch.isfinite(s[:, :, 0, 3]).all()) and float(s[:, :, 0, 3].min()) > 0  # the planted head
+    mean = result.layer_head_mean("Q")
+    assert math.isnan(float(mean[0, 0])) and math.isfinite(float(mean[0, 3]))
+    assert all(math.isfinite(c.score) for c in result.top_conflicts(1000))
+    df = result.to_dataframe()
+    assert df.score.isna().sum() == sum(int(torch.isnan(t).sum()) for t in result.scores.values()) > 0
+    assert math.isfinite(result.block_means()["Q"])
+
+
+# ----- dtypes ------------------------------------------------------------------------------------------------
+
+def test_bf16_model_is_scored_in_high_precision():
+    """Scores of a bf16 model equal a float64 computation on its own per-sample gradients (no bf16 accumulation)."""
+    model = builders.gqa().to(torch.bfloat16)
+    tokens_a, tokens_b = task_a(), builders.random_tokens(2, 8, seed=12)
+    result = compute_interference(model, tokens_a, tokens_b, config=InterferenceConfig(**DAMP, **QUIET))
+    grads_a = per_sample_gradients(model, tokens_a, config=GradientConfig(**QUIET))
+    grads_b = per_sample_gradients(model, tokens_b, config=GradientConfig(**QUIET))
+    assert fisher_from_gradients(grads_a).per_block["Q"].dtype == torch.float64
+    expect = scores_from_rows(grads_a.per_block, grads_b.per_block, **DAMP)
+    for b in BLOCKS:
+        assert result.scores[b].dtype == torch.float32
+    assert_scores_close(result.scores, expect, rtol=1e-5)
+
+
+# ----- an external Fisher --------------------------------------------------------------------------------------
+
+def test_external_fisher(mha_model):
+    tokens_b, mask_b = task_b()
+    ga = per_sample_gradients(mha_model, task_a(), config=GradientConfig(**QUIET))
+    gb = per_sample_gradients(mha_model, tokens_b, mask_b, GradientConfig(**QUIET))
+    ema = EMAFisher(beta=0.9)
+    ema.update(gb)
+    ema.update(ga)
+    result = run(mha_model, InterferenceConfig(**QUIET), fisher=ema.estimate())
+    assert result.config.fisher_source == "external" and result.settings["plan"]["n_gradient_evaluations"] == 5
+    expect = pairwise_scores(ga, gb, ema.estimate())
+    for b in BLOCKS:
+        torch.testing.assert_close(result.scores[b], expect[b], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="leave_one_out"):
+        run(mha_model, InterferenceConfig(leave_one_out=True, **QUIET), fisher=ema.estimate())
+
+
+# ----- bad input ---------------------------------------------------------------------------------------------
+
+def test_bad_tasks(mha_model):
+    cfg = InterferenceConfig(**QUIET)
+    good = builders.random_tokens(2, 8)
+    with pytest.raises(ValueError, match="tokens_a is empty"):
+        compute_interference(mha_model, torch.zeros(0, 8, dtype=torch.long), good, config=cfg)
+    with pytest.raises(ValueError, match="tokens_b is empty"):
+        compute_interference(mha_model, good, torch.zeros(2, 0, dtype=torch.long), config=cfg)
+    with pytest.raises(ValueError, match=r"tokens_b has ids in \[.*\] outside the vocabulary"):
+        compute_interference(mha_model, good, good + builders.D_VOCAB, config=cfg)
+    with pytest.raises(ValueError, match=r"tokens_a has 17 positions but the model's n_ctx is 16"):
+        compute_interference(mha_model, builders.random_tokens(2, builders.N_CTX + 1), good, config=cfg)
+    with pytest.raises(ValueError, match="attention mask of tokens_a"):
+        compute_interference(mha_model, good, good, attention_mask_a=torch.ones(2, 3, dtype=torch.long), config=cfg)
+    with pytest.raises(ValueError, match="ids_b has 3 ids for 2 samples"):
+        compute_interference(mha_model, good, good, ids_b=[1, 2, 3], config=cfg)
+    with pytest.raises(ValueError, match="ids_a has duplicate ids"):
+        compute_interference(mha_model, good, good, ids_a=["x", "x"], config=cfg)
+
+
+def test_non_finite_gradients_name_the_samples():
+    model = builders.mha()
+    with torch.no_grad():
+        model.embed.W_E[7] = float("nan")
+    tokens_a = torch.randint(8, builders.D_VOCAB, (3, 6), generator=torch.Generator().manual_seed(0))
+    tokens_b = torch.randint(8, builders.D_VOCAB, (4, 6), generator=torch.Generator().manual_seed(1))
+    tokens_b[0, 3] = 7
+    tokens_b[2, 1] = 7
+    with pytest.raises(ValueError, match=r"samples \[0, 2\] of tokens_b are not finite"):
+        compute_interference(model, tokens_a, tokens_b, config=InterferenceConfig(chunk_size=1, **QUIET))
+    ga = per_sample_gradients(model, tokens_a, config=GradientConfig(**QUIET))
+    bad = ga.scaled(1.0)
+    bad.per_block["V"][1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"grads_b has NaN/inf gradients in block V for samples \[1\]"):
+        pairwise_scores(ga, bad, fisher_from_gradients(ga))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(variant="cosine"), "unknown variant"),
+    (dict(reduction="max"), "unknown reduction"),
+    (dict(fisher_source="c"), "unknown fisher_source"),
+    (dict(variant="symmetric", fisher_source="a"), "pooled Fisher"),
+    (dict(leave_one_out=True, fisher_source="b"), "needs fisher_source 'a' or 'pooled'"),
+    (dict(damping_rel=-1.0), "non-negative"),
+    (dict(max_held_samples=0), "max_held_samples"),
+])
+def test_bad_config(mha_model, kwargs, message):
+    good = builders.random_tokens(2, 8)
+    with pytest.raises(ValueError, match=message):
+        compute_interference(mha_model, good, good, config=InterferenceConfig(**kwargs, **QUIET))
+
+
+def test_mismatched_stages_are_errors(mha_model, gqa_model):
+    tokens = builders.random_tokens(2, 8)
+    ga = per_sample_gradients(mha_model, tokens, config=GradientConfig(**QUIET))
+    gq = per_sample_gradients(gqa_model, tokens, config=GradientConfig(**QUIET))
+    with pytest.raises(ValueError, match="do not match"):
+        pairwise_scores(ga, gq, fisher_from_gradients(ga))
+    with pytest.raises(ValueError, match="Fisher does not match"):
+        pairwise_scores(ga, ga, fisher_from_gradients(gq))
+    with pytest.raises(ValueError, match="grads_a is empty"):
+        pairwise_scores(ga.select(slice(0, 0)), ga, fisher_from_gradients(ga))
+
+
+def test_progress_bar_can_be_silenced(mha_model, capfd):
+    good = builders.random_tokens(2, 8)
+    compute_interference(mha_model, good, good, config=InterferenceConfig(progress=False))
+    assert capfd.readouterr().err == ""
+    compute_interference(mha_model, good, good, config=InterferenceConfig(progress=True))
+    assert "interference" in capfd.readouterr().err
+
+
+def test_whole_fisher_set_with_streamed_other_task(mha_model):
+    """A (the Fisher set) held whole and B streamed: no Fisher pass and nothing recomputed."""
+    tokens_a, tokens_b = builders.random_tokens(3, 9, seed=23), builders.random_tokens(5, 9, seed=24)
+    common = dict(leave_one_out=True, chunk_size=2, **DAMP, **QUIET)
+    held = compute_interference(mha_model, tokens_a, tokens_b, config=InterferenceConfig(**common))
+    streamed = compute_interference(mha_model, tokens_a, tokens_b, config=InterferenceConfig(max_held_samples=3,
+                                                                                            **common))
+    plan = streamed.settings["plan"]
+    assert (plan["block_a"], plan["block_b"], plan["fisher_pass"], plan["n_gradient_evaluations"]) == (3, 3, False, 8)
+    for block in BLOCKS:
+        scale = float(held.scores[block].abs().max())
+        torch.testing.assert_close(streamed.scores[block], held.scores[block], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_shortformer_model_equals_brute_force():
+    """Unshared attention inputs (shortformer: positions on queries and keys only), factors held in chunks."""
+    model = builders.hooked(positional_embedding_type="shortformer")
+    tokens_b, mask_b = task_b()
+    raw_a, raw_b = loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
+    result = run(model, InterferenceConfig(chunk_size=2, max_held_samples=2, **DAMP, **QUIET))
+    assert_scores_close(result.scores, brute_force(model_spec(model), raw_a, raw_b))
