@@ -12,8 +12,18 @@ from tl_circuits.freezing import (
     freeze_hooks,
     normalize_heads,
 )
+from tl_circuits.fisher import DiagonalFisher, EMAFisher, damped, fisher_from_gradients, leave_one_out, pooled
+from tl_circuits.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
+from tl_circuits.interference import (
+    Conflict,
+    InterferenceConfig,
+    InterferenceResult,
+    compute_interference,
+    pairwise_scores,
+)
 from tl_circuits.model import BLOCKS, ModelSpec, model_spec
 from tl_circuits.plotting import plot_blocks, plot_heads
+from tl_circuits.significance import interference_permutation_test, pooled_pairwise_scores
 from tl_circuits.statistics import (
     BootstrapCI,
     InterferenceTestResult,
@@ -28,6 +38,22 @@ from tl_circuits.sweep import SweepResult, freeze_sweep
 __version__ = "0.1.0"
 
 __all__ = [
+    "interference_permutation_test",
+    "pooled_pairwise_scores",
+    "Conflict",
+    "DiagonalFisher",
+    "EMAFisher",
+    "GradientConfig",
+    "InterferenceConfig",
+    "InterferenceResult",
+    "PerSampleGradients",
+    "compute_interference",
+    "damped",
+    "fisher_from_gradients",
+    "leave_one_out",
+    "pairwise_scores",
+    "per_sample_gradients",
+    "pooled",
     "BootstrapCI",
     "InterferenceTestResult",
     "bootstrap_ci",
