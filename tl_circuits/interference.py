@@ -109,8 +109,10 @@ class InterferenceConfig:
         damping_abs, damping_rel: ``λ = max(λ_abs, λ_rel · mean(F over the head's slice))``, see
             :func:`tl_circuits.fisher.damped`.
         include_biases: include ``b_Q``/``b_K``/``b_V`` in the Q/K/V slices (``b_O`` never).
-        memory_budget_gb: memory for gradients, Fisher, scores and workspace (not the model or the
-            process); decides whether the gradients are held or streamed (:func:`compute_interference`).
+        memory_budget_gb: memory for gradients, Fisher, scores and workspace — what this call allocates,
+            not the model or the process (interpreter and torch: ~1.4 GB with a GPT-2-small-shaped model);
+            decides what is held and what is streamed (:func:`compute_interference`). 10% of it is left
+            unplanned as allocator slack.
         max_held_samples: optional cap on the samples of each task whose gradient factors are held at
             once (forces streaming, for tests or to leave memory to something else); ``None``: as many as
             the budget allows.
@@ -476,6 +478,22 @@ class InterferenceResult:
 # ----- end to end ----------------------------------------------------------------------------------------
 
 BACKWARD_PER_MATERIALISATION = 4  # cost of a per-sample backward pass / of building its rows from factors
+SCRATCH_SHARE = 0.05  # of the budget: rows built from factors before their copy into operand layout
+SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimation error
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``), so RSS tracks what is in use.
+
+    Long runs allocate many mid-sized tensors that glibc keeps in its heap after they are freed; trimming
+    after each held block keeps the process under its budget. A no-op where glibc is not available.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -510,7 +528,9 @@ def _plan(model, spec: ModelSpec, n_a: int, n_b: int, pos_a: int, pos_b: int, cf
     engine = chunk * (engine_bytes_per_sample(model, pos, cfg.include_biases, "factored")
                       + factor_bytes_per_sample(model, pos) + s // 2)  # vmap workspace, factors, one block's rows
     f_a, f_b = factor_bytes_per_sample(model, pos_a), factor_bytes_per_sample(model, pos_b)
-    avail = budget - fixed - engine
+    scratch = SCRATCH_SHARE * budget  # rows built from factors before their strided copy (sub_chunk follows)
+    slack = SLACK_SHARE * budget  # the allocator's free-but-not-returned pages over a long run
+    avail = budget - fixed - engine - scratch - slack
     per_op = (k + 0.5) * s_layer  # one sample's operand(s) of one block and layer + transients
     min_ops = 2 * per_op
     if avail < f_a + f_b + min_ops:  # one sample of each task
@@ -573,9 +593,9 @@ def _plan(model, spec: ModelSpec, n_a: int, n_b: int, pos_a: int, pos_b: int, cf
     _, _, block_a, block_b = min(candidates)
     evals, fisher_pass = cost(block_a, block_b)
     layer_group, chunk_a, chunk_b = contraction_plan(block_a, block_b)
-    sub_chunk = max(1, min(max(chunk_a, chunk_b), int(0.05 * budget // (2 * layer_group * s_layer))))
+    sub_chunk = max(1, min(max(chunk_a, chunk_b), int(scratch // (layer_group * s_layer))))
     n_a_blocks = math.ceil(n_a / block_a)
-    peak = budget - avail + block_a * f_a + block_b * f_b + (chunk_a + chunk_b) * layer_group * per_op
+    peak = budget - avail - slack + block_a * f_a + block_b * f_b + (chunk_a + chunk_b) * layer_group * per_op
     return _Plan(chunk, block_a, block_b, n_a_blocks, fisher_pass, layer_group, chunk_a, chunk_b, sub_chunk,
                  evals, streamed=n_a_blocks > 1 or block_b < n_b, estimated_peak_gb=peak / GB)
 
@@ -704,19 +724,29 @@ def compute_interference(
     small at 64 positions, vs ~113 MB for the gradient rows); rows are materialised from them per
     (block, group of layers, chunk of samples) right before their contraction.
 
-    1. If the factors of both tasks fit (with room for one layer's operands), every sample's gradient
-       is computed once (``N_A + N_B`` evaluations) and the Fisher of each (block, layers) group comes
-       from the same materialised rows.
-    2. Otherwise a Fisher pass first computes the Fisher set's gradients (keeping the first
-       ``block_a`` samples of A, and all of B if it is in the set and fits); then A is processed in
-       blocks of ``block_a`` samples, and B — held whole when its factors fit in about half of the
-       budget, else recomputed for every A block. Cost in per-sample gradient evaluations:
+    1. If the Fisher set's factors can be held whole — and B's too, or A is held whole so that B is
+       streamed once — every sample's gradient is computed once (``N_A + N_B`` evaluations, no separate
+       Fisher pass); the Fisher comes from the held factors (per (block, layers) group from the very
+       rows that are scored, when those fit).
+    2. Otherwise a Fisher pass over the Fisher set comes first (keeping the first ``block_a`` samples of
+       A, and B when it is held whole), then A is processed in blocks of ``block_a`` samples and B is
+       held whole or recomputed for every A block. Cost in per-sample gradient evaluations:
        ``N_F + (N_A − block_a) + N_B`` (B held) or ``N_F + (N_A − block_a) + ⌈N_A/block_a⌉·N_B``
-       (B streamed), ``N_F`` the Fisher set's size (``block_a`` is not subtracted when A is not in it).
+       (B streamed), ``N_F`` the Fisher set's size (``block_a`` is not subtracted when A is not in it,
+       ``N_B`` not added when B was kept from the Fisher pass). Time grows like ``N_A·N_B / block_a``
+       while memory stays within the budget.
 
     Rows of a sample are materialised once per (block, layer) when each group's operands fit for all
     samples; with smaller budgets B's rows are rebuilt for every chunk of A (``chunk_a``), a cost in
-    matrix products (~3.6 GFLOP per sample for GPT-2 small), not in backward passes.
+    matrix products (~3.6 GFLOP per sample for GPT-2 small), not in backward passes. Among the plans
+    that fit, the one with the least estimated work is chosen (a backward pass counted as 4
+    materialisations).
+
+    The budget is split into: the Fisher (float64) and the scores; the ``vmap`` chunk
+    (:func:`~tl_circuits.gradients.engine_bytes_per_sample`); 5% scratch for building rows; 10% slack
+    for the allocator (glibc keeps freed mid-sized blocks; the heap is trimmed after each held block);
+    the rest holds factors and contraction operands. ``settings['plan']['estimated_peak_gb']`` is the
+    planned peak without the slack.
 
     Args:
         model: a HookedTransformer (not modified).
@@ -775,8 +805,7 @@ def compute_interference(
             buf.put(part_sl.start - sl.start, f)
         return buf.factors
 
-    fisher_full = {b: torch.full((spec.n_layers, spec.n_block_heads(b), spec.n_params_per_head(b, cfg.include_biases)),
-                                 math.nan, dtype=FISHER_DTYPE) for b in BLOCKS}
+    fisher_full: dict[str, Tensor] = {}  # filled group by group when the Fisher comes from the scored rows
     n_fisher = {"a": n_a, "b": n_b, "pooled": n_a + n_b}.get(source, 0)
     scores = {b: torch.full((n_a, n_b, spec.n_layers, spec.n_block_heads(b)), math.nan) for b in BLOCKS}
     groups = [slice(l0, min(spec.n_layers, l0 + plan.layer_group)) for l0 in range(0, spec.n_layers, plan.layer_group)]
@@ -811,6 +840,8 @@ def compute_interference(
                                 for x0 in range(0, n_x, plan.chunk_a):
                                     sums = sums + _sum_squares(rows(fx, "a", slice(x0, min(n_x, x0 + plan.chunk_a))))
                     f_group = sums / n_fisher
+                    if block not in fisher_full:
+                        fisher_full[block] = torch.full((spec.n_layers, heads, width), math.nan, dtype=FISHER_DTYPE)
                     fisher_full[block][layers] = f_group.cpu()
                 else:
                     f_group = f.per_block[block][layers].to(device)
@@ -845,19 +876,22 @@ def compute_interference(
                     passes.append((tokens_b, mask_b, "tokens_b", n_b if plan.block_b == n_b else 0, "b"))
                 for tokens, mask, what, keep, tag in passes:
                     buf = _FactorBuffer(keep) if keep else None
-                    for part_sl, f in chunks(tokens, mask, what):
+                    for part_sl, part in chunks(tokens, mask, what):
                         t1 = time.perf_counter()
                         for block in BLOCKS:
-                            acc.add(PerSampleGradients({block: f.rows(block)}, spec, cfg.include_biases))
+                            acc.add(PerSampleGradients({block: part.rows(block)}, spec, cfg.include_biases))
                         timings["fisher_s"] += time.perf_counter() - t1
                         if buf is not None:
-                            buf.put(part_sl.start, f)
-                    if tag == "a" and buf is not None:
-                        kept_a = buf.factors
-                    elif buf is not None:
-                        kept_b = buf.factors
+                            buf.put(part_sl.start, part)
+                    if buf is not None:
+                        if tag == "a":
+                            kept_a = buf.factors
+                        else:
+                            kept_b = buf.factors
+                    buf = part = None  # the kept factors must die with kept_a / kept_b, not linger here
                 f_used = acc.result()
                 del acc
+                _release_free_memory()
             else:
                 f_used = None
             held_b = kept_b
@@ -884,7 +918,9 @@ def compute_interference(
                     for b0 in range(0, n_b, plan.block_b):
                         sb = slice(b0, min(n_b, b0 + plan.block_b))
                         score_blocks(fa, factors_of(tokens_b, mask_b, "tokens_b", sb), sa, sb, f_used)
+                        _release_free_memory()
                 del fa
+                _release_free_memory()
     finally:
         bar.close()
     if f_used is None:
