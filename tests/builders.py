@@ -1,12 +1,20 @@
 """Locally built models for the tests (no hub): HookedTransformerConfig models with random weights,
-and HF GPT-2 / LLaMA models built from their config classes and converted into HookedTransformers
-with TransformerLens's own weight-conversion functions (no weight processing)."""
+HF GPT-2 / LLaMA models built from their config classes and converted into HookedTransformers
+with TransformerLens's own weight-conversion functions (no weight processing), and TransformerBridges
+around the same HF models (or TransformerLens-native ones) for the bridge parity tests.
+
+Under TransformerLens 4.x (no HookedTransformer) only the HF models and the bridges can be built."""
 
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
+try:  # TransformerLens 2.x/3.x
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # 4.x
+    HookedTransformer = HookedTransformerConfig = None
+
+HAS_HOOKED_TRANSFORMER = HookedTransformer is not None
 
 D_VOCAB = 50
 N_CTX = 16
@@ -66,8 +74,8 @@ def _spread_weights(hf, std: float = 0.3) -> None:
 
 # ----- HF models converted by TransformerLens's own functions -----------------------------------
 
-def hf_gpt2(seed: int = 0):
-    """(HF GPT2LMHeadModel with random weights, the same model as a HookedTransformer)."""
+def hf_gpt2_model(seed: int = 0):
+    """HF GPT2LMHeadModel (fused Conv1D c_attn, Conv1D c_proj) with random weights and biases."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -80,9 +88,17 @@ def hf_gpt2(seed: int = 0):
         for block in hf.transformer.h:
             block.attn.c_attn.bias.normal_(0, 0.1)
             block.attn.c_proj.bias.normal_(0, 0.1)
+    return hf
+
+
+def hf_gpt2(seed: int = 0):
+    """(HF GPT2LMHeadModel with random weights, the same model as a HookedTransformer)."""
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    hf = hf_gpt2_model(seed)
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, n_ctx=N_CTX, d_vocab=D_VOCAB,
-        act_fn="gelu_new", normalization_type="LN", eps=hf_cfg.layer_norm_epsilon,
+        act_fn="gelu_new", normalization_type="LN", eps=hf.config.layer_norm_epsilon,
         positional_embedding_type="standard", original_architecture="GPT2LMHeadModel", device="cpu",
     )
     model = HookedTransformer(cfg)
@@ -93,8 +109,8 @@ def hf_gpt2(seed: int = 0):
     return hf, model.eval()
 
 
-def hf_llama(seed: int = 0):
-    """(HF LlamaForCausalLM with GQA and random weights, the same model as a HookedTransformer)."""
+def hf_llama_model(seed: int = 0):
+    """HF LlamaForCausalLM (split q/k/v/o Linear, GQA 4 query heads over 2 KV heads, rotary) with random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -104,6 +120,14 @@ def hf_llama(seed: int = 0):
     hf_cfg._attn_implementation = "eager"
     hf = LlamaForCausalLM(hf_cfg).eval()
     _spread_weights(hf)
+    return hf
+
+
+def hf_llama(seed: int = 0):
+    """(HF LlamaForCausalLM with GQA and random weights, the same model as a HookedTransformer)."""
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    hf = hf_llama_model(seed)
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=N_CTX, d_vocab=D_VOCAB,
         act_fn="silu", normalization_type="RMS", eps=1e-6, n_key_value_heads=2,
@@ -117,6 +141,83 @@ def hf_llama(seed: int = 0):
         center_unembed=False, fold_value_biases=False,
     )
     return hf, model.eval()
+
+
+# ----- TransformerBridges ---------------------------------------------------------------------------
+
+def bridge_of(hf):
+    """A TransformerBridge around ``hf`` itself (built offline; the bridge wraps hf's modules in place)."""
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    return build_bridge_from_module(hf, architecture=type(hf).__name__, hf_config=hf.config).eval()
+
+
+def gpt2_bridge(seed: int = 0):
+    """TransformerBridge around a fresh :func:`hf_gpt2_model` (the weights of :func:`hf_gpt2` with the same seed)."""
+    return bridge_of(hf_gpt2_model(seed))
+
+
+def llama_bridge(seed: int = 0):
+    """TransformerBridge around a fresh :func:`hf_llama_model` (the weights of :func:`hf_llama` with the same seed)."""
+    return bridge_of(hf_llama_model(seed))
+
+
+def native_bridge(seed: int = 0, rotary: bool = False):
+    """TransformerBridge.boot_native: MHA, LayerNorm, GELU, learned positions (or rotary, adjacent pairs),
+    random weights with wide matrices and non-zero biases so heads are distinguishable."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=N_CTX, d_vocab=D_VOCAB, act_fn="gelu",
+               normalization_type="LN", positional_embedding_type="rotary" if rotary else "standard", seed=seed)
+    bridge = TransformerBridge.boot_native(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in bridge.named_parameters():
+            if param.ndim == 2:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return bridge
+
+
+def hooked_from_native(bridge):
+    """The HookedTransformer with the weights of a :func:`native_bridge` (nn.Linear [out, in] -> [head, in, d_head])."""
+    import einops
+
+    cfg = bridge.cfg
+    rotary = cfg.positional_embedding_type == "rotary"
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp,
+        n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab, act_fn=cfg.act_fn, normalization_type="LN", eps=cfg.eps,
+        positional_embedding_type=cfg.positional_embedding_type, device="cpu",
+        **(dict(rotary_dim=cfg.d_head, rotary_adjacent_pairs=True, rotary_base=cfg.rotary_base) if rotary else {}),
+    ))
+    native = bridge.original_model
+    heads = dict(h=cfg.n_heads)
+    state = {"embed.W_E": native.tok_embed.original_component.weight,
+             "ln_final.w": native.ln_out.original_component.weight, "ln_final.b": native.ln_out.original_component.bias,
+             "unembed.W_U": native.head.original_component.weight.T, "unembed.b_U": native.head.original_component.bias}
+    if not rotary:
+        state["pos_embed.W_pos"] = native.pos.original_component.weight
+    for layer, block in enumerate(native.layers):
+        block = block.original_component
+        attn, mlp, prefix = block.attn.original_component, block.mlp.original_component, f"blocks.{layer}."
+        for letter in "qkv":
+            linear = getattr(attn, letter).original_component
+            state[prefix + f"attn.W_{letter.upper()}"] = einops.rearrange(linear.weight, "(h e) m -> h m e", **heads)
+            state[prefix + f"attn.b_{letter.upper()}"] = einops.rearrange(linear.bias, "(h e) -> h e", **heads)
+        state[prefix + "attn.W_O"] = einops.rearrange(attn.o.original_component.weight, "m (h e) -> h e m", **heads)
+        state[prefix + "attn.b_O"] = attn.o.original_component.bias
+        for ln, name in (("ln1", "ln1"), ("ln2", "ln2")):
+            norm = getattr(block, ln).original_component
+            state[prefix + f"{name}.w"], state[prefix + f"{name}.b"] = norm.weight, norm.bias
+        state[prefix + "mlp.W_in"] = mlp.fc_in.original_component.weight.T
+        state[prefix + "mlp.b_in"] = mlp.fc_in.original_component.bias
+        state[prefix + "mlp.W_out"] = mlp.fc_out.original_component.weight.T
+        state[prefix + "mlp.b_out"] = mlp.fc_out.original_component.bias
+    buffers = model.state_dict()  # masks and rotary tables stay HookedTransformer's own
+    model.load_state_dict({**buffers, **{k: v.detach().clone() for k, v in state.items()}})
+    return model.eval()
 
 
 def random_tokens(batch: int = 3, pos: int = 12, seed: int = 0, d_vocab: int = D_VOCAB) -> torch.Tensor:

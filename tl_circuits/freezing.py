@@ -17,6 +17,10 @@ Where the freeze acts, and why:
   A run cached under a QK freeze therefore shows the head's unfrozen q/k and its frozen pattern.
 - OV: the head's output ``hook_z[..., h, :]`` (per query head, so siblings are untouched).
 
+The same hooks work on a ``TransformerBridge`` (:mod:`tl_circuits.model` says where its scores, mask and
+rotated q/k are found); a native bridge on TransformerLens 3.x discards ``hook_pattern`` edits, so QK
+freezes raise ``NotImplementedError`` there.
+
 Replacements (values written into the frozen slice):
 
 ========== ============================================== =========================================
@@ -57,10 +61,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import ActivationCache, HookedTransformer
-from transformer_lens.components.abstract_attention import AbstractAttention
+from transformer_lens import ActivationCache
 
-from tl_circuits.model import ModelSpec, check_tokens, model_spec
+from tl_circuits.model import ModelSpec, attention_scores, check_tokens, model_spec, post_rotary
 
 
 class Circuit(str, Enum):
@@ -162,7 +165,7 @@ class MeanActivations:
 
 
 def compute_mean_activations(
-    model: HookedTransformer,
+    model,
     reference_tokens: Int[Tensor, "batch pos"],
     *,
     per_position: bool = True,
@@ -188,8 +191,11 @@ def compute_mean_activations(
     with torch.no_grad():
         for start in tqdm(starts, desc="mean activations", disable=not progress):
             _, cache = model.run_with_cache(reference_tokens[start:start + batch_size], names_filter=lambda nm: nm in names)
-            for name, key in names.items():
-                act = cache[name].float()  # [batch, pos, heads, d_head]
+            for name, (kind, layer) in names.items():
+                act = cache[name]  # [batch, pos, heads, d_head]
+                if kind in ("q", "k"):  # the q/k that enter the scores
+                    act = post_rotary(model, spec, layer, act)
+                act, key = act.float(), (kind, layer)
                 total = act.sum(dim=0) if per_position else act.sum(dim=(0, 1))
                 sums[key] = sums[key] + total if key in sums else total
     denom = n if per_position else n * reference_tokens.shape[1]
@@ -234,7 +240,7 @@ class _LayerFreeze:
 
     def __init__(self, model, spec, layer, heads, circuit, replacement, gradient, reference,
                  noise_scale, generator, row_mask=None):
-        self.attn = model.blocks[layer].attn
+        self.model = model
         self.spec, self.layer = spec, layer
         self.heads = list(heads)
         self.circuit, self.replacement, self.gradient = circuit, replacement, gradient
@@ -246,7 +252,8 @@ class _LayerFreeze:
     def hooks(self) -> list[tuple[str, Callable]]:
         spec, layer, out = self.spec, self.layer, []
         if self.circuit in (Circuit.QK, Circuit.BOTH):
-            if self.replacement in (Replacement.ZERO, Replacement.MEAN, Replacement.NOISE):
+            if (self.replacement in (Replacement.ZERO, Replacement.MEAN, Replacement.NOISE)
+                    and spec.qk_mask_source == "scores"):
                 out.append((spec.hook_name(layer, "attn_scores"), self._stash_hook("scores")))
             if self.replacement == Replacement.NOISE:
                 out.append((spec.query_hook(layer), self._stash_hook("q")))
@@ -258,6 +265,8 @@ class _LayerFreeze:
 
     def _stash_hook(self, key):
         def stash(activation, hook):
+            if key in ("q", "k"):  # the q/k that enter the scores
+                activation = post_rotary(self.model, self.spec, self.layer, activation)
             self._stash[key] = activation  # read only: the forward pass is not changed here
         return stash
 
@@ -321,18 +330,30 @@ class _LayerFreeze:
         else:  # NOISE
             q = self._noise(self._stash["q"][:, :, self.heads])
             k = self._noise(self._stash["k"][:, :, self._kv_heads()])
-        # TransformerLens's own scaling and soft-cap, without the GQA override that repeats keys
-        return AbstractAttention.calculate_attention_scores(self.attn, q, k)
+        return attention_scores(self.model, self.spec, self.layer, q, k)
+
+    def _masked(self, pattern: Tensor) -> Bool[Tensor, "batch n_frozen q k"]:
+        """Causal and padding mask of the frozen heads' scores.
+
+        From the scores (``-inf`` in a HookedTransformer, ``finfo.min`` in a Hugging Face bridge), or, where
+        no live scores are hooked (native bridge), from the pattern: an entry every head gives exactly 0.
+        """
+        if self.spec.qk_mask_source == "scores":
+            scores = self._stash.pop("scores")[:, self.heads]
+            return scores <= torch.finfo(scores.dtype).min
+        masked = (pattern == 0).all(dim=1, keepdim=True)
+        return masked.expand(-1, len(self.heads), -1, -1)
 
     def pattern_hook(self, pattern: Float[Tensor, "batch head q k"], hook) -> Tensor:
         batch, _, n_pos, n_key = pattern.shape
         if self.replacement == Replacement.RESAMPLE:
-            frozen = self._reference(hook.name, pattern)[:, self.heads].expand(batch, -1, -1, -1)
+            name = self.spec.hook_name(self.layer, "pattern")  # not hook.name: a bridge may give its own name
+            frozen = self._reference(name, pattern)[:, self.heads].expand(batch, -1, -1, -1)
         elif self.replacement == Replacement.IDENTITY:
             eye = torch.eye(n_pos, n_key, device=pattern.device, dtype=pattern.dtype)
             frozen = eye.expand(batch, len(self.heads), n_pos, n_key)
         else:
-            masked = torch.isneginf(self._stash.pop("scores")[:, self.heads])  # causal + padding mask
+            masked = self._masked(pattern)  # causal + padding mask
             if self.replacement == Replacement.ZERO:
                 scores = torch.zeros(masked.shape, device=pattern.device, dtype=pattern.dtype)
             else:
@@ -353,7 +374,7 @@ class _LayerFreeze:
         elif self.replacement == Replacement.NOISE:
             frozen = self._noise(orig)
         else:  # RESAMPLE
-            frozen = self._reference(hook.name, z)[:, :, self.heads].expand_as(orig)
+            frozen = self._reference(self.spec.hook_name(self.layer, "z"), z)[:, :, self.heads].expand_as(orig)
         return self._write(z, frozen, head_dim=2)
 
 
@@ -384,6 +405,7 @@ def _resolve(model, heads, circuit, replacement, gradient, preserve_gradients, n
     if replacement == Replacement.IDENTITY and circuit != Circuit.QK:
         raise ValueError("IDENTITY is defined for the QK circuit only (each position attends to itself); "
                          f"got circuit={circuit.value!r}")
+    check_qk_freezable(spec, circuit)
     if not (noise_scale >= 0):
         raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
     freeze_spec = FreezeSpec(normalize_heads(spec, heads), circuit, replacement, gradient, float(noise_scale), seed)
@@ -418,8 +440,17 @@ def _generator(model, seed):
     return generator
 
 
+def check_qk_freezable(spec: ModelSpec, circuit: Circuit) -> None:
+    """Raise ``NotImplementedError`` for a QK freeze on a model whose ``hook_pattern`` edits are discarded."""
+    if circuit in (Circuit.QK, Circuit.BOTH) and spec.qk_mask_source is None:
+        raise NotImplementedError(
+            "QK freezing needs hook_pattern edits to reach the attention output, and this model discards them "
+            "(a native TransformerBridge before TransformerLens 4); OV freezes work"
+        )
+
+
 def freeze_hooks(
-    model: HookedTransformer,
+    model,
     heads: HeadsLike,
     circuit: Union[str, Circuit] = "qk",
     replacement: Union[str, Replacement] = "zero",
@@ -458,7 +489,7 @@ def _build_hooks(model, spec, freeze_spec, reference, row_masks=None) -> list[tu
 class FreezeHandle:
     """Freeze hooks registered on a model; remove them with :meth:`remove` or by leaving a ``with`` block."""
 
-    def __init__(self, model: HookedTransformer, spec: FreezeSpec, hooks: list[tuple[str, Callable]]):
+    def __init__(self, model, spec: FreezeSpec, hooks: list[tuple[str, Callable]]):
         self.model, self.spec, self.hook_fns = model, spec, hooks
         self._registered: list[tuple[object, object]] = []
         try:
@@ -495,7 +526,7 @@ class FreezeHandle:
 
 
 def freeze(
-    model: HookedTransformer,
+    model,
     heads: HeadsLike,
     circuit: Union[str, Circuit] = "qk",
     replacement: Union[str, Replacement] = "zero",

@@ -4,7 +4,9 @@ The loss of sample ``i`` is the token-mean next-token cross-entropy over its val
 position ``t`` (predicting ``tokens[i, t]`` from position ``t - 1``) counts when both ``t`` and
 ``t - 1`` are valid in ``attention_mask``. Left or right padding both work: the mask is also given to
 the model, so padded keys are not attended and positions are counted from the first real token — a
-left-padded sample has the same gradient as the unpadded one.
+left-padded sample has the same gradient as the unpadded one. A ``TransformerBridge``'s masked forward
+cannot run under ``vmap``; there each padded sample is trimmed to its tokens (samples grouped by their
+valid span), which gives exactly that gradient, and masks must be left or right padding (no gaps).
 
 Gradients are taken of the attention parameters only (per-head layout in :mod:`tl_circuits.model`:
 ``W_Q``, ``W_K``/``_W_K``, ``W_V``/``_W_V``, ``W_O`` of every layer; ``b_Q``/``b_K``/``b_V`` if asked,
@@ -54,10 +56,18 @@ from typing import Iterator, Literal, Optional, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from tl_circuits.model import BLOCKS, ModelSpec, check_tokens, model_spec
+from tl_circuits.model import (
+    BLOCKS,
+    ModelSpec,
+    check_tokens,
+    functional_logits,
+    model_logits,
+    model_spec,
+    register_factor_hooks,
+)
 
 GB = 2**30
 Method = Literal["factored", "direct"]
@@ -324,6 +334,12 @@ def _prepare(model, tokens, attention_mask, what):
     if tokens.shape[1] < 2:
         raise ValueError(f"{what} needs at least 2 positions for a next-token loss, got {tokens.shape[1]}")
     mask = _check_mask(tokens, attention_mask, what)
+    if not spec.masks_under_vmap:  # padding is trimmed (_vmap_groups): it must be one run of valid positions
+        for i in range(mask.shape[0]):
+            first, stop = _valid_span(mask[i])
+            if not bool(mask[i, first:stop].all()):
+                raise ValueError(f"sample {i} of {what} has gaps in its attention mask; on a TransformerBridge "
+                                 "only left or right padding is supported")
     _check_hooks(model)
     return spec, mask
 
@@ -351,22 +367,76 @@ def _next_token_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
     return -(target * valid).sum() / valid.sum()
 
 
+def _valid_span(row: Tensor) -> tuple[int, int]:
+    """(first, last + 1) of a sample's valid positions."""
+    valid = row.nonzero().flatten()
+    return int(valid[0]), int(valid[-1]) + 1
+
+
+def _vmap_groups(spec: ModelSpec, mask: Int[Tensor, "n pos"]) -> list[tuple[Optional[Tensor], slice]]:
+    """(samples, positions) of each ``vmap`` call over a chunk: the whole chunk at once (index ``None``), or,
+    where the model's masked forward cannot run under ``vmap`` (a TransformerBridge), one call per valid
+    span with the padding trimmed off — the gradient of a padded sample is that of its unpadded tokens."""
+    n, n_pos = mask.shape
+    if spec.masks_under_vmap:
+        return [(None, slice(0, n_pos))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(n):
+        groups.setdefault(_valid_span(mask[i]), []).append(i)
+    if list(groups) == [(0, n_pos)]:
+        return [(None, slice(0, n_pos))]
+    return [(torch.tensor(rows, device=mask.device), slice(*span)) for span, rows in groups.items()]
+
+
+def _scatter(parts, n: int, n_pos: Optional[int]) -> dict:
+    """Put each group's ``{key: [n_group, (pos_group,) ...]}`` back at its samples (and positions), zeros elsewhere."""
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][2]
+    out: dict = {}
+    for rows, positions, tensors in parts:
+        for key, t in tensors.items():
+            if key not in out:
+                shape = (n, *t.shape[1:]) if n_pos is None else (n, n_pos, *t.shape[2:])
+                out[key] = t.new_zeros(shape)
+            if n_pos is None:
+                out[key][rows] = t
+            else:
+                out[key][rows, positions] = t
+    return out
+
+
+def _group_inputs(tokens: Tensor, mask: Tensor, rows: Optional[Tensor], positions: slice):
+    t = tokens if rows is None else tokens[rows]
+    m = mask if rows is None else mask[rows]
+    return t[:, positions], m[:, positions]
+
+
 def _direct_chunks(model, spec, tokens, mask, chunk, include_biases):
     """Yield (slice, PerSampleGradients, losses): vmap(grad) w.r.t. the attention weights themselves."""
-    names = spec.attention_param_names(include_biases)
+    try:
+        names = spec.attention_param_names(include_biases)
+    except ValueError as missing:  # a bridge around projections without biases (LLaMA)
+        raise ValueError(f"method='direct' differentiates bias parameters, and {missing}; the default "
+                         "method='factored' gives bias gradients without a parameter") from None
     all_params = dict(model.named_parameters())
     params = {name: all_params[name].detach() for name in names}
+    model_mask = spec.masks_under_vmap  # else the padding is trimmed and the model sees no mask
 
     def sample_loss(p, t, m):
-        logits = functional_call(model, p, (t[None],), {"attention_mask": m[None], "return_type": "logits"})
+        logits = functional_logits(model, spec, p, t[None], m[None] if model_mask else None)
         loss = _next_token_loss(logits[0], t, m)
         return loss, loss.detach()
 
     grad_fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
     for start in range(0, tokens.shape[0], chunk):
         sl = slice(start, min(tokens.shape[0], start + chunk))
-        with torch.no_grad():  # grad() ignores the outer no_grad; no autograd graph is kept around it
-            raw, losses = grad_fn(params, tokens[sl], mask[sl])
+        parts = []
+        for rows, positions in _vmap_groups(spec, mask[sl]):
+            with torch.no_grad():  # grad() ignores the outer no_grad; no autograd graph is kept around it
+                raw, losses = grad_fn(params, *_group_inputs(tokens[sl], mask[sl], rows, positions))
+            parts.append((rows, positions, {**raw, "_losses": losses}))
+        raw = _scatter(parts, sl.stop - sl.start, None)
+        losses = raw.pop("_losses")
         per_block = {}
         for block in BLOCKS:  # per-head rows in float32, freeing the raw gradients as we go
             keys = [spec.param_name(layer, block) for layer in range(spec.n_layers)]
@@ -380,49 +450,44 @@ def _direct_chunks(model, spec, tokens, mask, chunk, include_biases):
 
 def _factor_chunks(model, spec, tokens, mask, chunk, include_biases):
     """Yield (slice, GradientFactors, losses): vmap(grad) w.r.t. zero perturbations of q, k, v and the
-    attention output, capturing the attention inputs and z."""
+    attention output, capturing the attention inputs and z (where :func:`tl_circuits.model.register_factor_hooks`
+    puts them on this kind of model)."""
     n_pos = tokens.shape[1]
     dtype = next(model.parameters()).dtype
     device = tokens.device
-    eps = {}
-    for layer in range(spec.n_layers):
-        eps[f"Q{layer}"] = torch.zeros(n_pos, spec.n_heads, spec.d_head, dtype=dtype, device=device)
-        eps[f"K{layer}"] = torch.zeros(n_pos, spec.n_kv_heads, spec.d_head, dtype=dtype, device=device)
-        eps[f"V{layer}"] = torch.zeros(n_pos, spec.n_kv_heads, spec.d_head, dtype=dtype, device=device)
-        eps[f"O{layer}"] = torch.zeros(n_pos, spec.d_model, dtype=dtype, device=device)
+    model_mask = spec.masks_under_vmap  # else the padding is trimmed and the model sees no mask
+
+    def zero_perturbations(n_pos: int) -> dict[str, Tensor]:
+        eps = {}
+        for layer in range(spec.n_layers):
+            eps[f"Q{layer}"] = torch.zeros(n_pos, spec.n_heads, spec.d_head, dtype=dtype, device=device)
+            eps[f"K{layer}"] = torch.zeros(n_pos, spec.n_kv_heads, spec.d_head, dtype=dtype, device=device)
+            eps[f"V{layer}"] = torch.zeros(n_pos, spec.n_kv_heads, spec.d_head, dtype=dtype, device=device)
+            eps[f"O{layer}"] = torch.zeros(n_pos, spec.d_model, dtype=dtype, device=device)
+        return eps
+
     state: dict = {}
 
-    def add(key):
-        def hook(module, args, output):
-            return output + state["eps"][key]
-        return hook
+    def hooks_of(layer):
+        def perturb(block, output):
+            return output + state["eps"][f"{block}{layer}"]
 
-    def capture_inputs(layer):
-        def hook(module, args, kwargs):
-            names = ("query_input", "key_input", "value_input")
-            for k, (name, block) in enumerate(zip(names, "QKV")):
-                state["captured"][f"x{block}{layer}"] = kwargs[name] if name in kwargs else args[k]
-        return hook
+        def capture_input(block, x):
+            state["captured"][f"x{block}{layer}"] = x
 
-    def capture_z(layer):
-        def hook(module, args, output):
-            state["captured"][f"z{layer}"] = output
-        return hook
+        def capture_z(z):
+            state["captured"][f"z{layer}"] = z
+
+        return perturb, capture_input, capture_z
 
     handles = []
     try:
         for layer in range(spec.n_layers):
-            attn = model.blocks[layer].attn
-            # q/k/v perturbed before any caller's hook (the gradient is w.r.t. x·W + b itself); z read after
-            for block, hook_point in (("Q", attn.hook_q), ("K", attn.hook_k), ("V", attn.hook_v)):
-                handles.append(hook_point.register_forward_hook(add(f"{block}{layer}"), prepend=True))
-            handles.append(attn.register_forward_hook(add(f"O{layer}"), prepend=True))
-            handles.append(attn.register_forward_pre_hook(capture_inputs(layer), with_kwargs=True, prepend=True))
-            handles.append(attn.hook_z.register_forward_hook(capture_z(layer)))
+            handles += register_factor_hooks(model, spec, layer, *hooks_of(layer))
 
         def sample_loss(e, t, m):
             state["eps"], state["captured"] = e, {}
-            logits = model(t[None], attention_mask=m[None], return_type="logits")
+            logits = model_logits(model, spec, t[None], m[None] if model_mask else None)
             loss = _next_token_loss(logits[0], t, m)
             captured = {k: v[0].detach() for k, v in state.pop("captured").items()}
             state.pop("eps")
@@ -431,15 +496,23 @@ def _factor_chunks(model, spec, tokens, mask, chunk, include_biases):
         grad_fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
         for start in range(0, tokens.shape[0], chunk):
             sl = slice(start, min(tokens.shape[0], start + chunk))
-            with torch.no_grad():
-                grads, (losses, captured) = grad_fn(eps, tokens[sl], mask[sl])
+            parts, loss_parts = [], []
+            for rows, positions in _vmap_groups(spec, mask[sl]):
+                t, m = _group_inputs(tokens[sl], mask[sl], rows, positions)
+                with torch.no_grad():
+                    grads, (losses, captured) = grad_fn(zero_perturbations(t.shape[1]), t, m)
+                parts.append((rows, positions, {**grads, **captured}))
+                loss_parts.append((rows, positions, {"loss": losses}))
+            # padded positions get zero inputs and gradients: they add nothing to the rows
+            found = _scatter(parts, sl.stop - sl.start, n_pos)
+            losses = _scatter(loss_parts, sl.stop - sl.start, None)["loss"]
             stack = lambda fmt: torch.stack([fmt(layer) for layer in range(spec.n_layers)], 1).float()  # noqa: E731
-            inputs = {"Q": stack(lambda l: captured.pop(f"xQ{l}"))}
+            inputs = {"Q": stack(lambda l: found.pop(f"xQ{l}"))}
             for block in "KV":
-                x = stack(lambda l: captured.pop(f"x{block}{l}"))
+                x = stack(lambda l: found.pop(f"x{block}{l}"))
                 inputs[block] = next((y for y in inputs.values() if torch.equal(x, y)), x)
-            out_grads = {b: stack(lambda l: grads.pop(f"{b}{l}")) for b in BLOCKS}
-            z = stack(lambda l: captured.pop(f"z{l}"))
+            out_grads = {b: stack(lambda l: found.pop(f"{b}{l}")) for b in BLOCKS}
+            z = stack(lambda l: found.pop(f"z{l}"))
             yield sl, GradientFactors(inputs, out_grads, z, spec, include_biases), losses
     finally:
         for handle in handles:

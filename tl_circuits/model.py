@@ -1,8 +1,11 @@
 """What tl_circuits knows about a model: sizes, hook names and the per-head Q/K/V/O layout.
 
-This is the only module that knows how attention parameters are laid out per head (SPEC §0).
-Everything else asks it: freezing asks for hook names and the KV head of a query head,
-interference asks for parameter names and for per-head views of gradients.
+This is the only module that knows how attention parameters are laid out per head (SPEC §0) and which kind
+of model it is talking to — a ``HookedTransformer`` (TransformerLens 2.x/3.x) or a ``TransformerBridge``
+(TransformerLens 3.x/4.x; the bridge-specific facts live in :mod:`tl_circuits.bridge`, used only here).
+Everything else asks it: freezing asks for hook names, the KV head of a query head and the attention
+scores of replaced q/k; the gradient engines ask for parameter names, per-head views of gradients, the
+forward pass and where to tap activations.
 
 Per-head layout in a HookedTransformer (H query heads, G KV heads, d_model D, d_head d):
 
@@ -17,6 +20,13 @@ O       ``W_O`` (``b_O`` is not per head)             [H, d, D]     query head
 
 Under GQA ``attn.W_K`` is a *repeated copy* of ``_W_K``: gradients are taken of, and writes go to,
 the underscore parameters. Query head ``h`` reads KV head ``h // (H // G)``.
+
+On a TransformerBridge the parameters are the wrapped model's projections (:mod:`tl_circuits.bridge`), mapped
+to the same per-head rows: an ``nn.Linear`` weight ``[heads·d, D]`` gives ``W_Q[h] = weight[h·d:(h+1)·d].T``
+(K, V likewise over KV heads) and an ``o_proj`` ``[D, H·d]`` gives ``W_O[h] = weight[:, h·d:(h+1)·d].T``
+(per-head *columns*); GPT-2's ``Conv1D`` ``c_proj`` ``[H·d, D]`` gives ``W_O[h] = weight[h·d:(h+1)·d]``
+(per-head *rows*). Hook names are the same; what differs in behaviour is recorded in :class:`ModelSpec`
+(``kind``, ``rotary_hooked``, ``qk_mask_source``, ``starts_at_layer``, ``masks_under_vmap``).
 
 >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
 >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, n_ctx=8,
@@ -33,14 +43,21 @@ the underscore parameters. Query head ``h`` reads KV head ``h // (H // G)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, Optional
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from torch.func import functional_call
+
+from tl_circuits import bridge
+
+try:  # TransformerLens 2.x/3.x; 4.x removed HookedTransformer
+    from transformer_lens import HookedTransformer
+except ImportError:
+    HookedTransformer = None
 
 Block = Literal["Q", "K", "V", "O"]
 BLOCKS: tuple[Block, ...] = ("Q", "K", "V", "O")
@@ -63,6 +80,18 @@ class ModelSpec:
     n_ctx: int
     grouped: bool  # K/V stored per KV head (`_W_K`), i.e. cfg.n_key_value_heads is set
     rotary: bool  # rotary is applied after hook_q/hook_k; scores read hook_rot_q/hook_rot_k
+    # ----- what differs between a HookedTransformer and a TransformerBridge (defaults: HookedTransformer)
+    kind: Literal["hooked", "bridge"] = "hooked"
+    rotary_hooked: bool = True  # hook_rot_q/k fire; False: rotate hook_q/hook_k as the model does (post_rotary)
+    # where a QK freeze finds the causal/padding mask: masked pre-softmax scores at hook_attn_scores
+    # ("scores"), or exact zeros of the pattern in every head ("pattern"); None: pattern edits do not
+    # reach the output, so QK freezes are impossible
+    qk_mask_source: Optional[Literal["scores", "pattern"]] = "scores"
+    starts_at_layer: bool = True  # forward(start_at_layer=...) restarts from a cached resid_pre
+    masks_under_vmap: bool = True  # forward(attention_mask=...) runs under torch.func.vmap
+    # bridge only: block -> "linear" | "conv1d" weight layout, (layer, block, bias) -> parameter name
+    weight_layouts: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    param_names: tuple[tuple[tuple[int, str, bool], str], ...] = field(default=(), repr=False)
 
     # ----- heads -----------------------------------------------------------------------------
     @property
@@ -97,12 +126,13 @@ class ModelSpec:
         return f"blocks.{layer}.attn.hook_{name}"
 
     def query_hook(self, layer: int) -> str:
-        """Hook holding the queries that enter the scores (post-rotary where rotary is used)."""
-        return self.hook_name(layer, "rot_q" if self.rotary else "q")
+        """Hook holding the queries that enter the scores (post-rotary where rotary is used and hooked;
+        pre-rotary on a native bridge, whose rotary hooks never fire: see :func:`post_rotary`)."""
+        return self.hook_name(layer, "rot_q" if self.rotary and self.rotary_hooked else "q")
 
     def key_hook(self, layer: int) -> str:
-        """Hook holding the keys that enter the scores (post-rotary where rotary is used)."""
-        return self.hook_name(layer, "rot_k" if self.rotary else "k")
+        """Hook holding the keys that enter the scores (as :meth:`query_hook`)."""
+        return self.hook_name(layer, "rot_k" if self.rotary and self.rotary_hooked else "k")
 
     @staticmethod
     def resid_pre_hook(layer: int) -> str:
@@ -112,11 +142,17 @@ class ModelSpec:
     def param_name(self, layer: int, block: Block, bias: bool = False) -> str:
         """Name (in ``model.named_parameters()``) of a layer's block weight or bias.
 
-        Raises ValueError for ``("O", bias=True)``: ``b_O`` is shared by all heads.
+        Raises ValueError for ``("O", bias=True)``: ``b_O`` is shared by all heads; on a bridge, also for a
+        bias the wrapped model does not have (e.g. LLaMA's projections).
         """
         _check_block(block)
         if block == "O" and bias:
             raise ValueError("b_O is not per head and has no per-head layout")
+        if self.kind == "bridge":
+            name = dict(self.param_names).get((layer, block, bias))
+            if name is None:
+                raise ValueError(f"this bridge's {block} projection of layer {layer} has no bias parameter")
+            return name
         prefix = "_" if (self.grouped and block in ("K", "V")) else ""
         kind = "b" if bias else "W"
         return f"blocks.{layer}.attn.{prefix}{kind}_{block}"
@@ -145,12 +181,16 @@ class ModelSpec:
         for Q/O, and a head's row is its weight slice flattened (then its bias slice, if asked).
         """
         per_layer = []
+        heads = self.n_block_heads(block)
         for layer in range(self.n_layers):
             weight = tensors[self.param_name(layer, block)]
-            # every per-layer weight has the head first: [..., heads, a, b]
+            if self.kind == "bridge":  # the wrapped model's Linear/Conv1D weight -> [..., heads, a, b]
+                weight = bridge.weight_to_heads(weight, block, dict(self.weight_layouts)[block], heads)
+            # every per-layer weight now has the head first: [..., heads, a, b]
             parts = [einops.rearrange(weight, "... head a b -> ... head (a b)")]
             if include_biases and block != "O":
-                parts.append(tensors[self.param_name(layer, block, bias=True)])
+                bias = tensors[self.param_name(layer, block, bias=True)]
+                parts.append(bridge.bias_to_heads(bias, heads) if self.kind == "bridge" else bias)
             per_layer.append(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         return torch.stack(per_layer, dim=-3)
 
@@ -227,11 +267,14 @@ def _check_block(block: str) -> None:
 
 
 def model_spec(model: object) -> ModelSpec:
-    """Read a :class:`ModelSpec` off a HookedTransformer, rejecting what tl_circuits cannot handle."""
-    if not isinstance(model, HookedTransformer):
+    """Read a :class:`ModelSpec` off a HookedTransformer or a TransformerBridge, rejecting what tl_circuits
+    cannot handle (``NotImplementedError`` naming the problem)."""
+    if bridge.is_bridge(model):
+        return _bridge_spec(model)
+    if HookedTransformer is None or not isinstance(model, HookedTransformer):
         raise TypeError(
-            f"tl_circuits needs a transformer_lens.HookedTransformer, got {type(model).__module__}."
-            f"{type(model).__name__}"
+            "tl_circuits needs a transformer_lens.HookedTransformer or TransformerBridge, got "
+            f"{type(model).__module__}.{type(model).__name__}"
         )
     cfg = model.cfg
     problems = []
@@ -266,6 +309,132 @@ def model_spec(model: object) -> ModelSpec:
         grouped=cfg.n_key_value_heads is not None,
         rotary=cfg.positional_embedding_type == "rotary",
     )
+
+
+def _bridge_spec(model) -> ModelSpec:
+    """:class:`ModelSpec` of a TransformerBridge: sizes from its cfg, parameters and hook behaviour from
+    its attention bridges (:mod:`tl_circuits.bridge`)."""
+    cfg = model.cfg
+    problems = bridge.problems(model)
+    if problems:
+        raise NotImplementedError("tl_circuits does not support this TransformerBridge: " + "; ".join(problems))
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    if cfg.n_heads % n_kv:
+        raise ValueError(f"n_heads={cfg.n_heads} is not a multiple of n_key_value_heads={n_kv}")
+    attn = bridge.attention(model, 0)
+    if not bridge.pattern_edits_apply(attn):
+        mask_source = None
+    else:
+        mask_source = "scores" if bridge.scores_hook_is_live(attn) else "pattern"
+    layouts = []
+    for block in BLOCKS:
+        kinds = {bridge.weight_layout(bridge.projection(model, layer, block)) for layer in range(cfg.n_layers)}
+        if len(kinds) != 1:
+            raise NotImplementedError(f"{block} projections of this bridge mix weight layouts {sorted(kinds)}")
+        layouts.append((block, kinds.pop()))
+    return ModelSpec(
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=n_kv,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_vocab=cfg.d_vocab,
+        n_ctx=cfg.n_ctx,
+        grouped=n_kv != cfg.n_heads,
+        rotary=cfg.positional_embedding_type == "rotary",
+        kind="bridge",
+        rotary_hooked=bridge.rotary_hooks_fire(attn),
+        qk_mask_source=mask_source,
+        starts_at_layer=False,
+        masks_under_vmap=False,
+        weight_layouts=tuple(layouts),
+        param_names=tuple(sorted(bridge.parameter_names(model).items())),
+    )
+
+
+# ----- what the rest of the package asks of a model ------------------------------------------------
+
+def attention_scores(
+    model,
+    spec: ModelSpec,
+    layer: int,
+    q: Float[Tensor, "batch q_pos head d_head"],
+    k: Float[Tensor, "batch k_pos head d_head"],
+) -> Float[Tensor, "batch head q_pos k_pos"]:
+    """Unmasked attention scores of matched query/key heads (``k[..., i, :]`` pairs with ``q[..., i, :]``,
+    no GQA repeat), with the model's own scaling (and soft-cap on a HookedTransformer)."""
+    if spec.kind == "bridge":
+        return bridge.attention_scores(model, layer, q, k)
+    from transformer_lens.components.abstract_attention import AbstractAttention
+
+    # TransformerLens's own scaling and soft-cap, without the GQA override that repeats keys
+    return AbstractAttention.calculate_attention_scores(model.blocks[layer].attn, q, k)
+
+
+def post_rotary(model, spec: ModelSpec, layer: int, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
+    """Queries/keys as they enter the scores, from what :meth:`ModelSpec.query_hook`/``key_hook`` hold:
+    the identity, except on a bridge whose rotary hooks never fire (native), where rotary is applied here."""
+    if spec.rotary and not spec.rotary_hooked:
+        return bridge.rotate(model, layer, x)
+    return x
+
+
+def model_logits(model, spec: ModelSpec, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Logits of ``tokens`` (one sample inside ``vmap`` or a batch). On a bridge ``attention_mask`` must be
+    ``None`` (``spec.masks_under_vmap`` is False: callers trim padding instead)."""
+    if spec.kind == "bridge":
+        if attention_mask is not None:
+            raise ValueError("a TransformerBridge forward with an attention mask cannot run under vmap; trim padding")
+        return bridge.logits(model, tokens)
+    return model(tokens, attention_mask=attention_mask, return_type="logits")
+
+
+def functional_logits(
+    model, spec: ModelSpec, params: Mapping[str, Tensor], tokens: Tensor, attention_mask: Optional[Tensor] = None
+) -> Tensor:
+    """:func:`model_logits` with the named parameters replaced (``torch.func.functional_call``), the model's
+    own parameters untouched."""
+    if spec.kind == "bridge":
+        if attention_mask is not None:
+            raise ValueError("a TransformerBridge forward with an attention mask cannot run under vmap; trim padding")
+        return bridge.functional_logits(model, dict(params), tokens)
+    return functional_call(model, dict(params), (tokens,), {"attention_mask": attention_mask, "return_type": "logits"})
+
+
+def register_factor_hooks(
+    model,
+    spec: ModelSpec,
+    layer: int,
+    perturb: Callable[[str, Tensor], Tensor],
+    capture_input: Callable[[str, Tensor], None],
+    capture_z: Callable[[Tensor], None],
+) -> list:
+    """Torch hooks on one layer for the factored gradient engine; returns their handles (the caller removes them).
+
+    - ``perturb(block, out)`` returns its replacement of ``x·W + b`` of Q/K/V (``out``: ``[batch, pos, heads,
+      d_head]``, before rotary and before any caller hook at hook_q/k/v) and of the attention output
+      ``z·W_O + b_O`` for ``"O"`` (``[batch, pos, d_model]``);
+    - ``capture_input(block, x)`` receives what the Q/K/V projection reads (``[batch, pos, d_model]``);
+    - ``capture_z(z)`` receives ``hook_z`` after the caller's hooks (``[batch, pos, n_heads, d_head]``).
+    """
+    if spec.kind == "bridge":
+        return bridge.register_factor_hooks(model, layer, perturb, capture_input, capture_z)
+    attn = model.blocks[layer].attn
+
+    def capture_inputs(module, args, kwargs):
+        names = ("query_input", "key_input", "value_input")
+        for position, (name, block) in enumerate(zip(names, "QKV")):
+            capture_input(block, kwargs[name] if name in kwargs else args[position])
+
+    handles = []
+    # q/k/v perturbed before any caller's hook (the gradient is w.r.t. x·W + b itself); z read after
+    for block, hook_point in (("Q", attn.hook_q), ("K", attn.hook_k), ("V", attn.hook_v)):
+        handles.append(hook_point.register_forward_hook(lambda m, a, out, block=block: perturb(block, out),
+                                                        prepend=True))
+    handles.append(attn.register_forward_hook(lambda m, a, out: perturb("O", out), prepend=True))
+    handles.append(attn.register_forward_pre_hook(capture_inputs, with_kwargs=True, prepend=True))
+    handles.append(attn.hook_z.register_forward_hook(lambda m, a, out: capture_z(out)))
+    return handles
 
 
 def check_tokens(spec: ModelSpec, tokens: Tensor, what: str = "tokens") -> None:

@@ -2,7 +2,8 @@
 
 Freezing a head in layer l cannot change anything before layer l, so the sweep runs the clean model
 once, caches every ``resid_pre``, and for layer l restarts from the cached ``resid_pre_l``
-(``start_at_layer=l``) instead of re-running the whole model. The (circuit, head) variants of one
+(``start_at_layer=l``) instead of re-running the whole model. A ``TransformerBridge`` cannot restart at a
+layer; there each variant runs the whole model (same numbers, more work). The (circuit, head) variants of one
 layer are stacked along the batch — copy c freezes one head in its own rows only — so a layer is
 one forward pass (or a few, within ``max_batch_rows``).
 
@@ -24,8 +25,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.utils import lm_cross_entropy_loss
+
+try:  # TransformerLens >= 3 (and 4.x, which has no transformer_lens.utils)
+    from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
+except ImportError:  # TransformerLens 2.x
+    from transformer_lens.utils import lm_cross_entropy_loss
 
 from tl_circuits.freezing import (
     Circuit,
@@ -36,6 +40,7 @@ from tl_circuits.freezing import (
     _generator,
     _LayerFreeze,
     _prepare_reference,
+    check_qk_freezable,
 )
 from tl_circuits.model import check_tokens, model_spec
 
@@ -88,7 +93,7 @@ class SweepResult:
 
 
 def freeze_sweep(
-    model: HookedTransformer,
+    model,
     tokens: Int[Tensor, "batch pos"],
     metric: Optional[Metric] = None,
     *,
@@ -121,6 +126,8 @@ def freeze_sweep(
     replacement = _enum(Replacement, replacement, "replacement")
     if replacement == Replacement.IDENTITY and any(c != Circuit.QK for c in circuits):
         raise ValueError("IDENTITY is defined for the QK circuit only")
+    for circuit in circuits:
+        check_qk_freezable(spec, circuit)
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
     if metric is None:
         metric = lambda logits: lm_cross_entropy_loss(logits, tokens)  # noqa: E731
@@ -139,7 +146,7 @@ def freeze_sweep(
     per_pass = max(1, min(len(copies), max_batch_rows // batch))
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
 
-    resid_names = [spec.resid_pre_hook(layer) for layer in range(spec.n_layers)]
+    resid_names = [spec.resid_pre_hook(layer) for layer in range(spec.n_layers)] if spec.starts_at_layer else []
     frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in circuits}
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
@@ -147,11 +154,13 @@ def freeze_sweep(
         del clean_logits
         bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
         for layer in range(spec.n_layers):
-            resid = cache[spec.resid_pre_hook(layer)]
             for chunk in passes:
                 hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator)
                 with model.hooks(fwd_hooks=hooks):
-                    logits = model(resid.repeat(len(chunk), 1, 1), start_at_layer=layer)
+                    if spec.starts_at_layer:
+                        logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
+                    else:  # a bridge runs every layer; those before `layer` compute what the cache holds
+                        logits = model(tokens.repeat(len(chunk), 1))
                 for j, (circuit, head) in enumerate(chunk):
                     frozen[circuit.value][layer, head] = float(metric(logits[j * batch:(j + 1) * batch]))
                 del logits
