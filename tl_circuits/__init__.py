@@ -34,6 +34,26 @@ from tl_circuits.statistics import (
     permutation_test,
 )
 from tl_circuits.sweep import SweepResult, freeze_sweep
+from tl_circuits.tasks import (
+    TaskBatch,
+    counting_batch,
+    in_context_accuracy,
+    in_context_loss,
+    induction_batch,
+    random_batch,
+    scored_loss,
+    scored_loss_metric,
+    task_tokenizer,
+)
+from tl_circuits.bundled import (
+    DEFAULT_BUNDLED_MODEL,
+    BundledModelInfo,
+    bundled_model_info,
+    bundled_tasks,
+    head_detector_scores,
+    list_bundled_models,
+    load_bundled_model,
+)
 
 __version__ = "0.1.0"
 
@@ -78,4 +98,20 @@ __all__ = [
     "normalize_heads",
     "plot_blocks",
     "plot_heads",
+    "TaskBatch",
+    "counting_batch",
+    "in_context_accuracy",
+    "in_context_loss",
+    "induction_batch",
+    "random_batch",
+    "scored_loss",
+    "scored_loss_metric",
+    "task_tokenizer",
+    "DEFAULT_BUNDLED_MODEL",
+    "BundledModelInfo",
+    "bundled_model_info",
+    "bundled_tasks",
+    "head_detector_scores",
+    "list_bundled_models",
+    "load_bundled_model",
 ]

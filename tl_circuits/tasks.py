@@ -1,0 +1,351 @@
+"""Synthetic next-token tasks with known mechanisms: token batches plus the positions that matter.
+
+Every generator returns a :class:`TaskBatch`: ``tokens`` [batch, pos] (int64) and ``scored``
+[batch, pos], True at the positions whose *next-token prediction* is the point of the task (for
+induction: the positions inside the repeat, where the next token can be copied from context).
+
+Token layout shared by all generators (and by the bundled models):
+
+- id ``0`` is BOS and every row starts with it. TransformerLens prepends BOS by default, so
+  ``model.to_tokens("5 9 2")`` and TransformerLens's ``head_detector`` produce rows of the same form,
+  and heads get a fixed resting position.
+- ids ``1 .. d_vocab - 1`` are ordinary tokens; :func:`task_tokenizer` spells them as decimal
+  numbers (``"17"``).
+
+Tasks (mechanisms differ, which is what makes them useful together):
+
+=============  ==========================================  ===========================================
+task           rows                                        mechanism that solves the scored positions
+=============  ==========================================  ===========================================
+``induction``  BOS, then a pattern of distinct random      in-context copying: a previous-token head
+               tokens repeated (``a b c d a b c d a …``)   (layer 0) + an induction head (layer 1)
+``counting``   BOS, then consecutive ids (``7 8 9 …``),    a fixed token -> successor lookup, from the
+               wrapping from ``d_vocab - 1`` to 1          current token alone (no context needed)
+``random``     BOS, then distinct random tokens            nothing is predictable: the control /
+                                                           corrupted input (``scored`` all False)
+=============  ==========================================  ===========================================
+
+Each generator is deterministic in ``seed`` (its own ``torch.Generator``; the global RNG is not used).
+
+>>> batch = induction_batch(2, seq_len=9, d_vocab=20, seed=0, period=3)
+>>> batch.tokens[0].tolist()[:1], (batch.tokens[0, 1:4] == batch.tokens[0, 4:7]).all().item()
+([0], True)
+>>> batch.scored[0].nonzero().flatten().tolist()   # positions 4..7 predict a repeated token
+[4, 5, 6, 7]
+>>> counting_batch(1, seq_len=6, d_vocab=20, seed=3).tokens[0].tolist()
+[0, 14, 15, 16, 17, 18]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+BOS = 0
+"""Token id of BOS; every generated row starts with it."""
+
+__all__ = [
+    "BOS",
+    "TASK_GENERATORS",
+    "TaskBatch",
+    "counting_batch",
+    "in_context_accuracy",
+    "in_context_loss",
+    "induction_batch",
+    "make_task_batch",
+    "random_batch",
+    "scored_accuracy",
+    "scored_loss",
+    "scored_loss_metric",
+    "task_tokenizer",
+]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A batch of one synthetic task.
+
+    Attributes:
+        tokens: [batch, pos] int64 token ids, BOS (0) first.
+        scored: [batch, pos] bool; ``scored[b, p]`` means the prediction made at position ``p`` (of
+            token ``p + 1``) is what the task tests. The last position is never scored.
+        name: the task's name (``"induction"``, ``"counting"``, ``"random"``).
+        params: the generator's arguments (``seq_len``, ``d_vocab``, ``seed``, ...), so a batch says
+            how it was made.
+        info: per-row extras, e.g. ``info["period"]`` [batch] for induction.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    scored: Bool[Tensor, "batch pos"]
+    name: str
+    params: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokens.shape != self.scored.shape:
+            raise ValueError(f"tokens {tuple(self.tokens.shape)} and scored {tuple(self.scored.shape)} differ in shape")
+        if self.scored.shape[1] and self.scored[:, -1].any():
+            raise ValueError("the last position has no next token and cannot be scored")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def targets(self) -> Int[Tensor, "batch pos_minus_1"]:
+        """The token each position predicts: ``tokens[:, 1:]``."""
+        return self.tokens[:, 1:]
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.scored.sum())
+
+    def to(self, device: Union[str, torch.device]) -> "TaskBatch":
+        return TaskBatch(self.tokens.to(device), self.scored.to(device), self.name, dict(self.params),
+                         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()})
+
+    def __getitem__(self, rows) -> "TaskBatch":
+        """The rows ``rows`` (an int, a slice or an index tensor) as a TaskBatch."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        return TaskBatch(self.tokens[rows], self.scored[rows], self.name, dict(self.params),
+                         {k: v[rows] if isinstance(v, Tensor) else v for k, v in self.info.items()})
+
+
+# ----- generators ---------------------------------------------------------------------------------
+
+def _check_sizes(n: int, seq_len: int, d_vocab: int, min_len: int) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if seq_len < min_len:
+        raise ValueError(f"seq_len must be >= {min_len}, got {seq_len}")
+    if d_vocab < 3:
+        raise ValueError(f"d_vocab must be >= 3 (BOS and at least two ordinary tokens), got {d_vocab}")
+
+
+def _distinct_tokens(n: int, k: int, d_vocab: int, generator: torch.Generator) -> Int[Tensor, "n k"]:
+    """``k`` distinct ordinary tokens per row, uniformly (the first k of a random permutation)."""
+    return torch.rand(n, d_vocab - 1, generator=generator).argsort(dim=1)[:, :k] + 1
+
+
+def induction_batch(
+    n: int,
+    *,
+    seq_len: int = 33,
+    d_vocab: int = 64,
+    seed: int = 0,
+    period: Union[None, int, tuple[int, int]] = None,
+) -> TaskBatch:
+    """Repeated random sequences: BOS, then a pattern of ``period`` distinct random tokens repeated
+    until the row has ``seq_len`` tokens.
+
+    Args:
+        n: rows.
+        seq_len: tokens per row, BOS included.
+        d_vocab: vocabulary size (ordinary tokens are ``1 .. d_vocab - 1``).
+        seed: seeds this batch's own generator.
+        period: pattern length. ``None`` (default): ``(seq_len - 1) // 2``, the classic "random tokens,
+            repeated once" batch; an int: that length for every row; ``(lo, hi)``: each row's length
+            drawn uniformly from ``lo..hi`` (inclusive). Training on varied periods keeps a model
+            from solving the task by position alone (attending a fixed distance back).
+
+    Scored positions are those holding a repeated token (``p >= 1 + period``), except the last:
+    there the next token is the pattern's continuation, copied from context. Pattern tokens are
+    distinct, so the token to copy is unambiguous.
+
+    >>> b = induction_batch(3, seq_len=11, d_vocab=30, seed=1)
+    >>> b.tokens.shape, b.info["period"].tolist(), b.scored[0].nonzero().flatten().tolist()
+    (torch.Size([3, 11]), [5, 5, 5], [6, 7, 8, 9])
+    """
+    _check_sizes(n, seq_len, d_vocab, min_len=4)
+    if period is None:
+        lo = hi = (seq_len - 1) // 2
+    elif isinstance(period, int):
+        lo = hi = period
+    else:
+        lo, hi = (int(x) for x in period)
+    # at least one scored position (period <= seq_len - 3), and enough distinct tokens
+    if not (1 <= lo <= hi <= min(seq_len - 3, d_vocab - 1)):
+        raise ValueError(
+            f"period {period!r} must lie in 1..{min(seq_len - 3, d_vocab - 1)} "
+            f"(seq_len={seq_len} leaves room for a repeat, d_vocab={d_vocab} for distinct tokens)"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    periods = torch.randint(lo, hi + 1, (n,), generator=generator)
+    pattern = _distinct_tokens(n, hi, d_vocab, generator)
+    pos = torch.arange(seq_len - 1)
+    body = pattern.gather(1, pos.unsqueeze(0) % periods.unsqueeze(1))  # pattern repeated, per row
+    tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
+    full_pos = torch.arange(seq_len).unsqueeze(0)
+    scored = (full_pos >= 1 + periods.unsqueeze(1)) & (full_pos <= seq_len - 2)
+    params = dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed, period=period)
+    return TaskBatch(tokens, scored, "induction", params, {"period": periods})
+
+
+def counting_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0) -> TaskBatch:
+    """Counting: BOS, then consecutive token ids from a random start, wrapping from ``d_vocab - 1`` to 1.
+
+    Every position from the first ordinary token on is scored (its successor is fixed); the
+    prediction at BOS (the random start) is not. Solving it needs the current token only — a fixed
+    token -> successor lookup — not copying from context. With ``seq_len <= d_vocab`` no token
+    repeats in a row, so induction cannot help either.
+
+    >>> counting_batch(2, seq_len=5, d_vocab=10, seed=0).tokens.tolist()
+    [[0, 9, 1, 2, 3], [0, 1, 2, 3, 4]]
+    """
+    _check_sizes(n, seq_len, d_vocab, min_len=3)
+    generator = torch.Generator().manual_seed(seed)
+    n_ordinary = d_vocab - 1
+    start = torch.randint(0, n_ordinary, (n, 1), generator=generator)
+    body = (start + torch.arange(seq_len - 1).unsqueeze(0)) % n_ordinary + 1
+    tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
+    pos = torch.arange(seq_len).unsqueeze(0).expand(n, -1)
+    scored = (pos >= 1) & (pos <= seq_len - 2)
+    return TaskBatch(tokens, scored, "counting", dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed),
+                     {"start": start.squeeze(1) + 1})
+
+
+def random_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0) -> TaskBatch:
+    """Control input: BOS, then ``seq_len - 1`` *distinct* random tokens; nothing is scored.
+
+    No token repeats, so there is nothing to copy in context: the natural RESAMPLE reference (the
+    corrupted run) for the induction task. Needs ``seq_len <= d_vocab``.
+
+    >>> random_batch(1, seq_len=6, d_vocab=10, seed=0).scored.any().item()
+    False
+    """
+    _check_sizes(n, seq_len, d_vocab, min_len=2)
+    if seq_len - 1 > d_vocab - 1:
+        raise ValueError(f"seq_len - 1 = {seq_len - 1} distinct tokens need d_vocab >= {seq_len}, got {d_vocab}")
+    generator = torch.Generator().manual_seed(seed)
+    body = _distinct_tokens(n, seq_len - 1, d_vocab, generator)
+    tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
+    return TaskBatch(tokens, torch.zeros_like(tokens, dtype=torch.bool), "random",
+                     dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed))
+
+
+TASK_GENERATORS: dict[str, Callable[..., TaskBatch]] = {
+    "induction": induction_batch,
+    "counting": counting_batch,
+    "random": random_batch,
+}
+"""Task name -> generator ``(n, *, seq_len, d_vocab, seed, ...) -> TaskBatch``."""
+
+
+def make_task_batch(task: str, n: int, **kwargs) -> TaskBatch:
+    """The generator of ``task`` by name (see :data:`TASK_GENERATORS`), called with ``n`` and ``kwargs``.
+
+    >>> make_task_batch("counting", 1, seq_len=4, d_vocab=10, seed=0).tokens.tolist()
+    [[0, 9, 1, 2]]
+    """
+    if task not in TASK_GENERATORS:
+        raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASK_GENERATORS))}")
+    return TASK_GENERATORS[task](n, **kwargs)
+
+
+# ----- scoring ------------------------------------------------------------------------------------
+
+def _token_nll(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]) -> Tensor:
+    """Next-token negative log-likelihood at each position but the last: [batch, pos - 1]."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -log_probs.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def _scored_mask(batch: TaskBatch, logits: Tensor) -> Tensor:
+    if logits.shape[:2] != batch.tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape[:2])} do not match the batch's tokens {tuple(batch.tokens.shape)}")
+    if not batch.scored.any():
+        raise ValueError(f"the {batch.name!r} batch has no scored positions")
+    return batch.scored[:, :-1].to(logits.device)
+
+
+def scored_loss(
+    logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch, *, per_sample: bool = False
+) -> Union[Float[Tensor, ""], Float[Tensor, "batch"]]:
+    """Mean next-token cross-entropy over the scored positions (float32).
+
+    ``per_sample=True`` gives one mean per row ([batch]; NaN for a row with no scored position).
+    Differentiable, so it also serves as a training or gradient objective.
+    """
+    mask = _scored_mask(batch, logits)
+    nll = _token_nll(logits, batch.tokens.to(logits.device))
+    if per_sample:
+        return (nll * mask).sum(1) / mask.sum(1)  # 0/0 = NaN: missing data, not zero loss
+    return nll[mask].mean()
+
+
+def scored_accuracy(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
+    """Fraction of scored positions where the argmax prediction is the next token."""
+    mask = _scored_mask(batch, logits)
+    correct = logits[:, :-1].argmax(-1) == batch.tokens[:, 1:].to(logits.device)
+    return correct[mask].float().mean()
+
+
+def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
+    """``logits -> scored_loss(logits, batch)`` as a metric for :func:`tl_circuits.freeze_sweep`.
+
+    >>> import tl_circuits as tlc  # doctest: +SKIP
+    >>> tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch))  # doctest: +SKIP
+    """
+    def in_context_loss(logits: Tensor) -> Tensor:
+        return scored_loss(logits, batch)
+
+    return in_context_loss
+
+
+def _logits(model, batch: TaskBatch) -> Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(batch.tokens.to(device), return_type="logits")
+
+
+def in_context_loss(model, batch: TaskBatch, *, per_sample: bool = False) -> Union[Float[Tensor, ""], Float[Tensor, "batch"]]:
+    """The model's mean cross-entropy on the batch's scored positions (no gradient; hooks apply).
+
+    Runs ``model(batch.tokens)``, so freezes and other hooks active around the call take effect:
+
+    >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):  # doctest: +SKIP
+    ...     damaged = in_context_loss(model, batch)
+    """
+    return scored_loss(_logits(model, batch), batch, per_sample=per_sample)
+
+
+def in_context_accuracy(model, batch: TaskBatch) -> float:
+    """Fraction of the batch's scored positions where the model's top prediction is right."""
+    return float(scored_accuracy(_logits(model, batch), batch))
+
+
+# ----- tokenizer ----------------------------------------------------------------------------------
+
+def task_tokenizer(d_vocab: int):
+    """A local Hugging Face tokenizer for this token layout: ``"<bos>"`` is 0, ordinary token ``i`` is
+    the word ``str(i)``; words are separated by whitespace and BOS is prepended.
+
+    Built in memory (no hub, no files). It lets TransformerLens's string tools work on the bundled
+    models — ``to_tokens``, ``to_str_tokens``, ``head_detector.detect_head`` — and reads task text
+    files such as ``"5 6 7 8"``. Unknown words map to BOS (``"<bos>"`` doubles as unk/pad/eos).
+
+    >>> tok = task_tokenizer(20)
+    >>> tok("5 6 7")["input_ids"], tok.decode([5, 6, 7])
+    ([0, 5, 6, 7], '5 6 7')
+    """
+    from tokenizers import Tokenizer, decoders, processors
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": BOS, **{str(i): i for i in range(1, d_vocab)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<bos>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    # add_bos_token=True and a name_or_path: TransformerLens's set_tokenizer would otherwise try to
+    # reload the tokenizer "with BOS" from the hub by name.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<bos>", pad_token="<bos>", unk_token="<bos>",
+        name_or_path=f"tl_circuits/task-tokenizer-{d_vocab}", add_bos_token=True, padding_side="right",
+    )

@@ -1,0 +1,362 @@
+"""Deterministic training of the bundled models, and the analysis that names their known heads.
+
+``scripts/train_bundled.py`` runs :func:`train_and_save` for every entry of :data:`BUNDLED_CONFIGS`
+and writes ``tl_circuits/data/<name>.safetensors`` and ``<name>.json``. Everything is seeded: the
+model's initialisation (from ``TrainingConfig.seed``), every training batch (its own generator
+seed, derived from the config seed and the step), and the run uses
+``torch.use_deterministic_algorithms(True)`` with one CPU thread — so the same torch version on the
+same kind of CPU reproduces the shipped weights bit for bit (tested on a few steps; the full
+retraining is a slow test).
+
+Training: AdamW, linear warm-up then cosine decay, gradient clipping, next-token loss over every
+position of a batch that mixes the training tasks in equal parts (rows of all tasks have the same
+length). Induction is trained on *varied* periods so that no head can solve it by attending a fixed
+distance back: copying needs the previous-token → induction composition.
+
+After training, :func:`analyse` measures on held-out batches (seeds below 10⁹; training seeds are
+above): loss and accuracy on each task's scored positions; TransformerLens ``head_detector`` scores;
+and the effect on each task's scored loss of freezing each head's QK and OV circuit (ZERO, and
+RESAMPLE from a batch of non-repeating random tokens). The known heads are read off these numbers
+by the rules in :func:`select_heads`.
+
+>>> config = BUNDLED_CONFIGS["induction-2l"]
+>>> a = train_model(config, steps=2)
+>>> b = train_model(config, steps=2)
+>>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+try:  # TransformerLens 2.x/3.x; the bundled models are trained as HookedTransformers, which 4.x removed
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:
+    HookedTransformer = HookedTransformerConfig = None
+
+from tl_circuits.sweep import freeze_sweep
+from tl_circuits.tasks import (
+    TASK_GENERATORS,
+    TaskBatch,
+    in_context_accuracy,
+    in_context_loss,
+    random_batch,
+    scored_loss_metric,
+    task_tokenizer,
+)
+
+__all__ = [
+    "BUNDLED_CONFIGS", "TrainingConfig", "analyse", "circuit_effects", "reanalyse_saved", "select_heads",
+    "train_and_save", "train_model",
+]
+
+TRAIN_SEED_OFFSET = 10**9
+"""Training batches use generator seeds from here up; evaluation batches use small seeds."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How one bundled model is built and trained.
+
+    Attributes:
+        name, description: as listed by :func:`tl_circuits.list_bundled_models`.
+        model: ``HookedTransformerConfig`` arguments.
+        train_tasks: task name -> generator arguments (besides ``n`` and ``seed``) of the training mix.
+        eval_tasks: task name -> generator arguments of the held-out evaluation batches, in order
+            (task A, task B); these become :func:`tl_circuits.bundled_tasks`.
+        steps, batch_size, lr, weight_decay, warmup_steps, grad_clip: optimisation (``batch_size`` rows
+            per step, split equally over the training tasks).
+        seed: initialisation seed; training batch seeds derive from it.
+        threads: CPU threads during training (1: reproducible and polite on a shared machine).
+    """
+
+    name: str
+    description: str
+    model: dict
+    train_tasks: dict
+    eval_tasks: dict
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 1
+
+
+_ATTN_ONLY_2L = dict(
+    n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=48, d_vocab=64, attn_only=True,
+    normalization_type="LN", positional_embedding_type="standard",
+)
+_INDUCTION_TRAIN = dict(seq_len=48, d_vocab=64, period=(3, 23))
+_INDUCTION_EVAL = dict(seq_len=33, d_vocab=64, period=16)  # classic: 16 random tokens, repeated once
+_COUNTING_TRAIN = dict(seq_len=48, d_vocab=64)
+_COUNTING_EVAL = dict(seq_len=33, d_vocab=64)
+
+BUNDLED_CONFIGS: dict[str, TrainingConfig] = {
+    "induction-2l": TrainingConfig(
+        name="induction-2l",
+        description="2-layer attention-only; copies repeated random sequences with a previous-token -> induction circuit",
+        model=_ATTN_ONLY_2L,
+        train_tasks={"induction": _INDUCTION_TRAIN},
+        eval_tasks={"induction": _INDUCTION_EVAL},
+    ),
+    "induction-counting-2l": TrainingConfig(
+        name="induction-counting-2l",
+        description="2-layer attention-only trained on a mix of induction (repeated random sequences) and counting "
+                    "(consecutive ids)",
+        model=_ATTN_ONLY_2L,
+        train_tasks={"induction": _INDUCTION_TRAIN, "counting": _COUNTING_TRAIN},
+        eval_tasks={"induction": _INDUCTION_EVAL, "counting": _COUNTING_EVAL},
+    ),
+}
+
+
+@contextmanager
+def _deterministic(threads: int):
+    """Deterministic kernels and a fixed thread count for the duration; previous settings restored."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
+def _new_model(config: TrainingConfig) -> HookedTransformer:
+    """A freshly initialised model; the initialisation is seeded without touching the global RNG."""
+    if HookedTransformer is None:
+        raise ImportError("training the bundled models needs HookedTransformer, which this TransformerLens (4.x) "
+                          "removed: install transformer-lens<4 to train (the shipped weights load on 4.x as bridges)")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # TL 3.x: "HookedTransformer is deprecated"
+        torch.manual_seed(config.seed)
+        return HookedTransformer(HookedTransformerConfig(**config.model, device="cpu"))
+
+
+def training_batch(config: TrainingConfig, step: int) -> torch.Tensor:
+    """The tokens of training step ``step``: ``batch_size`` rows, equal parts of each training task."""
+    n_tasks = len(config.train_tasks)
+    per_task = config.batch_size // n_tasks
+    parts = []
+    for index, (task, kwargs) in enumerate(config.train_tasks.items()):
+        seed = TRAIN_SEED_OFFSET + (config.seed * 10**7 + step) * n_tasks + index
+        parts.append(TASK_GENERATORS[task](per_task, seed=seed, **kwargs).tokens)
+    return torch.cat(parts)
+
+
+def _learning_rate(config: TrainingConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_model(
+    config: TrainingConfig,
+    *,
+    steps: Optional[int] = None,
+    progress: bool = False,
+    log: Optional[list] = None,
+) -> HookedTransformer:
+    """Train a fresh model by ``config`` (``steps`` overrides ``config.steps``, e.g. for tests); eval mode.
+
+    ``log``, if given, receives ``(step, loss)`` every 100 steps and at the end.
+    """
+    from tqdm.auto import tqdm
+
+    steps = config.steps if steps is None else steps
+    with _deterministic(config.threads):
+        model = _new_model(config)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
+                                      weight_decay=config.weight_decay)
+        for step in tqdm(range(steps), desc=f"train {config.name}", disable=not progress):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            loss = model(training_batch(config, step), return_type="loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if log is not None and (step % 100 == 0 or step == steps - 1):
+                log.append((step, round(loss.item(), 4)))
+    return model.eval()
+
+
+# ----- analysis -----------------------------------------------------------------------------------
+
+def eval_batch(config: TrainingConfig, task: str, n: int = 64, seed: int = 0) -> TaskBatch:
+    """A held-out batch of ``task`` with the settings the model is evaluated with."""
+    return TASK_GENERATORS[task](n, seed=seed, **config.eval_tasks[task])
+
+
+def _grid(t: torch.Tensor) -> list:
+    return [[round(float(x), 4) for x in row] for row in t]
+
+
+def _corrupted(model: HookedTransformer, batch: TaskBatch) -> torch.Tensor:
+    """The RESAMPLE reference: non-repeating random tokens of the batch's shape (nothing to copy)."""
+    return random_batch(len(batch), seq_len=batch.tokens.shape[1], d_vocab=model.cfg.d_vocab, seed=1).tokens
+
+
+DETECTOR_KWARGS = dict(exclude_bos=True)
+"""How :func:`analyse` calls ``detect_head``: BOS excluded, as these models park attention there (a head's
+attention on BOS says nothing about what it reads); otherwise TransformerLens's defaults ("mul")."""
+
+
+def analyse(model: HookedTransformer, config: TrainingConfig, *, n: int = 64, detector_rows: int = 16) -> dict:
+    """Metrics, head-detector scores and freeze-ablation effects of a trained model (held-out batches).
+
+    Returns a JSON-ready dict: ``metrics[task]`` = {loss, accuracy} on scored positions;
+    ``head_detector[kind]`` = [n_layers][n_heads] TransformerLens ``detect_head`` scores on induction
+    rows (:data:`DETECTOR_KWARGS`); ``freeze_effects[task][replacement][circuit]`` = [n_layers][n_heads]
+    change in the task's scored loss when that one head's circuit is frozen (ZERO; RESAMPLE from
+    non-repeating random tokens, the corrupted run), via :func:`tl_circuits.freeze_sweep`.
+    """
+    from tl_circuits.bundled import head_detector_scores
+
+    if model.tokenizer is None:
+        model.set_tokenizer(task_tokenizer(model.cfg.d_vocab))
+    out: dict = {"metrics": {}, "freeze_effects": {}, "head_detector": {"settings": dict(DETECTOR_KWARGS)}}
+    for task in config.eval_tasks:
+        batch = eval_batch(config, task, n)
+        out["metrics"][task] = dict(loss=round(float(in_context_loss(model, batch)), 4),
+                                    accuracy=round(in_context_accuracy(model, batch), 4))
+        metric = scored_loss_metric(batch)
+        effects = {}
+        for replacement, ref in (("zero", None), ("resample", _corrupted(model, batch))):
+            sweep = freeze_sweep(model, batch.tokens, metric, replacement=replacement, reference=ref, progress=False)
+            effects[replacement] = {c: _grid(e) for c, e in sweep.effect.items()}
+        out["freeze_effects"][task] = effects
+    rows = eval_batch(config, "induction", detector_rows)
+    for kind in ("previous_token_head", "induction_head"):
+        out["head_detector"][kind] = _grid(head_detector_scores(model, rows, kind, **DETECTOR_KWARGS))
+    return out
+
+
+def select_heads(analysis: dict, *, detector_min: float = 0.3, damage_min: float = 0.5,
+                 control_max: float = 0.25) -> dict:
+    """Known and control heads from :func:`analyse`'s numbers, by fixed rules.
+
+    - induction: every layer ≥ 1 head whose ``induction_head`` detector score is ≥ ``detector_min``.
+      These small models saturate their task, so their induction heads back each other up: freezing
+      one alone can cost little, freezing the group destroys copying (:func:`circuit_effects`).
+    - previous_token: a layer-0 head whose ``previous_token_head`` score is ≥ ``detector_min`` and whose
+      QK-ZERO freeze alone raises the induction loss by ≥ ``damage_min`` nats (the circuit needs it).
+    - control: heads outside the circuit whose every single-head freeze (ZERO and RESAMPLE, QK and OV)
+      changes the induction loss by < ``control_max`` nats — the "unrelated head" of the tests.
+    """
+    detector = analysis["head_detector"]
+    effects = analysis["freeze_effects"]["induction"]
+    n_layers, n_heads = len(detector["induction_head"]), len(detector["induction_head"][0])
+    induction = [(l, h) for l in range(1, n_layers) for h in range(n_heads)
+                 if detector["induction_head"][l][h] >= detector_min]
+    previous = [(0, h) for h in range(n_heads)
+                if detector["previous_token_head"][0][h] >= detector_min and effects["zero"]["qk"][0][h] >= damage_min]
+
+    def largest_effect(l, h):
+        return max(abs(grid[l][h]) for by_circuit in effects.values() for grid in by_circuit.values())
+
+    control = [(l, h) for l in range(n_layers) for h in range(n_heads)
+               if (l, h) not in induction + previous and largest_effect(l, h) < control_max]
+    return dict(known_heads={"previous_token": previous, "induction": induction}, control_heads=control,
+                rules=dict(detector_min=detector_min, damage_min=damage_min, control_max=control_max,
+                           detector=dict(DETECTOR_KWARGS)))
+
+
+def circuit_effects(model: HookedTransformer, config: TrainingConfig, heads, *, n: int = 64) -> dict:
+    """Each task's scored loss and accuracy with ``heads`` frozen together, per replacement and circuit."""
+    from tl_circuits.freezing import freeze
+
+    out = {}
+    for task in config.eval_tasks:
+        batch = eval_batch(config, task, n)
+        out[task] = {}
+        for replacement, ref in (("zero", None), ("resample", _corrupted(model, batch))):
+            for circuit in ("qk", "ov"):
+                with freeze(model, heads, circuit, replacement, reference=ref):
+                    out[task][f"{circuit}-{replacement}"] = dict(
+                        loss=round(float(in_context_loss(model, batch)), 4),
+                        accuracy=round(in_context_accuracy(model, batch), 4))
+    return out
+
+
+def bundled_record(model: HookedTransformer, config: TrainingConfig, training: dict) -> dict:
+    """The JSON record of a trained model: config, tasks, training settings, analysis, known heads."""
+    from importlib.metadata import version
+
+    with _deterministic(config.threads):
+        analysis = analyse(model, config)
+        selection = select_heads(analysis)
+        known = selection["known_heads"]
+        group_effects = {role: circuit_effects(model, config, heads) for role, heads in known.items() if heads}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("name", "description", "model")}
+    return {
+        "name": config.name,
+        "description": config.description,
+        "format_version": 1,
+        "config": dict(config.model),
+        "tasks": list(config.eval_tasks),
+        "task_settings": config.eval_tasks,
+        "trained_on": list(config.train_tasks),
+        "training": {**settings, **training, "torch": torch.__version__,
+                     "transformer_lens": version("transformer-lens")},
+        "known_heads": known,
+        "control_heads": selection["control_heads"],
+        "head_selection": selection["rules"],
+        **analysis,
+        "circuit_freeze": group_effects,
+    }
+
+
+def write_bundled(model: HookedTransformer, record: dict, out_dir: Path) -> None:
+    """``<name>.safetensors`` (the parameters, float32) and ``<name>.json`` (``record``) in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = record["name"]
+    weights = {key: p.detach().contiguous() for key, p in model.named_parameters()}
+    save_file(weights, str(out_dir / f"{name}.safetensors"), metadata={"name": name})
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def train_and_save(config: TrainingConfig, out_dir: Path, *, progress: bool = True) -> dict:
+    """Train, analyse and write ``<name>.safetensors`` + ``<name>.json`` to ``out_dir``; returns the JSON record."""
+    log: list = []
+    start = time.perf_counter()
+    model = train_model(config, progress=progress, log=log)
+    training = {"seconds": round(time.perf_counter() - start, 1), "loss_log": log[-5:]}
+    record = bundled_record(model, config, training)
+    write_bundled(model, record, out_dir)
+    return record
+
+
+def reanalyse_saved(config: TrainingConfig, out_dir: Path) -> dict:
+    """Rewrite ``<name>.json`` from the saved weights in ``out_dir`` (no training; the recorded
+    training time and loss log are kept). For changes to the analysis, not to training."""
+    from tl_circuits.bundled import load_weights
+
+    out_dir = Path(out_dir)
+    old = json.loads((out_dir / f"{config.name}.json").read_text())
+    model = load_weights(config.model, out_dir / f"{config.name}.safetensors")
+    training = {k: old["training"][k] for k in ("seconds", "loss_log")}
+    record = bundled_record(model, config, training)
+    (out_dir / f"{config.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
