@@ -222,3 +222,15 @@ def hooked_from_native(bridge):
 
 def random_tokens(batch: int = 3, pos: int = 12, seed: int = 0, d_vocab: int = D_VOCAB) -> torch.Tensor:
     return torch.randint(0, d_vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def capture_module_output(hf, tokens: torch.Tensor, module) -> torch.Tensor:
+    """What ``module`` outputs while ``hf`` runs ``tokens`` (no grad; the hook is removed on every exit)."""
+    store = {}
+    handle = module.register_forward_hook(lambda mod, args, out: store.setdefault("out", out.detach().clone()))
+    try:
+        with torch.no_grad():
+            hf(tokens)
+    finally:
+        handle.remove()
+    return store["out"]

@@ -247,16 +247,6 @@ def _hf_logits(hf, tokens, edits):
             handle.remove()
 
 
-def _capture(hf, tokens, module):
-    store = {}
-    handle = module.register_forward_hook(lambda m, a, out: store.setdefault("out", out.detach().clone()))
-    try:
-        with torch.no_grad():
-            hf(tokens)
-    finally:
-        handle.remove()
-    return store["out"]
-
 
 def _cols(offset, head):
     return slice(offset + head * D_HEAD, offset + (head + 1) * D_HEAD)
@@ -280,7 +270,7 @@ def test_gpt2_bridge_freeze_equals_hand_edited_c_attn(bridges, head):
     model, hf = bridges["gpt2"], builders.hf_gpt2_model(0)
     tokens, ref_tokens = builders.random_tokens(seed=1), builders.random_tokens(seed=2)
     c_attn = hf.transformer.h[LAYER].attn.c_attn  # output [batch, pos, 3D] = [Q | K | V]
-    ref_qkv = _capture(hf, ref_tokens, c_attn)
+    ref_qkv = builders.capture_module_output(hf, ref_tokens, c_attn)
     zero = lambda out, cols: 0  # noqa: E731
     from_reference = lambda out, cols: ref_qkv[..., cols]  # noqa: E731
     mean_reference = lambda out, cols: ref_qkv[..., cols].mean(0)  # noqa: E731
@@ -314,7 +304,7 @@ def test_llama_bridge_freeze_equals_hand_edited_projections(bridges, kv_head):
     torch.testing.assert_close(_bridge_logits(model, tokens, [(LAYER, h) for h in group], "ov", "zero"), by_hand,
                                rtol=1e-4, atol=1e-4)
     # QK-RESAMPLE of a KV group: its queries and its key from the reference run (pre-rotary, same positions)
-    ref_q, ref_k = _capture(hf, ref_tokens, attn.q_proj), _capture(hf, ref_tokens, attn.k_proj)
+    ref_q, ref_k = builders.capture_module_output(hf, ref_tokens, attn.q_proj), builders.capture_module_output(hf, ref_tokens, attn.k_proj)
     by_hand = _hf_logits(hf, tokens, {
         attn.q_proj: _set_cols(lambda out, cols: ref_q[..., cols], [_cols(0, h) for h in group]),
         attn.k_proj: _set_cols(lambda out, cols: ref_k[..., cols], [_cols(0, kv_head)])})

@@ -19,16 +19,6 @@ def _hf_logits(hf, tokens, module, edit):
         handle.remove()
 
 
-def _capture(hf, tokens, module):
-    store = {}
-    handle = module.register_forward_hook(lambda mod, args, out: store.setdefault("out", out.detach().clone()))
-    try:
-        with torch.no_grad():
-            hf(tokens)
-    finally:
-        handle.remove()
-    return store["out"]
-
 
 def _cols(block_offset, head):  # columns of one head inside a projection output
     return slice(block_offset + head * D_HEAD, block_offset + (head + 1) * D_HEAD)
@@ -46,7 +36,7 @@ def test_gpt2_fused_c_attn(hf_gpt2, head):
             return out
         return edit
 
-    ref_qkv = _capture(hf, ref_tokens, c_attn)
+    ref_qkv = builders.capture_module_output(hf, ref_tokens, c_attn)
 
     def resample_qk(out):
         for offset in (0, D):
@@ -88,7 +78,7 @@ def test_llama_split_projections_gqa(hf_llama, kv_head):
         torch.testing.assert_close(model(tokens), by_hand, rtol=1e-4, atol=1e-4)
 
     # QK-RESAMPLE of a KV group: its queries and its key from the reference run (pre-rotary, same positions)
-    ref_q, ref_k = _capture(hf, ref_tokens, attn.q_proj), _capture(hf, ref_tokens, attn.k_proj)
+    ref_q, ref_k = builders.capture_module_output(hf, ref_tokens, attn.q_proj), builders.capture_module_output(hf, ref_tokens, attn.k_proj)
     q_handle = attn.q_proj.register_forward_hook(lambda m, a, out: _replace(out, ref_q, group))
     k_handle = attn.k_proj.register_forward_hook(lambda m, a, out: _replace(out, ref_k, [kv_head]))
     try:

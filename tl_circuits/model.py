@@ -298,17 +298,14 @@ def model_spec(model: object) -> ModelSpec:
     n_kv = cfg.n_key_value_heads if cfg.n_key_value_heads is not None else cfg.n_heads
     if cfg.n_heads % n_kv:
         raise ValueError(f"n_heads={cfg.n_heads} is not a multiple of n_key_value_heads={n_kv}")
-    return ModelSpec(
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=n_kv,
-        d_model=cfg.d_model,
-        d_head=cfg.d_head,
-        d_vocab=cfg.d_vocab,
-        n_ctx=cfg.n_ctx,
-        grouped=cfg.n_key_value_heads is not None,
-        rotary=cfg.positional_embedding_type == "rotary",
-    )
+    return ModelSpec(**_sizes(cfg, n_kv), grouped=cfg.n_key_value_heads is not None)
+
+
+def _sizes(cfg, n_kv: int) -> dict:
+    """The :class:`ModelSpec` fields read off a HookedTransformerConfig or TransformerBridgeConfig alike."""
+    return dict(n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_model=cfg.d_model,
+                d_head=cfg.d_head, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
+                rotary=cfg.positional_embedding_type == "rotary")
 
 
 def _bridge_spec(model) -> ModelSpec:
@@ -333,15 +330,8 @@ def _bridge_spec(model) -> ModelSpec:
             raise NotImplementedError(f"{block} projections of this bridge mix weight layouts {sorted(kinds)}")
         layouts.append((block, kinds.pop()))
     return ModelSpec(
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=n_kv,
-        d_model=cfg.d_model,
-        d_head=cfg.d_head,
-        d_vocab=cfg.d_vocab,
-        n_ctx=cfg.n_ctx,
+        **_sizes(cfg, n_kv),
         grouped=n_kv != cfg.n_heads,
-        rotary=cfg.positional_embedding_type == "rotary",
         kind="bridge",
         rotary_hooked=bridge.rotary_hooks_fire(attn),
         qk_mask_source=mask_source,
