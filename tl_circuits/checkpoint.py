@@ -10,6 +10,9 @@
 
 :func:`save_checkpoint` writes it, :func:`load_checkpoint` reads it (offline: the tokenizer is loaded from the
 directory with ``local_files_only``, and a ``tokenizer_name`` in the config is never looked up on the hub).
+``load_checkpoint(directory, as_bridge=True)`` reads the same directory as a TransformerLens-native
+``TransformerBridge`` (:mod:`tl_circuits.native`; learned positions only); under TransformerLens 4.x, which has no
+``HookedTransformer``, that is the default, and :func:`save_checkpoint` (HookedTransformers only) raises ``TypeError``.
 
 >>> import tempfile
 >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -212,7 +215,10 @@ def load_checkpoint(directory: Union[str, Path], device: Optional[str] = None,
     except RuntimeError as err:  # shape mismatches
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise CheckpointError(f"{directory}: weights do not match config.json ({first})") from None
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    # buffers (causal masks, rotary tables) are rebuilt from the config; a file may hold only the parameters
+    parameters = {name for name, _ in model.named_parameters()}
+    missing = [name for name in result.missing_keys if name in parameters]
+    unexpected = list(result.unexpected_keys)
     if missing or unexpected:
         raise CheckpointError(f"{directory}: weights do not match config.json (missing {missing[:3]}"
                               f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"

@@ -407,7 +407,7 @@ def run(options: CommandOptions) -> Path:
     loaded = load_model(options.model, device, bridge=options.bridge)
     task_a, task_b = load_tasks(options, loaded)
     load_s = time.perf_counter() - start
-    _say(options, f"model {loaded.name} ({loaded.source}, {type(loaded.model).__name__}) on {device}; task A {task_a.name} "
+    _say(options, f"model {loaded.name} ({loaded.source}) on {device} as a {type(loaded.model).__name__}; task A {task_a.name} "
                   f"({task_a.n_samples} samples), task B {task_b.name} ({task_b.n_samples} samples)")
     for note in task_a.notes + task_b.notes:
         _say(options, f"note: {note}")
