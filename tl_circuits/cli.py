@@ -270,39 +270,35 @@ def _has_official_names() -> bool:
 
 
 def _load_pretrained_bridge(name: str, device: str) -> LoadedModel:
-    import logging
-
     from transformer_lens.model_bridge import TransformerBridge
 
-    logging.disable(logging.WARNING)
-    try:
-        model = TransformerBridge.boot_transformers(name, device=device)
-    except Exception as err:  # no network, no cache, unknown name: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CommandError(f"cannot load pretrained model {name!r} as a TransformerBridge (is the Hugging Face hub "
-                           f"reachable or the model cached?): {first}") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    model.eval()
+    model = _quietly_from_hub(lambda: TransformerBridge.boot_transformers(name, device=device), name,
+                              " as a TransformerBridge")
     return LoadedModel(model, name, "pretrained", f"TransformerBridge.boot_transformers {name}")
 
 
 def _load_pretrained(name: str, device: str) -> LoadedModel:
-    import logging
-
     from transformer_lens import HookedTransformer
 
-    logging.disable(logging.WARNING)  # the hub client logs every retry; a failure is reported below, in one line
+    model = _quietly_from_hub(lambda: HookedTransformer.from_pretrained(name, device=device), name, "")
+    return LoadedModel(model, name, "pretrained", f"TransformerLens pretrained {name}")
+
+
+def _quietly_from_hub(load, name: str, as_what: str):
+    """``load()`` with the hub client's per-retry logging off; any failure becomes one line (no network, no
+    cache, unknown or gated model), not a traceback. Returns the model in eval mode."""
+    import logging
+
+    logging.disable(logging.WARNING)
     try:
-        model = HookedTransformer.from_pretrained(name, device=device)
-    except Exception as err:  # no network, no cache, gated model: one line, not a traceback
+        model = load()
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CommandError(f"cannot load pretrained model {name!r} (is the Hugging Face hub reachable or the "
-                           f"model cached?): {first}") from None
+        raise CommandError(f"cannot load pretrained model {name!r}{as_what} (is the Hugging Face hub reachable or "
+                           f"the model cached?): {first}") from None
     finally:
         logging.disable(logging.NOTSET)
-    model.eval()
-    return LoadedModel(model, name, "pretrained", f"TransformerLens pretrained {name}")
+    return model.eval()
 
 
 def _known_heads_text(known) -> str:
