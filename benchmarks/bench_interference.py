@@ -37,10 +37,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
-from tl_circuits.fisher import damped, fisher_from_gradients  # noqa: E402
-from tl_circuits.gradients import GradientConfig, per_sample_gradients  # noqa: E402
-from tl_circuits.interference import InterferenceConfig, compute_interference, pairwise_scores  # noqa: E402
-from tl_circuits.model import BLOCKS, model_spec  # noqa: E402
+from tl_circuits.interference.fisher import damped, fisher_from_gradients  # noqa: E402
+from tl_circuits.interference.gradients import GradientConfig, per_sample_gradients  # noqa: E402
+from tl_circuits.interference.engine import InterferenceConfig, compute_interference, pairwise_scores  # noqa: E402
+from tl_circuits.models.spec import BLOCKS, model_spec  # noqa: E402
 
 GB = 2**30
 FULL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=1000, n_pos=64)

@@ -1,6 +1,6 @@
 """Train the bundled models and write their weights and metadata into the package.
 
-    python scripts/train_bundled.py                      # every model -> tl_circuits/data/
+    python scripts/train_bundled.py                      # every model -> tl_circuits/bundled/data/
     python scripts/train_bundled.py induction-2l --out /tmp/bundled
     python scripts/train_bundled.py --analyse-only       # rewrite the JSON from the saved weights
 
@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's code trains the models written into this checkout
 
-from tl_circuits.training import BUNDLED_CONFIGS, reanalyse_saved, train_and_save  # noqa: E402
+from tl_circuits.bundled.training import BUNDLED_CONFIGS, reanalyse_saved, train_and_save  # noqa: E402
 
-DEFAULT_OUT = ROOT / "tl_circuits" / "data"
+DEFAULT_OUT = ROOT / "tl_circuits" / "bundled" / "data"
 
 
 def main(argv=None) -> int:

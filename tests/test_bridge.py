@@ -37,7 +37,7 @@ from tl_circuits import (
     pairwise_scores,
     per_sample_gradients,
 )
-from tl_circuits import bridge as bridge_module
+from tl_circuits.models import bridge as bridge_module
 
 QUIET = dict(progress=False)
 LAYER, D, D_HEAD = 1, 32, 8

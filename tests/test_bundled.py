@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from tests.builders import HAS_HOOKED_TRANSFORMER, HookedTransformer
 
 import tl_circuits as tlc
-from tl_circuits import bundled, tasks, training
-from tl_circuits.tasks import BOS, counting_batch, induction_batch, random_batch, scored_loss
-from tl_circuits.training import BUNDLED_CONFIGS, train_model, training_batch
+from tl_circuits.bundled import models as bundled, tasks, training
+from tl_circuits.bundled.tasks import BOS, counting_batch, induction_batch, random_batch, scored_loss
+from tl_circuits.bundled.training import BUNDLED_CONFIGS, train_model, training_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAMES = ["induction-2l", "induction-counting-2l"]
@@ -111,14 +111,14 @@ def test_default_model_loads_without_arguments():
 
 
 def test_package_data_ships_the_weights():
-    """pyproject's package-data patterns cover every file in tl_circuits/data (non-editable installs)."""
+    """pyproject's package-data patterns cover every file in tl_circuits/bundled/data (non-editable installs)."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tl_circuits"]
-    files = [p.relative_to(ROOT / "tl_circuits").as_posix() for p in (ROOT / "tl_circuits" / "data").iterdir()]
-    assert sorted(files) == sorted(f"data/{n}.{ext}" for n in MODEL_NAMES for ext in ("json", "safetensors"))
+    files = [p.relative_to(ROOT / "tl_circuits").as_posix() for p in (ROOT / "tl_circuits" / "bundled" / "data").iterdir()]
+    assert sorted(files) == sorted(f"bundled/data/{n}.{ext}" for n in MODEL_NAMES for ext in ("json", "safetensors"))
     for name in MODEL_NAMES:
         for ext in ("json", "safetensors"):
-            assert any(fnmatch(f"data/{name}.{ext}", p) for p in patterns)
+            assert any(fnmatch(f"bundled/data/{name}.{ext}", p) for p in patterns)
 
 
 def test_tokenizer_spells_tokens_as_numbers():
@@ -375,7 +375,7 @@ def test_recorded_training_settings_match_the_code():
 def test_retraining_reproduces_the_shipped_model(name):
     """The full training run (minutes) gives the shipped weights: bit for bit on the same torch and CPU
     kind; otherwise the same known heads and nearly the same metrics."""
-    from tl_circuits.training import analyse, select_heads
+    from tl_circuits.bundled.training import analyse, select_heads
 
     retrained = train_model(BUNDLED_CONFIGS[name])
     shipped = model_named(name)

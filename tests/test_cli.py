@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from tests import builders
-from tl_circuits import InterferenceConfig, compute_interference, freeze_sweep, tasks
-from tl_circuits.checkpoint import load_checkpoint, save_checkpoint
-from tl_circuits.cli import CommandError, load_model, main
-from tl_circuits.report import FILES
-from tl_circuits.statistics import fdr_correction
-from tl_circuits.task_files import read_task_file
+from tl_circuits import InterferenceConfig, compute_interference, freeze_sweep
+from tl_circuits.bundled import tasks
+from tl_circuits.models.checkpoint import load_checkpoint, save_checkpoint
+from tl_circuits.cli.command import CommandError, load_model, main
+from tl_circuits.cli.report import FILES
+from tl_circuits.stats.permutation import fdr_correction
+from tl_circuits.cli.task_files import read_task_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--n-permutations", "99", "--n-bootstrap", "50", "--quiet"]
@@ -108,7 +109,7 @@ def word_tokenizer():
 @pytest.fixture(scope="module")
 def bundled_report(tmp_path_factory):
     """The no-argument job, at small sizes, in process (and the inputs it used, rebuilt independently)."""
-    from tl_circuits.bundled import DEFAULT_BUNDLED_MODEL, bundled_tasks, load_bundled_model
+    from tl_circuits.bundled.models import DEFAULT_BUNDLED_MODEL, bundled_tasks, load_bundled_model
 
     out = tmp_path_factory.mktemp("bundled") / "report"
     assert main(["--n-a", "6", "--n-b", "5", "--seed", "3", *SMALL, "--out", str(out)]) == 0
@@ -200,7 +201,7 @@ def test_report_names_the_top_heads(bundled_report):
     worst = table.iloc[table["mean"].argmin()]
     assert f"| {worst.block} | {worst.layer} | {worst['head']} |" in markdown
     # rows of known heads carry their role from the model's metadata, and only those rows do
-    from tl_circuits.bundled import DEFAULT_BUNDLED_MODEL, bundled_model_info
+    from tl_circuits.bundled.models import DEFAULT_BUNDLED_MODEL, bundled_model_info
 
     roles = {}
     for role, heads in bundled_model_info(DEFAULT_BUNDLED_MODEL).known_heads.items():
@@ -212,7 +213,7 @@ def test_report_names_the_top_heads(bundled_report):
 
 
 def test_list_models_names_every_bundled_model(capsys):
-    from tl_circuits.bundled import DEFAULT_BUNDLED_MODEL, list_bundled_models
+    from tl_circuits.bundled.models import DEFAULT_BUNDLED_MODEL, list_bundled_models
 
     status, out, err = run_main(["--list-models"], capsys)
     assert status == 0 and not err
@@ -238,9 +239,9 @@ def test_no_argument_run_at_default_sizes(tmp_path, monkeypatch):
 def test_checkpoint_docstring_example_runs():
     import doctest
 
-    import tl_circuits.checkpoint
+    import tl_circuits.models.checkpoint
 
-    failures, tried = doctest.testmod(tl_circuits.checkpoint, verbose=False)
+    failures, tried = doctest.testmod(tl_circuits.models.checkpoint, verbose=False)
     assert tried >= 4 and failures == 0
 
 
@@ -453,7 +454,7 @@ def checkpoint_args(inputs, out) -> list:
 
 
 def test_failure_while_writing_leaves_no_report(checkpoint_inputs, tmp_path, capsys, monkeypatch):
-    import tl_circuits.report as report
+    import tl_circuits.cli.report as report
 
     real_write_figures = report.write_figures
 
@@ -473,7 +474,7 @@ def test_failure_mid_analysis_keeps_an_earlier_report_intact(checkpoint_inputs, 
                                                               monkeypatch):
     import shutil
 
-    import tl_circuits.report as report
+    import tl_circuits.cli.report as report
 
     out = tmp_path / "report"
     shutil.copytree(checkpoint_report[3], out)
@@ -519,18 +520,18 @@ def test_help_lists_every_option(capsys):
 
 
 def test_console_script_entry_point():
-    """pyproject declares ``tl-circuits = tl_circuits.cli:main``; where the package is installed (CI installs it
+    """pyproject declares ``tl-circuits = tl_circuits.cli.command:main``; where the package is installed (CI installs it
     with ``pip install -e .``), the generated script runs it."""
     import shutil
     import sysconfig
 
-    import tl_circuits.cli
+    import tl_circuits.cli.command
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"tl-circuits": "tl_circuits.cli:main"}
     module, _, function = scripts["tl-circuits"].partition(":")
-    assert getattr(__import__(module, fromlist=[function]), function) is tl_circuits.cli.main
+    assert getattr(__import__(module, fromlist=[function]), function) is tl_circuits.cli.command.main
     script = shutil.which("tl-circuits", path=sysconfig.get_path("scripts"))
     if script is None:
         pytest.skip("tl_circuits is not installed with its console script here: run `pip install -e .`")

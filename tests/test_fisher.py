@@ -1,11 +1,11 @@
-"""Diagonal Fisher estimators (tl_circuits.fisher) against closed forms and recomputation."""
+"""Diagonal Fisher estimators (tl_circuits.interference.fisher) against closed forms and recomputation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tl_circuits.fisher import (
+from tl_circuits.interference.fisher import (
     DiagonalFisher,
     EMAFisher,
     FisherAccumulator,
@@ -16,8 +16,8 @@ from tl_circuits.fisher import (
     leave_one_out,
     pooled,
 )
-from tl_circuits.gradients import PerSampleGradients
-from tl_circuits.model import BLOCKS, ModelSpec
+from tl_circuits.interference.gradients import PerSampleGradients
+from tl_circuits.models.spec import BLOCKS, ModelSpec
 
 SPEC = ModelSpec(n_layers=2, n_heads=4, n_kv_heads=2, d_model=3, d_head=2, d_vocab=10, n_ctx=8,
                  grouped=True, rotary=True)

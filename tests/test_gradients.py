@@ -1,4 +1,4 @@
-"""Per-sample gradients (tl_circuits.gradients) against a plain per-sample loss.backward() loop."""
+"""Per-sample gradients (tl_circuits.interference.gradients) against a plain per-sample loss.backward() loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests import builders
-from tl_circuits.gradients import (
+from tl_circuits.interference.gradients import (
     GradientConfig,
     GradientFactors,
     PerSampleGradients,
@@ -21,7 +21,7 @@ from tl_circuits.gradients import (
     per_sample_gradients,
     result_bytes_per_sample,
 )
-from tl_circuits.model import BLOCKS, model_spec
+from tl_circuits.models.spec import BLOCKS, model_spec
 
 QUIET = dict(progress=False)
 

@@ -1,4 +1,4 @@
-"""The QK-OV interference metric (tl_circuits.interference) against independent computations."""
+"""The QK-OV interference metric (tl_circuits.interference.engine) against independent computations."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import torch
 
 from tests import builders
 from tests.test_gradients import hand_rows, loop_reference
-from tl_circuits.fisher import EMAFisher, fisher_from_gradients
-from tl_circuits.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
-from tl_circuits.interference import (
+from tl_circuits.interference.fisher import EMAFisher, fisher_from_gradients
+from tl_circuits.interference.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
+from tl_circuits.interference.engine import (
     Conflict,
     InterferenceConfig,
     InterferenceResult,
     compute_interference,
     pairwise_scores,
 )
-from tl_circuits.model import BLOCKS, model_spec
+from tl_circuits.models.spec import BLOCKS, model_spec
 
 QUIET = dict(progress=False)
 DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping matters in every check
@@ -170,7 +170,7 @@ def test_streaming_equals_holding(mha_model, cap, variant, source, loo):
 @pytest.mark.parametrize("cap", [None, 2])
 def test_chunked_contractions_equal_brute_force(setup, monkeypatch, cap):
     """Force one layer per contraction, one or two samples per operand chunk and per materialisation."""
-    import tl_circuits.interference as interference
+    import tl_circuits.interference.engine as interference
 
     real_plan = interference._plan
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests import builders
-from tl_circuits.model import BLOCKS, model_spec
+from tl_circuits.models.spec import BLOCKS, model_spec
 
 
 def test_spec_mha(mha_model):

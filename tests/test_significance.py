@@ -5,7 +5,7 @@ import torch
 
 from tests import builders
 from tl_circuits import InterferenceConfig, compute_interference
-from tl_circuits.significance import interference_permutation_test
+from tl_circuits.stats.model_test import interference_permutation_test
 
 
 @pytest.mark.parametrize("variant", ["unsigned", "signed"])

@@ -1,4 +1,4 @@
-"""Statistics for interference maps (tl_circuits.statistics).
+"""Statistics for interference maps (tl_circuits.stats.permutation).
 
 Synthetic pooled matrices are built the way the interference metric builds them: per-sample "gradients"
 g_i (iid across samples, so task labels are exchangeable) and M_ij = Σ_p g_i[p]² / F[p] · |g_j[p]| per cell
@@ -17,7 +17,7 @@ import scipy.stats as st
 import torch
 from scipy import ndimage
 
-from tl_circuits import statistics as S
+from tl_circuits.stats import permutation as S
 
 
 def multipletests(p, method):

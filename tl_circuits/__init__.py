@@ -1,6 +1,6 @@
 """tl_circuits: QK/OV circuit freezing and QK-OV interference for TransformerLens models."""
 
-from tl_circuits.freezing import (
+from tl_circuits.freezing.api import (
     Circuit,
     FreezeHandle,
     FreezeSpec,
@@ -12,19 +12,19 @@ from tl_circuits.freezing import (
     freeze_hooks,
     normalize_heads,
 )
-from tl_circuits.fisher import DiagonalFisher, EMAFisher, damped, fisher_from_gradients, leave_one_out, pooled
-from tl_circuits.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
-from tl_circuits.interference import (
+from tl_circuits.interference.fisher import DiagonalFisher, EMAFisher, damped, fisher_from_gradients, leave_one_out, pooled
+from tl_circuits.interference.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
+from tl_circuits.interference.engine import (
     Conflict,
     InterferenceConfig,
     InterferenceResult,
     compute_interference,
     pairwise_scores,
 )
-from tl_circuits.model import BLOCKS, ModelSpec, model_spec
+from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 from tl_circuits.plotting import plot_blocks, plot_heads
-from tl_circuits.significance import interference_permutation_test, pooled_pairwise_scores
-from tl_circuits.statistics import (
+from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
+from tl_circuits.stats.permutation import (
     BootstrapCI,
     InterferenceTestResult,
     bootstrap_ci,
@@ -33,8 +33,8 @@ from tl_circuits.statistics import (
     maxstat_correction,
     permutation_test,
 )
-from tl_circuits.sweep import SweepResult, freeze_sweep
-from tl_circuits.tasks import (
+from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
+from tl_circuits.bundled.tasks import (
     TaskBatch,
     counting_batch,
     in_context_accuracy,
@@ -45,7 +45,7 @@ from tl_circuits.tasks import (
     scored_loss_metric,
     task_tokenizer,
 )
-from tl_circuits.bundled import (
+from tl_circuits.bundled.models import (
     DEFAULT_BUNDLED_MODEL,
     BundledModelInfo,
     bundled_model_info,

@@ -1,8 +1,8 @@
-"""``python -m tl_circuits``: the ``tl-circuits`` command (see :mod:`tl_circuits.cli`)."""
+"""``python -m tl_circuits``: the ``tl-circuits`` command (see :mod:`tl_circuits.cli.command`)."""
 
 import sys
 
-from tl_circuits.cli import main
+from tl_circuits.cli.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

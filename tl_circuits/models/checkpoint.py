@@ -11,7 +11,7 @@
 :func:`save_checkpoint` writes it, :func:`load_checkpoint` reads it (offline: the tokenizer is loaded from the
 directory with ``local_files_only``, and a ``tokenizer_name`` in the config is never looked up on the hub).
 ``load_checkpoint(directory, as_bridge=True)`` reads the same directory as a TransformerLens-native
-``TransformerBridge`` (:mod:`tl_circuits.native`; learned positions only); under TransformerLens 4.x, which has no
+``TransformerBridge`` (:mod:`tl_circuits.models.native`; learned positions only); under TransformerLens 4.x, which has no
 ``HookedTransformer``, that is the default, and :func:`save_checkpoint` (HookedTransformers only) raises ``TypeError``.
 
 >>> import tempfile
@@ -188,7 +188,7 @@ def load_checkpoint(directory: Union[str, Path], device: Optional[str] = None,
     The tokenizer, if the directory has one, is attached with ``model.set_tokenizer`` (a bridge gets it at boot).
 
     Args:
-        as_bridge: ``True``: a ``TransformerBridge.boot_native`` model (:func:`tl_circuits.native.native_bridge_from_tl`;
+        as_bridge: ``True``: a ``TransformerBridge.boot_native`` model (:func:`tl_circuits.models.native.native_bridge_from_tl`;
             learned positions only, see there); ``False``: a HookedTransformer; ``None`` (default): a
             HookedTransformer where TransformerLens has one (2.x/3.x), a bridge otherwise (4.x).
 
@@ -231,7 +231,7 @@ def load_checkpoint(directory: Union[str, Path], device: Optional[str] = None,
 
 
 def _load_as_bridge(directory: Path, device: Optional[str]):
-    from tl_circuits.native import native_bridge_from_tl
+    from tl_circuits.models.native import native_bridge_from_tl
 
     kwargs = _read_kwargs(directory)
     dtype = kwargs.pop("dtype", None)

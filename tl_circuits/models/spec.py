@@ -2,7 +2,7 @@
 
 This is the only module that knows how attention parameters are laid out per head (SPEC §0) and which kind
 of model it is talking to — a ``HookedTransformer`` (TransformerLens 2.x/3.x) or a ``TransformerBridge``
-(TransformerLens 3.x/4.x; the bridge-specific facts live in :mod:`tl_circuits.bridge`, used only here).
+(TransformerLens 3.x/4.x; the bridge-specific facts live in :mod:`tl_circuits.models.bridge`, used only here).
 Everything else asks it: freezing asks for hook names, the KV head of a query head and the attention
 scores of replaced q/k; the gradient engines ask for parameter names, per-head views of gradients, the
 forward pass and where to tap activations.
@@ -21,7 +21,7 @@ O       ``W_O`` (``b_O`` is not per head)             [H, d, D]     query head
 Under GQA ``attn.W_K`` is a *repeated copy* of ``_W_K``: gradients are taken of, and writes go to,
 the underscore parameters. Query head ``h`` reads KV head ``h // (H // G)``.
 
-On a TransformerBridge the parameters are the wrapped model's projections (:mod:`tl_circuits.bridge`), mapped
+On a TransformerBridge the parameters are the wrapped model's projections (:mod:`tl_circuits.models.bridge`), mapped
 to the same per-head rows: an ``nn.Linear`` weight ``[heads·d, D]`` gives ``W_Q[h] = weight[h·d:(h+1)·d].T``
 (K, V likewise over KV heads) and an ``o_proj`` ``[D, H·d]`` gives ``W_O[h] = weight[:, h·d:(h+1)·d].T``
 (per-head *columns*); GPT-2's ``Conv1D`` ``c_proj`` ``[H·d, D]`` gives ``W_O[h] = weight[h·d:(h+1)·d]``
@@ -52,7 +52,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import functional_call
 
-from tl_circuits import bridge
+from tl_circuits.models import bridge
 
 try:  # TransformerLens 2.x/3.x; 4.x removed HookedTransformer
     from transformer_lens import HookedTransformer
@@ -194,7 +194,7 @@ class ModelSpec:
             per_layer.append(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
         return torch.stack(per_layer, dim=-3)
 
-    # ----- per-head gradients from activations (used by tl_circuits.gradients) ------------------
+    # ----- per-head gradients from activations (used by tl_circuits.interference.gradients) ------------------
     # A block's per-sample weight gradient is a sum over positions of outer products:
     #   Q/K/V: W[h] is [D, d] and its input is the attention input x_t (query/key/value input of
     #          the attention module): dL/dW[h] = Σ_t x_t ⊗ dL/d(hook_q|k|v)_t[h], dL/db[h] = Σ_t dL/d(...)_t[h]
@@ -310,7 +310,7 @@ def _sizes(cfg, n_kv: int) -> dict:
 
 def _bridge_spec(model) -> ModelSpec:
     """:class:`ModelSpec` of a TransformerBridge: sizes from its cfg, parameters and hook behaviour from
-    its attention bridges (:mod:`tl_circuits.bridge`)."""
+    its attention bridges (:mod:`tl_circuits.models.bridge`)."""
     cfg = model.cfg
     problems = bridge.problems(model)
     if problems:

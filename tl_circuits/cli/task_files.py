@@ -46,7 +46,7 @@ class TaskInput:
         name: the task's name (bundled task name or file stem).
         tokens: ``[n, pos]`` int64 token ids, right-padded.
         attention_mask: ``[n, pos]`` int64, 1 on real tokens.
-        scored: ``[n, pos]`` bool, :class:`tl_circuits.tasks.TaskBatch`'s convention: ``scored[i, p]`` means
+        scored: ``[n, pos]`` bool, :class:`tl_circuits.bundled.tasks.TaskBatch`'s convention: ``scored[i, p]`` means
             the prediction made at position ``p`` (of token ``p + 1``) counts in the sweep metric; the last
             position is never scored.
         ids: one id per sample (row order).

@@ -8,7 +8,7 @@ left-padded sample has the same gradient as the unpadded one. A ``TransformerBri
 cannot run under ``vmap``; there each padded sample is trimmed to its tokens (samples grouped by their
 valid span), which gives exactly that gradient, and masks must be left or right padding (no gaps).
 
-Gradients are taken of the attention parameters only (per-head layout in :mod:`tl_circuits.model`:
+Gradients are taken of the attention parameters only (per-head layout in :mod:`tl_circuits.models.spec`:
 ``W_Q``, ``W_K``/``_W_K``, ``W_V``/``_W_V``, ``W_O`` of every layer; ``b_Q``/``b_K``/``b_V`` if asked,
 ``b_O`` never) and returned as float32 per-head rows ``[N, n_layers, heads, n_params_per_head]`` per
 block (heads are KV heads for K/V under GQA), in chunks of samples with ``vmap(grad(...))``.
@@ -25,7 +25,7 @@ Two engines (``GradientConfig.method``), equal to each other and to a plain per-
   (``dL/dW_Q[h] = Σ_t x_t ⊗ dL/dq_t[h]``, :meth:`ModelSpec.rows_from_factors`), so these
   :class:`GradientFactors` — ``O(pos·(D + H·d))`` per layer instead of ``O(H·D·d)`` — give the exact
   rows on demand. They are ~8× smaller than the rows for GPT-2 small at 64 positions, which is what
-  lets :func:`tl_circuits.interference.compute_interference` hold whole tasks in a few GB.
+  lets :func:`tl_circuits.interference.engine.compute_interference` hold whole tasks in a few GB.
 
 Memory: the chunk size follows from ``memory_budget_gb`` and the model's size
 (:func:`engine_bytes_per_sample`); the rows returned by :func:`per_sample_gradients` take
@@ -59,7 +59,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from tl_circuits.model import (
+from tl_circuits.models.spec import (
     BLOCKS,
     ModelSpec,
     check_tokens,
@@ -450,7 +450,7 @@ def _direct_chunks(model, spec, tokens, mask, chunk, include_biases):
 
 def _factor_chunks(model, spec, tokens, mask, chunk, include_biases):
     """Yield (slice, GradientFactors, losses): vmap(grad) w.r.t. zero perturbations of q, k, v and the
-    attention output, capturing the attention inputs and z (where :func:`tl_circuits.model.register_factor_hooks`
+    attention output, capturing the attention inputs and z (where :func:`tl_circuits.models.spec.register_factor_hooks`
     puts them on this kind of model)."""
     n_pos = tokens.shape[1]
     dtype = next(model.parameters()).dtype

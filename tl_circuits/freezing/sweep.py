@@ -31,7 +31,7 @@ try:  # TransformerLens >= 3 (and 4.x, which has no transformer_lens.utils)
 except ImportError:  # TransformerLens 2.x
     from transformer_lens.utils import lm_cross_entropy_loss
 
-from tl_circuits.freezing import (
+from tl_circuits.freezing.api import (
     Circuit,
     FreezeSpec,
     GradientMode,
@@ -42,7 +42,7 @@ from tl_circuits.freezing import (
     _prepare_reference,
     check_qk_freezable,
 )
-from tl_circuits.model import check_tokens, model_spec
+from tl_circuits.models.spec import check_tokens, model_spec
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 

@@ -880,7 +880,7 @@ class InterferenceTestResult:
         ``z`` and ``effect_size`` use a diverging colormap centred at 0. Other keyword arguments go to
         :func:`tl_circuits.plotting.plot_blocks`. Returns the matplotlib Figure.
         """
-        from .plotting import plot_blocks
+        from tl_circuits.plotting import plot_blocks
 
         if field not in _GRID_FIELDS or field == "significant" or getattr(self, field) is None:
             raise ValueError(f"field must be one of the computed value fields, got {field!r}")

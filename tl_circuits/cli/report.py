@@ -41,15 +41,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_circuits.freezing import compute_mean_activations
-from tl_circuits.interference import InterferenceConfig, InterferenceResult
-from tl_circuits.model import BLOCKS, model_spec
-from tl_circuits.significance import pooled_pairwise_scores
-from tl_circuits.statistics import InterferenceTestResult, permutation_test
-from tl_circuits.sweep import SweepResult, freeze_sweep
-from tl_circuits import tasks
-from tl_circuits.task_files import TaskInput
-from tl_circuits.tasks import TaskBatch
+from tl_circuits.freezing.api import compute_mean_activations
+from tl_circuits.interference.engine import InterferenceConfig, InterferenceResult
+from tl_circuits.models.spec import BLOCKS, model_spec
+from tl_circuits.stats.model_test import pooled_pairwise_scores
+from tl_circuits.stats.permutation import InterferenceTestResult, permutation_test
+from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
+from tl_circuits.bundled import tasks
+from tl_circuits.cli.task_files import TaskInput
+from tl_circuits.bundled.tasks import TaskBatch
 
 REPORT_MARKER = "tl-circuits report"
 TASK_KEYS = ("a", "b")
@@ -137,7 +137,7 @@ class Analysis:
 
 def scored_loss_metric(task: TaskInput, device) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
     """``logits -> mean next-token cross-entropy over the task's scored positions`` (freeze_sweep's metric),
-    pooled over every scored position of the batch (:func:`tl_circuits.tasks.scored_loss`)."""
+    pooled over every scored position of the batch (:func:`tl_circuits.bundled.tasks.scored_loss`)."""
     batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)
 
     def scored_loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:

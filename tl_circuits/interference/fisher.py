@@ -3,7 +3,7 @@
 Per-sample contribution ``C_i = g_i ⊙ g_i``; the diagonal empirical Fisher of a sample set is the mean
 of ``C`` over it (task A — the original's choice —, task B, or both pooled). Everything here is kept
 per block as per-head rows ``[n_layers, heads, n_params_per_head]`` (the layout of
-:class:`tl_circuits.gradients.PerSampleGradients`) and **accumulated and stored in float64**, whatever
+:class:`tl_circuits.interference.gradients.PerSampleGradients`) and **accumulated and stored in float64**, whatever
 the model's dtype: float32 would already be enough against the original's fp16 underflow, float64
 also keeps the leave-one-out subtraction ``(N·F − C_i)`` accurate when one sample dominates.
 
@@ -25,10 +25,10 @@ overall, e.g. 1e-12, gets a proportionally small λ instead of the original's ab
 square). With ``λ_abs = 0`` the damped Fisher scales exactly with the gradients squared.
 
 >>> import torch
->>> from tl_circuits.model import ModelSpec
+>>> from tl_circuits.models.spec import ModelSpec
 >>> spec = ModelSpec(n_layers=1, n_heads=2, n_kv_heads=2, d_model=2, d_head=1, d_vocab=5, n_ctx=4,
 ...                  grouped=False, rotary=False)
->>> from tl_circuits.gradients import PerSampleGradients
+>>> from tl_circuits.interference.gradients import PerSampleGradients
 >>> g = PerSampleGradients({b: torch.tensor([[[[1., 2.], [0., 0.]]], [[[3., 0.], [0., 0.]]]]) for b in "QKVO"}, spec)
 >>> fisher_from_gradients(g).per_block["Q"]
 tensor([[[5., 2.],
@@ -48,8 +48,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_circuits.gradients import PerSampleGradients
-from tl_circuits.model import BLOCKS, ModelSpec
+from tl_circuits.interference.gradients import PerSampleGradients
+from tl_circuits.models.spec import BLOCKS, ModelSpec
 
 DAMPING_ABS = 1e-30
 DAMPING_REL = 1e-3

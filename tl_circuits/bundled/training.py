@@ -1,7 +1,7 @@
 """Deterministic training of the bundled models, and the analysis that names their known heads.
 
 ``scripts/train_bundled.py`` runs :func:`train_and_save` for every entry of :data:`BUNDLED_CONFIGS`
-and writes ``tl_circuits/data/<name>.safetensors`` and ``<name>.json``. Everything is seeded: the
+and writes ``tl_circuits/bundled/data/<name>.safetensors`` and ``<name>.json``. Everything is seeded: the
 model's initialisation (from ``TrainingConfig.seed``), every training batch (its own generator
 seed, derived from the config seed and the step), and the run uses
 ``torch.use_deterministic_algorithms(True)`` with one CPU thread — so the same torch version on the
@@ -44,8 +44,8 @@ try:  # TransformerLens 2.x/3.x; the bundled models are trained as HookedTransfo
 except ImportError:
     HookedTransformer = HookedTransformerConfig = None
 
-from tl_circuits.sweep import freeze_sweep
-from tl_circuits.tasks import (
+from tl_circuits.freezing.sweep import freeze_sweep
+from tl_circuits.bundled.tasks import (
     TASK_GENERATORS,
     TaskBatch,
     in_context_accuracy,
@@ -229,7 +229,7 @@ def analyse(model: HookedTransformer, config: TrainingConfig, *, n: int = 64, de
     change in the task's scored loss when that one head's circuit is frozen (ZERO; RESAMPLE from
     non-repeating random tokens, the corrupted run), via :func:`tl_circuits.freeze_sweep`.
     """
-    from tl_circuits.bundled import head_detector_scores
+    from tl_circuits.bundled.models import head_detector_scores
 
     if model.tokenizer is None:
         model.set_tokenizer(task_tokenizer(model.cfg.d_vocab))
@@ -282,7 +282,7 @@ def select_heads(analysis: dict, *, detector_min: float = 0.3, damage_min: float
 
 def circuit_effects(model: HookedTransformer, config: TrainingConfig, heads, *, n: int = 64) -> dict:
     """Each task's scored loss and accuracy with ``heads`` frozen together, per replacement and circuit."""
-    from tl_circuits.freezing import freeze
+    from tl_circuits.freezing.api import freeze
 
     out = {}
     for task in config.eval_tasks:
@@ -351,7 +351,7 @@ def train_and_save(config: TrainingConfig, out_dir: Path, *, progress: bool = Tr
 def reanalyse_saved(config: TrainingConfig, out_dir: Path) -> dict:
     """Rewrite ``<name>.json`` from the saved weights in ``out_dir`` (no training; the recorded
     training time and loss log are kept). For changes to the analysis, not to training."""
-    from tl_circuits.bundled import load_weights
+    from tl_circuits.bundled.models import load_weights
 
     out_dir = Path(out_dir)
     old = json.loads((out_dir / f"{config.name}.json").read_text())

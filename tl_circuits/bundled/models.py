@@ -2,10 +2,10 @@
 
 There is no model hub here (and many users work offline), so tl_circuits trains and ships its own
 models (``scripts/train_bundled.py``, deterministic, CPU, minutes). Each lives in
-``tl_circuits/data/<name>.safetensors`` (weights, float32, exactly as trained — no weight
+``tl_circuits/bundled/data/<name>.safetensors`` (weights, float32, exactly as trained — no weight
 processing) and ``<name>.json`` (its ``HookedTransformerConfig`` arguments, the tasks it was trained
 and is evaluated on, its known heads, TransformerLens ``head_detector`` scores, freeze-ablation
-effects and final metrics, all measured after training by :mod:`tl_circuits.training`).
+effects and final metrics, all measured after training by :mod:`tl_circuits.bundled.training`).
 
 >>> import tl_circuits as tlc
 >>> [info.name for info in tlc.list_bundled_models()]
@@ -38,7 +38,7 @@ try:  # TransformerLens 2.x/3.x; 4.x removed HookedTransformer, which the bundle
 except ImportError:
     HookedTransformer = HookedTransformerConfig = None
 
-from tl_circuits.tasks import BOS, TASK_GENERATORS, TaskBatch, task_tokenizer
+from tl_circuits.bundled.tasks import BOS, TASK_GENERATORS, TaskBatch, task_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 """Where the bundled weights (``<name>.safetensors``) and metadata (``<name>.json``) live."""
@@ -154,10 +154,10 @@ def load_bundled_model(
     Args:
         name: see :func:`list_bundled_models`; default :data:`DEFAULT_BUNDLED_MODEL`.
         device: where to put it.
-        tokenizer: attach :func:`tl_circuits.tasks.task_tokenizer` (``"<bos>"`` = 0, token ``i`` =
+        tokenizer: attach :func:`tl_circuits.bundled.tasks.task_tokenizer` (``"<bos>"`` = 0, token ``i`` =
             ``"i"``), so ``to_tokens``/``to_str_tokens`` and TransformerLens's ``head_detector`` work.
         as_bridge: ``True``: a ``TransformerBridge.boot_native`` model with these weights
-            (:func:`tl_circuits.native.native_bridge_from_tl`; same logits as the HookedTransformer, tested);
+            (:func:`tl_circuits.models.native.native_bridge_from_tl`; same logits as the HookedTransformer, tested);
             ``False``: a HookedTransformer; ``None`` (default): a HookedTransformer where TransformerLens has
             one (2.x/3.x), a bridge otherwise (4.x). On TransformerLens 3.x a native bridge discards
             ``hook_pattern`` edits, so QK freezes are refused on it there (OV freezes, gradients and
@@ -173,7 +173,7 @@ def load_bundled_model(
     if as_bridge:
         from safetensors.torch import load_file
 
-        from tl_circuits.native import native_bridge_from_tl
+        from tl_circuits.models.native import native_bridge_from_tl
 
         state = load_file(str(info.weights_path), device=str(device))
         try:
@@ -216,9 +216,9 @@ def load_weights(config: dict, path: Union[str, Path], device: Union[str, torch.
 def bundled_tasks(name: str = DEFAULT_BUNDLED_MODEL) -> dict[str, Callable[..., TaskBatch]]:
     """Task name -> ``make(n, seed=0) -> TaskBatch`` for a bundled model, in order (task A, task B, ...).
 
-    Each maker calls the task's generator (:data:`tl_circuits.tasks.TASK_GENERATORS`) with the
+    Each maker calls the task's generator (:data:`tl_circuits.bundled.tasks.TASK_GENERATORS`) with the
     settings the model was evaluated with (sequence length, vocabulary, induction period), recorded
-    in its JSON. Training used different seeds (see :mod:`tl_circuits.training`), so small seeds give
+    in its JSON. Training used different seeds (see :mod:`tl_circuits.bundled.training`), so small seeds give
     held-out batches.
 
     >>> make_a, make_b = bundled_tasks("induction-counting-2l").values()  # doctest: +SKIP

@@ -17,7 +17,7 @@ Where the freeze acts, and why:
   A run cached under a QK freeze therefore shows the head's unfrozen q/k and its frozen pattern.
 - OV: the head's output ``hook_z[..., h, :]`` (per query head, so siblings are untouched).
 
-The same hooks work on a ``TransformerBridge`` (:mod:`tl_circuits.model` says where its scores, mask and
+The same hooks work on a ``TransformerBridge`` (:mod:`tl_circuits.models.spec` says where its scores, mask and
 rotated q/k are found); a native bridge on TransformerLens 3.x discards ``hook_pattern`` edits, so QK
 freezes raise ``NotImplementedError`` there.
 
@@ -63,7 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache
 
-from tl_circuits.model import ModelSpec, attention_scores, check_tokens, model_spec, post_rotary
+from tl_circuits.models.spec import ModelSpec, attention_scores, check_tokens, model_spec, post_rotary
 
 
 class Circuit(str, Enum):

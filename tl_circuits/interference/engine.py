@@ -6,15 +6,15 @@ For block B ∈ {Q, K, V, O}, layer l, head h, sample i of task A and sample j o
     signed   (diagonal-Fisher influence)         S_ij = Σ_p  g_i[p] · g_j[p] / F̃[p]    (negative = conflict)
     symmetric (pooled Fisher)                    ½ (M_ij + M_ji)
 
-with ``C_i = g_i ⊙ g_i``, ``F̃`` the damped diagonal Fisher (:mod:`tl_circuits.fisher`) and the sum over one
+with ``C_i = g_i ⊙ g_i``, ``F̃`` the damped diagonal Fisher (:mod:`tl_circuits.interference.fisher`) and the sum over one
 head's slice of the block (reduction ``"sum"``) or its mean (``"mean"``: the sum divided by the slice
 length). K and V are resolved per KV head (G of them under GQA), Q and O per query head; a sum over the
 K/V head axis therefore counts each shared KV head once.
 
 Stages, kept apart (kronfluence style):
 
-1. :func:`tl_circuits.gradients.per_sample_gradients` — per-sample gradients (``torch.func``);
-2. :mod:`tl_circuits.fisher` — the Fisher of task A, task B or both pooled, optional leave-one-out, damping;
+1. :func:`tl_circuits.interference.gradients.per_sample_gradients` — per-sample gradients (``torch.func``);
+2. :mod:`tl_circuits.interference.fisher` — the Fisher of task A, task B or both pooled, optional leave-one-out, damping;
 3. :func:`pairwise_scores` — all pairs × layers × heads of a block in one batched contraction
    (``einsum("lhip,lhjp->ijlh")`` over per-head rows laid out ``[layer, head, sample, param]``), chunked
    over A and B;
@@ -62,7 +62,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_circuits.fisher import (
+from tl_circuits.interference.fisher import (
     DAMPING_ABS,
     DAMPING_REL,
     FISHER_DTYPE,
@@ -71,7 +71,7 @@ from tl_circuits.fisher import (
     damping_lambda,
     loo_block,
 )
-from tl_circuits.gradients import (
+from tl_circuits.interference.gradients import (
     GB,
     GradientConfig,
     GradientFactors,
@@ -84,7 +84,7 @@ from tl_circuits.gradients import (
     factor_bytes_per_sample,
     gradient_bytes_per_sample,
 )
-from tl_circuits.model import BLOCKS, ModelSpec, model_spec
+from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 
 Variant = Literal["unsigned", "signed", "symmetric"]
 Reduction = Literal["sum", "mean"]
@@ -107,7 +107,7 @@ class InterferenceConfig:
             which accepts nothing else.
         leave_one_out: remove each numerator sample from its own normaliser (module docstring).
         damping_abs, damping_rel: ``λ = max(λ_abs, λ_rel · mean(F over the head's slice))``, see
-            :func:`tl_circuits.fisher.damped`.
+            :func:`tl_circuits.interference.fisher.damped`.
         include_biases: include ``b_Q``/``b_K``/``b_V`` in the Q/K/V slices (``b_O`` never).
         memory_budget_gb: memory for gradients, Fisher, scores and workspace — what this call allocates,
             not the model or the process (interpreter and torch: ~1.4 GB with a GPT-2-small-shaped model);
@@ -295,8 +295,8 @@ def pairwise_scores(
     ``fisher``'s sample set. Scores are float32.
 
     >>> import torch
-    >>> from tl_circuits.model import ModelSpec
-    >>> from tl_circuits.fisher import fisher_from_gradients
+    >>> from tl_circuits.models.spec import ModelSpec
+    >>> from tl_circuits.interference.fisher import fisher_from_gradients
     >>> spec = ModelSpec(1, 2, 2, 2, 1, 5, 4, False, False)
     >>> ga = PerSampleGradients({b: torch.tensor([[[[1., 1.], [0., 2.]]]]) for b in "QKVO"}, spec)
     >>> gb = PerSampleGradients({b: torch.tensor([[[[-1., 0.], [3., 1.]]]]) for b in "QKVO"}, spec)
@@ -714,13 +714,13 @@ def compute_interference(
 ) -> InterferenceResult:
     """QK-OV interference of every pair (i ∈ A, j ∈ B), block, layer and head, end to end.
 
-    Per-sample gradients (the factored engine of :mod:`tl_circuits.gradients`), the Fisher of
-    ``config.fisher_source`` (or the given ``fisher``, e.g. an :class:`~tl_circuits.fisher.EMAFisher`
+    Per-sample gradients (the factored engine of :mod:`tl_circuits.interference.gradients`), the Fisher of
+    ``config.fisher_source`` (or the given ``fisher``, e.g. an :class:`~tl_circuits.interference.fisher.EMAFisher`
     estimate), damping, and one batched contraction per block and memory chunk (as
     :func:`pairwise_scores`), within ``config.memory_budget_gb``.
 
     Memory, and what streaming costs (``result.settings['plan']``). What is held are the tasks'
-    *gradient factors* (:class:`~tl_circuits.gradients.GradientFactors`, ~14 MB per sample for GPT-2
+    *gradient factors* (:class:`~tl_circuits.interference.gradients.GradientFactors`, ~14 MB per sample for GPT-2
     small at 64 positions, vs ~113 MB for the gradient rows); rows are materialised from them per
     (block, group of layers, chunk of samples) right before their contraction.
 
@@ -743,7 +743,7 @@ def compute_interference(
     materialisations).
 
     The budget is split into: the Fisher (float64) and the scores; the ``vmap`` chunk
-    (:func:`~tl_circuits.gradients.engine_bytes_per_sample`); 5% scratch for building rows; 10% slack
+    (:func:`~tl_circuits.interference.gradients.engine_bytes_per_sample`); 5% scratch for building rows; 10% slack
     for the allocator (glibc keeps freed mid-sized blocks; the heap is trimmed after each held block);
     the rest holds factors and contraction operands. ``settings['plan']['estimated_peak_gb']`` is the
     planned peak without the slack.

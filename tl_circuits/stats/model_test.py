@@ -22,10 +22,10 @@ from typing import Optional
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_circuits.fisher import fisher_from_gradients
-from tl_circuits.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
-from tl_circuits.interference import InterferenceConfig, pairwise_scores
-from tl_circuits.statistics import InterferenceTestResult, permutation_test
+from tl_circuits.interference.fisher import fisher_from_gradients
+from tl_circuits.interference.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
+from tl_circuits.interference.engine import InterferenceConfig, pairwise_scores
+from tl_circuits.stats.permutation import InterferenceTestResult, permutation_test
 
 
 def pooled_pairwise_scores(
@@ -67,7 +67,7 @@ def interference_permutation_test(
     **test_kwargs,
 ) -> InterferenceTestResult:
     """Per-sample gradients of A and B, pooled Fisher, the pooled pairwise matrix once, then
-    :func:`tl_circuits.statistics.permutation_test` (``test_kwargs``: n_permutations, alpha, correction,
+    :func:`tl_circuits.stats.permutation.permutation_test` (``test_kwargs``: n_permutations, alpha, correction,
     seed, n_bootstrap, ci_method, ...).
 
     ``alternative`` defaults to ``"less"`` for the signed variant (negative = conflict) and to

@@ -2,18 +2,18 @@
 
 With no arguments it loads the bundled default model and its two bundled tasks, runs the QK/OV freeze sweep
 over every head on each task, the per-sample gradients, pooled Fisher and interference maps of task A × task B,
-and their permutation statistics, and writes ``tl_circuits_report/`` (see :mod:`tl_circuits.report` for what
-is computed and :data:`tl_circuits.report.FILES` for what is written).
+and their permutation statistics, and writes ``tl_circuits_report/`` (see :mod:`tl_circuits.cli.report` for what
+is computed and :data:`tl_circuits.cli.report.FILES` for what is written).
 
 ``--model`` takes, in this order of lookup: a bundled model name (``--list-models``); a local checkpoint
 directory (``config.json`` + ``model.safetensors`` or ``model.pt``, optional ``tokenizer/``, see
-:mod:`tl_circuits.checkpoint`); an official TransformerLens model name, loaded with
+:mod:`tl_circuits.models.checkpoint`); an official TransformerLens model name, loaded with
 ``HookedTransformer.from_pretrained`` (needs the Hugging Face hub or its cache).
-``--task-a``/``--task-b`` take task files (formats in :mod:`tl_circuits.task_files`); without them the bundled
+``--task-a``/``--task-b`` take task files (formats in :mod:`tl_circuits.cli.task_files`); without them the bundled
 model's own tasks are used.
 
 ``--bridge`` loads the model as a TransformerLens ``TransformerBridge`` instead: bundled models and checkpoints as
-a TransformerLens-native bridge with the same weights (:mod:`tl_circuits.native`), pretrained names with
+a TransformerLens-native bridge with the same weights (:mod:`tl_circuits.models.native`), pretrained names with
 ``TransformerBridge.boot_transformers``. Under TransformerLens 4.x, which has no ``HookedTransformer``, this is
 always the case, so the command with no arguments runs the whole main job on the bundled default as a bridge.
 (On TransformerLens 3.x a native bridge discards ``hook_pattern`` edits, so the QK half of the sweep is left
@@ -135,7 +135,7 @@ def _unit_interval(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tl_circuits.report import FILES, REPLACEMENTS
+    from tl_circuits.cli.report import FILES, REPLACEMENTS
 
     parser = _Parser(
         prog=PROG,
@@ -191,7 +191,7 @@ def parse_options(argv: Optional[Sequence[str]]) -> CommandOptions:
 def _bundled():
     """The bundled-models module, or None if this installation has none."""
     try:
-        from tl_circuits import bundled
+        from tl_circuits.bundled import models as bundled
     except ImportError:
         return None
     return bundled
@@ -224,7 +224,7 @@ def load_model(name: Optional[str], device: str, bridge: bool = False) -> Loaded
     """Resolve ``--model`` (module docstring) and load it; CommandError if it names nothing loadable.
 
     ``bridge``: load it as a ``TransformerBridge`` (always so where TransformerLens has no HookedTransformer)."""
-    from tl_circuits.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
+    from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
 
     bridge = bridge or not has_hooked_transformer()
     bundled = _bundled()
@@ -330,7 +330,7 @@ def list_models_text() -> str:
 
 def load_tasks(options: CommandOptions, loaded: LoadedModel):
     """(task A, task B) from files, or the bundled model's two tasks; CommandError on bad input."""
-    from tl_circuits.task_files import TaskInputError, read_task_file, task_from_batch
+    from tl_circuits.cli.task_files import TaskInputError, read_task_file, task_from_batch
 
     if (options.task_a is None) != (options.task_b is None):
         raise CommandError("give both --task-a and --task-b, or neither (to use the bundled tasks)")
@@ -387,7 +387,7 @@ def _device(requested: Optional[str]) -> str:
 
 def run(options: CommandOptions) -> Path:
     """The main job: load, analyse, write the report folder; returns its path."""
-    from tl_circuits.report import AnalysisConfig, ReportOutputError, check_output_path, run_analysis, write_report
+    from tl_circuits.cli.report import AnalysisConfig, ReportOutputError, check_output_path, run_analysis, write_report
 
     try:
         check_output_path(options.out)  # fail before the work, not after

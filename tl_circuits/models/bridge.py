@@ -1,6 +1,6 @@
 """What tl_circuits needs to know about a TransformerLens ``TransformerBridge`` (TransformerLens 3.x and 4.x).
 
-Only :mod:`tl_circuits.model` uses this module; everything else asks ``model.py``.
+Only :mod:`tl_circuits.models.spec` uses this module; everything else asks ``model.py``.
 
 A bridge wraps a Hugging Face (or TransformerLens-native) model and exposes HookedTransformer's hook names,
 but it is a different machine underneath. Facts this module relies on (checked on TransformerLens 3.9.0 and
@@ -197,7 +197,7 @@ def register_factor_hooks(
     capture_input: Callable[[str, Tensor], None],
     capture_z: Callable[[Tensor], None],
 ) -> list:
-    """Torch hooks for the factored gradient engine on one layer (see :func:`tl_circuits.model.register_factor_hooks`)."""
+    """Torch hooks for the factored gradient engine on one layer (see :func:`tl_circuits.models.spec.register_factor_hooks`)."""
     attn = attention(model, layer)
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads

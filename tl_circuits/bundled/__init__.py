@@ -1,0 +1,1 @@
+"""Bundled small models with known circuits, their task generators and their training."""

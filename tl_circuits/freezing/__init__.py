@@ -1,0 +1,1 @@
+"""QK/OV circuit freezing: options, references, hooks, the freeze API and the head sweep."""

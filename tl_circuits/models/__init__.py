@@ -1,0 +1,2 @@
+"""Models: what tl_circuits knows about a HookedTransformer or TransformerBridge (spec and per-head layout),
+the bridge and native-bridge support, and checkpoints."""

@@ -1,0 +1,1 @@
+"""Statistics of interference maps: permutation tests, corrections, bootstrap intervals, the model-level test."""
