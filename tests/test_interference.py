@@ -21,6 +21,13 @@ from tl_circuits.interference.engine import (
 from tl_circuits.models.spec import BLOCKS, model_spec
 
 QUIET = dict(progress=False)
+
+
+def Config(**kwargs) -> InterferenceConfig:
+    """These tests were written for the unsigned variant (the default until the signed one became it)."""
+    kwargs.setdefault("variant", "unsigned")
+    return InterferenceConfig(**kwargs)
+
 DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping matters in every check
 
 
@@ -109,7 +116,7 @@ CONFIGS = [
 @pytest.mark.parametrize("variant,reduction,source,loo", CONFIGS)
 def test_batched_equals_brute_force(setup, variant, reduction, source, loo):
     model, raw_a, raw_b = setup
-    cfg = InterferenceConfig(variant=variant, reduction=reduction, fisher_source=source, leave_one_out=loo,
+    cfg = Config(variant=variant, reduction=reduction, fisher_source=source, leave_one_out=loo,
                              **DAMP, **QUIET)
     result = run(model, cfg)
     expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
@@ -152,9 +159,9 @@ def test_streaming_equals_holding(mha_model, cap, variant, source, loo):
     tokens_a = builders.random_tokens(5, 9, seed=21)
     tokens_b = builders.random_tokens(3, 9, seed=22)
     common = dict(variant=variant, fisher_source=source, leave_one_out=loo, chunk_size=2, **DAMP, **QUIET)
-    held = compute_interference(mha_model, tokens_a, tokens_b, config=InterferenceConfig(**common))
+    held = compute_interference(mha_model, tokens_a, tokens_b, config=Config(**common))
     streamed = compute_interference(mha_model, tokens_a, tokens_b,
-                                    config=InterferenceConfig(max_held_samples=cap, **common))
+                                    config=Config(max_held_samples=cap, **common))
     plan, held_plan = streamed.settings["plan"], held.settings["plan"]
     assert (held_plan["block_a"], held_plan["block_b"], held_plan["fisher_pass"]) == (5, 3, False)
     assert held_plan["n_gradient_evaluations"] == 8 and not held_plan["streamed"]
@@ -182,7 +189,7 @@ def test_chunked_contractions_equal_brute_force(setup, monkeypatch, cap):
     monkeypatch.setattr(interference, "_plan", small_plan)
     model, raw_a, raw_b = setup
     for variant, source, loo in (("unsigned", "pooled", True), ("symmetric", "pooled", False), ("signed", "b", False)):
-        cfg = InterferenceConfig(variant=variant, fisher_source=source, leave_one_out=loo, max_held_samples=cap,
+        cfg = Config(variant=variant, fisher_source=source, leave_one_out=loo, max_held_samples=cap,
                                  **DAMP, **QUIET)
         result = run(model, cfg)
         assert result.settings["plan"]["layer_group"] == 1
@@ -191,7 +198,7 @@ def test_chunked_contractions_equal_brute_force(setup, monkeypatch, cap):
 
 def test_budget_too_small_is_a_clear_error(mha_model):
     with pytest.raises(ValueError, match=r"memory_budget_gb=1e-06 is too small .* at least"):
-        run(mha_model, InterferenceConfig(memory_budget_gb=1e-6, **QUIET))
+        run(mha_model, Config(memory_budget_gb=1e-6, **QUIET))
 
 
 # ----- sanity properties (SPEC §3) --------------------------------------------------------------------------
@@ -202,7 +209,7 @@ def test_head_additivity(setup):
     model, raw_a, raw_b = setup
     spec = model_spec(model)
     lam = 1e-3
-    result = run(model, InterferenceConfig(damping_abs=lam, damping_rel=0.0, **QUIET))
+    result = run(model, Config(damping_abs=lam, damping_rel=0.0, **QUIET))
     for block in BLOCKS:
         for layer in range(spec.n_layers):
             name = spec.param_name(layer, block)
@@ -318,7 +325,7 @@ def test_layout_against_hf_parameter_gradients(which, hf_gpt2, hf_llama):
         torch.testing.assert_close(ours.per_block[b], rows_a[b], rtol=1e-3, atol=1e-5, msg=lambda m: f"{b}: {m}")
     # and the scores
     result = compute_interference(model, tokens_a, tokens_b,
-                                  config=InterferenceConfig(include_biases=biases, **DAMP, **QUIET))
+                                  config=Config(include_biases=biases, **DAMP, **QUIET))
     assert_scores_close(result.scores, scores_from_rows(rows_a, rows_b, **DAMP), rtol=1e-3)
 
 
@@ -353,7 +360,7 @@ def test_planted_heads(gqa):
     spec = model_spec(model)
     tokens_a = builders.random_tokens(4, 10, seed=41)
     tokens_b = builders.random_tokens(3, 2, seed=42)
-    result = compute_interference(model, tokens_a, tokens_b, config=InterferenceConfig(**QUIET))
+    result = compute_interference(model, tokens_a, tokens_b, config=Config(**QUIET))
     expected = {b: torch.zeros(spec.n_layers, spec.n_block_heads(b), dtype=torch.bool) for b in BLOCKS}
     for layer, heads in alive.items():
         for h in heads:
@@ -381,7 +388,7 @@ def test_result_object(mha_model):
     tokens_b, mask_b = task_b()
     ids_a, ids_b = ["a0", "a1", "a2"], [100, 200]
     result = compute_interference(mha_model, task_a(), tokens_b, attention_mask_b=mask_b, ids_a=ids_a, ids_b=ids_b,
-                                  config=InterferenceConfig(**QUIET))
+                                  config=Config(**QUIET))
     # layer x head means
     for b in BLOCKS:
         torch.testing.assert_close(result.layer_head_mean(b), result.scores[b].mean((0, 1)))
@@ -422,7 +429,7 @@ def test_signed_conventions(mha_model):
     """Signed: negative = conflict, so top conflicts are the most negative cells."""
     tokens_b, mask_b = task_b()
     result = compute_interference(mha_model, task_a(), tokens_b, attention_mask_b=mask_b,
-                                  config=InterferenceConfig(variant="signed", **QUIET))
+                                  config=Config(variant="signed", **QUIET))
     lowest = min(float(s.min()) for s in result.scores.values())
     assert lowest < 0
     assert result.top_conflicts(1)[0].score == pytest.approx(lowest)
@@ -435,7 +442,7 @@ def test_missing_data_is_nan_not_zero():
     model, _ = planted_model(gqa=False)
     tokens_a = builders.random_tokens(3, 10, seed=51)
     result = compute_interference(model, tokens_a, builders.random_tokens(2, 10, seed=52),
-                                  config=InterferenceConfig(damping_abs=0.0, damping_rel=0.0, **QUIET))
+                                  config=Config(damping_abs=0.0, damping_rel=0.0, **QUIET))
     s = result.scores["Q"]
     assert bool(torch.isnan(s[:, :, 0, 0]).all())  # dead head: F = 0
     assert bool(torch.isfinite(s[:, :, 0, 3]).all()) and float(s[:, :, 0, 3].min()) > 0  # the planted head
@@ -453,7 +460,7 @@ def test_bf16_model_is_scored_in_high_precision():
     """Scores of a bf16 model equal a float64 computation on its own per-sample gradients (no bf16 accumulation)."""
     model = builders.gqa().to(torch.bfloat16)
     tokens_a, tokens_b = task_a(), builders.random_tokens(2, 8, seed=12)
-    result = compute_interference(model, tokens_a, tokens_b, config=InterferenceConfig(**DAMP, **QUIET))
+    result = compute_interference(model, tokens_a, tokens_b, config=Config(**DAMP, **QUIET))
     grads_a = per_sample_gradients(model, tokens_a, config=GradientConfig(**QUIET))
     grads_b = per_sample_gradients(model, tokens_b, config=GradientConfig(**QUIET))
     assert fisher_from_gradients(grads_a).per_block["Q"].dtype == torch.float64
@@ -472,19 +479,19 @@ def test_external_fisher(mha_model):
     ema = EMAFisher(beta=0.9)
     ema.update(gb)
     ema.update(ga)
-    result = run(mha_model, InterferenceConfig(**QUIET), fisher=ema.estimate())
+    result = run(mha_model, Config(**QUIET), fisher=ema.estimate())
     assert result.config.fisher_source == "external" and result.settings["plan"]["n_gradient_evaluations"] == 5
     expect = pairwise_scores(ga, gb, ema.estimate())
     for b in BLOCKS:
         torch.testing.assert_close(result.scores[b], expect[b], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="leave_one_out"):
-        run(mha_model, InterferenceConfig(leave_one_out=True, **QUIET), fisher=ema.estimate())
+        run(mha_model, Config(leave_one_out=True, **QUIET), fisher=ema.estimate())
 
 
 # ----- bad input ---------------------------------------------------------------------------------------------
 
 def test_bad_tasks(mha_model):
-    cfg = InterferenceConfig(**QUIET)
+    cfg = Config(**QUIET)
     good = builders.random_tokens(2, 8)
     with pytest.raises(ValueError, match="tokens_a is empty"):
         compute_interference(mha_model, torch.zeros(0, 8, dtype=torch.long), good, config=cfg)
@@ -511,7 +518,7 @@ def test_non_finite_gradients_name_the_samples():
     tokens_b[0, 3] = 7
     tokens_b[2, 1] = 7
     with pytest.raises(ValueError, match=r"samples \[0, 2\] of tokens_b are not finite"):
-        compute_interference(model, tokens_a, tokens_b, config=InterferenceConfig(chunk_size=1, **QUIET))
+        compute_interference(model, tokens_a, tokens_b, config=Config(chunk_size=1, **QUIET))
     ga = per_sample_gradients(model, tokens_a, config=GradientConfig(**QUIET))
     bad = ga.scaled(1.0)
     bad.per_block["V"][1, 0, 0, 0] = float("inf")
@@ -531,7 +538,7 @@ def test_non_finite_gradients_name_the_samples():
 def test_bad_config(mha_model, kwargs, message):
     good = builders.random_tokens(2, 8)
     with pytest.raises(ValueError, match=message):
-        compute_interference(mha_model, good, good, config=InterferenceConfig(**kwargs, **QUIET))
+        compute_interference(mha_model, good, good, config=Config(**kwargs, **QUIET))
 
 
 def test_mismatched_stages_are_errors(mha_model, gqa_model):
@@ -548,9 +555,9 @@ def test_mismatched_stages_are_errors(mha_model, gqa_model):
 
 def test_progress_bar_can_be_silenced(mha_model, capfd):
     good = builders.random_tokens(2, 8)
-    compute_interference(mha_model, good, good, config=InterferenceConfig(progress=False))
+    compute_interference(mha_model, good, good, config=Config(progress=False))
     assert capfd.readouterr().err == ""
-    compute_interference(mha_model, good, good, config=InterferenceConfig(progress=True))
+    compute_interference(mha_model, good, good, config=Config(progress=True))
     assert "interference" in capfd.readouterr().err
 
 
@@ -558,8 +565,8 @@ def test_whole_fisher_set_with_streamed_other_task(mha_model):
     """A (the Fisher set) held whole and B streamed: no Fisher pass and nothing recomputed."""
     tokens_a, tokens_b = builders.random_tokens(3, 9, seed=23), builders.random_tokens(5, 9, seed=24)
     common = dict(leave_one_out=True, chunk_size=2, **DAMP, **QUIET)
-    held = compute_interference(mha_model, tokens_a, tokens_b, config=InterferenceConfig(**common))
-    streamed = compute_interference(mha_model, tokens_a, tokens_b, config=InterferenceConfig(max_held_samples=3,
+    held = compute_interference(mha_model, tokens_a, tokens_b, config=Config(**common))
+    streamed = compute_interference(mha_model, tokens_a, tokens_b, config=Config(max_held_samples=3,
                                                                                             **common))
     plan = streamed.settings["plan"]
     assert (plan["block_a"], plan["block_b"], plan["fisher_pass"], plan["n_gradient_evaluations"]) == (3, 3, False, 8)
@@ -573,5 +580,5 @@ def test_shortformer_model_equals_brute_force():
     model = builders.hooked(positional_embedding_type="shortformer")
     tokens_b, mask_b = task_b()
     raw_a, raw_b = loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
-    result = run(model, InterferenceConfig(chunk_size=2, max_held_samples=2, **DAMP, **QUIET))
+    result = run(model, Config(chunk_size=2, max_held_samples=2, **DAMP, **QUIET))
     assert_scores_close(result.scores, brute_force(model_spec(model), raw_a, raw_b))

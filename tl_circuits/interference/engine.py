@@ -86,80 +86,8 @@ from tl_circuits.interference.gradients import (
 )
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 
-Variant = Literal["unsigned", "signed", "symmetric"]
-Reduction = Literal["sum", "mean"]
-FisherSource = Literal["a", "b", "pooled"]
-VARIANTS = ("unsigned", "signed", "symmetric")
-REDUCTIONS = ("sum", "mean")
-FISHER_SOURCES = ("a", "b", "pooled")
-
-
-@dataclass
-class InterferenceConfig:
-    """Settings of :func:`compute_interference` (recorded in the result).
-
-    Attributes:
-        variant: ``"unsigned"`` (default, the original's formula), ``"signed"`` (negative = conflict) or
-            ``"symmetric"`` (½(M_ij + M_ji) on the pooled Fisher).
-        reduction: ``"sum"`` over a head's slice (default) or ``"mean"``.
-        fisher_source: whose Fisher normalises: ``"a"``, ``"b"`` or ``"pooled"`` (A ∪ B). ``None``
-            (default) means ``"a"`` — the original's choice — and ``"pooled"`` for the symmetric variant,
-            which accepts nothing else.
-        leave_one_out: remove each numerator sample from its own normaliser (module docstring).
-        damping_abs, damping_rel: ``λ = max(λ_abs, λ_rel · mean(F over the head's slice))``, see
-            :func:`tl_circuits.interference.fisher.damped`.
-        include_biases: include ``b_Q``/``b_K``/``b_V`` in the Q/K/V slices (``b_O`` never).
-        memory_budget_gb: memory for gradients, Fisher, scores and workspace — what this call allocates,
-            not the model or the process (interpreter and torch: ~1.4 GB with a GPT-2-small-shaped model);
-            decides what is held and what is streamed (:func:`compute_interference`). 10% of it is left
-            unplanned as allocator slack.
-        max_held_samples: optional cap on the samples of each task whose gradient factors are held at
-            once (forces streaming, for tests or to leave memory to something else); ``None``: as many as
-            the budget allows.
-        chunk_size: samples per ``vmap`` call; ``None``: from the budget.
-        progress: tqdm progress bars.
-    """
-
-    variant: Variant = "unsigned"
-    reduction: Reduction = "sum"
-    fisher_source: Optional[FisherSource] = None
-    leave_one_out: bool = False
-    damping_abs: float = DAMPING_ABS
-    damping_rel: float = DAMPING_REL
-    include_biases: bool = False
-    memory_budget_gb: float = 4.0
-    max_held_samples: Optional[int] = None
-    chunk_size: Optional[int] = None
-    progress: bool = True
-
-    def resolved(self, external_fisher: bool = False) -> "InterferenceConfig":
-        """Validate and fill ``fisher_source``; raise ValueError naming a bad setting."""
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
-        source = self.fisher_source
-        if source is not None and source not in FISHER_SOURCES:
-            raise ValueError(f"unknown fisher_source {source!r}; expected one of {FISHER_SOURCES}")
-        if self.variant == "symmetric":
-            if source not in (None, "pooled"):
-                raise ValueError(f"the symmetric variant uses the pooled Fisher; got fisher_source={source!r}")
-            source = "pooled"
-        source = source or "a"
-        if self.leave_one_out and source == "b":
-            raise ValueError("leave_one_out removes task-A samples from the Fisher that normalises them; "
-                             "it needs fisher_source 'a' or 'pooled', not 'b'")
-        if self.leave_one_out and external_fisher:
-            raise ValueError("leave_one_out needs the Fisher estimated here from the tasks' samples, "
-                             "not an externally given one")
-        if self.damping_abs < 0 or self.damping_rel < 0:
-            raise ValueError(f"damping must be non-negative, got damping_abs={self.damping_abs}, "
-                             f"damping_rel={self.damping_rel}")
-        if not self.memory_budget_gb > 0:
-            raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
-        if self.max_held_samples is not None and self.max_held_samples < 1:
-            raise ValueError(f"max_held_samples must be >= 1 or None, got {self.max_held_samples}")
-        return dataclasses.replace(self, fisher_source="external" if external_fisher else source)
+from tl_circuits.interference.config import (FISHER_SOURCES, REDUCTIONS, VARIANTS, FisherSource,
+    InterferenceConfig, Reduction, Variant)
 
 
 # ----- the scoring stage ------------------------------------------------------------------------------

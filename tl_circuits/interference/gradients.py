@@ -69,38 +69,8 @@ from tl_circuits.models.spec import (
     register_factor_hooks,
 )
 
-GB = 2**30
-Method = Literal["factored", "direct"]
-METHODS = ("factored", "direct")
-
-
-@dataclass
-class GradientConfig:
-    """Settings of the per-sample gradient engine.
-
-    Attributes:
-        include_biases: also take gradients of ``b_Q``, ``b_K``, ``b_V`` (appended to each head's row);
-            ``b_O`` is never included (it is not per head).
-        memory_budget_gb: memory this computation may use (gradients returned plus the ``vmap``
-            workspace), not counting the model and the process itself.
-        chunk_size: samples per ``vmap`` call; ``None`` derives it from the budget.
-        progress: show a tqdm bar over chunks.
-        method: ``"factored"`` (default) or ``"direct"`` (module docstring).
-    """
-
-    include_biases: bool = False
-    memory_budget_gb: float = 2.0
-    chunk_size: Optional[int] = None
-    progress: bool = True
-    method: Method = "factored"
-
-    def __post_init__(self) -> None:
-        if not self.memory_budget_gb > 0:
-            raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+from tl_circuits.defaults import GB
+from tl_circuits.interference.config import METHODS, GradientConfig, Method
 
 
 def _pick(t: Optional[Tensor], index) -> Optional[Tensor]:

@@ -1,0 +1,198 @@
+"""Settings of the interference stages, as frozen dataclasses that compose.
+
+:class:`GradientConfig` says how per-sample gradients are taken (and is all that
+:func:`tl_circuits.per_sample_gradients` needs); :class:`InterferenceConfig` holds one ``GradientConfig``
+and adds what the Fisher and the scores are. The memory budget of a whole interference run, and whether
+it shows progress, are the ``GradientConfig``'s: one budget, in GB (:mod:`tl_circuits.defaults`).
+
+>>> cfg = InterferenceConfig(gradients=GradientConfig(memory_budget_gb=1.0), fisher_source="pooled")
+>>> cfg.variant, cfg.memory_budget_gb, cfg.resolved().fisher_source
+('signed', 1.0, 'pooled')
+>>> cfg.replace(variant="unsigned").variant
+'unsigned'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from tl_circuits import defaults
+
+Method = Literal["factored", "direct"]
+Variant = Literal["unsigned", "signed", "symmetric"]
+Reduction = Literal["sum", "mean"]
+FisherSource = Literal["a", "b", "pooled"]
+METHODS = ("factored", "direct")
+VARIANTS = ("unsigned", "signed", "symmetric")
+REDUCTIONS = ("sum", "mean")
+FISHER_SOURCES = ("a", "b", "pooled")
+
+DAMPING_ABS = 1e-30
+DAMPING_REL = 1e-3
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """How per-sample gradients are taken.
+
+    Attributes:
+        include_biases: also take gradients of ``b_Q``, ``b_K``, ``b_V`` (appended to each head's row);
+            ``b_O`` is never included (it is not per head).
+        memory_budget_gb: memory the call may allocate (gradients or factors held, workspace, scores),
+            not counting the model and the process itself. In an :class:`InterferenceConfig` it is the
+            budget of the whole run.
+        chunk_size: samples per forward/backward pass; ``None`` derives it from the budget.
+        progress: tqdm progress bars.
+        method: ``"factored"`` (default: one batched backward per chunk, exact per-sample factors) or
+            ``"direct"`` (``functional_call`` + ``vmap(grad)``, HookedTransformer only), see
+            :mod:`tl_circuits.interference.gradients`.
+    """
+
+    include_biases: bool = False
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB
+    chunk_size: Optional[int] = None
+    progress: bool = True
+    method: Method = "factored"
+
+    def __post_init__(self) -> None:
+        if not self.memory_budget_gb > 0:
+            raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+
+    def replace(self, **changes: Any) -> "GradientConfig":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Fields that InterferenceConfig took itself before it held a GradientConfig; still accepted (deprecated).
+_LEGACY_GRADIENT_FIELDS = ("include_biases", "memory_budget_gb", "chunk_size", "progress")
+
+
+@dataclass(frozen=True, init=False)
+class InterferenceConfig:
+    """Settings of :func:`tl_circuits.compute_interference` and the pooled matrix of the tests.
+
+    Attributes:
+        gradients: the :class:`GradientConfig` (biases, chunking, the run's memory budget, progress).
+        variant: ``"signed"`` (default; Σ g_i g_j / F̃, negative = conflict), ``"unsigned"`` (the original
+            design's Σ C_i/F̃ · |g_j|) or ``"symmetric"`` (½(M_ij + M_ji) on the pooled Fisher).
+        reduction: ``"sum"`` over a head's slice (default) or ``"mean"``.
+        fisher_source: whose Fisher normalises: ``"a"``, ``"b"`` or ``"pooled"`` (A ∪ B). ``None``
+            (default) means ``"a"`` (the original's choice), and ``"pooled"`` for the symmetric variant,
+            which accepts nothing else.
+        leave_one_out: remove each numerator sample from its own normaliser.
+        damping_abs, damping_rel: ``λ = max(λ_abs, λ_rel · mean(F over the head's slice))``.
+        max_held_samples: optional cap on the samples whose gradient factors are held in memory at once
+            (the rest is spilled to disk); ``None``: as many as the budget allows.
+        spill_dir: folder for the temporary spill file (a fresh sub-folder, removed on every exit path);
+            ``None``: the system's temporary folder.
+
+    The old flat keywords ``include_biases``, ``memory_budget_gb``, ``chunk_size`` and ``progress`` are
+    still accepted (deprecated: they go into ``gradients``) and readable as properties.
+    """
+
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    variant: Variant = defaults.VARIANT  # type: ignore[assignment]
+    reduction: Reduction = defaults.REDUCTION  # type: ignore[assignment]
+    fisher_source: Optional[str] = None
+    leave_one_out: bool = False
+    damping_abs: float = DAMPING_ABS
+    damping_rel: float = DAMPING_REL
+    max_held_samples: Optional[int] = None
+    spill_dir: Optional[str] = None
+
+    def __init__(self, gradients: Optional[GradientConfig] = None, variant: str = defaults.VARIANT,
+                 reduction: str = defaults.REDUCTION, fisher_source: Optional[str] = None,
+                 leave_one_out: bool = False, damping_abs: float = DAMPING_ABS, damping_rel: float = DAMPING_REL,
+                 max_held_samples: Optional[int] = None, spill_dir: Optional[str] = None, **legacy: Any):
+        unknown = set(legacy) - set(_LEGACY_GRADIENT_FIELDS)
+        if unknown:
+            raise TypeError(f"InterferenceConfig got unexpected keyword argument(s) {sorted(unknown)}")
+        gradients = gradients if gradients is not None else GradientConfig()
+        if not isinstance(gradients, GradientConfig):
+            raise TypeError(f"gradients must be a GradientConfig, got {type(gradients).__name__}")
+        if legacy:
+            warnings.warn(f"InterferenceConfig({', '.join(sorted(legacy))}=...) is deprecated; pass "
+                          "gradients=GradientConfig(...)", DeprecationWarning, stacklevel=2)
+            gradients = dataclasses.replace(gradients, **legacy)
+        values = dict(gradients=gradients, variant=variant, reduction=reduction, fisher_source=fisher_source,
+                      leave_one_out=leave_one_out, damping_abs=damping_abs, damping_rel=damping_rel,
+                      max_held_samples=max_held_samples, spill_dir=spill_dir)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._check()
+
+    def _check(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
+        if self.fisher_source is not None and self.fisher_source not in (*FISHER_SOURCES, "external"):
+            raise ValueError(f"unknown fisher_source {self.fisher_source!r}; expected one of {FISHER_SOURCES}")
+        if self.damping_abs < 0 or self.damping_rel < 0:
+            raise ValueError(f"damping must be non-negative, got damping_abs={self.damping_abs}, "
+                             f"damping_rel={self.damping_rel}")
+        if self.max_held_samples is not None and self.max_held_samples < 1:
+            raise ValueError(f"max_held_samples must be >= 1 or None, got {self.max_held_samples}")
+
+    # the GradientConfig's fields, readable here (the budget and progress are the whole run's)
+    @property
+    def include_biases(self) -> bool:
+        return self.gradients.include_biases
+
+    @property
+    def memory_budget_gb(self) -> float:
+        return self.gradients.memory_budget_gb
+
+    @property
+    def chunk_size(self) -> Optional[int]:
+        return self.gradients.chunk_size
+
+    @property
+    def progress(self) -> bool:
+        return self.gradients.progress
+
+    def replace(self, **changes: Any) -> "InterferenceConfig":
+        """A copy with some fields changed; ``include_biases=`` etc. change ``gradients``."""
+        grad_changes = {k: changes.pop(k) for k in list(changes) if k in _LEGACY_GRADIENT_FIELDS}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update(changes)
+        if grad_changes:
+            values["gradients"] = dataclasses.replace(values["gradients"], **grad_changes)
+        return InterferenceConfig(**values)
+
+    def resolved(self, external_fisher: bool = False) -> "InterferenceConfig":
+        """Validate and fill ``fisher_source`` (``"external"`` for a given Fisher); ValueError naming a bad setting."""
+        source = self.fisher_source
+        if source == "external":
+            source = None
+        if self.variant == "symmetric":
+            if source not in (None, "pooled"):
+                raise ValueError(f"the symmetric variant uses the pooled Fisher; got fisher_source={source!r}")
+            source = "pooled"
+        source = source or "a"
+        if self.leave_one_out and source == "b":
+            raise ValueError("leave_one_out removes task-A samples from the Fisher that normalises them; "
+                             "it needs fisher_source 'a' or 'pooled', not 'b'")
+        if self.leave_one_out and external_fisher:
+            raise ValueError("leave_one_out needs the Fisher estimated here from the tasks' samples, "
+                             "not an externally given one")
+        return self.replace(fisher_source="external" if external_fisher else source)
+
+    def to_dict(self) -> dict:
+        """Plain settings (JSON-ready), the gradient settings nested."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["gradients"] = dataclasses.asdict(self.gradients)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InterferenceConfig":
+        data = dict(data)
+        data["gradients"] = GradientConfig(**data.get("gradients", {}))
+        return cls(**data)
