@@ -14,7 +14,6 @@ from tl_circuits.interference.gradients import GradientConfig, PerSampleGradient
 from tl_circuits.interference.engine import (
     Conflict,
     InterferenceConfig,
-    InterferenceResult,
     compute_interference,
     pairwise_scores,
 )

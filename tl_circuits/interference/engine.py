@@ -54,7 +54,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Literal, NamedTuple, Optional, Sequence
+from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
 import einops
 import torch
@@ -84,10 +84,9 @@ from tl_circuits.interference.gradients import (
     factor_bytes_per_sample,
     gradient_bytes_per_sample,
 )
-from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
+from tl_circuits.models.spec import BLOCKS, ModelSpec
 
-from tl_circuits.interference.config import (FISHER_SOURCES, REDUCTIONS, VARIANTS, FisherSource,
-    InterferenceConfig, Reduction, Variant)
+from tl_circuits.interference.config import (REDUCTIONS, VARIANTS, InterferenceConfig, Reduction, Variant)
 
 
 # ----- the scoring stage ------------------------------------------------------------------------------

@@ -40,8 +40,7 @@ tensor([[[5.3500, 2.3500],
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
 import torch
@@ -49,7 +48,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_circuits.interference.gradients import PerSampleGradients
-from tl_circuits.models.spec import BLOCKS, ModelSpec
+from tl_circuits.models.spec import ModelSpec
 
 DAMPING_ABS = 1e-30
 DAMPING_REL = 1e-3

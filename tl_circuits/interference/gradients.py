@@ -51,7 +51,7 @@ refused with a clear error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -70,7 +70,7 @@ from tl_circuits.models.spec import (
 )
 
 from tl_circuits.defaults import GB
-from tl_circuits.interference.config import METHODS, GradientConfig, Method
+from tl_circuits.interference.config import GradientConfig, Method
 
 
 def _pick(t: Optional[Tensor], index) -> Optional[Tensor]:
