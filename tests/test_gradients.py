@@ -7,20 +7,31 @@ import pytest
 import torch
 
 from tests import builders
+from tl_circuits.interference import memory
+from tl_circuits.interference.config import GradientConfig
+from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
 from tl_circuits.interference.gradients import (
-    GradientConfig,
-    GradientFactors,
-    PerSampleGradients,
-    _chunks,
-    chunk_size_for_budget,
-    engine_bytes_per_sample,
-    factor_bytes_per_sample,
-    gradient_bytes_per_sample,
+    engine_bytes,
+    gradient_chunks,
     iter_per_sample_gradients,
     per_sample_gradients,
-    result_bytes_per_sample,
 )
+from tl_circuits.interference.memory import gradient_bytes_per_sample
 from tl_circuits.models.spec import BLOCKS, model_spec
+
+
+def engine_bytes_per_sample(model, n_pos, method="factored"):
+    """One sample's chunk workspace, without its result (the memory module's rule, on this model)."""
+    spec = model_spec(model)
+    return engine_bytes(model, spec, n_pos, False, method) - memory.result_bytes_per_sample(spec, n_pos, method=method)
+
+
+def result_bytes_per_sample(model, n_pos, method="factored"):
+    return memory.result_bytes_per_sample(model_spec(model), n_pos, method=method)
+
+
+def factor_bytes_per_sample(model, n_pos):
+    return memory.factor_bytes_per_sample(model_spec(model), n_pos)
 
 QUIET = dict(progress=False)
 
@@ -186,7 +197,7 @@ def test_chunks_follow_the_budget(mha_model, method):
     per_sample = engine_bytes_per_sample(mha_model, 10, method=method) + result_bytes_per_sample(mha_model, 10,
                                                                                                method=method)
     budget_gb = 3.5 * per_sample / 2**30
-    assert chunk_size_for_budget(mha_model, 10, budget_gb * 2**30, method=method) == 3
+    assert memory.chunk_size_for_budget(per_sample, budget_gb * 2**30) == 3
     cfg = GradientConfig(memory_budget_gb=budget_gb, method=method, **QUIET)
     assert [sl.stop - sl.start for sl, _ in iter_per_sample_gradients(mha_model, tokens, config=cfg)] == [3, 3, 1]
     # chunking does not change the result
@@ -207,7 +218,7 @@ def test_factors_are_much_smaller_than_rows():
 
 def test_factors_give_the_rows(gqa_model):
     tokens = builders.random_tokens(3, 8)
-    (_, factors, bad), = list(_chunks(gqa_model, tokens, torch.ones_like(tokens), GradientConfig(**QUIET), "t",
+    (_, factors, bad), = list(gradient_chunks(gqa_model, tokens, torch.ones_like(tokens), GradientConfig(**QUIET), "t",
                                       factors=True))
     assert not bad and isinstance(factors, GradientFactors)
     assert factors.inputs["K"] is factors.inputs["Q"]  # one shared attention input per layer
@@ -218,7 +229,7 @@ def test_factors_give_the_rows(gqa_model):
                                    atol=2e-6, rtol=1e-4)
 
 
-def test_use_attn_result_falls_back_to_the_direct_engine():
+def test_use_attn_result_works_with_the_factored_engine():
     model = builders.hooked(use_attn_result=True)
     tokens = builders.random_tokens(2, 8)
     grads = per_sample_gradients(model, tokens, config=GradientConfig(**QUIET))
@@ -334,7 +345,7 @@ def test_shortformer_inputs_are_not_shared():
     """Shortformer adds positions to queries and keys only: K and V read different inputs."""
     model = builders.hooked(positional_embedding_type="shortformer")
     tokens = builders.random_tokens(3, 8)
-    (_, factors, _), = list(_chunks(model, tokens, torch.ones_like(tokens), GradientConfig(**QUIET), "t",
+    (_, factors, _), = list(gradient_chunks(model, tokens, torch.ones_like(tokens), GradientConfig(**QUIET), "t",
                                     factors=True))
     assert factors.inputs["K"] is factors.inputs["Q"] and factors.inputs["V"] is not factors.inputs["Q"]
     assert_rows_match(per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=2, **QUIET)),

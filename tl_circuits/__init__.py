@@ -13,14 +13,13 @@ from tl_circuits.freezing.api import (
     normalize_heads,
 )
 from tl_circuits.interference.fisher import DiagonalFisher, EMAFisher, damped, fisher_from_gradients, leave_one_out, pooled
-from tl_circuits.interference.gradients import GradientConfig, PerSampleGradients, per_sample_gradients
-from tl_circuits.interference.engine import (
-    Conflict,
-    InterferenceConfig,
-    InterferenceResult,
-    compute_interference,
-    pairwise_scores,
-)
+from tl_circuits.interference.config import GradientConfig
+from tl_circuits.interference.factors import PerSampleGradients
+from tl_circuits.interference.gradients import per_sample_gradients
+from tl_circuits.interference.config import InterferenceConfig
+from tl_circuits.interference.engine import compute_interference
+from tl_circuits.interference.result import Conflict, InterferenceResult
+from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 from tl_circuits.plotting import plot_blocks, plot_heads
 from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores

@@ -28,7 +28,7 @@ square). With ``λ_abs = 0`` the damped Fisher scales exactly with the gradients
 >>> from tl_circuits.models.spec import ModelSpec
 >>> spec = ModelSpec(n_layers=1, n_heads=2, n_kv_heads=2, d_model=2, d_head=1, d_vocab=5, n_ctx=4,
 ...                  grouped=False, rotary=False)
->>> from tl_circuits.interference.gradients import PerSampleGradients
+>>> from tl_circuits.interference.factors import PerSampleGradients
 >>> g = PerSampleGradients({b: torch.tensor([[[[1., 2.], [0., 0.]]], [[[3., 0.], [0., 0.]]]]) for b in "QKVO"}, spec)
 >>> fisher_from_gradients(g).per_block["Q"]
 tensor([[[5., 2.],
@@ -47,11 +47,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_circuits.interference.gradients import PerSampleGradients
+from tl_circuits.interference.factors import PerSampleGradients
 from tl_circuits.models.spec import ModelSpec
 
-DAMPING_ABS = 1e-30
-DAMPING_REL = 1e-3
+from tl_circuits.interference.config import DAMPING_ABS, DAMPING_REL  # noqa: E402  (one home for defaults)
 FISHER_DTYPE = torch.float64
 
 Contributions = Mapping[str, Float[Tensor, "n n_layers heads per_head"]]
