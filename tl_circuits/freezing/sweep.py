@@ -31,17 +31,20 @@ try:  # TransformerLens >= 3 (and 4.x, which has no transformer_lens.utils)
 except ImportError:  # TransformerLens 2.x
     from transformer_lens.utils import lm_cross_entropy_loss
 
-from tl_circuits.freezing.api import (
+from tl_circuits.defaults import GB, SEED
+from tl_circuits.freezing.hooks import Hook, LayerFreeze, freeze_generator
+from tl_circuits.freezing.options import (
+    NOISE_SCALE,
     Circuit,
     FreezeSpec,
     GradientMode,
     Replacement,
-    _enum,
-    _generator,
-    _LayerFreeze,
-    _prepare_reference,
+    check_noise_scale,
     check_qk_freezable,
+    check_replacement_fits,
+    parse_option,
 )
+from tl_circuits.freezing.references import prepare_reference
 from tl_circuits.models.spec import check_tokens, model_spec
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
@@ -77,8 +80,8 @@ class SweepResult:
 
         rows = []
         for circuit, values in self.frozen.items():
-            for (layer, head), v in zip(torch.cartesian_prod(torch.arange(values.shape[0]), torch.arange(values.shape[1])).tolist(),
-                                        values.flatten().tolist()):
+            cells = torch.cartesian_prod(torch.arange(values.shape[0]), torch.arange(values.shape[1])).tolist()
+            for (layer, head), v in zip(cells, values.flatten().tolist()):
                 rows.append(dict(circuit=circuit, layer=layer, head=head, metric=v, effect=v - self.clean))
         return pd.DataFrame(rows)
 
@@ -100,8 +103,8 @@ def freeze_sweep(
     circuits: Sequence[Union[str, Circuit]] = ("qk", "ov"),
     replacement: Union[str, Replacement] = "zero",
     reference=None,
-    noise_scale: float = 1.0,
-    seed: Optional[int] = 0,
+    noise_scale: float = NOISE_SCALE,
+    seed: Optional[int] = SEED,
     max_batch_rows: Optional[int] = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -120,34 +123,36 @@ def freeze_sweep(
     """
     spec = model_spec(model)
     check_tokens(spec, tokens)
-    circuits = [_enum(Circuit, c, "circuit") for c in circuits]
-    if not circuits:
+    swept: list[Circuit] = [parse_option(Circuit, c, "circuit") for c in circuits]
+    if not swept:
         raise ValueError("circuits is empty: name at least one of 'qk', 'ov', 'both'")
-    replacement = _enum(Replacement, replacement, "replacement")
-    if replacement == Replacement.IDENTITY and any(c != Circuit.QK for c in circuits):
-        raise ValueError("IDENTITY is defined for the QK circuit only")
-    for circuit in circuits:
+    replacement = parse_option(Replacement, replacement, "replacement")
+    for circuit in swept:
+        check_replacement_fits(replacement, circuit)
         check_qk_freezable(spec, circuit)
+    check_noise_scale(noise_scale)
+    if max_batch_rows is not None and max_batch_rows < 1:
+        raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
     if metric is None:
         metric = lambda logits: lm_cross_entropy_loss(logits, tokens)  # noqa: E731
 
     all_heads = tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads))
     references = {}
-    for circuit in circuits:
+    for circuit in swept:
         fspec = FreezeSpec(all_heads, circuit, replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
-        references[circuit] = _prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
-    generator = _generator(model, seed) if replacement == Replacement.NOISE else None
+        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
+    generator = freeze_generator(model, seed) if replacement == Replacement.NOISE else None
 
     batch, n_pos = tokens.shape
     if max_batch_rows is None:
-        max_batch_rows = max(batch, (2**30) // (n_pos * spec.d_vocab * 4))
-    copies = [(circuit, head) for circuit in circuits for head in range(spec.n_heads)]
+        max_batch_rows = max(batch, GB // (n_pos * spec.d_vocab * 4))  # ~1 GB of float32 logits
+    copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)]
     per_pass = max(1, min(len(copies), max_batch_rows // batch))
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
 
     resid_names = [spec.resid_pre_hook(layer) for layer in range(spec.n_layers)] if spec.starts_at_layer else []
-    frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in circuits}
+    frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in swept}
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
         clean = float(metric(clean_logits))
@@ -155,7 +160,8 @@ def freeze_sweep(
         bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
         for layer in range(spec.n_layers):
             for chunk in passes:
-                hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator)
+                hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale,
+                                       generator)
                 with model.hooks(fwd_hooks=hooks):
                     if spec.starts_at_layer:
                         logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
@@ -166,7 +172,7 @@ def freeze_sweep(
                 del logits
                 bar.update()
         bar.close()
-    settings = dict(circuits=[c.value for c in circuits], noise_scale=noise_scale, seed=seed,
+    settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch)
     return SweepResult(clean=clean, frozen=frozen, replacement=replacement.value, metric_name=metric_name,
                        settings=settings)
@@ -179,7 +185,7 @@ def _tile(reference, copies: int):
     return {name: t if t.shape[0] == 1 else t.repeat(copies, *([1] * (t.ndim - 1))) for name, t in reference.items()}
 
 
-def _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator):
+def _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator) -> list[Hook]:
     """Hooks freezing head ``chunk[j]`` in rows ``[j*batch, (j+1)*batch)`` of a stacked batch."""
     hooks = []
     for circuit in dict.fromkeys(c for c, _ in chunk):
@@ -188,7 +194,7 @@ def _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, no
         for j, (c, h) in enumerate(chunk):
             if c == circuit:
                 row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
-        layer_freeze = _LayerFreeze(model, spec, layer, heads, circuit, replacement, GradientMode.STOPGRAD,
-                                    _tile(references[circuit], len(chunk)), float(noise_scale), generator, row_mask)
+        layer_freeze = LayerFreeze(model, spec, layer, heads, circuit, replacement, GradientMode.STOPGRAD,
+                                   _tile(references[circuit], len(chunk)), float(noise_scale), generator, row_mask)
         hooks.extend(layer_freeze.hooks())
     return hooks
