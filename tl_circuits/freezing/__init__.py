@@ -30,10 +30,19 @@ from tl_circuits.freezing.references import (
     prepare_reference,
     resample_reference,
 )
-from tl_circuits.freezing.sweep import Metric, SweepResult, freeze_sweep
+from tl_circuits.freezing.sweep import (
+    SWEEP_FORMAT,
+    SWEEP_FORMAT_VERSION,
+    Metric,
+    SweepResult,
+    freeze_sweep,
+    sweep_result_files,
+)
 
 __all__ = [
     "NOISE_SCALE",
+    "SWEEP_FORMAT",
+    "SWEEP_FORMAT_VERSION",
     "Circuit",
     "FreezeHandle",
     "FreezeSpec",
@@ -60,4 +69,5 @@ __all__ = [
     "prepare_reference",
     "resample_reference",
     "resolve_freeze_spec",
+    "sweep_result_files",
 ]

@@ -18,7 +18,9 @@ one forward pass (or a few, within ``max_batch_rows``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -49,13 +51,34 @@ from tl_circuits.models.spec import check_tokens, model_spec
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 
+SWEEP_FORMAT = "tl_circuits.SweepResult"
+SWEEP_FORMAT_VERSION = 1
+"""Written by :meth:`SweepResult.save` in its JSON (``format``, ``version``); checked by :meth:`SweepResult.load`."""
+
+
+def sweep_result_files(path: Union[str, Path]) -> tuple[Path, Path]:
+    """The (tensors, metadata) files of a saved :class:`SweepResult`: ``<stem>.safetensors`` and ``<stem>.json``.
+
+    ``path`` is the stem, or either file (its suffix is dropped).
+
+    >>> [f.name for f in sweep_result_files("out/ioi_sweep.json")]
+    ['ioi_sweep.safetensors', 'ioi_sweep.json']
+    """
+    stem = Path(path)
+    if stem.is_dir():
+        raise ValueError(f"{stem} is a directory; give a file stem inside it, e.g. {stem / 'sweep'}")
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
 
 @dataclass
 class SweepResult:
     """Metric of the model with each head's circuit frozen in turn.
 
-    ``frozen[circuit][layer, head]``: the metric with that head's circuit frozen;
+    ``frozen[circuit][layer, head]``: the metric with that head's circuit frozen (NaN where not run);
     ``clean``: the metric of the unfrozen model; ``effect[circuit] = frozen[circuit] - clean``.
+    :meth:`save` / :meth:`load` keep it on disk as a file pair (see :meth:`save`).
     """
 
     clean: float
@@ -84,6 +107,84 @@ class SweepResult:
             for (layer, head), v in zip(cells, values.flatten().tolist()):
                 rows.append(dict(circuit=circuit, layer=layer, head=head, metric=v, effect=v - self.clean))
         return pd.DataFrame(rows)
+
+    def save(self, path: Union[str, Path]) -> tuple[Path, Path]:
+        """Write the result as a file pair; returns ``(tensors_file, metadata_file)``.
+
+        ``path`` is the common stem (or either file name; see :func:`sweep_result_files`):
+
+        - ``<stem>.safetensors``: ``"clean"`` (float64, shape [1]) and ``"frozen.<circuit>"``
+          ([n_layers, n_heads], dtype as held) — every number, NaN included, bit for bit;
+        - ``<stem>.json``: ``format``, ``version``, ``replacement``, ``metric_name``, ``circuits`` (the order of
+          ``frozen``) and ``settings``. Settings must be JSON values (tuples come back as lists).
+
+        Existing files are overwritten; missing parent folders are made.
+
+        >>> import tempfile, torch
+        >>> result = SweepResult(clean=2.5, frozen={"qk": torch.tensor([[2.0, float("nan")]])},
+        ...                      replacement="zero", metric_name="loss", settings={"seed": 0})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = result.save(f"{folder}/sweep")
+        ...     loaded = SweepResult.load(f"{folder}/sweep")
+        >>> loaded.clean, loaded.frozen["qk"], loaded.settings
+        (2.5, tensor([[2., nan]]), {'seed': 0})
+        """
+        from safetensors.torch import save_file
+
+        tensors_file, metadata_file = sweep_result_files(path)
+        metadata = dict(format=SWEEP_FORMAT, version=SWEEP_FORMAT_VERSION, replacement=self.replacement,
+                        metric_name=self.metric_name, circuits=list(self.frozen), settings=self.settings)
+        try:
+            text = json.dumps(metadata, indent=2)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"SweepResult.settings must hold only JSON values to be saved: {error}") from None
+        tensors = {"clean": torch.tensor([self.clean], dtype=torch.float64)}
+        for circuit, values in self.frozen.items():
+            tensors[f"frozen.{circuit}"] = values.detach().cpu().contiguous()
+        tensors_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tensors_file), metadata={"format": SWEEP_FORMAT})
+        metadata_file.write_text(text + "\n", encoding="utf-8")
+        return tensors_file, metadata_file
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "SweepResult":
+        """Read a result written by :meth:`save` (``path``: the stem or either file).
+
+        Raises ``FileNotFoundError`` naming a missing file and ``ValueError`` for a file that is corrupt
+        or not a saved ``SweepResult``.
+        """
+        from safetensors.torch import load_file
+
+        tensors_file, metadata_file = sweep_result_files(path)
+        for file in (tensors_file, metadata_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"cannot load a SweepResult from {path}: {file} is missing")
+        try:
+            metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{metadata_file} is not valid JSON (corrupt?): {error}") from None
+        if not isinstance(metadata, dict) or metadata.get("format") != SWEEP_FORMAT:
+            raise ValueError(f"{metadata_file} is not a saved SweepResult (no format {SWEEP_FORMAT!r})")
+        if metadata.get("version") != SWEEP_FORMAT_VERSION:
+            raise ValueError(f"{metadata_file} has SweepResult format version {metadata.get('version')!r}; "
+                             f"this tl_circuits reads version {SWEEP_FORMAT_VERSION}")
+        missing = [k for k in ("replacement", "metric_name", "circuits", "settings") if k not in metadata]
+        if missing:
+            raise ValueError(f"{metadata_file} lacks {', '.join(missing)} (corrupt?)")
+        try:
+            tensors = load_file(str(tensors_file))
+        except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+            raise ValueError(f"{tensors_file} is not a readable safetensors file (corrupt?): {error}") from None
+        wanted = ["clean"] + [f"frozen.{circuit}" for circuit in metadata["circuits"]]
+        absent = [name for name in wanted if name not in tensors]
+        if absent:
+            raise ValueError(f"{tensors_file} lacks the tensors {absent} that {metadata_file.name} names (corrupt?)")
+        if tensors["clean"].shape != (1,):
+            raise ValueError(f"{tensors_file}: 'clean' has shape {tuple(tensors['clean'].shape)}, expected (1,)")
+        return cls(clean=float(tensors["clean"][0]),
+                   frozen={circuit: tensors[f"frozen.{circuit}"] for circuit in metadata["circuits"]},
+                   replacement=metadata["replacement"], metric_name=metadata["metric_name"],
+                   settings=metadata["settings"])
 
     def plot(self, title: Optional[str] = None):
         """Effect heatmap per circuit (diverging, centred at 0)."""
