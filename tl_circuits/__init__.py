@@ -1,6 +1,6 @@
 """tl_circuits: QK/OV circuit freezing and QK-OV interference for TransformerLens models."""
 
-from tl_circuits.freezing.api import (
+from tl_circuits.freezing import (
     Circuit,
     FreezeHandle,
     FreezeSpec,

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_circuits.freezing.api import compute_mean_activations
+from tl_circuits.freezing.references import compute_mean_activations
 from tl_circuits.interference.engine import InterferenceConfig, InterferenceResult
 from tl_circuits.models.spec import BLOCKS, model_spec
 from tl_circuits.stats.model_test import pooled_pairwise_scores

@@ -1,1 +1,73 @@
-"""QK/OV circuit freezing: options, references, hooks, the freeze API and the head sweep."""
+"""QK/OV circuit freezing (SPEC §1), by stage.
+
+- :mod:`~tl_circuits.freezing.options`: circuits, replacements, gradient modes, heads, and their validation;
+- :mod:`~tl_circuits.freezing.references`: the MEAN and RESAMPLE reference activations;
+- :mod:`~tl_circuits.freezing.hooks`: the per-layer freeze hooks and :func:`freeze_hooks`;
+- :mod:`~tl_circuits.freezing.api`: :func:`freeze` and its :class:`FreezeHandle`;
+- :mod:`~tl_circuits.freezing.sweep`: :func:`freeze_sweep`, every head in turn, and its :class:`SweepResult`.
+"""
+
+from tl_circuits.freezing.api import FreezeHandle, freeze
+from tl_circuits.freezing.hooks import Hook, LayerFreeze, build_freeze_hooks, freeze_generator, freeze_hooks
+from tl_circuits.freezing.options import (
+    NOISE_SCALE,
+    Circuit,
+    FreezeSpec,
+    GradientMode,
+    HeadsLike,
+    Replacement,
+    check_noise_scale,
+    check_qk_freezable,
+    check_replacement_fits,
+    normalize_heads,
+    parse_option,
+    resolve_freeze_spec,
+)
+from tl_circuits.freezing.references import (
+    MeanActivations,
+    ResampleReference,
+    compute_mean_activations,
+    prepare_reference,
+    resample_reference,
+)
+from tl_circuits.freezing.sweep import (
+    SWEEP_FORMAT,
+    SWEEP_FORMAT_VERSION,
+    Metric,
+    SweepResult,
+    freeze_sweep,
+    sweep_result_files,
+)
+
+__all__ = [
+    "NOISE_SCALE",
+    "SWEEP_FORMAT",
+    "SWEEP_FORMAT_VERSION",
+    "Circuit",
+    "FreezeHandle",
+    "FreezeSpec",
+    "GradientMode",
+    "HeadsLike",
+    "Hook",
+    "LayerFreeze",
+    "MeanActivations",
+    "Metric",
+    "Replacement",
+    "ResampleReference",
+    "SweepResult",
+    "build_freeze_hooks",
+    "check_noise_scale",
+    "check_qk_freezable",
+    "check_replacement_fits",
+    "compute_mean_activations",
+    "freeze",
+    "freeze_generator",
+    "freeze_hooks",
+    "freeze_sweep",
+    "normalize_heads",
+    "parse_option",
+    "prepare_reference",
+    "resample_reference",
+    "resolve_freeze_spec",
+    "sweep_result_files",
+]

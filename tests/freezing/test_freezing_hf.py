@@ -43,7 +43,8 @@ def test_gpt2_fused_c_attn(hf_gpt2, head):
             out[..., _cols(offset, head)] = ref_qkv[..., _cols(offset, head)]
         return out
 
-    cases = [("qk", "zero", None, zero(0)), ("ov", "zero", None, zero(2 * D)), ("qk", "resample", ref_tokens, resample_qk)]
+    cases = [("qk", "zero", None, zero(0)), ("ov", "zero", None, zero(2 * D)),
+             ("qk", "resample", ref_tokens, resample_qk)]
     for circuit, replacement, reference, edit in cases:
         by_hand = _hf_logits(hf, tokens, c_attn, edit)
         with torch.no_grad(), freeze(model, [(LAYER, head)], circuit, replacement, reference=reference):
@@ -78,7 +79,8 @@ def test_llama_split_projections_gqa(hf_llama, kv_head):
         torch.testing.assert_close(model(tokens), by_hand, rtol=1e-4, atol=1e-4)
 
     # QK-RESAMPLE of a KV group: its queries and its key from the reference run (pre-rotary, same positions)
-    ref_q, ref_k = builders.capture_module_output(hf, ref_tokens, attn.q_proj), builders.capture_module_output(hf, ref_tokens, attn.k_proj)
+    ref_q = builders.capture_module_output(hf, ref_tokens, attn.q_proj)
+    ref_k = builders.capture_module_output(hf, ref_tokens, attn.k_proj)
     q_handle = attn.q_proj.register_forward_hook(lambda m, a, out: _replace(out, ref_q, group))
     k_handle = attn.k_proj.register_forward_hook(lambda m, a, out: _replace(out, ref_k, [kv_head]))
     try:

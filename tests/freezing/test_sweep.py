@@ -68,3 +68,9 @@ def test_sweep_bad_input(mha_model, tokens):
         freeze_sweep(mha_model, tokens, circuits=(), progress=False)
     with pytest.raises(ValueError, match="vocabulary"):
         freeze_sweep(mha_model, tokens + 1000, progress=False)
+    with pytest.raises(ValueError, match="noise_scale"):
+        freeze_sweep(mha_model, tokens, replacement="noise", noise_scale=-1.0, progress=False)
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        freeze_sweep(mha_model, tokens, max_batch_rows=0, progress=False)
+    with pytest.raises(ValueError, match="unknown circuit"):
+        freeze_sweep(mha_model, tokens, circuits=("qv",), progress=False)

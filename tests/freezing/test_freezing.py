@@ -51,8 +51,10 @@ def test_unselected_heads_bit_identical(model, tokens, circuit, replacement):
             for hook in ("hook_pattern", "hook_z"):
                 name = f"blocks.{layer}.attn.{hook}"
                 head_axis = 1 if hook == "hook_pattern" else 2
-                assert torch.equal(clean[name].select(head_axis, head), frozen[name].select(head_axis, head)), (name, head)
-    frozen_head_changed = not torch.equal(clean[f"blocks.{LAYER}.attn.hook_z"][:, :, HEAD], frozen[f"blocks.{LAYER}.attn.hook_z"][:, :, HEAD])
+                assert torch.equal(clean[name].select(head_axis, head),
+                                   frozen[name].select(head_axis, head)), (name, head)
+    z_name = f"blocks.{LAYER}.attn.hook_z"
+    frozen_head_changed = not torch.equal(clean[z_name][:, :, HEAD], frozen[z_name][:, :, HEAD])
     assert frozen_head_changed
 
 
@@ -151,7 +153,8 @@ def test_mean_reference_is_dataset_mean(model, per_position):
 def test_mean_freeze_writes_dataset_means(model, per_position):
     spec = model_spec(model)
     tokens = builders.random_tokens(2, 8, seed=4)
-    means = compute_mean_activations(model, builders.random_tokens(10, 8, seed=3), per_position=per_position, progress=False)
+    means = compute_mean_activations(model, builders.random_tokens(10, 8, seed=3), per_position=per_position,
+                                     progress=False)
     with freeze(model, [(LAYER, HEAD)], "both", "mean", reference=means):
         _, cache = _run(model, tokens)
     z_mean = means.z[LAYER][..., HEAD, :]
@@ -163,7 +166,8 @@ def test_mean_freeze_writes_dataset_means(model, per_position):
     k = means.k[LAYER][..., spec.kv_head(HEAD), :].expand(8, -1)
     scores = (q @ k.T) / model.blocks[LAYER].attn.attn_scale
     scores = scores.masked_fill(~torch.ones(8, 8).tril().bool(), float("-inf"))
-    torch.testing.assert_close(cache[f"blocks.{LAYER}.attn.hook_pattern"][:, HEAD], F.softmax(scores, -1).expand(2, -1, -1))
+    torch.testing.assert_close(cache[f"blocks.{LAYER}.attn.hook_pattern"][:, HEAD],
+                               F.softmax(scores, -1).expand(2, -1, -1))
 
 
 def test_noise_is_seeded_and_relative(model, tokens):
@@ -299,7 +303,8 @@ def test_gradient_mode_spellings(mha_model):
 # ----- hook hygiene and TransformerLens entry points -------------------------------------------
 
 def _hook_state(model):
-    return {name: (list(hp.fwd_hooks), list(hp.bwd_hooks), dict(hp._forward_hooks)) for name, hp in model.hook_dict.items()}
+    return {name: (list(hp.fwd_hooks), list(hp.bwd_hooks), dict(hp._forward_hooks))
+            for name, hp in model.hook_dict.items()}
 
 
 def _param_state(model):
@@ -445,7 +450,8 @@ def test_bad_input(mha_model, tokens):
         with freeze(m, [(0, 0)], "ov", "resample", reference=builders.random_tokens(5, 12)):
             m(tokens)
     assert _hook_state(m) == hooks_before
+    short_means = compute_mean_activations(m, builders.random_tokens(4, 5), progress=False)
     with pytest.raises(ValueError, match="positions"):
-        with freeze(m, [(0, 0)], "ov", "mean", reference=compute_mean_activations(m, builders.random_tokens(4, 5), progress=False)):
+        with freeze(m, [(0, 0)], "ov", "mean", reference=short_means):
             m(tokens)
     assert _hook_state(m) == hooks_before

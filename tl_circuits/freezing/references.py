@@ -1,0 +1,151 @@
+"""The reference activations a freeze writes: dataset means (MEAN) and another input's activations (RESAMPLE).
+
+Both are computed once, before any hook runs, so that a freeze's forward passes only read them.
+
+>>> import torch
+>>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+>>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8,
+...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
+>>> means = compute_mean_activations(model, torch.randint(0, 20, (4, 6)), progress=False)
+>>> means.q[0].shape, means.n_samples
+(torch.Size([6, 2, 8]), 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache
+
+from tl_circuits.freezing.options import Circuit, FreezeSpec, Replacement
+from tl_circuits.models.spec import ModelSpec, check_tokens, model_spec, post_rotary
+
+MEAN_BATCH_SIZE = 32
+"""Reference samples per forward pass when accumulating MEAN activations."""
+
+
+@dataclass(frozen=True)
+class MeanActivations:
+    """Dataset means of what the freezes write, per layer (the MEAN reference).
+
+    ``q[layer]``: [pos, n_heads, d_head] (or [n_heads, d_head] over positions), the queries that
+    enter the scores (post-rotary for rotary models); ``k[layer]``: same with n_kv_heads; ``z[layer]``:
+    [pos, n_heads, d_head]. Means are over the reference samples (and positions when
+    ``per_position=False``), never over d_head.
+    """
+
+    q: dict[int, Tensor]
+    k: dict[int, Tensor]
+    z: dict[int, Tensor]
+    per_position: bool
+    n_samples: int
+
+
+def compute_mean_activations(
+    model,
+    reference_tokens: Int[Tensor, "batch pos"],
+    *,
+    per_position: bool = True,
+    batch_size: int = MEAN_BATCH_SIZE,
+    progress: bool = True,
+) -> MeanActivations:
+    """Mean queries, keys and z of every head over a reference dataset (the MEAN reference).
+
+    Accumulated in float32 in batches of ``batch_size``. With ``per_position=True`` (default) the
+    mean is taken per position, so a freeze can only be applied to runs no longer than the
+    reference; with ``False`` it is also averaged over positions and applies to any length.
+    """
+    spec = model_spec(model)
+    check_tokens(spec, reference_tokens, "reference tokens")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = {}
+    for layer in range(spec.n_layers):
+        names[spec.query_hook(layer)] = ("q", layer)
+        names[spec.key_hook(layer)] = ("k", layer)
+        names[spec.hook_name(layer, "z")] = ("z", layer)
+    sums: dict[tuple[str, int], Tensor] = {}
+    n = reference_tokens.shape[0]
+    starts = range(0, n, batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="mean activations", disable=not progress):
+            chunk = reference_tokens[start:start + batch_size]
+            _, cache = model.run_with_cache(chunk, names_filter=lambda nm: nm in names)
+            for name, (kind, layer) in names.items():
+                act = cache[name]  # [batch, pos, heads, d_head]
+                if kind in ("q", "k"):  # the q/k that enter the scores
+                    act = post_rotary(model, spec, layer, act)
+                act, key = act.float(), (kind, layer)
+                total = act.sum(dim=0) if per_position else act.sum(dim=(0, 1))
+                sums[key] = sums[key] + total if key in sums else total
+    denom = n if per_position else n * reference_tokens.shape[1]
+    dtype = model.cfg.dtype
+    out = {kind: {layer: (sums[(kind, layer)] / denom).to(dtype) for layer in range(spec.n_layers)} for kind in "qkz"}
+    return MeanActivations(q=out["q"], k=out["k"], z=out["z"], per_position=per_position, n_samples=n)
+
+
+ResampleReference = dict[str, Tensor]
+"""hook name -> the reference activation ([batch, ...]) of the pattern (QK) and z (OV) of the frozen layers."""
+
+
+def resample_reference(
+    model,
+    spec: ModelSpec,
+    layers: Iterable[int],
+    circuit: Circuit,
+    reference: Union[Int[Tensor, "batch pos"], ActivationCache, Mapping[str, Tensor]],
+) -> ResampleReference:
+    """The RESAMPLE reference: ``reference`` tokens run once now (no grad), or read from a cache."""
+    names = []
+    for layer in layers:
+        if circuit in (Circuit.QK, Circuit.BOTH):
+            names.append(spec.hook_name(layer, "pattern"))
+        if circuit in (Circuit.OV, Circuit.BOTH):
+            names.append(spec.hook_name(layer, "z"))
+    if isinstance(reference, Tensor):
+        check_tokens(spec, reference, "reference tokens")
+        with torch.no_grad():
+            _, reference = model.run_with_cache(reference, names_filter=lambda nm: nm in names)
+    if not isinstance(reference, (ActivationCache, Mapping)):
+        raise TypeError(
+            f"RESAMPLE needs reference tokens [batch, pos] or an ActivationCache, got {type(reference).__name__}"
+        )
+    out = {}
+    for name in names:
+        try:
+            out[name] = reference[name].detach()
+        except KeyError:
+            raise KeyError(
+                f"the reference cache has no {name!r}; cache it (e.g. run_with_cache without a names filter)"
+            ) from None
+    return out
+
+
+def prepare_reference(
+    model, spec: ModelSpec, freeze_spec: FreezeSpec, reference, layers: Iterable[int]
+) -> Optional[Union[MeanActivations, ResampleReference]]:
+    """The reference the hooks read for ``freeze_spec.replacement``: checked, and computed from tokens if needed.
+
+    MEAN: a :class:`MeanActivations` (reference tokens are averaged per position); RESAMPLE: a
+    :data:`ResampleReference`; every other replacement: ``None`` (and a given reference is an error).
+    """
+    replacement = freeze_spec.replacement
+    if replacement == Replacement.MEAN:
+        if isinstance(reference, Tensor):
+            reference = compute_mean_activations(model, reference, progress=False)
+        if not isinstance(reference, MeanActivations):
+            raise TypeError("MEAN needs a MeanActivations (see compute_mean_activations) or reference tokens, "
+                            f"got {type(reference).__name__}")
+        return reference
+    if replacement == Replacement.RESAMPLE:
+        if reference is None:
+            raise ValueError("RESAMPLE needs reference=tokens or an ActivationCache")
+        return resample_reference(model, spec, layers, freeze_spec.circuit, reference)
+    if reference is not None:
+        raise ValueError(f"{replacement.value.upper()} takes no reference")
+    return None
