@@ -21,7 +21,7 @@ import scipy
 import scipy.stats as st
 import torch
 
-from tl_circuits.stats import permutation as S
+import tl_circuits.stats as S
 
 
 def synthetic_scores(n, n_layers, n_heads, blocks, seed=0, d=4):
@@ -61,7 +61,7 @@ def main():
     n_cells = len(blocks) * n_layers * n_heads
     scores = synthetic_scores(n, n_layers, n_heads, blocks)
 
-    print(f"tl_circuits.stats.permutation benchmark{' (smoke)' if args.smoke else ''}")
+    print(f"tl_circuits.stats benchmark{' (smoke)' if args.smoke else ''}")
     print(f"  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, scipy {scipy.__version__}")
     print(f"  {len(blocks)} blocks x {n_layers} layers x {n_heads} heads = {n_cells} cells, N = {n} pooled "

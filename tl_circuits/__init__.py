@@ -23,7 +23,7 @@ from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 from tl_circuits.plotting import plot_blocks, plot_heads
 from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
-from tl_circuits.stats.permutation import (
+from tl_circuits.stats import (
     BootstrapCI,
     InterferenceTestResult,
     bootstrap_ci,

@@ -6,6 +6,10 @@ the same call gives the same numbers whichever way it is made (README, "Defaults
 - ``MEMORY_BUDGET_GB``: memory a heavy call may allocate beyond the model and the process itself, in GB
   (2**30 bytes) everywhere. 4 GB leaves room for a GPT-2-small-sized model and the interpreter on a
   16 GB laptop; what does not fit is streamed or spilled to disk, never recomputed.
+- ``STATS_WORKSPACE_GB``: the statistics' scratch buffer for one chunk of permutations or bootstrap resamples
+  (``[chunk, N · cells]``), in GB. It is a scratch size, not a whole-call budget: once a chunk is a large GEMM,
+  bigger chunks buy nothing, while every fresh GB of buffer costs page faults. 0.25 GB is the 256 MiB the
+  statistics always used (the benchmarked setting).
 - ``VARIANT``: ``"signed"``, the diagonal-Fisher influence Σ g_i g_j / F̃ (negative = conflict). It is the
   quantity the statistics test and the one kronfluence computes; ``"unsigned"`` (the original design's
   formula) is kept as an explicit choice.
@@ -24,6 +28,7 @@ import math
 
 GB = 2**30
 MEMORY_BUDGET_GB = 4.0
+STATS_WORKSPACE_GB = 0.25
 VARIANT = "signed"
 REDUCTION = "sum"
 N_BOOTSTRAP = 2000

@@ -1,0 +1,135 @@
+"""InterferenceTestResult: table, plots, save/load; the docstring examples of every statistics module."""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+import json
+
+import pytest
+import torch
+
+import tl_circuits.stats as S
+from tl_circuits.stats import InterferenceTestResult
+from tests.stats.synthetic import first, make_scores, plant, run
+
+
+def test_result_dataframe_is_tidy_and_matches_fields():
+    scores = make_scores(12, seed=19)
+    res = run(scores, 6, n_permutations=99, n_bootstrap=100)
+    df = res.to_dataframe()
+    assert len(df) == 2 * 3 + 2 * 2
+    assert not df.duplicated(["block", "layer", "head"]).any()
+    for name in ("observed", "p_value", "q_value_bh", "q_value_by", "p_maxstat", "p_cluster", "ci_low",
+                 "ci_high", "effect_size", "z", "null_mean", "null_std", "significant"):
+        assert name in df.columns
+    row = df[(df["block"] == "K") & (df["layer"] == 1) & (df["head"] == 0)].iloc[0]
+    assert row.observed == res.observed["K"][1, 0].item()
+    assert row.q_value_bh == res.q_value_bh["K"][1, 0].item()
+    assert res.settings["n_permutations"] == 99 and res.settings["alternative"] == "greater"
+    assert "InterferenceTestResult" in repr(res) and len(repr(res)) < 400
+    no_ci = run(scores, 6, n_permutations=9)
+    assert no_ci.ci_low is None and "ci_low" not in no_ci.to_dataframe().columns
+
+
+def test_plot_masks_the_non_significant_cells():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = first(30, 15)
+    scores = plant(make_scores(30, (("Q", 3, 4), ("K", 3, 2)), seed=20), labels, [("Q", 0, 1), ("K", 2, 1)], 4.0)
+    res = run(scores, labels, n_permutations=499, correction="maxstat")
+
+    def hatched(fig):
+        heatmaps = [ax for ax in fig.axes if ax.get_title() in ("Q", "K")]
+        return {ax.get_title(): sum(1 for p in ax.patches if p.get_hatch()) for ax in heatmaps}
+
+    fig = res.plot("observed")
+    expected = {b: int((~res.significant[b]).sum()) for b in ("Q", "K")}
+    assert hatched(fig) == expected and expected == {"Q": 11, "K": 5}
+    plt.close(fig)
+    fig = res.plot("effect_size", mask_with="p_value")
+    assert hatched(fig) == {b: int((res.p_value[b] > res.alpha).sum()) for b in ("Q", "K")}
+    plt.close(fig)
+    fig = res.plot("z", mask_with=False)
+    assert hatched(fig) == {"Q": 0, "K": 0}
+    plt.close(fig)
+    with pytest.raises(ValueError, match="field"):
+        res.plot("ci_low")          # no intervals were computed
+    with pytest.raises(ValueError, match="mask_with"):
+        res.plot("observed", mask_with="observed")
+
+
+def assert_same_result(back, res):
+    """Every dataclass field equal: same blocks in the same order, dtypes, values bit for bit (NaN == NaN)."""
+    for f in dataclasses.fields(res):
+        got, want = getattr(back, f.name), getattr(res, f.name)
+        if want is None or isinstance(want, (int, float, str)):
+            assert type(got) is type(want) and (got == want or (got != got and want != want)), f.name
+        elif isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype, f.name
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert list(got) == list(want), f.name
+            for block in want:
+                assert got[block].dtype == want[block].dtype, (f.name, block)
+                torch.testing.assert_close(got[block], want[block], rtol=0, atol=0, equal_nan=True)
+
+
+def test_save_load_round_trip_keeps_every_field(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = plant(make_scores(14, (("Q", 2, 3), ("K", 2, 1), ("V/odd name", 1, 2)), seed=26), first(14, 7),
+                   [("Q", 0, 1)], 4.0)
+    scores["K"][2, 5, 1, 0] = float("nan")                      # one missing cell: NaN in every grid
+    with pytest.warns(RuntimeWarning, match="1 of 10 cells"):
+        res = run(scores, 7, n_permutations=99, n_bootstrap=50, seed=4, correction="maxstat")
+    assert torch.isnan(res.p_value["K"][1, 0]) and torch.isnan(res.ci_low["K"][1, 0])
+    tensor_path, json_path = res.save(tmp_path / "run")
+    assert (tensor_path.name, json_path.name) == ("run.safetensors", "run.json")
+    back = S.InterferenceTestResult.load(tmp_path / "run")
+    assert_same_result(back, res)
+    assert back.settings == res.settings and repr(back) == repr(res)
+    assert InterferenceTestResult.load(json_path).blocks == res.blocks      # either file's name works
+    assert back.to_dataframe().equals(res.to_dataframe())
+    fig = back.plot("z", mask_with="p_maxstat")
+    assert {ax.get_title() for ax in fig.axes} >= set(res.blocks)
+    plt.close(fig)
+    # None fields stay None; an empty null distribution stays empty
+    bare = dataclasses.replace(run(scores, 7, n_permutations=9, seed=1), permutations=None, null_distribution={})
+    assert bare.ci_low is None and bare.ci_high is None
+    bare.save(tmp_path / "sub" / "bare.safetensors")
+    back = InterferenceTestResult.load(tmp_path / "sub" / "bare")
+    assert_same_result(back, bare)
+    assert back.ci_low is None and back.permutations is None and back.null_distribution == {}
+    plt.close(back.plot("observed"))
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing .*nothing\.safetensors and .*nothing\.json"):
+        InterferenceTestResult.load(tmp_path / "nothing")
+    res = run(make_scores(8), 4, n_permutations=9)
+    _, json_path = res.save(tmp_path / "run")
+    json_path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing .*run\.json \(save\(\) writes both\)"):
+        InterferenceTestResult.load(tmp_path / "run")
+    res.save(tmp_path / "run")
+    json_path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a saved InterferenceTestResult"):
+        InterferenceTestResult.load(tmp_path / "run")
+
+
+def test_docstring_examples_run():
+    # every statistics module but model_test (it builds a HookedTransformer; it runs under --doctest-modules)
+    from tl_circuits.stats import bootstrap, corrections, null, permutation, reduction, result, validation
+
+    failures = tried = 0
+    for module in (S, validation, reduction, null, permutation, corrections, bootstrap, result):
+        f, t = doctest.testmod(module, verbose=False)
+        failures, tried = failures + f, tried + t
+    assert tried > 10 and failures == 0
