@@ -26,6 +26,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits.defaults import SEED
+from tl_circuits.freezing.rows import reference_rows
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -124,7 +125,8 @@ class LayerFreeze:
         return (noise.to(like.device) * std * self.noise_scale).to(like.dtype)
 
     def _reference(self, name: str, like: Tensor) -> Tensor:
-        ref = self.reference[name]
+        # a per-sample reference run in chunks (the gradient engine): the chunk's own rows
+        ref = reference_rows(self.reference[name], like.shape[0])
         if ref.shape[1:] != like.shape[1:] or ref.shape[0] not in (1, like.shape[0]):
             raise ValueError(
                 f"RESAMPLE reference for {name} has shape {tuple(ref.shape)} but this run has "

@@ -191,11 +191,15 @@ class InterferenceResult:
                 raise FileNotFoundError(f"{folder} is not a saved InterferenceResult: {name} is missing")
         try:
             meta = json.loads((folder / SETTINGS_FILE).read_text())
-            tensors = load_file(str(folder / SCORES_FILE))
-        except (json.JSONDecodeError, OSError, RuntimeError) as error:  # safetensors raises on a corrupt header
+        except (json.JSONDecodeError, OSError) as error:
             raise ValueError(f"{folder} holds a damaged InterferenceResult: {error}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder / SETTINGS_FILE} is not an InterferenceResult file (format {meta.get('format')!r})")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{folder / SETTINGS_FILE} is not an InterferenceResult file (format {found!r})")
+        try:
+            tensors = load_file(str(folder / SCORES_FILE))
+        except Exception as error:  # safetensors raises its own error type on a corrupt header
+            raise ValueError(f"{folder} holds a damaged InterferenceResult: {error}") from None
         scores = {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors}
         fisher = None
         if meta["fisher"] is not None:

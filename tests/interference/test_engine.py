@@ -1,0 +1,138 @@
+"""The streaming engine against independent references: freezes active during per-sample gradients (a plain
+per-sample backward loop over one batched frozen forward), use_attn_result models, spilling, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests import builders
+from tests.test_gradients import assert_rows_match
+from tests.test_interference import DAMP, QUIET, assert_scores_close, brute_force
+from tests.test_gradients import loop_reference
+from tl_circuits import GradientConfig, InterferenceConfig, InterferenceResult, compute_interference, freeze
+from tl_circuits.interference.gradients import per_sample_gradients
+from tl_circuits.models.spec import model_spec
+
+
+def frozen_batch_loop(model, tokens, **freeze_kwargs):
+    """{param name: [N, ...]}: ONE batched forward under the freeze (TL's own per-token loss), then
+    ``autograd.grad`` of each sample's token-mean loss separately: what a per-sample gradient under a freeze means."""
+    spec = model_spec(model)
+    names = spec.attention_param_names()
+    params = dict(model.named_parameters())
+    with freeze(model, **freeze_kwargs):
+        per_token = model(tokens, return_type="loss", loss_per_token=True)  # [N, pos - 1]
+        losses = per_token.mean(1)
+        out = {name: [] for name in names}
+        for i in range(tokens.shape[0]):
+            grads = torch.autograd.grad(losses[i], [params[n] for n in names], retain_graph=True)
+            for name, g in zip(names, grads):
+                out[name].append(g.detach().clone())
+    return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+@pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
+def test_gradients_under_a_noise_freeze_equal_the_frozen_batch_loop(model, circuit):
+    """Defect: per_sample_gradients under a NOISE freeze failed inside vmap. The factored engine runs the batch
+    forward itself; under NOISE the noise is drawn per chunk, so one chunk holds the whole batch here."""
+    tokens = builders.random_tokens(4, 9, seed=5)
+    kwargs = dict(heads=[(0, 1), (1, 0)], circuit=circuit, replacement="noise", seed=11)
+    with freeze(model, **kwargs):
+        grads = per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=4, **QUIET))
+    assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
+
+
+def test_direct_engine_under_a_noise_freeze_is_a_clear_error(mha_model):
+    tokens = builders.random_tokens(2, 8)
+    with freeze(mha_model, [(0, 0)], "ov", "noise"):
+        with pytest.raises(ValueError, match="method='factored'"):
+            per_sample_gradients(mha_model, tokens, config=GradientConfig(method="direct", **QUIET))
+
+
+@pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
+def test_gradients_under_a_per_sample_resample_freeze(model, circuit):
+    """Defect: a RESAMPLE reference with the run's batch size was refused in chunks. Each chunk now takes its
+    own reference rows; chunks of 2 over 5 samples equal one batched frozen forward."""
+    tokens = builders.random_tokens(5, 9, seed=6)
+    reference = builders.random_tokens(5, 9, seed=7)
+    kwargs = dict(heads=[(0, 0), (1, 1)], circuit=circuit, replacement="resample", reference=reference)
+    with freeze(model, **kwargs):
+        grads = per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=2, **QUIET))
+    assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
+
+
+@pytest.mark.parametrize("variant", ["signed", "unsigned"])
+def test_compute_interference_on_a_use_attn_result_model(variant):
+    """Defect: compute_interference refused use_attn_result=True naming an engine the user never chose."""
+    model = builders.hooked(use_attn_result=True)
+    tokens_a, tokens_b = builders.random_tokens(3, 8, seed=8), builders.random_tokens(2, 8, seed=9)
+    result = compute_interference(model, tokens_a, tokens_b,
+                                  config=InterferenceConfig(variant=variant, chunk_size=2, **DAMP, **QUIET))
+    expected = brute_force(model_spec(model), loop_reference(model, tokens_a), loop_reference(model, tokens_b),
+                           variant, "sum", "a", False)
+    assert_scores_close(result.scores, expected)
+
+
+def test_a_hook_at_hook_result_is_a_clear_error():
+    model = builders.hooked(use_attn_result=True)
+    tokens = builders.random_tokens(2, 8)
+    model.blocks[0].attn.hook_result.add_hook(lambda x, hook: x * 2)
+    try:
+        with pytest.raises(ValueError, match="hook_result"):
+            compute_interference(model, tokens, tokens, config=InterferenceConfig(**QUIET))
+    finally:
+        model.reset_hooks()
+
+
+def spill_folders(path):
+    return [p for p in path.iterdir() if p.name.startswith("tl_circuits_spill_")]
+
+
+def test_spilled_run_equals_held_run_and_leaves_no_files(mha_model, tmp_path):
+    tokens_a, tokens_b = builders.random_tokens(4, 9, seed=1), builders.random_tokens(3, 9, seed=2)
+    cfg = InterferenceConfig(fisher_source="pooled", chunk_size=2, spill_dir=str(tmp_path), **DAMP, **QUIET)
+    held = compute_interference(mha_model, tokens_a, tokens_b, config=cfg)
+    spilled = compute_interference(mha_model, tokens_a, tokens_b, config=cfg.replace(max_held_samples=2))
+    assert not held.settings["plan"]["spill"] and spilled.settings["plan"]["spill"]
+    assert held.settings["plan"]["n_gradient_evaluations"] == spilled.settings["plan"]["n_gradient_evaluations"] == 7
+    for block in held.scores:
+        torch.testing.assert_close(spilled.scores[block], held.scores[block], rtol=1e-6, atol=0)
+    assert spill_folders(tmp_path) == []
+
+
+def test_spill_folder_is_removed_when_the_run_fails(mha_model, tmp_path):
+    tokens = builders.random_tokens(3, 8)
+    broken = builders.mha()
+    with torch.no_grad():
+        broken.blocks[1].attn.W_V[0, 0, 0] = math.nan  # NaN gradients: the run raises after the gradient pass
+    cfg = InterferenceConfig(max_held_samples=1, spill_dir=str(tmp_path), **QUIET)
+    with pytest.raises(ValueError, match="not finite"):
+        compute_interference(broken, tokens, tokens, config=cfg)
+    assert spill_folders(tmp_path) == []
+
+
+def test_result_save_load_round_trip(mha_model, tmp_path):
+    tokens_a, tokens_b = builders.random_tokens(3, 8, seed=3), builders.random_tokens(2, 8, seed=4)
+    result = compute_interference(mha_model, tokens_a, tokens_b, ids_a=["x", "y", "z"], ids_b=[10, 11],
+                                  config=InterferenceConfig(variant="unsigned", **QUIET))
+    result.scores["Q"][0, 1, 0, 0] = math.nan  # missing data survives the round trip
+    loaded = InterferenceResult.load(result.save(tmp_path / "run"))
+    assert loaded.ids_a == ["x", "y", "z"] and loaded.ids_b == [10, 11]
+    assert loaded.config == result.config and loaded.settings["plan"] == result.settings["plan"]
+    for block in result.scores:
+        torch.testing.assert_close(loaded.scores[block], result.scores[block], equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.fisher.per_block[block], result.fisher.per_block[block], rtol=0, atol=0)
+    assert loaded.top_conflicts(3) == result.top_conflicts(3)
+    loaded.plot()
+
+
+def test_load_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scores.safetensors"):
+        InterferenceResult.load(tmp_path)
+    (tmp_path / "scores.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "settings.json").write_text("{}")
+    with pytest.raises(ValueError, match="damaged|not an InterferenceResult"):
+        InterferenceResult.load(tmp_path)
