@@ -28,7 +28,7 @@ from tl_circuits.bundled import models as bundled, tasks, training
 from tl_circuits.bundled.tasks import BOS, counting_batch, induction_batch, random_batch, scored_loss
 from tl_circuits.bundled.training import BUNDLED_CONFIGS, train_model, training_batch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAMES = ["induction-2l", "induction-counting-2l"]
 TEST_SEED = 123  # held out: not the seed the recorded analysis used (0), not a training seed (>= 1e9)
 N_ROWS = 64
