@@ -13,7 +13,7 @@ import pytest
 import tl_circuits as tlc
 from tests.builders import HAS_HOOKED_TRANSFORMER
 from tl_circuits.cli.command import main
-from tl_circuits.cli.report import FILES
+from tl_circuits.cli.output import FILES
 
 SMALL = ["--n-a", "6", "--n-b", "5", "--seed", "3", "--n-permutations", "99", "--n-bootstrap", "50", "--quiet"]
 QK_WARNING = "QK freezes are not available on this model"
