@@ -108,7 +108,9 @@ def top_pairs_table(analysis: Analysis) -> pd.DataFrame:
     """Sample pairs ranked by their score summed over blocks, layers and heads (K/V per KV head, once each)."""
     result = analysis.interference
     per_block = {b: result.scores[b].double().nansum(dim=(2, 3)) for b in result.blocks}
-    total = sum(grid.numpy() for grid in per_block.values())
+    total = np.zeros(next(iter(per_block.values())).shape)
+    for grid in per_block.values():
+        total = total + grid.numpy()
     order = conflict_order(np.ravel(total), analysis.config.variant)[:analysis.config.top_k]
     n_b = total.shape[1]
     rows = []
