@@ -93,7 +93,7 @@ def _freeze_section(analysis: Analysis, role: dict[str, str]) -> list[str]:
         "",
         markdown_table(top_heads_by_freeze(analysis, min(analysis.config.top_k, FREEZE_ROWS_SHOWN)),
                        {"task": "task", "circuit": "circuit", "layer": "layer", "head": "head", "effect": "Δ loss",
-                        "frozen_loss": "loss frozen", "clean_loss": "clean loss", **role}),
+                        "frozen_loss": "loss frozen", **role}),
     ]
 
 
