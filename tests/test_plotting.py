@@ -64,7 +64,8 @@ def test_masked_cells_are_hatched_and_shown_cells_are_not():
     expected = {(layer, head) for layer in range(3) for head in range(4)} - {(0, 1), (2, 3)}
     assert hatched_cells(ax) == expected
     # hidden cells' labels are grey, shown cells' labels are black or white
-    assert ax.texts and to_rgba(next(t for t in ax.texts if t.get_position() == (0, 0)).get_color()) == to_rgba("#555555")
+    origin = next(t for t in ax.texts if t.get_position() == (0, 0))
+    assert ax.texts and to_rgba(origin.get_color()) == to_rgba("#555555")
     assert next(t for t in ax.texts if t.get_position() == (1, 0)).get_color() in ("black", "white")
     with pytest.raises(ValueError, match="mask shape"):
         plot_heads(values, mask=torch.ones(2, 4, dtype=torch.bool))

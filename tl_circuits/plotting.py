@@ -16,7 +16,7 @@ True
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from jaxtyping import Bool, Float
@@ -66,7 +66,7 @@ def _text_colour(rgba) -> str:
 
 
 def plot_heads(
-    values: Float[Tensor, "n_layers n_heads"],
+    values: Union[Float[Tensor, "n_layers n_heads"], np.ndarray],
     *,
     mask: Optional[Bool[Tensor, "n_layers n_heads"]] = None,
     title: Optional[str] = None,
@@ -218,7 +218,8 @@ def plot_blocks(
         raise ValueError(f"nothing to plot: none of the requested panels is in values (keys {list(values)})")
     grids = {b: _to_numpy(values[b]) for b in blocks}
     widths = {b: g.shape[1] for b, g in grids.items()}
-    limits, finite = None, np.concatenate([g[np.isfinite(g)].ravel() for g in grids.values()])
+    limits: Optional[tuple[float, float]] = None
+    finite = np.concatenate([g[np.isfinite(g)].ravel() for g in grids.values()])
     if shared_scale:
         if signed is None:
             signed = _is_signed(finite)
@@ -236,7 +237,7 @@ def plot_blocks(
                    colorbar=not shared_scale, ax=ax)
     for ax in list(axes.flat)[len(blocks):]:
         ax.remove()
-    if shared_scale:  # one colorbar for the whole grid, cell labels factored like every panel's
+    if shared_scale and limits is not None:  # one colorbar for the grid, cell labels factored like every panel's
         shown = list(axes.flat)[:len(blocks)]
         annotated = all(len(ax.texts) for ax in shown)
         _colorbar(fig, shown[0].images[0], shown, colorbar_label,

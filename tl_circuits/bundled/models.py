@@ -36,7 +36,7 @@ from torch import Tensor
 try:  # TransformerLens 2.x/3.x; 4.x removed HookedTransformer, which the bundled models are
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 except ImportError:
-    HookedTransformer = HookedTransformerConfig = None
+    HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 from tl_circuits.bundled.tasks import BOS, TASK_GENERATORS, TaskBatch, task_tokenizer
 
@@ -262,11 +262,13 @@ def head_detector_scores(
     from transformer_lens.head_detector import detect_head
 
     if model.tokenizer is None:
-        raise ValueError("head_detector_scores needs the model's tokenizer: model.set_tokenizer(task_tokenizer(d_vocab))")
+        raise ValueError("head_detector_scores needs the model's tokenizer: "
+                         "model.set_tokenizer(task_tokenizer(d_vocab))")
     if not (batch.tokens[:, 0] == BOS).all():
         raise ValueError("every row must start with BOS (detect_head prepends it)")
-    strings = [model.to_string(row[1:]) for row in batch.tokens]
+    strings = [str(model.to_string(row[1:])) for row in batch.tokens]  # one row: one string
     round_trip = model.to_tokens(strings, prepend_bos=True).cpu()
     if round_trip.shape != batch.tokens.shape or not torch.equal(round_trip, batch.tokens.cpu()):
         raise ValueError("the model's tokenizer does not reproduce the batch's tokens")
-    return detect_head(model, strings, head_type, **kwargs)
+    # head_type is a plain str here; detect_head's Literal names only its built-in patterns
+    return detect_head(model, strings, head_type, **kwargs)  # type: ignore[arg-type]

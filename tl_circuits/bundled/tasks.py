@@ -257,7 +257,8 @@ def _token_nll(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "
 
 def _scored_mask(batch: TaskBatch, logits: Tensor) -> Tensor:
     if logits.shape[:2] != batch.tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape[:2])} do not match the batch's tokens {tuple(batch.tokens.shape)}")
+        raise ValueError(f"logits {tuple(logits.shape[:2])} do not match the batch's tokens "
+                         f"{tuple(batch.tokens.shape)}")
     if not batch.scored.any():
         raise ValueError(f"the {batch.name!r} batch has no scored positions")
     return batch.scored[:, :-1].to(logits.device)
@@ -265,7 +266,7 @@ def _scored_mask(batch: TaskBatch, logits: Tensor) -> Tensor:
 
 def scored_loss(
     logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch, *, per_sample: bool = False
-) -> Union[Float[Tensor, ""], Float[Tensor, "batch"]]:
+) -> Union[Float[Tensor, ""], Float[Tensor, " batch"]]:
     """Mean next-token cross-entropy over the scored positions (float32).
 
     ``per_sample=True`` gives one mean per row ([batch]; NaN for a row with no scored position).
@@ -303,7 +304,8 @@ def _logits(model, batch: TaskBatch) -> Tensor:
         return model(batch.tokens.to(device), return_type="logits")
 
 
-def in_context_loss(model, batch: TaskBatch, *, per_sample: bool = False) -> Union[Float[Tensor, ""], Float[Tensor, "batch"]]:
+def in_context_loss(model, batch: TaskBatch, *,
+                    per_sample: bool = False) -> Union[Float[Tensor, ""], Float[Tensor, " batch"]]:
     """The model's mean cross-entropy on the batch's scored positions (no gradient; hooks apply).
 
     Runs ``model(batch.tokens)``, so freezes and other hooks active around the call take effect:

@@ -42,7 +42,7 @@ import torch
 try:  # TransformerLens 2.x/3.x; the bundled models are trained as HookedTransformers, which 4.x removed
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 except ImportError:
-    HookedTransformer = HookedTransformerConfig = None
+    HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 from tl_circuits.freezing.sweep import freeze_sweep
 from tl_circuits.bundled.tasks import (
@@ -107,7 +107,8 @@ _COUNTING_EVAL = dict(seq_len=33, d_vocab=64)
 BUNDLED_CONFIGS: dict[str, TrainingConfig] = {
     "induction-2l": TrainingConfig(
         name="induction-2l",
-        description="2-layer attention-only; copies repeated random sequences with a previous-token -> induction circuit",
+        description="2-layer attention-only; copies repeated random sequences with a previous-token -> induction "
+                    "circuit",
         model=_ATTN_ONLY_2L,
         train_tasks={"induction": _INDUCTION_TRAIN},
         eval_tasks={"induction": _INDUCTION_EVAL},
@@ -284,7 +285,7 @@ def circuit_effects(model: HookedTransformer, config: TrainingConfig, heads, *, 
     """Each task's scored loss and accuracy with ``heads`` frozen together, per replacement and circuit."""
     from tl_circuits.freezing.api import freeze
 
-    out = {}
+    out: dict[str, dict] = {}
     for task in config.eval_tasks:
         batch = eval_batch(config, task, n)
         out[task] = {}

@@ -2,8 +2,12 @@
 
 With no arguments it loads the bundled default model and its two bundled tasks, runs the QK/OV freeze sweep
 over every head on each task, the per-sample gradients, pooled Fisher and interference maps of task A × task B,
-and their permutation statistics, and writes ``tl_circuits_report/`` (see :mod:`tl_circuits.cli.report` for what
-is computed and :data:`tl_circuits.cli.report.FILES` for what is written).
+and their permutation statistics, and writes ``tl_circuits_report/`` (see :mod:`tl_circuits.cli.analysis` for what
+is computed and :data:`tl_circuits.cli.output.FILES` for what is written).
+
+The stages: this module (options, the run), :mod:`~tl_circuits.cli.loading` (model and tasks),
+:mod:`~tl_circuits.cli.analysis`, then :mod:`~tl_circuits.cli.tables`, :mod:`~tl_circuits.cli.markdown` and
+:mod:`~tl_circuits.cli.output` (the report folder). Every default is the library's (:mod:`tl_circuits.defaults`).
 
 ``--model`` takes, in this order of lookup: a bundled model name (``--list-models``); a local checkpoint
 directory (``config.json`` + ``model.safetensors`` or ``model.pt``, optional ``tokenizer/``, see
@@ -39,17 +43,24 @@ from typing import Optional, Sequence
 
 import torch
 
+from tl_circuits import defaults
+from tl_circuits.cli.analysis import REPLACEMENTS, TOP_K, AnalysisConfig, run_analysis
+from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: this module's public names too)
+    DEFAULT_SAMPLES,
+    CommandError,
+    list_models_text,
+    load_model,
+    load_tasks,
+)
+from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, write_report
+from tl_circuits.interference.config import VARIANTS, GradientConfig, InterferenceConfig
+
 PROG = "tl-circuits"
 DEFAULT_OUT = "tl_circuits_report"
-DEFAULT_SAMPLES = 64
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class CommandError(ValueError):
-    """Bad input from the user: reported as one line, exit status 2."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class CommandOptions:
     """The parsed command line."""
 
@@ -65,7 +76,7 @@ class CommandOptions:
     replacement: str
     alpha: float
     top_k: int
-    memory_gb: float
+    memory_budget_gb: float
     device: Optional[str]
     seed: int
     out: Path
@@ -74,34 +85,19 @@ class CommandOptions:
     traceback: bool
     bridge: bool = False
 
-
-@dataclass
-class LoadedModel:
-    """A model ready for the analysis, and what the report says about it."""
-
-    model: object
-    name: str
-    source: str  # "bundled", "checkpoint" or "pretrained"
-    description: str = ""
-    known_heads: Optional[dict] = None  # role -> [(layer, head), ...]
-    bundled_tasks: Optional[dict] = None  # task name -> generator(n, seed) -> TaskBatch, ordered A, B
-
-    def info(self) -> dict:
-        cfg = self.model.cfg
-        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-        known = {role: [list(h) for h in heads] for role, heads in (self.known_heads or {}).items()}
-        return dict(name=self.name, source=self.source, description=self.description, known_heads=known,
-                    known_heads_text=_known_heads_text(self.known_heads or {}),
-                    n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_model=cfg.d_model,
-                    d_head=cfg.d_head, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx, attn_only=bool(cfg.attn_only),
-                    has_tokenizer=getattr(self.model, "tokenizer", None) is not None,
-                    model_class=type(self.model).__name__)
+    def analysis_config(self) -> AnalysisConfig:
+        """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
+        gradients = GradientConfig(memory_budget_gb=self.memory_budget_gb, progress=not self.quiet)
+        return AnalysisConfig(interference=InterferenceConfig(gradients=gradients, variant=self.variant,
+                                                              fisher_source="pooled"),
+                              replacement=self.replacement, n_permutations=self.n_permutations,
+                              n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed)
 
 
 # ----- the command line ----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
+    def error(self, message: str):  # type: ignore[override]
         """One line, not argparse's usage block."""
         self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
@@ -135,8 +131,7 @@ def _unit_interval(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tl_circuits.cli.report import FILES, REPLACEMENTS
-
+    """The ``tl-circuits`` argument parser; its defaults are :mod:`tl_circuits.defaults`'."""
     parser = _Parser(
         prog=PROG,
         description="QK/OV freeze sweep, QK-OV interference between two tasks and its statistics, "
@@ -157,213 +152,44 @@ def build_parser() -> argparse.ArgumentParser:
     add("--n-a", type=_positive_int, help=f"task A samples (bundled tasks: default {DEFAULT_SAMPLES}; "
                                           "files: the first N, default all)")
     add("--n-b", type=_positive_int, help="task B samples, as --n-a")
-    add("--n-permutations", type=_positive_int, help="task-label permutations of the test (default: "
-                                                     "max(1000, 2 x tested cells / alpha))")
-    add("--n-bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples for the intervals (0: none; default 1000)")
-    add("--variant", choices=("signed", "unsigned", "symmetric"), default="signed",
-        help="interference variant (default signed: negative = conflicting gradients)")
-    add("--replacement", choices=REPLACEMENTS, default="zero", help="what a frozen circuit is replaced with (default zero)")
-    add("--alpha", type=_unit_interval, default=0.05, help="significance level of the BH q-values (default 0.05)")
-    add("--top-k", type=_positive_int, default=10, help="rows in the top-heads and top-pairs tables (default 10)")
-    add("--memory-gb", type=_positive_float, default=2.0, help="memory budget in GB of the per-sample gradients and scores (default 2)")
+    add("--n-permutations", type=_positive_int,
+        help=f"task-label permutations of the test (default: max({defaults.MIN_PERMUTATIONS}, "
+             "2 x tested cells / alpha))")
+    add("--n-bootstrap", type=_non_negative_int, default=defaults.N_BOOTSTRAP,
+        help=f"bootstrap resamples for the intervals (0: none; default {defaults.N_BOOTSTRAP})")
+    add("--variant", choices=VARIANTS, default=defaults.VARIANT,
+        help=f"interference variant (default {defaults.VARIANT}; signed: negative = conflicting gradients)")
+    add("--replacement", choices=REPLACEMENTS, default="zero",
+        help="what a frozen circuit is replaced with (default zero)")
+    add("--alpha", type=_unit_interval, default=defaults.ALPHA,
+        help=f"significance level of the BH q-values (default {defaults.ALPHA})")
+    add("--top-k", type=_positive_int, default=TOP_K, help=f"rows in the top-heads and top-pairs tables "
+                                                           f"(default {TOP_K})")
+    # --memory-gb: the option's earlier name, still accepted
+    add("--memory-budget-gb", "--memory-gb", dest="memory_budget_gb", type=_positive_float,
+        default=defaults.MEMORY_BUDGET_GB,
+        help="memory budget in GB of the per-sample gradients and scores, beyond the model "
+             f"(default {defaults.MEMORY_BUDGET_GB:g})")
     add("--device", help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
-    add("--seed", type=int, default=0, help="seed of the bundled task samples (task B: seed + 1), permutations and "
-                                              "bootstrap (default 0)")
+    add("--seed", type=int, default=defaults.SEED,
+        help=f"seed of the bundled task samples (task B: seed + 1), permutations and bootstrap "
+             f"(default {defaults.SEED})")
     add("--out", type=Path, default=Path(DEFAULT_OUT), help=f"report folder (default {DEFAULT_OUT}; an existing "
                                                             "one is replaced only if it holds an earlier report)")
     add("--quiet", action="store_true", help="no progress bars or stage messages")
-    add("--bridge", action="store_true", help="load the model as a TransformerLens TransformerBridge (bundled models and "
-                                              "checkpoints: a native bridge with the same weights; pretrained names: "
-                                              "TransformerBridge.boot_transformers). Always on with TransformerLens 4.x, "
-                                              "which has no HookedTransformer")
+    add("--bridge", action="store_true",
+        help="load the model as a TransformerLens TransformerBridge (bundled models and checkpoints: a native "
+             "bridge with the same weights; pretrained names: TransformerBridge.boot_transformers). Always on "
+             "with TransformerLens 4.x, which has no HookedTransformer")
     add("--list-models", action="store_true", help="list the bundled models and exit")
     add("--traceback", action="store_true", help="on an unexpected failure, print the full traceback")
     return parser
 
 
 def parse_options(argv: Optional[Sequence[str]]) -> CommandOptions:
+    """The command line as :class:`CommandOptions` (SystemExit on ``--help`` or a usage error)."""
     args = build_parser().parse_args(argv)
-    return CommandOptions(**{name.replace("-", "_"): value for name, value in vars(args).items()})
-
-
-# ----- models -------------------------------------------------------------------------------------------
-
-def _bundled():
-    """The bundled-models module, or None if this installation has none."""
-    try:
-        from tl_circuits.bundled import models as bundled
-    except ImportError:
-        return None
-    return bundled
-
-
-def _bundled_names(bundled) -> list[str]:
-    return [info.name for info in bundled.list_bundled_models()] if bundled is not None else []
-
-
-def _pretrained_name(name: str) -> Optional[str]:
-    """The official TransformerLens name for ``name`` (aliases included), or None."""
-    try:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-
-        return get_official_model_name(name)
-    except (ValueError, ImportError):
-        return None
-
-
-def has_hooked_transformer() -> bool:
-    """Whether this TransformerLens has ``HookedTransformer`` (2.x/3.x; 4.x removed it)."""
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def load_model(name: Optional[str], device: str, bridge: bool = False) -> LoadedModel:
-    """Resolve ``--model`` (module docstring) and load it; CommandError if it names nothing loadable.
-
-    ``bridge``: load it as a ``TransformerBridge`` (always so where TransformerLens has no HookedTransformer)."""
-    from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
-
-    bridge = bridge or not has_hooked_transformer()
-    bundled = _bundled()
-    if name is None:
-        if bundled is None:
-            raise CommandError("no bundled models are installed; pass --model (a checkpoint directory or a "
-                               "pretrained name) and --task-a/--task-b")
-        name = bundled.DEFAULT_BUNDLED_MODEL
-        if name not in _bundled_names(bundled):
-            raise CommandError(f"the bundled default model {name!r} is not installed (its weights are missing from "
-                               f"{getattr(bundled, 'DATA_DIR', 'the package')}); pass --model")
-    if name in _bundled_names(bundled):
-        info = next(i for i in bundled.list_bundled_models() if i.name == name)
-        model = bundled.load_bundled_model(name, device, as_bridge=bridge)
-        return LoadedModel(model, name, "bundled", getattr(info, "description", ""),
-                           dict(getattr(info, "known_heads", None) or {}), bundled.bundled_tasks(name))
-    path = Path(name)
-    if path.exists():
-        if not is_checkpoint(path):
-            raise CommandError(f"--model {name}: not a checkpoint directory (expected a directory with config.json "
-                               "and model.safetensors or model.pt)")
-        try:
-            model = load_checkpoint(path, device, as_bridge=bridge)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
-        return LoadedModel(model, path.name, "checkpoint", f"local checkpoint {path}")
-    official = _pretrained_name(name)
-    if bridge and official is None and not _has_official_names():  # 4.x: no name list; ask the hub
-        return _load_pretrained_bridge(name, device)
-    if official is None:
-        choices = ", ".join(_bundled_names(bundled)) or "none installed"
-        raise CommandError(f"unknown model {name!r}: not a bundled model ({choices}), not a local checkpoint "
-                           "directory, and not an official TransformerLens model name")
-    return _load_pretrained_bridge(official, device) if bridge else _load_pretrained(official, device)
-
-
-def _has_official_names() -> bool:
-    try:
-        from transformer_lens.loading_from_pretrained import get_official_model_name  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _load_pretrained_bridge(name: str, device: str) -> LoadedModel:
-    from transformer_lens.model_bridge import TransformerBridge
-
-    model = _quietly_from_hub(lambda: TransformerBridge.boot_transformers(name, device=device), name,
-                              " as a TransformerBridge")
-    return LoadedModel(model, name, "pretrained", f"TransformerBridge.boot_transformers {name}")
-
-
-def _load_pretrained(name: str, device: str) -> LoadedModel:
-    from transformer_lens import HookedTransformer
-
-    model = _quietly_from_hub(lambda: HookedTransformer.from_pretrained(name, device=device), name, "")
-    return LoadedModel(model, name, "pretrained", f"TransformerLens pretrained {name}")
-
-
-def _quietly_from_hub(load, name: str, as_what: str):
-    """``load()`` with the hub client's per-retry logging off; any failure becomes one line (no network, no
-    cache, unknown or gated model), not a traceback. Returns the model in eval mode."""
-    import logging
-
-    logging.disable(logging.WARNING)
-    try:
-        model = load()
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CommandError(f"cannot load pretrained model {name!r}{as_what} (is the Hugging Face hub reachable or "
-                           f"the model cached?): {first}") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    return model.eval()
-
-
-def _known_heads_text(known) -> str:
-    """``{"induction": [(1, 3)]}`` -> ``"induction L1H3"`` (other forms as they are)."""
-    if isinstance(known, dict):
-        return "; ".join(f"{role} {_known_heads_text(heads)}" for role, heads in known.items() if heads)
-    if isinstance(known, (list, tuple)) and all(isinstance(h, (list, tuple)) and len(h) == 2 for h in known):
-        return ", ".join(f"L{layer}H{head}" for layer, head in known)
-    return str(known) if known else ""
-
-
-def list_models_text() -> str:
-    bundled = _bundled()
-    if bundled is None or not bundled.list_bundled_models():
-        return "no bundled models are installed"
-    lines = []
-    for info in bundled.list_bundled_models():
-        default = " (default)" if info.name == bundled.DEFAULT_BUNDLED_MODEL else ""
-        tasks = getattr(info, "tasks", None)
-        lines.append(f"{info.name}{default}: {getattr(info, 'description', '')}")
-        if getattr(info, "known_heads", None):
-            lines.append(f"    known heads: {_known_heads_text(info.known_heads)}")
-        if tasks:
-            lines.append(f"    tasks: {', '.join(tasks) if not isinstance(tasks, str) else tasks}")
-    return "\n".join(lines)
-
-
-# ----- tasks ------------------------------------------------------------------------------------------
-
-def load_tasks(options: CommandOptions, loaded: LoadedModel):
-    """(task A, task B) from files, or the bundled model's two tasks; CommandError on bad input."""
-    from tl_circuits.cli.task_files import TaskInputError, read_task_file, task_from_batch
-
-    if (options.task_a is None) != (options.task_b is None):
-        raise CommandError("give both --task-a and --task-b, or neither (to use the bundled tasks)")
-    if options.task_a is not None:
-        try:
-            task_a = read_task_file(options.task_a, loaded.model, fmt=options.task_format, max_samples=options.n_a)
-            task_b = read_task_file(options.task_b, loaded.model, fmt=options.task_format, max_samples=options.n_b)
-        except TaskInputError as err:
-            raise CommandError(str(err)) from None
-        if task_a.name == task_b.name:  # keep sample ids apart
-            task_a.name, task_b.name = f"A:{task_a.name}", f"B:{task_b.name}"
-            task_a.ids = [f"A:{i}" for i in task_a.ids]
-            task_b.ids = [f"B:{i}" for i in task_b.ids]
-        return _check_sample_counts(task_a, task_b)
-    if not loaded.bundled_tasks:
-        raise CommandError(f"model {loaded.name!r} has no bundled tasks: pass --task-a and --task-b")
-    if len(loaded.bundled_tasks) < 2:
-        raise CommandError(f"bundled model {loaded.name!r} has only one task; pass --task-a and --task-b")
-    (name_a, make_a), (name_b, make_b) = list(loaded.bundled_tasks.items())[:2]
-    n_a, n_b = options.n_a or DEFAULT_SAMPLES, options.n_b or DEFAULT_SAMPLES
-    source = f"bundled:{loaded.name}"
-    # different seeds so that the two tasks never share random draws
-    return _check_sample_counts(task_from_batch(make_a(n_a, options.seed), name_a, source),
-                                task_from_batch(make_b(n_b, options.seed + 1), name_b, source))
-
-
-def _check_sample_counts(task_a, task_b):
-    """The permutation test and the bootstrap need at least two samples per task."""
-    for label, task in (("A", task_a), ("B", task_b)):
-        if task.n_samples < 2:
-            raise CommandError(f"task {label} has {task.n_samples} sample; the statistics need at least 2 per task "
-                               f"({task.source})")
-    return task_a, task_b
+    return CommandOptions(**vars(args))
 
 
 # ----- the run ----------------------------------------------------------------------------------------
@@ -386,9 +212,11 @@ def _device(requested: Optional[str]) -> str:
 
 
 def run(options: CommandOptions) -> Path:
-    """The main job: load, analyse, write the report folder; returns its path."""
-    from tl_circuits.cli.report import AnalysisConfig, ReportOutputError, check_output_path, run_analysis, write_report
+    """The main job: load, analyse, write the report folder; returns its path.
 
+    The report's ``timings_s`` holds each stage's wall time and ``total_s``, one clock from the start of
+    loading to the end of the statistics; the message at the end gives the same total and the writing time.
+    """
     try:
         check_output_path(options.out)  # fail before the work, not after
     except ReportOutputError as err:
@@ -396,44 +224,47 @@ def run(options: CommandOptions) -> Path:
     for path in (options.task_a, options.task_b):
         if path is not None and not path.exists():  # before loading a model that may take a while
             raise CommandError(f"{path}: no such file")
+    config = options.analysis_config()
     torch.manual_seed(options.seed)
     device = _device(options.device)
     start = time.perf_counter()
     # silent until the inputs are known to be good, so that bad input reads as exactly one line
     loaded = load_model(options.model, device, bridge=options.bridge)
-    task_a, task_b = load_tasks(options, loaded)
+    task_a, task_b = load_tasks(loaded, options.task_a, options.task_b, task_format=options.task_format,
+                                n_a=options.n_a, n_b=options.n_b, seed=options.seed)
     load_s = time.perf_counter() - start
-    _say(options, f"model {loaded.name} ({loaded.source}) on {device} as a {type(loaded.model).__name__}; task A {task_a.name} "
-                  f"({task_a.n_samples} samples), task B {task_b.name} ({task_b.n_samples} samples)")
+    _say(options, f"model {loaded.name} ({loaded.source}) on {device} as a {type(loaded.model).__name__}; "
+                  f"task A {task_a.name} ({task_a.n_samples} samples), task B {task_b.name} "
+                  f"({task_b.n_samples} samples)")
     for note in task_a.notes + task_b.notes:
         _say(options, f"note: {note}")
-    config = AnalysisConfig(variant=options.variant, replacement=options.replacement,
-                            n_permutations=options.n_permutations, n_bootstrap=options.n_bootstrap,
-                            alpha=options.alpha, top_k=options.top_k, seed=options.seed,
-                            memory_budget_gb=options.memory_gb, progress=not options.quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.simplefilter("ignore", category)
         analysis = run_analysis(loaded.model, task_a, task_b, config, loaded.info(), lambda m: _say(options, m))
-    analysis.timings = {"load_s": load_s, **analysis.timings}
+    analysis.timings = {"load_s": load_s, **analysis.timings, "total_s": time.perf_counter() - start}
     analysis.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
     for message in analysis.warnings:
         _say(options, f"warning: {message}")
     _say(options, f"writing {options.out}")
-    start = time.perf_counter()
+    writing = time.perf_counter()
     write_report(analysis, options.out)
-    _say(options, f"report written to {options.out}/report.md "
-                  f"({sum(analysis.timings.values()) + time.perf_counter() - start:.1f} s)")
+    _say(options, f"report written to {options.out}/report.md (analysis {analysis.timings['total_s']:.1f} s, "
+                  f"writing {time.perf_counter() - writing:.1f} s)")
     return options.out
 
 
-def _one_line(message: str) -> str:
+def _one_line(message: object) -> str:
     return " ".join(str(message).split()) or "(no message)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``tl-circuits`` / ``python -m tl_circuits``; returns the exit status."""
+    """Entry point of ``tl-circuits`` / ``python -m tl_circuits``; returns the exit status.
+
+    >>> main(["--alpha", "2"])
+    2
+    """
     os.environ.setdefault("MPLBACKEND", "Agg")  # figures are only saved; no display needed
     try:
         options = parse_options(argv)

@@ -175,7 +175,8 @@ def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> Ta
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign file: one line naming it
-        raise TaskInputError(f"{path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise TaskInputError(f"{path}: cannot read ({type(err).__name__}: {first_line})") from None
     mask = None
     if isinstance(loaded, dict):
         if "tokens" not in loaded:

@@ -82,7 +82,7 @@ def test_bridge_reproduces_the_recorded_metrics_and_freeze_effects(task):
 
 
 def test_freezing_the_induction_heads_ov_destroys_copying_on_the_bridge():
-    """The known-circuit result on the bridge, on every TransformerLens (thresholds of tests/test_bundled.py);
+    """The known-circuit result on the bridge, on every TransformerLens (thresholds of tests/bundled/test_bundled.py);
     QK freezes are refused with one clear error where the native bridge discards pattern edits (3.x)."""
     info, bridge = tlc.bundled_model_info(DEFAULT), bridge_named(DEFAULT)
     batch = tlc.bundled_tasks(DEFAULT)["induction"](32, seed=123)
@@ -111,7 +111,8 @@ def test_checkpoint_loads_as_a_bridge(tmp_path):
 
 @needs_hooked_transformer
 def test_saved_hooked_transformer_with_mlp_loads_as_an_equal_bridge(tmp_path):
-    """A model with an MLP and non-zero biases (LayerNorm, learned positions): saved, loaded as a bridge, same logits."""
+    """A model with an MLP and non-zero biases (LayerNorm, learned positions): saved, loaded as a bridge, same
+    logits."""
     model = builders.mha(seed=4)
     save_checkpoint(model, tmp_path)
     tokens = builders.random_tokens()

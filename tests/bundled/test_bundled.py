@@ -28,7 +28,7 @@ from tl_circuits.bundled import models as bundled, tasks, training
 from tl_circuits.bundled.tasks import BOS, counting_batch, induction_batch, random_batch, scored_loss
 from tl_circuits.bundled.training import BUNDLED_CONFIGS, train_model, training_batch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAMES = ["induction-2l", "induction-counting-2l"]
 TEST_SEED = 123  # held out: not the seed the recorded analysis used (0), not a training seed (>= 1e9)
 N_ROWS = 64
@@ -113,8 +113,10 @@ def test_default_model_loads_without_arguments():
 def test_package_data_ships_the_weights():
     """pyproject's package-data patterns cover every file in tl_circuits/bundled/data (non-editable installs)."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tl_circuits"]
-    files = [p.relative_to(ROOT / "tl_circuits").as_posix() for p in (ROOT / "tl_circuits" / "bundled" / "data").iterdir()]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["tl_circuits"]
+    data_dir = ROOT / "tl_circuits" / "bundled" / "data"
+    files = [p.relative_to(ROOT / "tl_circuits").as_posix() for p in data_dir.iterdir()]
     assert sorted(files) == sorted(f"bundled/data/{n}.{ext}" for n in MODEL_NAMES for ext in ("json", "safetensors"))
     for name in MODEL_NAMES:
         for ext in ("json", "safetensors"):
@@ -233,7 +235,8 @@ def test_the_sweep_singles_out_the_recorded_circuit(name):
     info = tlc.bundled_model_info(name)
     metric = tlc.scored_loss_metric(batch)
     corrupted = random_batch(len(batch), seq_len=33, d_vocab=model.cfg.d_vocab, seed=1).tokens
-    resample = tlc.freeze_sweep(model, batch.tokens, metric, replacement="resample", reference=corrupted, progress=False)
+    resample = tlc.freeze_sweep(model, batch.tokens, metric, replacement="resample", reference=corrupted,
+                                progress=False)
     (layer, head, effect), = resample.top_heads(1, "qk")
     assert (layer, head) in info.known_heads["induction"] and effect > 0.4
     if name == "induction-2l":

@@ -13,7 +13,7 @@ import pytest
 import tl_circuits as tlc
 from tests.builders import HAS_HOOKED_TRANSFORMER
 from tl_circuits.cli.command import main
-from tl_circuits.cli.report import FILES
+from tl_circuits.cli.output import FILES
 
 SMALL = ["--n-a", "6", "--n-b", "5", "--seed", "3", "--n-permutations", "99", "--n-bootstrap", "50", "--quiet"]
 QK_WARNING = "QK freezes are not available on this model"
@@ -56,7 +56,7 @@ def test_bridge_report_equals_the_hooked_transformer_report(tmp_path):
     np.testing.assert_allclose(pairs_b.total, pairs_h.total, rtol=1e-4)
 
 
-@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER, reason="TransformerLens 4.x only (3.x: the slow test in test_cli.py)")
+@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER, reason="TransformerLens 4.x only (3.x: the slow test in tests/cli/test_cli.py)")
 def test_no_argument_job_runs_on_a_bridge_and_writes_every_file(tmp_path, monkeypatch):
     """The README's first command, exactly, under TransformerLens 4.x; task A's QK and OV sweep equals the per-head
     freeze effects recorded in the model's JSON when it was analysed as a HookedTransformer (same batch: 64 rows,

@@ -1,0 +1,41 @@
+"""Fixtures of the command tests: a tiny model saved as a local checkpoint with task files, and its report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests import builders
+from tests.cli.helpers import SMALL, write_ids
+from tl_circuits.cli.command import main
+from tl_circuits.models.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint_inputs(tmp_path_factory):
+    """A tiny model saved as a local checkpoint, task A as a ragged .tokens file, task B as a .npy array."""
+    root = tmp_path_factory.mktemp("inputs")
+    model = builders.mha(seed=3)
+    save_checkpoint(model, root / "model")
+    gen = torch.Generator().manual_seed(5)
+    rows_a = [torch.randint(0, 25, (int(n),), generator=gen).tolist() for n in (9, 5, 12, 7, 10, 6)]
+    rows_b = torch.randint(25, builders.D_VOCAB, (5, 11), generator=gen)
+    write_ids(root / "a.tokens", [[]] + rows_a[:3] + [[]] + rows_a[3:])  # blank lines are skipped
+    np.save(root / "b.npy", rows_b.numpy())
+    return dict(root=root, model=model, rows_a=rows_a, tokens_b=rows_b)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_report(checkpoint_inputs, tmp_path_factory):
+    """(exit status, stdout, stderr, report folder) of a quiet run on the local checkpoint and token files."""
+    import contextlib
+    import io
+
+    root = checkpoint_inputs["root"]
+    out = tmp_path_factory.mktemp("checkpoint") / "report"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main([str(a) for a in ["--model", root / "model", "--task-a", root / "a.tokens", "--task-b",
+                                        root / "b.npy", "--n-a", "5", *SMALL, "--out", out]])
+    return status, stdout.getvalue(), stderr.getvalue(), out

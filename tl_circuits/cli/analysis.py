@@ -1,0 +1,244 @@
+"""The whole analysis of two tasks on one model: what the ``tl-circuits`` report shows.
+
+:func:`run_analysis` runs, on task A and task B:
+
+1. **Freeze sweeps** — :func:`tl_circuits.freeze_sweep` over every head, QK and OV circuits, on each task's batch.
+   Metric: the mean next-token cross-entropy over the task's *scored* positions (all scored tokens of the batch
+   pooled; for file tasks every real token after the first), so the effect is the change of the loss on what
+   the task is about. ``effect = frozen loss − clean loss`` (positive: the head helps).
+2. **Interference** — per-sample gradients of the attention weights of A ∪ B, the *pooled* diagonal Fisher,
+   and the pooled pairwise score matrix (:func:`tl_circuits.interference.engine.pooled_scores`), computed once. Its
+   A × B block is the interference map: identical to :func:`tl_circuits.compute_interference` with
+   ``fisher_source="pooled"`` (tested), so the map and its statistics share one normaliser.
+3. **Statistics** — :func:`tl_circuits.permutation_test` on that same pooled matrix (task labels exchangeable;
+   one-sided towards conflict: ``"less"`` for the signed variant, ``"greater"`` otherwise), BH/BY q-values,
+   max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals of each cell's mean.
+
+Note: the per-sample loss behind the gradients is SPEC §2's token mean over *all* valid positions of a sample
+(the gradient stage has no scored-position mask); only the sweep metric is restricted to scored positions.
+
+Every default is the library's (:mod:`tl_circuits.defaults`):
+
+>>> config = AnalysisConfig()
+>>> config.variant, config.interference.fisher_source, config.n_bootstrap, config.alternative
+('signed', 'pooled', 2000, 'less')
+>>> config.permutations_for(576), AnalysisConfig(n_permutations=99).permutations_for(576)
+(23040, 99)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_circuits import defaults
+from tl_circuits.bundled import tasks
+from tl_circuits.bundled.tasks import TaskBatch
+from tl_circuits.cli.task_files import TaskInput
+from tl_circuits.freezing.references import compute_mean_activations
+from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
+from tl_circuits.interference.config import InterferenceConfig
+from tl_circuits.interference.engine import pooled_scores
+from tl_circuits.interference.result import InterferenceResult
+from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
+
+CIRCUITS = ("qk", "ov")
+REPLACEMENTS = ("zero", "mean")
+TOP_K = 10
+
+
+def pooled_interference_config() -> InterferenceConfig:
+    """The library's default :class:`InterferenceConfig` on the pooled Fisher (what the test needs)."""
+    return InterferenceConfig(fisher_source="pooled")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Settings of :func:`run_analysis` (recorded in the report); defaults from :mod:`tl_circuits.defaults`.
+
+    Attributes:
+        interference: the map's and the test's :class:`tl_circuits.InterferenceConfig` (variant, memory budget,
+            progress, ...). Its ``fisher_source`` must be ``"pooled"`` (``None`` is read as ``"pooled"``): the
+            permutation null needs a label-free normaliser, and the map shares it.
+        replacement: freeze replacement of the sweep, ``"zero"`` or ``"mean"`` (mean over the task's own batch).
+        n_permutations: label permutations; ``None`` (default): :func:`tl_circuits.defaults.default_n_permutations`
+            of all (block, layer, head) cells at ``alpha``, so a single real effect can reach significance.
+        n_bootstrap, alpha, correction: as :func:`tl_circuits.permutation_test`.
+        top_k: rows in the report's top-heads and top-pairs tables.
+        seed: permutations, bootstrap, the sweep and (through the caller) the bundled task samples.
+    """
+
+    interference: InterferenceConfig = field(default_factory=pooled_interference_config)
+    replacement: str = "zero"
+    n_permutations: Optional[int] = None
+    n_bootstrap: int = defaults.N_BOOTSTRAP
+    alpha: float = defaults.ALPHA
+    correction: str = "bh"
+    top_k: int = TOP_K
+    seed: int = defaults.SEED
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interference, InterferenceConfig):
+            raise TypeError(f"interference must be an InterferenceConfig, got {type(self.interference).__name__}")
+        if self.interference.fisher_source not in (None, "pooled"):
+            raise ValueError("the report's map and test share the pooled Fisher; got "
+                             f"fisher_source={self.interference.fisher_source!r}")
+        if self.interference.fisher_source is None:  # frozen: set once, here
+            object.__setattr__(self, "interference", self.interference.replace(fisher_source="pooled"))
+        if self.replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {self.replacement!r}")
+        if self.n_permutations is not None and self.n_permutations < 1:
+            raise ValueError(f"n_permutations must be >= 1 or None, got {self.n_permutations}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    @property
+    def variant(self) -> str:
+        return self.interference.variant
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars of every stage (the interference config's setting)."""
+        return self.interference.progress
+
+    @property
+    def alternative(self) -> str:
+        """The direction of conflict: more negative (signed) or larger (unsigned, symmetric) than the null."""
+        return "less" if self.variant == "signed" else "greater"
+
+    def permutations_for(self, n_cells: int) -> int:
+        """The number of permutations used for ``n_cells`` tested cells (see ``n_permutations``)."""
+        if self.n_permutations is not None:
+            return self.n_permutations
+        return defaults.default_n_permutations(n_cells, self.alpha)
+
+    def to_dict(self, n_permutations_used: Optional[int] = None) -> dict[str, Any]:
+        """Plain settings (JSON-ready); ``n_permutations`` is the number used where it is given."""
+        n_permutations = n_permutations_used if n_permutations_used is not None else self.n_permutations
+        return dict(variant=self.variant, replacement=self.replacement, n_permutations=n_permutations,
+                    n_permutations_requested=self.n_permutations, n_bootstrap=self.n_bootstrap, alpha=self.alpha,
+                    correction=self.correction, alternative=self.alternative, top_k=self.top_k, seed=self.seed,
+                    memory_budget_gb=self.interference.memory_budget_gb, interference=self.interference.to_dict())
+
+
+@dataclass
+class Analysis:
+    """Everything the report is written from.
+
+    ``timings``: wall seconds per stage (``load_s`` where the command loaded the model, ``sweep_a_s``,
+    ``sweep_b_s``, ``interference_s``, ``statistics_s``) and ``total_s``, one clock over all of them.
+    """
+
+    model_info: dict[str, Any]
+    task_a: TaskInput
+    task_b: TaskInput
+    sweeps: dict[str, SweepResult]
+    interference: InterferenceResult
+    statistics: InterferenceTestResult
+    config: AnalysisConfig
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> dict[str, TaskInput]:
+        return {"a": self.task_a, "b": self.task_b}
+
+
+def scored_loss_metric(task: TaskInput, device) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
+    """``logits -> mean next-token cross-entropy over the task's scored positions`` (freeze_sweep's metric),
+    pooled over every scored position of the batch (:func:`tl_circuits.bundled.tasks.scored_loss`)."""
+    batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)
+
+    def scored_loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        return tasks.scored_loss(logits, batch)
+
+    return scored_loss
+
+
+def run_sweep(model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
+    """QK and OV freeze sweep of every head on one task's batch (metric: :func:`scored_loss_metric`)."""
+    device = next(model.parameters()).device
+    tokens = task.tokens.to(device)
+    reference = None
+    if config.replacement == "mean":
+        reference = compute_mean_activations(model, tokens, progress=config.progress)
+    circuits: tuple[str, ...] = CIRCUITS
+    if model_spec(model).qk_mask_source is None:  # a native TransformerBridge on TransformerLens 3.x
+        circuits = tuple(c for c in CIRCUITS if c != "qk")
+        warnings.warn("QK freezes are not available on this model (a TransformerLens-native bridge before "
+                      "TransformerLens 4 discards attention-pattern edits): the QK sweep is left out (NaN)",
+                      stacklevel=2)
+    result = freeze_sweep(model, tokens, scored_loss_metric(task, device), circuits=circuits,
+                          replacement=config.replacement, reference=reference, seed=config.seed,
+                          progress=config.progress)
+    shape = next(iter(result.frozen.values())).shape
+    result.frozen = {c: result.frozen[c] if c in result.frozen else torch.full(shape, float("nan")) for c in CIRCUITS}
+    return result
+
+
+def pooled_interference(model, task_a: TaskInput, task_b: TaskInput,
+                        config: AnalysisConfig) -> tuple[InterferenceResult, dict[str, Tensor], int]:
+    """(the A × B map, the pooled matrix ``{block: [N, N, L, H]}``, n_a): one gradient pass over A ∪ B."""
+    device = next(model.parameters()).device
+    icfg = config.interference
+    # the one streaming engine: every gradient once, the pooled matrix tiled within the memory budget
+    pooled, fisher, settings = pooled_scores(model, task_a.tokens.to(device), task_b.tokens.to(device),
+                                             attention_mask_a=task_a.attention_mask.to(device),
+                                             attention_mask_b=task_b.attention_mask.to(device), config=icfg)
+    n_a = task_a.n_samples
+    cross = {block: scores[:n_a, n_a:].clone() for block, scores in pooled.items()}
+    interference = InterferenceResult(cross, list(task_a.ids), list(task_b.ids), icfg.resolved(), settings,
+                                      fisher=fisher)
+    return interference, pooled, n_a
+
+
+def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfig) -> InterferenceTestResult:
+    """The permutation test of the pooled matrix (n_permutations: :meth:`AnalysisConfig.permutations_for`)."""
+    n_cells = sum(scores.shape[2] * scores.shape[3] for scores in pooled.values())
+    return permutation_test(pooled, n_a, n_permutations=config.permutations_for(n_cells),
+                            alternative=config.alternative, alpha=config.alpha, correction=config.correction,
+                            seed=config.seed, n_bootstrap=config.n_bootstrap, progress=config.progress)
+
+
+def run_interference(model, task_a: TaskInput, task_b: TaskInput,
+                     config: AnalysisConfig) -> tuple[InterferenceResult, InterferenceTestResult]:
+    """The pooled pairwise matrix once; its A × B block as the map, all of it for the permutation test."""
+    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config)
+    return interference, pooled_statistics(pooled, n_a, config)
+
+
+def run_analysis(model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
+                 model_info: Optional[dict] = None,
+                 announce: Callable[[str], None] = lambda message: None) -> Analysis:
+    """Sweeps on both tasks, interference of A × B, and its statistics (module docstring), timed per stage."""
+    config = config if config is not None else AnalysisConfig()
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    sweeps = {}
+    for key, task in (("a", task_a), ("b", task_b)):
+        announce(f"freeze sweep on task {key.upper()} ({task.name}, {task.n_samples} samples)")
+        stage = time.perf_counter()
+        sweeps[key] = run_sweep(model, task, config)
+        timings[f"sweep_{key}_s"] = time.perf_counter() - stage
+    announce(f"per-sample gradients, pooled Fisher, pairwise scores and permutation test "
+             f"({task_a.n_samples} × {task_b.n_samples} samples)")
+    stage = time.perf_counter()
+    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config)
+    timings["interference_s"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    statistics = pooled_statistics(pooled, n_a, config)
+    timings["statistics_s"] = time.perf_counter() - stage
+    timings["total_s"] = time.perf_counter() - start
+    return Analysis(dict(model_info or {}), task_a, task_b, sweeps, interference, statistics, config, timings)

@@ -1,0 +1,149 @@
+"""The report's tables (pandas DataFrames, written as its CSV files and listed in report.json).
+
+- :func:`sweep_table` (``sweep.csv``): task, task_name, circuit, layer, head, ``clean_loss``, ``frozen_loss``
+  (the loss with that head's circuit frozen) and ``effect = frozen_loss − clean_loss``.
+- :func:`interference_table` (``interference.csv``): per (block, layer, head) the map's mean and every statistic.
+- :func:`top_heads_by_freeze`, :func:`top_heads_by_interference`, :func:`top_conflicts_table`,
+  :func:`top_pairs_table`, :func:`samples_table`.
+
+"Most conflicting" is most negative first for the signed variant, largest first otherwise, NaN last:
+
+>>> import numpy as np
+>>> conflict_order(np.array([0.5, -2.0, np.nan, -1.0]), "signed").tolist()
+[1, 3, 0, 2]
+>>> conflict_order(np.array([0.5, -2.0, np.nan, -1.0]), "unsigned").tolist()
+[0, 3, 1, 2]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from tl_circuits.cli.analysis import Analysis
+
+SWEEP_COLUMNS = ["task", "task_name", "circuit", "layer", "head", "clean_loss", "frozen_loss", "effect"]
+
+
+def sweep_table(analysis: Analysis) -> pd.DataFrame:
+    """Long table of both sweeps, one row per (task, circuit, layer, head); NaN where a circuit was not swept."""
+    rows = []
+    for key, sweep in analysis.sweeps.items():
+        name = analysis.tasks[key].name
+        for circuit, frozen in sweep.frozen.items():
+            n_heads = frozen.shape[1]
+            # effect in float64 of the float32 loss, as report.json's, so the two files agree exactly
+            for flat, loss in enumerate(frozen.detach().cpu().flatten().tolist()):
+                layer, head = divmod(flat, n_heads)
+                rows.append(dict(task=key.upper(), task_name=name, circuit=circuit, layer=layer, head=head,
+                                 clean_loss=sweep.clean, frozen_loss=loss, effect=loss - sweep.clean))
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+def interference_table(analysis: Analysis) -> pd.DataFrame:
+    """One row per (block, layer, head): the map's mean over A × B pairs and every statistic of the cell."""
+    frame = analysis.statistics.to_dataframe()
+    means = analysis.interference.mean
+    frame.insert(3, "head_kind", ["kv" if b in ("K", "V") else "query" for b in frame["block"]])
+    frame.insert(4, "mean", [float(means[b][l, h]) for b, l, h in zip(frame["block"], frame["layer"], frame["head"])])
+    return frame
+
+
+def conflict_order(values: np.ndarray, variant: str) -> np.ndarray:
+    """Indices from most to least conflicting (most negative first for signed), NaN last."""
+    key = values if variant == "signed" else -values
+    return np.argsort(np.where(np.isfinite(key), key, np.inf), kind="stable")
+
+
+def known_roles(analysis: Analysis) -> dict[tuple[int, int], str]:
+    """(layer, query head) -> the role the model's metadata gives it (bundled models), e.g. "induction"."""
+    roles: dict[tuple[int, int], str] = {}
+    for role, heads in (analysis.model_info.get("known_heads") or {}).items():
+        for layer, head in heads:
+            cell = (int(layer), int(head))
+            roles[cell] = ", ".join(filter(None, [roles.get(cell), role]))
+    return roles
+
+
+def _role_column(frame: pd.DataFrame, roles: dict, kv_blocks_are_grouped: bool = False) -> list[str]:
+    """Known role of each row's head; K/V rows under GQA index KV heads, which have no query-head role."""
+    out = []
+    for _, row in frame.iterrows():
+        grouped_kv = kv_blocks_are_grouped and row.get("block") in ("K", "V")
+        out.append("" if grouped_kv else roles.get((int(row["layer"]), int(row["head"])), ""))
+    return out
+
+
+def top_heads_by_interference(analysis: Analysis, k: int) -> pd.DataFrame:
+    """The k (block, layer, head) cells with the most conflicting mean, with their statistics and known role."""
+    table = interference_table(analysis)
+    order = conflict_order(table["mean"].to_numpy(), analysis.config.variant)[:k]
+    top = table.iloc[order].reset_index(drop=True)
+    grouped = bool(analysis.interference.settings.get("grouped", False))
+    top["known_role"] = _role_column(top, known_roles(analysis), grouped)
+    return top
+
+
+def top_heads_by_freeze(analysis: Analysis, k: int) -> pd.DataFrame:
+    """Per task, the k (circuit, layer, head) with the largest |effect|, with their known role."""
+    table = sweep_table(analysis)
+    parts = [part.iloc[np.argsort(-part["effect"].abs().to_numpy(), kind="stable")[:k]]
+             for _, part in table.groupby("task", sort=True)]
+    top = pd.concat(parts, ignore_index=True)
+    top["known_role"] = _role_column(top, known_roles(analysis))
+    return top
+
+
+def top_conflicts_table(analysis: Analysis) -> pd.DataFrame:
+    """The ``top_k`` most conflicting (sample pair, block, layer, head) cells."""
+    conflicts = analysis.interference.top_conflicts(analysis.config.top_k)
+    rows = [dict(rank=r + 1, **c._asdict()) for r, c in enumerate(conflicts)]
+    return pd.DataFrame(rows, columns=["rank", "id_a", "id_b", "block", "layer", "head", "score"])
+
+
+def top_pairs_table(analysis: Analysis) -> pd.DataFrame:
+    """Sample pairs ranked by their score summed over blocks, layers and heads (K/V per KV head, once each)."""
+    result = analysis.interference
+    per_block = {b: result.scores[b].double().nansum(dim=(2, 3)) for b in result.blocks}
+    total = np.zeros(next(iter(per_block.values())).shape)
+    for grid in per_block.values():
+        total = total + grid.numpy()
+    order = conflict_order(np.ravel(total), analysis.config.variant)[:analysis.config.top_k]
+    n_b = total.shape[1]
+    rows = []
+    for rank, flat in enumerate(order.tolist(), start=1):
+        i, j = divmod(flat, n_b)
+        cells = {b: result.scores[b][i, j] for b in result.blocks}
+        block, layer, head, value = _dominant_cell(cells, analysis.config.variant)
+        rows.append(dict(rank=rank, id_a=result.ids_a[i], id_b=result.ids_b[j], total=float(total[i, j]),
+                         **{f"total_{b}": float(per_block[b][i, j]) for b in result.blocks},
+                         top_block=block, top_layer=layer, top_head=head, top_score=value,
+                         preview_a=analysis.task_a.previews[i], preview_b=analysis.task_b.previews[j]))
+    return pd.DataFrame(rows)
+
+
+def _dominant_cell(cells: dict[str, Tensor], variant: str) -> tuple[str, int, int, float]:
+    """The (block, layer, head, score) of a pair that conflicts most; NaN score if every cell is NaN."""
+    best = None
+    for block, grid in cells.items():
+        values = grid.double().numpy()
+        flat = conflict_order(values.ravel(), variant)[0]
+        value = float(values.ravel()[flat])
+        better = best is None or (value < best[3] if variant == "signed" else value > best[3])
+        if math.isfinite(value) and better:
+            layer, head = divmod(int(flat), values.shape[1])
+            best = (block, layer, head, value)
+    return best if best is not None else ("", -1, -1, math.nan)
+
+
+def samples_table(analysis: Analysis) -> pd.DataFrame:
+    """Every sample: task, task_name, id, number of real tokens, preview."""
+    rows = []
+    for key, task in analysis.tasks.items():
+        lengths = task.attention_mask.sum(1).tolist()
+        rows += [dict(task=key.upper(), task_name=task.name, id=i, n_tokens=int(n), preview=p)
+                 for i, n, p in zip(task.ids, lengths, task.previews)]
+    return pd.DataFrame(rows)
