@@ -177,7 +177,8 @@ def test_bridge_parameters_round_trip_through_rows():
         for block in BLOCKS:
             include_biases = block != "O" and (0, block, True) in dict(spec.param_names)
             rows = spec.per_head(params, block, include_biases)
-            assert rows.shape == (spec.n_layers, spec.n_block_heads(block), spec.n_params_per_head(block, include_biases))
+            n_params = spec.n_params_per_head(block, include_biases)
+            assert rows.shape == (spec.n_layers, spec.n_block_heads(block), n_params)
             for name, tensor in spec.params_from_per_head(rows, block, include_biases).items():
                 assert torch.equal(tensor, params[name]), name
 
