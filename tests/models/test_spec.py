@@ -135,3 +135,12 @@ def test_params_from_per_head_round_trips_hooked_parameters(model):
                 torch.testing.assert_close(tensor, params[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="rows must be"):
         spec.params_from_per_head(torch.zeros(spec.n_layers + 1, spec.n_heads, 4), "Q")
+
+
+def test_bridge_spec_answers_the_same_questions():
+    for model in (builders.gpt2_bridge(0), builders.llama_bridge(0), builders.native_bridge(0)):
+        spec, cfg = model_spec(model), model.cfg
+        assert spec.d_mlp == cfg.d_mlp and spec.attn_only == bool(cfg.attn_only)
+        assert spec.shared_qkv_input and not spec.use_attn_result
+        assert spec.dtype == next(model.parameters()).dtype == torch.float32
+        assert spec.weight_layout("Q") in ("linear", "conv1d")
