@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from tl_circuits.models import bridge
+from tl_circuits.models.types import Model
 
 if TYPE_CHECKING:  # pragma: no cover - spec.py re-exports this module's names
     from tl_circuits.models.spec import ModelSpec
@@ -38,7 +39,7 @@ __all__ = ["attention_scores", "check_tokens", "functional_logits", "model_logit
            "register_factor_hooks"]
 
 def attention_scores(
-    model,
+    model: Model,
     spec: ModelSpec,
     layer: int,
     q: Float[Tensor, "batch q_pos head d_head"],
@@ -54,7 +55,7 @@ def attention_scores(
     return AbstractAttention.calculate_attention_scores(model.blocks[layer].attn, q, k)
 
 
-def post_rotary(model, spec: ModelSpec, layer: int, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
+def post_rotary(model: Model, spec: ModelSpec, layer: int, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
     """Queries/keys as they enter the scores, from what :meth:`ModelSpec.query_hook`/``key_hook`` hold:
     the identity, except on a bridge whose rotary hooks never fire (native), where rotary is applied here."""
     if spec.rotary and not spec.rotary_hooked:
@@ -62,7 +63,7 @@ def post_rotary(model, spec: ModelSpec, layer: int, x: Float[Tensor, "batch pos 
     return x
 
 
-def model_logits(model, spec: ModelSpec, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+def model_logits(model: Model, spec: ModelSpec, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """Logits of ``tokens`` (one sample inside ``vmap`` or a batch). On a bridge ``attention_mask`` must be
     ``None`` (``spec.masks_under_vmap`` is False: callers trim padding instead)."""
     if spec.kind == "bridge":
@@ -73,7 +74,7 @@ def model_logits(model, spec: ModelSpec, tokens: Tensor, attention_mask: Optiona
 
 
 def functional_logits(
-    model, spec: ModelSpec, params: Mapping[str, Tensor], tokens: Tensor, attention_mask: Optional[Tensor] = None
+    model: Model, spec: ModelSpec, params: Mapping[str, Tensor], tokens: Tensor, attention_mask: Optional[Tensor] = None
 ) -> Tensor:
     """:func:`model_logits` with the named parameters replaced (``torch.func.functional_call``), the model's
     own parameters untouched."""
@@ -85,7 +86,7 @@ def functional_logits(
 
 
 def register_factor_hooks(
-    model,
+    model: Model,
     spec: ModelSpec,
     layer: int,
     perturb: Callable[[str, Tensor], Tensor],
