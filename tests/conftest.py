@@ -9,7 +9,7 @@ torch.set_num_threads(2)
 # tests (whose HookedTransformer parity tests skip themselves) and the model-free ones. The rest build
 # HookedTransformers at import or in fixtures, so they are left out of collection rather than erroring.
 RUNS_WITHOUT_HOOKED_TRANSFORMER = {"test_bridge.py", "test_fisher.py", "test_bundled.py",
-                                   "test_bundled_bridge.py", "test_bridge_cli.py", "test_analysis_config.py",
+                                   "test_bundled_bridge.py", "test_bridge_cli.py", "test_analysis_config.py", "test_layout.py",
                                    # tests/stats/
                                    "test_permutation.py", "test_corrections.py", "test_bootstrap.py",
                                    "test_calibration.py", "test_result.py"}

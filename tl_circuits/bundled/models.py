@@ -183,7 +183,7 @@ def load_bundled_model(
             raise RuntimeError(f"{info.weights_path}: {err}") from None
     model = load_weights(info.config, info.weights_path, device=device)
     if tokenizer:
-        model.set_tokenizer(task_tokenizer(model.cfg.d_vocab))
+        model.set_tokenizer(task_tokenizer(info.config["d_vocab"]))
     return model
 
 

@@ -45,6 +45,7 @@ except ImportError:
     HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 from tl_circuits.freezing.sweep import freeze_sweep
+from tl_circuits.models.spec import model_spec
 from tl_circuits.bundled.tasks import (
     TASK_GENERATORS,
     TaskBatch,
@@ -213,7 +214,7 @@ def _grid(t: torch.Tensor) -> list:
 
 def _corrupted(model: HookedTransformer, batch: TaskBatch) -> torch.Tensor:
     """The RESAMPLE reference: non-repeating random tokens of the batch's shape (nothing to copy)."""
-    return random_batch(len(batch), seq_len=batch.tokens.shape[1], d_vocab=model.cfg.d_vocab, seed=1).tokens
+    return random_batch(len(batch), seq_len=batch.tokens.shape[1], d_vocab=model_spec(model).d_vocab, seed=1).tokens
 
 
 DETECTOR_KWARGS = dict(exclude_bos=True)
@@ -233,7 +234,7 @@ def analyse(model: HookedTransformer, config: TrainingConfig, *, n: int = 64, de
     from tl_circuits.bundled.models import head_detector_scores
 
     if model.tokenizer is None:
-        model.set_tokenizer(task_tokenizer(model.cfg.d_vocab))
+        model.set_tokenizer(task_tokenizer(model_spec(model).d_vocab))
     out: dict = {"metrics": {}, "freeze_effects": {}, "head_detector": {"settings": dict(DETECTOR_KWARGS)}}
     for task in config.eval_tasks:
         batch = eval_batch(config, task, n)

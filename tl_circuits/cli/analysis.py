@@ -46,6 +46,7 @@ from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.result import InterferenceResult
+from tl_circuits.models.spec import model_spec
 from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
 
 CIRCUITS = ("qk", "ov")

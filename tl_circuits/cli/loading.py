@@ -46,13 +46,14 @@ class LoadedModel:
 
     def info(self) -> dict:
         """The model section of the report (architecture, source, known heads)."""
-        cfg = self.model.cfg
-        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        from tl_circuits.models.spec import model_spec  # lazily, as every heavy import here
+
+        spec = model_spec(self.model)
         known = {role: [list(h) for h in heads] for role, heads in (self.known_heads or {}).items()}
         return dict(name=self.name, source=self.source, description=self.description, known_heads=known,
                     known_heads_text=known_heads_text(self.known_heads or {}),
-                    n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_model=cfg.d_model,
-                    d_head=cfg.d_head, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx, attn_only=bool(cfg.attn_only),
+                    n_layers=spec.n_layers, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, d_model=spec.d_model,
+                    d_head=spec.d_head, d_vocab=spec.d_vocab, n_ctx=spec.n_ctx, attn_only=spec.attn_only,
                     has_tokenizer=getattr(self.model, "tokenizer", None) is not None,
                     model_class=type(self.model).__name__)
 

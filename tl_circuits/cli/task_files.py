@@ -27,6 +27,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from tl_circuits.models.spec import model_spec
+
 TEXT, IDS, TENSOR = "text", "ids", "tensor"
 FORMATS = ("auto", TEXT, IDS)
 ID_SUFFIXES = (".tokens", ".ids")
@@ -97,7 +99,7 @@ def _pad(samples: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 def _pad_id(model) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if isinstance(pad, int) and 0 <= pad < model.cfg.d_vocab else 0
+    return int(pad) if isinstance(pad, int) and 0 <= pad < model_spec(model).d_vocab else 0
 
 
 def _non_blank_lines(path: Path) -> list[tuple[int, str]]:
@@ -129,6 +131,7 @@ def _check_ids_in_vocab(path: Path, where: str, ids: Sequence[int], d_vocab: int
 
 
 def _text_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], list[str], int]:
+    spec = model_spec(model)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise TaskInputError(f"{path}: is a text file but the model has no tokenizer; give token ids instead "
@@ -137,12 +140,12 @@ def _text_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str],
     samples, ids, previews, truncated = [], [], [], 0
     for number, line in lines:
         full = model.to_tokens(line, truncate=False)[0].tolist()
-        sample = full[:model.cfg.n_ctx]
+        sample = full[:spec.n_ctx]
         truncated += len(full) > len(sample)
         if len(sample) < 2:
             raise TaskInputError(f"{path}:{number}: the line tokenises to {len(sample)} token(s); a sample needs "
                                  "at least 2 (one next-token target)")
-        _check_ids_in_vocab(path, f":{number}", sample, model.cfg.d_vocab)
+        _check_ids_in_vocab(path, f":{number}", sample, spec.d_vocab)
         samples.append(sample)
         ids.append(f"{path.stem}:{number}")
         previews.append(line.strip()[:PREVIEW_CHARS])
@@ -150,6 +153,7 @@ def _text_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str],
 
 
 def _id_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], list[str], int]:
+    spec = model_spec(model)
     samples, ids, previews, truncated = [], [], [], 0
     for number, line in lines:
         try:
@@ -157,8 +161,8 @@ def _id_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], l
         except ValueError:
             raise TaskInputError(f"{path}:{number}: expected whitespace-separated integer token ids, got "
                                  f"{line.strip()[:40]!r} (is it a text file? name it .txt)") from None
-        _check_ids_in_vocab(path, f":{number}", full, model.cfg.d_vocab)
-        sample = full[:model.cfg.n_ctx]
+        _check_ids_in_vocab(path, f":{number}", full, spec.d_vocab)
+        sample = full[:spec.n_ctx]
         truncated += len(full) > len(sample)
         if len(sample) < 2:
             raise TaskInputError(f"{path}:{number}: a sample needs at least 2 token ids, got {len(sample)}")
@@ -198,11 +202,12 @@ def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> Ta
     if max_samples is not None:
         tokens, mask = tokens[:max_samples], mask[:max_samples]
     notes = []
-    if tokens.shape[1] > model.cfg.n_ctx:
-        notes.append(f"{path}: truncated to the model's n_ctx = {model.cfg.n_ctx} positions")
-        tokens, mask = tokens[:, :model.cfg.n_ctx], mask[:, :model.cfg.n_ctx]
+    spec = model_spec(model)
+    if tokens.shape[1] > spec.n_ctx:
+        notes.append(f"{path}: truncated to the model's n_ctx = {spec.n_ctx} positions")
+        tokens, mask = tokens[:, :spec.n_ctx], mask[:, :spec.n_ctx]
     real = tokens[mask > 0]
-    _check_ids_in_vocab(path, "", [int(real.min()), int(real.max())], model.cfg.d_vocab)
+    _check_ids_in_vocab(path, "", [int(real.min()), int(real.max())], spec.d_vocab)
     tokens = torch.where(mask > 0, tokens, torch.full_like(tokens, _pad_id(model)))
     scored = valid_target_positions(mask)
     empty = (~scored.any(1)).nonzero().flatten().tolist()
@@ -237,7 +242,8 @@ def read_task_file(path, model, *, fmt: str = "auto", max_samples: Optional[int]
     reader = _text_samples if kind == TEXT else _id_samples
     samples, ids, previews, truncated = reader(path, lines, model)
     tokens, mask = _pad(samples, _pad_id(model))
-    notes = [f"{path}: {truncated} sample(s) truncated to n_ctx = {model.cfg.n_ctx} tokens"] if truncated else []
+    n_ctx = model_spec(model).n_ctx
+    notes = [f"{path}: {truncated} sample(s) truncated to n_ctx = {n_ctx} tokens"] if truncated else []
     return TaskInput(name, tokens, mask, valid_target_positions(mask), ids, previews, str(path), notes)
 
 

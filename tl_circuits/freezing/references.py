@@ -84,7 +84,7 @@ def compute_mean_activations(
                 total = act.sum(dim=0) if per_position else act.sum(dim=(0, 1))
                 sums[key] = sums[key] + total if key in sums else total
     denom = n if per_position else n * reference_tokens.shape[1]
-    dtype = model.cfg.dtype
+    dtype = spec.dtype
     out = {kind: {layer: (sums[(kind, layer)] / denom).to(dtype) for layer in range(spec.n_layers)} for kind in "qkz"}
     return MeanActivations(q=out["q"], k=out["k"], z=out["z"], per_position=per_position, n_samples=n)
 

@@ -59,7 +59,14 @@ from tl_circuits.interference.inputs import (
     scatter_groups,
     valid_targets,
 )
-from tl_circuits.models.spec import BLOCKS, ModelSpec, functional_logits, model_logits, register_factor_hooks
+from tl_circuits.models.spec import (
+    BLOCKS,
+    ModelSpec,
+    functional_logits,
+    model_logits,
+    model_spec,
+    register_factor_hooks,
+)
 from tl_circuits.models.types import Model
 
 Part = Union[PerSampleGradients, GradientFactors]
@@ -67,14 +74,14 @@ Part = Union[PerSampleGradients, GradientFactors]
 
 def shared_qkv_input(model: Model) -> bool:
     """Q, K and V read one attention input (not with shortformer positions, added to queries and keys only)."""
-    return getattr(model.cfg, "positional_embedding_type", "standard") != "shortformer"
+    return model_spec(model).shared_qkv_input
 
 
 def engine_bytes(model: Model, spec: ModelSpec, n_pos: int, include_biases: bool, method: str) -> int:
     """One sample's workspace plus result in a forward/backward chunk (:mod:`~tl_circuits.interference.memory`)."""
     itemsize = next(model.parameters()).element_size()
-    d_mlp = getattr(model.cfg, "d_mlp", None) or 0
-    shared = shared_qkv_input(model)
+    d_mlp = spec.d_mlp or 0
+    shared = spec.shared_qkv_input
     return (memory.engine_bytes_per_sample(spec, n_pos, d_mlp, itemsize, include_biases=include_biases,
                                            method=method, shared_inputs=shared)
             + memory.result_bytes_per_sample(spec, n_pos, include_biases=include_biases, method=method,
@@ -83,7 +90,7 @@ def engine_bytes(model: Model, spec: ModelSpec, n_pos: int, include_biases: bool
 
 def resolve_method(model: Model, method: str) -> str:
     """The engine to use: ``use_attn_result`` models need no special engine unless ``hook_result`` is hooked."""
-    if method == "factored" and getattr(model.cfg, "use_attn_result", False):
+    if method == "factored" and model_spec(model).use_attn_result:
         hooked = [name for name, m in model.named_modules() if name.endswith("hook_result") and m._forward_hooks]
         if hooked:
             raise ValueError(f"a forward hook at {hooked[0]} changes each head's output after W_O, which the factored "

@@ -1,6 +1,65 @@
-"""Models: what tl_circuits knows about a HookedTransformer or TransformerBridge (spec and per-head layout),
-the bridge and native-bridge support, and checkpoints."""
+"""Models: what tl_circuits knows about a HookedTransformer or TransformerBridge.
 
+- :mod:`~tl_circuits.models.spec`: :class:`ModelSpec` (sizes, hook names, parameter names; read with
+  :func:`model_spec`) — ask it instead of ``model.cfg``;
+- :mod:`~tl_circuits.models.layout`: the per-head Q/K/V/O layout of attention parameters (SPEC §0);
+- :mod:`~tl_circuits.models.hooked`: forward passes and hooks, HookedTransformer or bridge;
+- :mod:`~tl_circuits.models.bridge` / :mod:`~tl_circuits.models.native`: TransformerBridge support;
+- :mod:`~tl_circuits.models.checkpoint`: saving and loading checkpoint directories.
+
+>>> from tl_circuits.models import BLOCKS, head_kind
+>>> [head_kind(block) for block in BLOCKS]
+['query', 'kv', 'kv', 'query']
+"""
+
+from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
+from tl_circuits.models.hooked import (
+    attention_scores,
+    check_tokens,
+    functional_logits,
+    model_logits,
+    post_rotary,
+    register_factor_hooks,
+)
+from tl_circuits.models.layout import (
+    BLOCKS,
+    WEIGHT_LAYOUTS,
+    Block,
+    HeadKind,
+    WeightLayout,
+    bias_to_heads,
+    head_kind,
+    heads_to_bias,
+    heads_to_weight,
+    weight_to_heads,
+)
+from tl_circuits.models.native import native_bridge_from_tl
+from tl_circuits.models.spec import ModelSpec, model_spec
 from tl_circuits.models.types import Model
 
-__all__ = ["Model"]
+__all__ = [
+    "BLOCKS",
+    "Block",
+    "CheckpointError",
+    "HeadKind",
+    "Model",
+    "ModelSpec",
+    "WEIGHT_LAYOUTS",
+    "WeightLayout",
+    "attention_scores",
+    "bias_to_heads",
+    "check_tokens",
+    "functional_logits",
+    "head_kind",
+    "heads_to_bias",
+    "heads_to_weight",
+    "is_checkpoint",
+    "load_checkpoint",
+    "model_logits",
+    "model_spec",
+    "native_bridge_from_tl",
+    "post_rotary",
+    "register_factor_hooks",
+    "save_checkpoint",
+    "weight_to_heads",
+]

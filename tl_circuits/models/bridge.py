@@ -1,6 +1,9 @@
 """What tl_circuits needs to know about a TransformerLens ``TransformerBridge`` (TransformerLens 3.x and 4.x).
 
-Only :mod:`tl_circuits.models.spec` uses this module; everything else asks ``model.py``.
+Only :mod:`tl_circuits.models` uses this module (``spec.py`` reads a bridge's :class:`ModelSpec` here and
+``hooked.py`` dispatches to it); everything else asks the spec. The per-head layout of its ``nn.Linear``/
+``Conv1D`` weights is :mod:`tl_circuits.models.layout`'s (re-exported here: :func:`weight_to_heads`,
+:func:`bias_to_heads`).
 
 A bridge wraps a Hugging Face (or TransformerLens-native) model and exposes HookedTransformer's hook names,
 but it is a different machine underneath. Facts this module relies on (checked on TransformerLens 3.9.0 and
@@ -31,7 +34,7 @@ but it is a different machine underneath. Facts this module relies on (checked o
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable
 
 import einops
 from jaxtyping import Float
@@ -42,10 +45,11 @@ try:  # TransformerLens >= 3.0
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 except ImportError:  # TransformerLens 2.x has no bridge
-    TransformerBridge = None
-    AttentionBridge = None
+    TransformerBridge = None  # type: ignore[misc,assignment]
+    AttentionBridge = None  # type: ignore[misc,assignment]
 
-WeightLayout = Literal["linear", "conv1d"]
+from tl_circuits.models.layout import WeightLayout, bias_to_heads, weight_to_heads  # noqa: F401 (re-exported)
+
 
 # Architectures whose attention bridges were checked hook by hook and parameter by parameter.
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "TransformerLensNative")
@@ -61,8 +65,9 @@ def architecture(model) -> str:
     return str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None))
 
 
-def attention(model, layer: int) -> nn.Module:
-    """The attention bridge of a layer (``model.blocks[layer].attn``)."""
+def attention(model, layer: int) -> Any:
+    """The attention bridge of a layer (``model.blocks[layer].attn``; an ``AttentionBridge`` module, typed ``Any``
+    because its submodules ``q``/``o``/``original_component`` are reached by attribute)."""
     return model.blocks[layer].attn
 
 
@@ -162,24 +167,6 @@ def parameter_names(model, include_biases: bool = True) -> dict[tuple[int, str, 
     return out
 
 
-def weight_to_heads(weight: Tensor, block: str, layout: WeightLayout, heads: int) -> Tensor:
-    """A projection weight (any leading dims) as per-head slices in the SPEC §0 layout.
-
-    Q/K/V ``[..., heads, d_model, d_head]`` (``W[h] = weight rows h·d..(h+1)·d, transposed`` for ``nn.Linear``);
-    O ``[..., heads, d_head, d_model]`` (``nn.Linear`` o_proj: per-head *columns*; ``Conv1D`` c_proj: per-head rows).
-    """
-    if block == "O":
-        pattern = "... m (h e) -> ... h e m" if layout == "linear" else "... (h e) m -> ... h e m"
-    else:
-        pattern = "... (h e) m -> ... h m e" if layout == "linear" else "... m (h e) -> ... h m e"
-    return einops.rearrange(weight, pattern, h=heads)
-
-
-def bias_to_heads(bias: Tensor, heads: int) -> Tensor:
-    """A Q/K/V bias ``[..., heads·d_head]`` as ``[..., heads, d_head]``."""
-    return einops.rearrange(bias, "... (h e) -> ... h e", h=heads)
-
-
 def logits(model, tokens: Tensor) -> Tensor:
     """Logits of unpadded tokens (a bridge's masked forward cannot run under vmap; callers trim padding)."""
     return model(tokens, return_type="logits")
@@ -197,7 +184,8 @@ def register_factor_hooks(
     capture_input: Callable[[str, Tensor], None],
     capture_z: Callable[[Tensor], None],
 ) -> list:
-    """Torch hooks for the factored gradient engine on one layer (see :func:`tl_circuits.models.spec.register_factor_hooks`)."""
+    """Torch hooks for the factored gradient engine on one layer
+    (see :func:`tl_circuits.models.hooked.register_factor_hooks`)."""
     attn = attention(model, layer)
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads

@@ -11,8 +11,9 @@
 :func:`save_checkpoint` writes it, :func:`load_checkpoint` reads it (offline: the tokenizer is loaded from the
 directory with ``local_files_only``, and a ``tokenizer_name`` in the config is never looked up on the hub).
 ``load_checkpoint(directory, as_bridge=True)`` reads the same directory as a TransformerLens-native
-``TransformerBridge`` (:mod:`tl_circuits.models.native`; learned positions only); under TransformerLens 4.x, which has no
-``HookedTransformer``, that is the default, and :func:`save_checkpoint` (HookedTransformers only) raises ``TypeError``.
+``TransformerBridge`` (:mod:`tl_circuits.models.native`; learned positions only); under TransformerLens 4.x,
+which has no ``HookedTransformer``, that is the default, and :func:`save_checkpoint` (HookedTransformers only)
+raises ``TypeError``.
 
 >>> import tempfile
 >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -37,7 +38,7 @@ import torch
 try:  # TransformerLens 2.x/3.x; 4.x removed HookedTransformer (checkpoints then load as native bridges)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 except ImportError:
-    HookedTransformer = HookedTransformerConfig = None
+    HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.pt")
@@ -88,8 +89,8 @@ def save_checkpoint(model: HookedTransformer, directory: Union[str, Path], token
         The directory.
     """
     if HookedTransformer is None or not isinstance(model, HookedTransformer):
-        raise TypeError(f"save_checkpoint writes a HookedTransformer, got {type(model).__name__}"
-                        + (" (this TransformerLens, 4.x, has no HookedTransformer)" if HookedTransformer is None else ""))
+        why = " (this TransformerLens, 4.x, has no HookedTransformer)" if HookedTransformer is None else ""
+        raise TypeError(f"save_checkpoint writes a HookedTransformer, got {type(model).__name__}{why}")
     if weights_format not in ("safetensors", "pt"):
         raise ValueError(f"weights_format must be 'safetensors' or 'pt', got {weights_format!r}")
     directory = Path(directory)
@@ -110,7 +111,8 @@ def save_checkpoint(model: HookedTransformer, directory: Union[str, Path], token
 
 
 def _read_kwargs(directory: Path) -> dict:
-    """config.json as HookedTransformerConfig keyword arguments (``dtype`` as a torch.dtype; no device or tokenizer name)."""
+    """config.json as HookedTransformerConfig keyword arguments (``dtype`` as a torch.dtype; no device or
+    tokenizer name)."""
     path = directory / CONFIG_FILE
     try:
         kwargs = json.loads(path.read_text())
@@ -188,8 +190,9 @@ def load_checkpoint(directory: Union[str, Path], device: Optional[str] = None,
     The tokenizer, if the directory has one, is attached with ``model.set_tokenizer`` (a bridge gets it at boot).
 
     Args:
-        as_bridge: ``True``: a ``TransformerBridge.boot_native`` model (:func:`tl_circuits.models.native.native_bridge_from_tl`;
-            learned positions only, see there); ``False``: a HookedTransformer; ``None`` (default): a
+        as_bridge: ``True``: a ``TransformerBridge.boot_native`` model
+            (:func:`tl_circuits.models.native.native_bridge_from_tl`; learned positions only, see there);
+            ``False``: a HookedTransformer; ``None`` (default): a
             HookedTransformer where TransformerLens has one (2.x/3.x), a bridge otherwise (4.x).
 
     Raises:

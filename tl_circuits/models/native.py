@@ -19,7 +19,7 @@ HookedTransformer-only features (local attention, soft caps, QK norm, ...). Anyt
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import einops
 import torch
@@ -61,7 +61,7 @@ def bridge_config(config: dict) -> dict:
     if config.get("normalization_type", "LN") not in _NORMS:
         raise NotImplementedError(f"the native TransformerBridge has no normalization_type="
                                   f"{config['normalization_type']!r} (LN, RMS or None)")
-    out = {name: config.get(name, default) for name, default in _PASSED.items()}
+    out: dict[str, Any] = {name: config.get(name, default) for name, default in _PASSED.items()}
     out = {name: value for name, value in out.items() if value is not None}
     if out.get("attn_only") and config.get("d_mlp") is None:
         out.pop("d_mlp", None)
@@ -95,7 +95,8 @@ def _port_convert(state_dict: dict[str, Tensor], cfg) -> dict[str, Tensor]:
     transpose = lambda t, k: t.T.contiguous()  # noqa: E731
     table = [(".W_Q", ".q.weight", w_in(h)), ("._W_K", ".k.weight", w_in(kv)), ("._W_V", ".v.weight", w_in(kv)),
              (".W_K", ".k.weight", w_in(kv)), (".W_V", ".v.weight", w_in(kv)),
-             (".W_O", ".o.weight", lambda t, k: einops.rearrange(check(t, (h, d_head, d_model), k), "h e m -> m (h e)")),
+             (".W_O", ".o.weight",
+              lambda t, k: einops.rearrange(check(t, (h, d_head, d_model), k), "h e m -> m (h e)")),
              (".b_Q", ".q.bias", b_in(h)), ("._b_K", ".k.bias", b_in(kv)), ("._b_V", ".v.bias", b_in(kv)),
              (".b_K", ".k.bias", b_in(kv)), (".b_V", ".v.bias", b_in(kv)), (".b_O", ".o.bias", same),
              (".W_in", ".in.weight", transpose), (".b_in", ".in.bias", same), (".W_out", ".out.weight", transpose),

@@ -1,4 +1,4 @@
-"""The model/layout module and the local fixtures."""
+"""ModelSpec (tl_circuits.models.spec) on HookedTransformers, and the local fixtures."""
 
 import pytest
 import torch
@@ -85,3 +85,62 @@ def test_hf_llama_logits_match(hf_llama):
     tokens = builders.random_tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+# ----- the size/kind questions callers outside models/ ask instead of model.cfg ----------------------------
+
+def test_spec_answers_what_callers_read_off_cfg(mha_model, gqa_model, attn_only_model):
+    for model in (mha_model, gqa_model, attn_only_model):
+        spec, cfg = model_spec(model), model.cfg
+        assert spec.d_mlp == cfg.d_mlp and spec.attn_only == bool(cfg.attn_only)
+        assert spec.shared_qkv_input and not spec.use_attn_result
+        assert spec.dtype == cfg.dtype == torch.float32
+    assert model_spec(attn_only_model).attn_only and not model_spec(mha_model).attn_only
+
+
+def test_shortformer_inputs_are_not_shared_and_flags_are_read():
+    assert not model_spec(builders.hooked(positional_embedding_type="shortformer")).shared_qkv_input
+    assert model_spec(builders.hooked(use_attn_result=True)).use_attn_result
+
+
+def test_dtype_is_the_parameters_dtype():
+    model = builders.hooked(dtype=torch.float64)
+    assert model_spec(model).dtype == torch.float64 == model.blocks[0].attn.W_Q.dtype
+
+
+def test_head_kind_factor_shapes_and_parameter_count(gqa_model):
+    spec = model_spec(gqa_model)
+    assert [spec.head_kind(b) for b in BLOCKS] == ["query", "kv", "kv", "query"]
+    H, G, D, d = spec.n_heads, spec.n_kv_heads, spec.d_model, spec.d_head
+    assert spec.factor_shapes("Q") == ((D,), (H, d))
+    assert spec.factor_shapes("K") == ((D,), (G, d))
+    assert spec.factor_shapes("O") == ((H, d), (D,))
+    params = dict(gqa_model.named_parameters())
+    for include_biases in (False, True):
+        by_hand = sum(params[name].numel() for name in spec.attention_param_names(include_biases))
+        assert spec.n_attention_params(include_biases) == by_hand
+
+
+def test_params_from_per_head_round_trips_hooked_parameters(model):
+    spec = model_spec(model)
+    params = dict(model.named_parameters())
+    for block in BLOCKS:
+        for include_biases in (False, True):
+            back = spec.params_from_per_head(spec.per_head(params, block, include_biases), block, include_biases)
+            expected = [spec.param_name(l, block) for l in range(spec.n_layers)]
+            if include_biases and block != "O":
+                expected += [spec.param_name(l, block, bias=True) for l in range(spec.n_layers)]
+            assert sorted(back) == sorted(expected)
+            for name, tensor in back.items():
+                torch.testing.assert_close(tensor, params[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows must be"):
+        spec.params_from_per_head(torch.zeros(spec.n_layers + 1, spec.n_heads, 4), "Q")
+
+
+def test_bridge_spec_answers_the_same_questions():
+    for model in (builders.gpt2_bridge(0), builders.llama_bridge(0), builders.native_bridge(0)):
+        spec, cfg = model_spec(model), model.cfg
+        assert spec.d_mlp == cfg.d_mlp and spec.attn_only == bool(cfg.attn_only)
+        assert spec.shared_qkv_input and not spec.use_attn_result
+        assert spec.dtype == next(model.parameters()).dtype == torch.float32
+        assert spec.weight_layout("Q") in ("linear", "conv1d")
