@@ -126,7 +126,7 @@ class _Rows:
         n_out = spec.d_model if block == "O" else heads * spec.d_head
         sub = max(1, int(self.sub_bytes // (4 * n_layers * n_in * n_out)))
         for store, local, dest in samples.pieces(rows):
-            factors = store.get(local, layers, self.device)
+            factors = store.get(local, layers, self.device, block=block)
             rows_into(factors, block, slice(None), slice(0, local.stop - local.start), sub, out[:, :, dest], self.ws)
         return out
 

@@ -37,6 +37,9 @@ SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimat
 ENGINE_SHARE = 0.15  # of the budget, at most, for one forward/backward chunk
 MAX_ENGINE_CHUNK = 16  # samples per forward/backward: larger batches gain nothing on a CPU and cost memory
 HOLD_SHARE = 0.6  # factors are held in memory when they take at most this share of what is left
+# Operands past this size make a contraction no faster (it is already a large batched matmul), so a larger
+# budget is left unused rather than filled with more layers per contraction.
+EFFICIENT_OPERAND_BYTES = 256 * 2**20
 
 
 def n_attention_params(spec: ModelSpec, include_biases: bool = False) -> int:
@@ -131,6 +134,13 @@ class MemoryPlan:
         return asdict(self)
 
 
+def _layer_group(spec: ModelSpec, room: float, per_layer: float) -> int:
+    """Layers per contraction: as many as fit, but no more than make the operands efficiently large."""
+    fits = int(room // per_layer)
+    efficient = max(1, math.ceil(EFFICIENT_OPERAND_BYTES / per_layer))
+    return max(1, min(spec.n_layers, fits, efficient))
+
+
 def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, factor_bytes: int, engine_per_sample: int,
              budget_gb: float, include_biases: bool = False, symmetric_variant: bool = False, same_sides: bool = False,
              chunk_size: int | None = None, max_held_samples: int | None = None) -> MemoryPlan:
@@ -144,7 +154,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     s = gradient_bytes_per_sample(spec, include_biases)
     s_layer = max(layer_row_bytes(spec, b, include_biases) for b in BLOCKS)
     n_block_heads = sum(spec.n_block_heads(b) for b in BLOCKS)
-    fixed = 4 * s  # the result's float64 Fisher + float64 sums of one group
+    fixed = 2 * s + 4 * spec.n_layers * s_layer  # the result's float64 Fisher + float64 sums of one group
     fixed += 2 * n_left * n_right * spec.n_layers * n_block_heads * 4  # the scores (+ a tile's temporary)
     chunk = chunk_size or chunk_size_for_budget(engine_per_sample, ENGINE_SHARE * budget)
     engine = chunk * engine_per_sample
@@ -166,7 +176,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     if same_sides:
         whole = n_left * per_op_shared <= room
         if whole:
-            layer_group = min(spec.n_layers, int(room // (n_left * per_op_shared)))
+            layer_group = _layer_group(spec, room, n_left * per_op_shared)
             tile_left = tile_right = n_left
         else:
             layer_group = 1
@@ -174,7 +184,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     else:
         whole = (n_left + n_right) * per_op <= room
         if whole:
-            layer_group = min(spec.n_layers, int(room // ((n_left + n_right) * per_op)))
+            layer_group = _layer_group(spec, room, (n_left + n_right) * per_op)
             tile_left, tile_right = n_left, n_right
         else:
             layer_group = 1

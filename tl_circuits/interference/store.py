@@ -109,10 +109,20 @@ class FactorStore:
                 target.flush()  # type: ignore[attr-defined]
                 _release(target)  # type: ignore[arg-type]
 
-    def get(self, samples: slice, layers: slice = slice(None), device: Optional[torch.device] = None) -> GradientFactors:
-        """The factors of some samples and layers, as tensors in memory (views when held, copies when spilled)."""
+    def get(self, samples: slice, layers: slice = slice(None), device: Optional[torch.device] = None,
+            block: Optional[str] = None) -> GradientFactors:
+        """The factors of some samples and layers, as tensors in memory (views when held, copies when spilled).
+
+        With ``block``, only what that block's rows need is read (the others are empty tensors).
+        """
+        needed = set(self.arrays)
+        if block is not None:
+            needed = {"z", "grad_O"} if block == "O" else {self._names()[f"in_{block}"], f"grad_{block}"}
         out: dict[str, Tensor] = {}
         for name, source in self.arrays.items():
+            if name not in needed:
+                out[name] = torch.empty(0)
+                continue
             if isinstance(source, Tensor):
                 out[name] = source[samples, layers]
             else:
