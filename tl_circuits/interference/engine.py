@@ -166,10 +166,10 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
                 if whole:  # the group's Fisher from the very rows that are scored
                     raw_l = rows(left, block, layers, slice(0, n_l), "l", biases)
                     raw_r = raw_l if same_sides else rows(right, block, layers, slice(0, n_r), "r", biases)
-                    for side, tag in sides:
+                    for _side, tag in sides:
                         sums = sums + sum_squares(raw_l if tag == "l" else raw_r)
                 else:  # one extra pass over the Fisher set's rows of this group
-                    for side, tag in sides:
+                    for side, _tag in sides:
                         for a in range(0, len(side), plan.tile_left):
                             part = slice(a, min(len(side), a + plan.tile_left))
                             sums = sums + sum_squares(rows(side, block, layers, part, "l", biases))

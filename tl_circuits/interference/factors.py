@@ -1,4 +1,4 @@
-"""Per-sample gradients as data: per-head rows (:class:`PerSampleGradients`) and their factors (:class:`GradientFactors`).
+"""Per-sample gradients as data: per-head rows (:class:`PerSampleGradients`) and factors (:class:`GradientFactors`).
 
 A per-sample weight gradient of an attention projection is a sum over positions of outer products
 (``dL/dW_Q[h] = Σ_t x_t ⊗ dL/dq_t[h]``, ``dL/dW_O[h] = Σ_t z_t[h] ⊗ dL/dout_t``), so the *factors* (the

@@ -109,7 +109,9 @@ class FactorStore:
                 target.flush()  # type: ignore[attr-defined]
                 _release(target)  # type: ignore[arg-type]
 
-    def get(self, samples: slice, layers: slice = slice(None), device: Optional[torch.device] = None) -> GradientFactors:
+    def get(
+        self, samples: slice, layers: slice = slice(None), device: Optional[torch.device] = None
+    ) -> GradientFactors:
         """The factors of some samples and layers, as tensors in memory (views when held, copies when spilled)."""
         out: dict[str, Tensor] = {}
         for name, source in self.arrays.items():
