@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_circuits.models.spec import BLOCKS, ModelSpec
+from tl_circuits.models.spec import BLOCKS, Block, ModelSpec
 
 
 def pick_rows(t: Optional[Tensor], index) -> Optional[Tensor]:
@@ -127,7 +127,7 @@ class GradientFactors:
         tensors = {id(t): t for t in [*self.inputs.values(), *self.out_grads.values(), self.z]}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def rows(self, block: str, layers: slice = slice(None)) -> Float[Tensor, "n n_layers heads per_head"]:
+    def rows(self, block: Block, layers: slice = slice(None)) -> Float[Tensor, "n n_layers heads per_head"]:
         """Per-head gradient rows of one block (optionally some layers), float32."""
         inputs = self.z if block == "O" else self.inputs[block]
         return self.spec.rows_from_factors(block, inputs[:, layers], self.out_grads[block][:, layers],
@@ -140,8 +140,8 @@ class GradientFactors:
     def select(self, index) -> "GradientFactors":
         if isinstance(index, int):
             index = [index]
-        shared = {}  # keep shared input tensors shared
-        inputs = {}
+        shared: dict[int, Tensor] = {}  # keep shared input tensors shared
+        inputs: dict[str, Tensor] = {}
         for b, t in self.inputs.items():
             inputs[b] = shared.setdefault(id(t), t[index])
         return GradientFactors(inputs, {b: t[index] for b, t in self.out_grads.items()}, self.z[index], self.spec,

@@ -84,7 +84,7 @@ class InterferenceResult:
         if not means:
             raise ValueError("every score is NaN: no block can be ranked")
         pick = min if self.config.variant == "signed" else max
-        return pick(means, key=means.get)
+        return pick(means, key=means.__getitem__)
 
     def pair(self, id_a: Hashable, id_b: Hashable) -> dict[str, Float[Tensor, "n_layers heads"]]:
         """Scores of one pair by the caller's ids; KeyError for an unknown id (never a silent 0)."""
@@ -200,7 +200,7 @@ class InterferenceResult:
             tensors = load_file(str(folder / SCORES_FILE))
         except Exception as error:  # safetensors raises its own error type on a corrupt header
             raise ValueError(f"{folder} holds a damaged InterferenceResult: {error}") from None
-        scores = {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors}
+        scores: dict[str, Tensor] = {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors}
         fisher = None
         if meta["fisher"] is not None:
             fisher = DiagonalFisher({b: tensors[f"fisher.{b}"] for b in BLOCKS if f"fisher.{b}" in tensors},
