@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_circuits.models.types import Model
+
 BOS = 0
 """Token id of BOS; every generated row starts with it."""
 
@@ -298,13 +300,13 @@ def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d
     return in_context_loss
 
 
-def _logits(model, batch: TaskBatch) -> Tensor:
+def _logits(model: Model, batch: TaskBatch) -> Tensor:
     device = next(model.parameters()).device
     with torch.no_grad():
         return model(batch.tokens.to(device), return_type="logits")
 
 
-def in_context_loss(model, batch: TaskBatch, *,
+def in_context_loss(model: Model, batch: TaskBatch, *,
                     per_sample: bool = False) -> Union[Float[Tensor, ""], Float[Tensor, " batch"]]:
     """The model's mean cross-entropy on the batch's scored positions (no gradient; hooks apply).
 
@@ -316,7 +318,7 @@ def in_context_loss(model, batch: TaskBatch, *,
     return scored_loss(_logits(model, batch), batch, per_sample=per_sample)
 
 
-def in_context_accuracy(model, batch: TaskBatch) -> float:
+def in_context_accuracy(model: Model, batch: TaskBatch) -> float:
     """Fraction of the batch's scored positions where the model's top prediction is right."""
     return float(scored_accuracy(_logits(model, batch), batch))
 

@@ -48,6 +48,7 @@ from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.models.spec import model_spec
 from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
+from tl_circuits.models.types import Model
 
 CIRCUITS = ("qk", "ov")
 REPLACEMENTS = ("zero", "mean")
@@ -168,7 +169,7 @@ def scored_loss_metric(task: TaskInput, device) -> Callable[[Float[Tensor, "batc
     return scored_loss
 
 
-def run_sweep(model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
+def run_sweep(model: Model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
     """QK and OV freeze sweep of every head on one task's batch (metric: :func:`scored_loss_metric`)."""
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
@@ -189,7 +190,7 @@ def run_sweep(model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
     return result
 
 
-def pooled_interference(model, task_a: TaskInput, task_b: TaskInput,
+def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
                         config: AnalysisConfig) -> tuple[InterferenceResult, dict[str, Tensor], int]:
     """(the A × B map, the pooled matrix ``{block: [N, N, L, H]}``, n_a): one gradient pass over A ∪ B."""
     device = next(model.parameters()).device
@@ -213,14 +214,14 @@ def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfi
                             seed=config.seed, n_bootstrap=config.n_bootstrap, progress=config.progress)
 
 
-def run_interference(model, task_a: TaskInput, task_b: TaskInput,
+def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
                      config: AnalysisConfig) -> tuple[InterferenceResult, InterferenceTestResult]:
     """The pooled pairwise matrix once; its A × B block as the map, all of it for the permutation test."""
     interference, pooled, n_a = pooled_interference(model, task_a, task_b, config)
     return interference, pooled_statistics(pooled, n_a, config)
 
 
-def run_analysis(model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
+def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
                  model_info: Optional[dict] = None,
                  announce: Callable[[str], None] = lambda message: None) -> Analysis:
     """Sweeps on both tasks, interference of A × B, and its statistics (module docstring), timed per stage."""

@@ -28,6 +28,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from tl_circuits.models.spec import model_spec
+from tl_circuits.models.types import Model
 
 TEXT, IDS, TENSOR = "text", "ids", "tensor"
 FORMATS = ("auto", TEXT, IDS)
@@ -96,7 +97,7 @@ def _pad(samples: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
-def _pad_id(model) -> int:
+def _pad_id(model: Model) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if isinstance(pad, int) and 0 <= pad < model_spec(model).d_vocab else 0

@@ -25,6 +25,8 @@ from tl_circuits.freezing.options import (
 )
 from tl_circuits.freezing.references import (
     MeanActivations,
+    PreparedReference,
+    ReferenceLike,
     ResampleReference,
     compute_mean_activations,
     prepare_reference,
@@ -52,6 +54,8 @@ __all__ = [
     "LayerFreeze",
     "MeanActivations",
     "Metric",
+    "PreparedReference",
+    "ReferenceLike",
     "Replacement",
     "ResampleReference",
     "SweepResult",

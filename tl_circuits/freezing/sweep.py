@@ -46,8 +46,9 @@ from tl_circuits.freezing.options import (
     check_replacement_fits,
     parse_option,
 )
-from tl_circuits.freezing.references import prepare_reference
+from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.models.spec import check_tokens, model_spec
+from tl_circuits.models.types import Model
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 
@@ -197,13 +198,13 @@ class SweepResult:
 
 
 def freeze_sweep(
-    model,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     metric: Optional[Metric] = None,
     *,
     circuits: Sequence[Union[str, Circuit]] = ("qk", "ov"),
     replacement: Union[str, Replacement] = "zero",
-    reference=None,
+    reference: Optional[ReferenceLike] = None,
     noise_scale: float = NOISE_SCALE,
     seed: Optional[int] = SEED,
     max_batch_rows: Optional[int] = None,
@@ -256,14 +257,14 @@ def freeze_sweep(
     frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in swept}
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
-        clean = float(metric(clean_logits))
+        clean = float(metric(clean_logits))  # type: ignore[arg-type]  # run_with_cache's return type is loose
         del clean_logits
         bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
         for layer in range(spec.n_layers):
             for chunk in passes:
                 hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale,
                                        generator)
-                with model.hooks(fwd_hooks=hooks):
+                with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
                     if spec.starts_at_layer:
                         logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
                     else:  # a bridge runs every layer; those before `layer` compute what the cache holds

@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_circuits.models.spec import ModelSpec, check_tokens, model_spec
+from tl_circuits.models.types import Model
 
 
 def valid_targets(attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
@@ -54,7 +55,7 @@ def check_mask(tokens: Tensor, attention_mask: Optional[Tensor], what: str) -> I
     return mask
 
 
-def check_no_backward_hooks(model) -> None:
+def check_no_backward_hooks(model: Model) -> None:
     """ValueError if any module has a backward hook: it would change the gradients being measured (and cannot
     run inside ``torch.func`` transforms at all)."""
     from transformer_lens.hook_points import HookPoint
@@ -73,7 +74,7 @@ def valid_span(row: Tensor) -> tuple[int, int]:
     return int(valid[0]), int(valid[-1]) + 1
 
 
-def prepare_inputs(model, tokens: Tensor, attention_mask: Optional[Tensor], what: str,
+def prepare_inputs(model: Model, tokens: Tensor, attention_mask: Optional[Tensor], what: str,
                    method: str = "factored") -> tuple[ModelSpec, Int[Tensor, "batch pos"]]:
     """Validate tokens and mask for a per-sample gradient run; returns the model's spec and the 0/1 mask."""
     spec = model_spec(model)

@@ -136,7 +136,7 @@ class FactorStore:
     def __enter__(self) -> "FactorStore":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
