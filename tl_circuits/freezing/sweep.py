@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -49,6 +49,10 @@ from tl_circuits.freezing.options import (
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 
@@ -99,7 +103,7 @@ class SweepResult:
         n_heads = effect.shape[1]
         return [(int(i) // n_heads, int(i) % n_heads, float(effect.flatten()[i])) for i in order]
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> DataFrame:
         import pandas as pd
 
         rows = []
@@ -187,7 +191,7 @@ class SweepResult:
                    replacement=metadata["replacement"], metric_name=metadata["metric_name"],
                    settings=metadata["settings"])
 
-    def plot(self, title: Optional[str] = None):
+    def plot(self, title: Optional[str] = None) -> Figure:
         """Effect heatmap per circuit (diverging, centred at 0)."""
         from tl_circuits.plotting import plot_blocks
 

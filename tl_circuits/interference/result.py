@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Hashable, NamedTuple, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -20,6 +20,10 @@ from torch import Tensor
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.fisher import DiagonalFisher
 from tl_circuits.models.spec import BLOCKS
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
 
 SCORES_FILE = "scores.safetensors"
 SETTINGS_FILE = "settings.json"
@@ -119,7 +123,7 @@ class InterferenceResult:
             out.append(Conflict(self.ids_a[i], self.ids_b[j], b, layer, head, float(self.scores[b][i, j, layer, head])))
         return out
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> DataFrame:
         """Long table: one row per (id_a, id_b, block, layer, head) with its score (NaN kept).
 
         ``head_kind`` is ``"kv"`` for K/V rows (KV heads; the same as query heads without GQA) and
@@ -145,7 +149,7 @@ class InterferenceResult:
             }))
         return pd.concat(frames, ignore_index=True)
 
-    def plot(self, title: Optional[str] = None, **kwargs):
+    def plot(self, title: Optional[str] = None, **kwargs: Any) -> Figure:
         """Layer × head heatmap of the mean score per block (:func:`tl_circuits.plotting.plot_blocks`)."""
         from tl_circuits.plotting import plot_blocks
 
