@@ -27,7 +27,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -39,6 +39,7 @@ except ImportError:
     HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
 from tl_circuits.bundled.tasks import BOS, TASK_GENERATORS, TaskBatch, task_tokenizer
+from tl_circuits.models.types import Model
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 """Where the bundled weights (``<name>.safetensors``) and metadata (``<name>.json``) live."""
@@ -147,7 +148,7 @@ def load_bundled_model(
     *,
     tokenizer: bool = True,
     as_bridge: Optional[bool] = None,
-) -> HookedTransformer:
+) -> Model:
     """A bundled model as a ready ``HookedTransformer`` in eval mode, weights exactly as trained — or, with
     ``as_bridge``, the same weights as a TransformerLens-native ``TransformerBridge``.
 
@@ -247,7 +248,7 @@ def head_detector_scores(
     model: HookedTransformer,
     batch: TaskBatch,
     head_type: str = "induction_head",
-    **kwargs,
+    **kwargs: Any,
 ) -> Float[Tensor, "n_layers n_heads"]:
     """TransformerLens's own ``head_detector.detect_head`` on the rows of a task batch, averaged.
 

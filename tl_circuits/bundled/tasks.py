@@ -39,7 +39,7 @@ Each generator is deterministic in ``seed`` (its own ``torch.Generator``; the gl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from transformers import PreTrainedTokenizerFast
 
 BOS = 0
 """Token id of BOS; every generated row starts with it."""
@@ -88,7 +91,7 @@ class TaskBatch:
     params: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.tokens.shape != self.scored.shape:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and scored {tuple(self.scored.shape)} differ in shape")
         if self.scored.shape[1] and self.scored[:, -1].any():
@@ -110,7 +113,7 @@ class TaskBatch:
         return TaskBatch(self.tokens.to(device), self.scored.to(device), self.name, dict(self.params),
                          {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()})
 
-    def __getitem__(self, rows) -> "TaskBatch":
+    def __getitem__(self, rows: Union[int, slice, Sequence[int], Tensor]) -> "TaskBatch":
         """The rows ``rows`` (an int, a slice or an index tensor) as a TaskBatch."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
@@ -238,7 +241,7 @@ TASK_GENERATORS: dict[str, Callable[..., TaskBatch]] = {
 """Task name -> generator ``(n, *, seq_len, d_vocab, seed, ...) -> TaskBatch``."""
 
 
-def make_task_batch(task: str, n: int, **kwargs) -> TaskBatch:
+def make_task_batch(task: str, n: int, **kwargs: Any) -> TaskBatch:
     """The generator of ``task`` by name (see :data:`TASK_GENERATORS`), called with ``n`` and ``kwargs``.
 
     >>> make_task_batch("counting", 1, seq_len=4, d_vocab=10, seed=0).tokens.tolist()
@@ -325,7 +328,7 @@ def in_context_accuracy(model: Model, batch: TaskBatch) -> float:
 
 # ----- tokenizer ----------------------------------------------------------------------------------
 
-def task_tokenizer(d_vocab: int):
+def task_tokenizer(d_vocab: int) -> PreTrainedTokenizerFast:
     """A local Hugging Face tokenizer for this token layout: ``"<bos>"`` is 0, ordinary token ``i`` is
     the word ``str(i)``; words are separated by whitespace and BOS is prepended.
 

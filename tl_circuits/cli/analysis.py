@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -158,7 +158,9 @@ class Analysis:
         return {"a": self.task_a, "b": self.task_b}
 
 
-def scored_loss_metric(task: TaskInput, device) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
+def scored_loss_metric(
+    task: TaskInput, device: Union[str, torch.device]
+) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
     """``logits -> mean next-token cross-entropy over the task's scored positions`` (freeze_sweep's metric),
     pooled over every scored position of the batch (:func:`tl_circuits.bundled.tasks.scored_loss`)."""
     batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)

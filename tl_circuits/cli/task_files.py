@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import Tensor
 
 from tl_circuits.models.spec import model_spec
 from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tl_circuits.bundled.tasks import TaskBatch
 
 TEXT, IDS, TENSOR = "text", "ids", "tensor"
 FORMATS = ("auto", TEXT, IDS)
@@ -70,7 +73,7 @@ class TaskInput:
     def n_samples(self) -> int:
         return int(self.tokens.shape[0])
 
-    def to(self, device) -> "TaskInput":
+    def to(self, device: Union[str, torch.device]) -> "TaskInput":
         return TaskInput(self.name, self.tokens.to(device), self.attention_mask.to(device), self.scored.to(device),
                          self.ids, self.previews, self.source, self.notes)
 
@@ -219,7 +222,7 @@ def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> Ta
     return TaskInput(name, tokens, mask, scored, ids, previews, str(path), notes)
 
 
-def read_task_file(path, model, *, fmt: str = "auto", max_samples: Optional[int] = None,
+def read_task_file(path: Union[str, Path], model: Model, *, fmt: str = "auto", max_samples: Optional[int] = None,
                    name: Optional[str] = None) -> TaskInput:
     """Read one task from a file (formats in the module docstring), at most ``max_samples`` samples.
 
@@ -248,7 +251,7 @@ def read_task_file(path, model, *, fmt: str = "auto", max_samples: Optional[int]
     return TaskInput(name, tokens, mask, valid_target_positions(mask), ids, previews, str(path), notes)
 
 
-def task_from_batch(batch, name: str, source: str) -> TaskInput:
+def task_from_batch(batch: TaskBatch, name: str, source: str) -> TaskInput:
     """A bundled task's ``TaskBatch`` (``tokens`` [n, pos], ``scored`` [n, pos]) as a :class:`TaskInput`."""
     tokens = torch.as_tensor(batch.tokens).to(torch.int64).cpu()
     scored = torch.as_tensor(batch.scored).to(torch.bool).cpu()

@@ -17,7 +17,7 @@ projection inputs and the output gradients, ``O(pos·(D + H·d))`` per layer) gi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -26,11 +26,15 @@ from torch import Tensor
 from tl_circuits.models.spec import BLOCKS, Block, ModelSpec
 
 
-def pick_rows(t: Optional[Tensor], index) -> Optional[Tensor]:
+Index = Union[int, slice, Sequence[int], Tensor]
+"""Which samples to take: an int, a slice, a list of ints or an index tensor."""
+
+
+def pick_rows(t: Optional[Tensor], index: Index) -> Optional[Tensor]:
     return None if t is None else t[index]
 
 
-def cat_optional(parts, name: str) -> Optional[Tensor]:
+def cat_optional(parts: Sequence[Any], name: str) -> Optional[Tensor]:
     values = [getattr(p, name) for p in parts]
     return None if any(v is None for v in values) else torch.cat(values)
 
@@ -61,7 +65,7 @@ class PerSampleGradients:
     def __len__(self) -> int:
         return self.n_samples
 
-    def select(self, index) -> "PerSampleGradients":
+    def select(self, index: Index) -> "PerSampleGradients":
         """The gradients of a subset of samples (an int, slice, list or index tensor)."""
         if isinstance(index, int):
             index = [index]
@@ -137,7 +141,7 @@ class GradientFactors:
         return PerSampleGradients({b: self.rows(b) for b in BLOCKS}, self.spec, self.include_biases,
                                   self.losses, self.n_targets)
 
-    def select(self, index) -> "GradientFactors":
+    def select(self, index: Index) -> "GradientFactors":
         if isinstance(index, int):
             index = [index]
         shared: dict[int, Tensor] = {}  # keep shared input tensors shared

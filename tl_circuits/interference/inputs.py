@@ -11,7 +11,7 @@ tensor([[0., 1., 1.],
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -113,7 +113,8 @@ def sample_groups(spec: ModelSpec, mask: Int[Tensor, "n pos"]) -> list[tuple[Opt
     return [(torch.tensor(rows, device=mask.device), slice(*span)) for span, rows in groups.items()]
 
 
-def scatter_groups(parts, n: int, n_pos: Optional[int]) -> dict:
+def scatter_groups(parts: Sequence[tuple[Optional[Tensor], slice, dict[str, Tensor]]], n: int,
+                   n_pos: Optional[int]) -> dict[str, Tensor]:
     """Put each group's ``{key: [n_group, (pos_group,) ...]}`` back at its samples (and positions), zeros elsewhere."""
     if len(parts) == 1 and parts[0][0] is None:
         return parts[0][2]

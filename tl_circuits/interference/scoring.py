@@ -16,7 +16,7 @@ contribution is NaN, and so are the scores of that head: missing data, never 0.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import einops
 import torch
@@ -221,8 +221,9 @@ class Workspace:
     for every (block, layer group, chunk).
     """
 
-    def __init__(self, device):
-        self.device, self.storage = device, {}
+    def __init__(self, device: Union[str, torch.device, None]):
+        self.device = device
+        self.storage: dict[str, Optional[Tensor]] = {}
 
     def get(self, name: str, shape: tuple) -> Tensor:
         numel = math.prod(shape)

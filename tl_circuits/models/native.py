@@ -25,6 +25,8 @@ import einops
 import torch
 from torch import Tensor
 
+from tl_circuits.models.types import Model
+
 __all__ = ["bridge_config", "convert_tl_state_dict", "native_bridge_from_tl"]
 
 # HookedTransformerConfig arguments the native model reads, with HookedTransformerConfig's defaults
@@ -116,7 +118,7 @@ def _port_convert(state_dict: dict[str, Tensor], cfg) -> dict[str, Tensor]:
     return out
 
 
-def convert_tl_state_dict(state_dict: dict[str, Tensor], cfg) -> dict[str, Tensor]:
+def convert_tl_state_dict(state_dict: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """A HookedTransformer state dict in the key/tensor format of ``TransformerBridge.boot_native(cfg)``:
     TransformerLens's ``convert_tl_checkpoint`` (4.x) or its port (3.x)."""
     try:
@@ -127,7 +129,8 @@ def convert_tl_state_dict(state_dict: dict[str, Tensor], cfg) -> dict[str, Tenso
 
 
 def native_bridge_from_tl(config: dict, state_dict: dict[str, Tensor], device: Union[str, torch.device, None] = None,
-                          dtype: Optional[torch.dtype] = None, tokenizer=None, model_name: str = "native"):
+                          dtype: Optional[torch.dtype] = None, tokenizer: Optional[Any] = None,
+                          model_name: str = "native") -> Model:
     """A ``TransformerBridge.boot_native`` model (eval mode) with a HookedTransformer's weights.
 
     Args:
