@@ -14,7 +14,7 @@
    one-sided towards conflict: ``"less"`` for the signed variant, ``"greater"`` otherwise), BH/BY q-values,
    max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals of each cell's mean.
 
-Note: the per-sample loss behind the gradients is SPEC §2's token mean over *all* valid positions of a sample
+Note: the per-sample loss behind the gradients is docs/spec.md §2's token mean over *all* valid positions of a sample
 (the gradient stage has no scored-position mask); only the sweep metric is restricted to scored positions.
 
 Every default is the library's (:mod:`tl_circuits.defaults`):

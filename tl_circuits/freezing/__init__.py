@@ -1,4 +1,4 @@
-"""QK/OV circuit freezing (SPEC §1), by stage.
+"""QK/OV circuit freezing (docs/spec.md §1), by stage.
 
 - :mod:`~tl_circuits.freezing.options`: circuits, replacements, gradient modes, heads, and their validation;
 - :mod:`~tl_circuits.freezing.references`: the MEAN and RESAMPLE reference activations;

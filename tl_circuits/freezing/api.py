@@ -1,4 +1,4 @@
-"""QK/OV circuit freezing of attention heads through TransformerLens hook points (SPEC §1).
+"""QK/OV circuit freezing of attention heads through TransformerLens hook points (docs/spec.md §1).
 
 A *freeze* targets a set of (layer, head) pairs, a circuit, a replacement and a gradient mode:
 

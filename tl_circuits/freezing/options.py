@@ -1,4 +1,4 @@
-"""What a freeze is: its circuit, replacement and gradient mode, the heads, and their validation (SPEC §1).
+"""What a freeze is: its circuit, replacement and gradient mode, the heads, and their validation (docs/spec.md §1).
 
 Every entry point (:func:`~tl_circuits.freezing.api.freeze`, :func:`~tl_circuits.freezing.hooks.freeze_hooks`,
 :func:`~tl_circuits.freezing.sweep.freeze_sweep`) reads its options through :func:`parse_option` and

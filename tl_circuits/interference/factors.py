@@ -73,7 +73,7 @@ class PerSampleGradients:
                                   self.include_biases, pick_rows(self.losses, index), pick_rows(self.n_targets, index))
 
     def scaled(self, factor: float) -> "PerSampleGradients":
-        """Every gradient multiplied by ``factor`` (used to check the scaling law of SPEC §3)."""
+        """Every gradient multiplied by ``factor`` (used to check the scaling law of docs/spec.md §3)."""
         return PerSampleGradients({b: g * factor for b, g in self.per_block.items()}, self.spec,
                                   self.include_biases, self.losses, self.n_targets)
 

@@ -1,4 +1,4 @@
-"""Diagonal empirical Fisher of the attention parameters, from per-sample gradients (SPEC §2).
+"""Diagonal empirical Fisher of the attention parameters, from per-sample gradients (docs/spec.md §2).
 
 Per-sample contribution ``C_i = g_i ⊙ g_i``; the diagonal empirical Fisher of a sample set is the mean
 of ``C`` over it (task A — the original's choice —, task B, or both pooled). Everything here is kept

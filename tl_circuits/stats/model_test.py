@@ -1,4 +1,4 @@
-"""Which heads really interfere: the interference metric and its permutation test, end to end (SPEC §4).
+"""Which heads really interfere: the interference metric and its permutation test, end to end (docs/spec.md §4).
 
 The statistics work on the *pooled* pairwise matrix: A ∪ B is scored once against itself under the
 pooled Fisher, and every permutation of the task labels is a reduction of that one matrix.
