@@ -294,8 +294,12 @@ def scored_accuracy(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch
 def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
     """``logits -> scored_loss(logits, batch)`` as a metric for :func:`tl_circuits.freeze_sweep`.
 
-    >>> import tl_circuits as tlc  # doctest: +SKIP
-    >>> tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch))  # doctest: +SKIP
+    >>> import tl_circuits as tlc
+    >>> model = tlc.load_bundled_model("induction-2l")
+    >>> batch = tlc.induction_batch(4, seed=0)
+    >>> result = tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch), progress=False)
+    >>> sorted(result.frozen)
+    ['ov', 'qk']
     """
     def in_context_loss(logits: Tensor) -> Tensor:
         return scored_loss(logits, batch)
@@ -315,8 +319,13 @@ def in_context_loss(model: Model, batch: TaskBatch, *,
 
     Runs ``model(batch.tokens)``, so freezes and other hooks active around the call take effect:
 
-    >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):  # doctest: +SKIP
+    >>> import tl_circuits as tlc
+    >>> model = tlc.load_bundled_model("induction-2l")
+    >>> batch = tlc.induction_batch(4, seed=0)
+    >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):
     ...     damaged = in_context_loss(model, batch)
+    >>> bool(damaged > in_context_loss(model, batch))
+    True
     """
     return scored_loss(_logits(model, batch), batch, per_sample=per_sample)
 

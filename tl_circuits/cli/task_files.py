@@ -14,6 +14,11 @@ Samples of different lengths are right-padded (pad id: the tokenizer's, else 0) 
 right padding leaves every real position's causal computation unchanged, so the freeze sweep (which runs
 without a mask) and the masked per-sample gradients see the same real tokens. A sample needs at least two
 tokens (one next-token target).
+
+>>> from tl_circuits.bundled.tasks import induction_batch
+>>> task = task_from_batch(induction_batch(2, seq_len=9), "induction", "bundled")
+>>> task.ids, tuple(task.tokens.shape)
+(['induction#0', 'induction#1'], (2, 9))
 """
 
 from __future__ import annotations

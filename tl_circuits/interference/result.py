@@ -3,6 +3,12 @@
 :meth:`InterferenceResult.save` writes a folder with ``scores.safetensors`` (the scores and the Fisher, one
 tensor per block) and ``settings.json`` (ids, the config, the run's settings), so a long run can be kept and
 re-plotted: :meth:`InterferenceResult.load` gives back an equal result.
+
+>>> import torch
+>>> scores = {"O": torch.tensor([[[[0.5, -1.0]]], [[[2.0, 0.1]]]])}  # [N_A=2, N_B=1, n_layers=1, heads=2]
+>>> result = InterferenceResult(scores, ["a0", "a1"], ["b0"], InterferenceConfig(variant="signed"))
+>>> result.top_conflicts(1)  # signed: the most negative score first
+[Conflict(id_a='a0', id_b='b0', block='O', layer=0, head=1, score=-1.0)]
 """
 
 from __future__ import annotations

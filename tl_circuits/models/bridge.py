@@ -30,6 +30,11 @@ but it is a different machine underneath. Facts this module relies on (checked o
 - ``forward(start_at_layer=...)`` raises ``NotImplementedError``; ``forward(attention_mask=...)`` cannot run
   under ``torch.func.vmap`` (data-dependent control flow in mask handling); ``functional_call`` needs
   ``tie_weights=False`` (tied-weight re-tying otherwise writes into the model).
+
+>>> from tl_circuits import load_bundled_model
+>>> bridge = load_bundled_model("induction-2l", as_bridge=True)
+>>> is_bridge(bridge), architecture(bridge)
+(True, 'TransformerLensNative')
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ Only configurations whose forward pass the native model reproduces are accepted:
 positions, LayerNorm / RMSNorm / no normalisation, MHA or GQA, attention-only or a (gated) MLP, no
 HookedTransformer-only features (local attention, soft caps, QK norm, ...). Anything else raises
 ``NotImplementedError`` naming the field.
+
+>>> from tl_circuits import load_bundled_model
+>>> bridge = load_bundled_model("induction-2l", as_bridge=True)  # native_bridge_from_tl on the bundled weights
+>>> type(bridge).__name__
+'TransformerBridge'
 """
 
 from __future__ import annotations
