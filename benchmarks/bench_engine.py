@@ -19,6 +19,7 @@ kronfluence is a benchmark-only dependency: ``pip install --no-deps kronfluence=
 einconv, opt-einsum (it never imports torchvision despite its metadata). No assertions on time.
 
     python benchmarks/bench_engine.py                # full (~5 min on 2 CPU cores)
+    python benchmarks/bench_engine.py --kronfluence-batch 8   # kronfluence in batches of 8
     python benchmarks/bench_engine.py --smoke        # tiny model, seconds (CI; kronfluence part if installed)
 """
 
@@ -105,7 +106,7 @@ def side_tl_circuits(shape: dict, budget_gb, out: str) -> dict:
     return {"seconds": seconds, "plan": result.settings["plan"], "timings": result.settings["timings"]}
 
 
-def side_kronfluence(shape: dict, out: str) -> dict:
+def side_kronfluence(shape: dict, out: str, batch: int) -> dict:
     from kronfluence import Analyzer, FactorArguments, ScoreArguments, Task
     from torch.utils.data import TensorDataset
 
@@ -138,10 +139,10 @@ def side_kronfluence(shape: dict, out: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=folder)
         start = time.perf_counter()
-        analyzer.fit_all_factors("f", TensorDataset(a), per_device_batch_size=8,
+        analyzer.fit_all_factors("f", TensorDataset(a), per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy="diagonal", use_empirical_fisher=True))
-        analyzer.compute_pairwise_scores("s", "f", TensorDataset(b), TensorDataset(a), per_device_query_batch_size=8,
-                                         per_device_train_batch_size=8,
+        analyzer.compute_pairwise_scores("s", "f", TensorDataset(b), TensorDataset(a), per_device_query_batch_size=batch,
+                                         per_device_train_batch_size=batch,
                                          score_args=ScoreArguments(damping_factor=DAMPING,
                                                                    compute_per_module_scores=True))
         seconds = time.perf_counter() - start
@@ -182,6 +183,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, seconds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (default 2)")
     parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--kronfluence-batch", type=int, default=32,
+                        help="kronfluence's per-device batch size (default 32: every sample of a task in one batch, "
+                             "its fastest setting here)")
     parser.add_argument("--side", choices=["tl_circuits", "kronfluence"], help=argparse.SUPPRESS)
     parser.add_argument("--budget-gb", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -192,7 +196,7 @@ def main() -> None:
         print(json.dumps(side_tl_circuits(shape, args.budget_gb, args.out)))
         return
     if args.side == "kronfluence":
-        print(json.dumps(side_kronfluence(shape, args.out)))
+        print(json.dumps(side_kronfluence(shape, args.out, args.kronfluence_batch)))
         return
 
     try:
@@ -213,9 +217,11 @@ def main() -> None:
         ours_path, theirs_path = os.path.join(folder, "ours.pt"), os.path.join(folder, "theirs.pt")
         ours = timed([*size, "--side", "tl_circuits", "--out", ours_path], args.threads)
         if have_kronfluence:
-            theirs = timed([*size, "--side", "kronfluence", "--out", theirs_path], args.threads)
+            theirs = timed([*size, "--side", "kronfluence", "--out", theirs_path, "--kronfluence-batch",
+                            str(args.kronfluence_batch)], args.threads)
             diff = compare(ours_path, theirs_path)
-            print(f"1. vs kronfluence 1.0.1 (diagonal factors, per-module pairwise scores), processes one after another")
+            print(f"1. vs kronfluence 1.0.1 (diagonal factors, per-module pairwise scores, batch size "
+                  f"{args.kronfluence_batch}), processes one after another")
             print(f"   kronfluence                        wall {theirs['process_wall_s']:7.1f} s   "
                   f"peak RSS {theirs['peak_rss_gb']:5.2f} GB")
             print(f"   tl_circuits (budget {defaults.MEMORY_BUDGET_GB:g} GB default) wall {ours['process_wall_s']:7.1f} s   "

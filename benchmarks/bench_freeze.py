@@ -29,7 +29,9 @@ def build(smoke: bool, vocab: int) -> HookedTransformer:
         cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=50)
     else:
         cfg = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=64, d_vocab=vocab)
-    model = HookedTransformer(HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", seed=0, device="cpu", **cfg))
+    model = HookedTransformer(
+        HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", seed=0, device="cpu", **cfg)
+    )
     return model.eval()
 
 
@@ -75,7 +77,8 @@ def main() -> None:
 
     with torch.no_grad():
         plain, frozen, plain_cpu, frozen_cpu = timed_pair(lambda: model(clean), frozen_forward, repeats)
-    print(f"\n[forward, batch {args.batch}] no hooks {plain * 1e3:8.1f} ms | 12-head freeze (BOTH, ZERO) {frozen * 1e3:8.1f} ms | "
+    print(f"\n[forward, batch {args.batch}] no hooks {plain * 1e3:8.1f} ms | "
+          f"12-head freeze (BOTH, ZERO) {frozen * 1e3:8.1f} ms | "
           f"ratio {frozen / plain:.3f}x (goal <= 1.10x) | CPU-time ratio {frozen_cpu / plain_cpu:.3f}x")
 
     # 2. QK+OV sweep vs TransformerLens's patching loop, same numbers
@@ -91,7 +94,8 @@ def main() -> None:
         sweep = time.perf_counter() - start
     diff = max(float((ours.frozen["qk"] - tl_qk).abs().max()), float((ours.frozen["ov"] - tl_ov).abs().max()))
     n_runs = 2 * cfg.n_layers * cfg.n_heads
-    print(f"[sweep, batch {args.sweep_batch}] TL patching loop ({n_runs} full forwards) {baseline:8.2f} s | freeze_sweep {sweep:8.2f} s | "
+    print(f"[sweep, batch {args.sweep_batch}] TL patching loop ({n_runs} full forwards) {baseline:8.2f} s | "
+          f"freeze_sweep {sweep:8.2f} s | "
           f"speed-up {baseline / sweep:.2f}x (goal >= 1.8x) | max |difference| {diff:.2e}")
     if diff > 1e-3:
         raise SystemExit(f"sweep and TL patching disagree by {diff}")

@@ -1,38 +1,22 @@
-"""tl_circuits: QK/OV circuit freezing and QK-OV interference for TransformerLens models."""
+"""tl_circuits: QK/OV circuit freezing and QK-OV interference for TransformerLens models.
 
-from tl_circuits.freezing import (
-    Circuit,
-    FreezeHandle,
-    FreezeSpec,
-    GradientMode,
-    MeanActivations,
-    Replacement,
-    compute_mean_activations,
-    freeze,
-    freeze_hooks,
-    normalize_heads,
+The public API, all importable from here; the specification of every quantity is docs/spec.md.
+
+>>> import tl_circuits
+>>> isinstance(tl_circuits.__version__, str)
+True
+"""
+
+from tl_circuits._version import __version__
+from tl_circuits.bundled.models import (
+    DEFAULT_BUNDLED_MODEL,
+    BundledModelInfo,
+    bundled_model_info,
+    bundled_tasks,
+    head_detector_scores,
+    list_bundled_models,
+    load_bundled_model,
 )
-from tl_circuits.interference.fisher import DiagonalFisher, EMAFisher, damped, fisher_from_gradients, leave_one_out, pooled
-from tl_circuits.interference.config import GradientConfig
-from tl_circuits.interference.factors import PerSampleGradients
-from tl_circuits.interference.gradients import per_sample_gradients
-from tl_circuits.interference.config import InterferenceConfig
-from tl_circuits.interference.engine import compute_interference
-from tl_circuits.interference.result import Conflict, InterferenceResult
-from tl_circuits.interference.scoring import pairwise_scores
-from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
-from tl_circuits.plotting import plot_blocks, plot_heads
-from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
-from tl_circuits.stats import (
-    BootstrapCI,
-    InterferenceTestResult,
-    bootstrap_ci,
-    cluster_mass_correction,
-    fdr_correction,
-    maxstat_correction,
-    permutation_test,
-)
-from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
 from tl_circuits.bundled.tasks import (
     TaskBatch,
     counting_batch,
@@ -44,73 +28,103 @@ from tl_circuits.bundled.tasks import (
     scored_loss_metric,
     task_tokenizer,
 )
-from tl_circuits.bundled.models import (
-    DEFAULT_BUNDLED_MODEL,
-    BundledModelInfo,
-    bundled_model_info,
-    bundled_tasks,
-    head_detector_scores,
-    list_bundled_models,
-    load_bundled_model,
+from tl_circuits.freezing import (
+    Circuit,
+    FreezeHandle,
+    FreezeSpec,
+    GradientMode,
+    MeanActivations,
+    Replacement,
+    SweepResult,
+    compute_mean_activations,
+    freeze,
+    freeze_hooks,
+    freeze_sweep,
+    normalize_heads,
 )
-
-__version__ = "0.1.0"
+from tl_circuits.interference.config import GradientConfig, InterferenceConfig
+from tl_circuits.interference.engine import compute_interference
+from tl_circuits.interference.factors import PerSampleGradients
+from tl_circuits.interference.fisher import (
+    DiagonalFisher,
+    EMAFisher,
+    damped,
+    fisher_from_gradients,
+    leave_one_out,
+    pooled,
+)
+from tl_circuits.interference.gradients import per_sample_gradients
+from tl_circuits.interference.result import Conflict, InterferenceResult
+from tl_circuits.interference.scoring import pairwise_scores
+from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
+from tl_circuits.plotting import plot_blocks, plot_heads
+from tl_circuits.stats import (
+    BootstrapCI,
+    InterferenceTestResult,
+    bootstrap_ci,
+    cluster_mass_correction,
+    fdr_correction,
+    maxstat_correction,
+    permutation_test,
+)
+from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
 
 __all__ = [
-    "interference_permutation_test",
-    "pooled_pairwise_scores",
+    "__version__",
+    "BLOCKS",
+    "DEFAULT_BUNDLED_MODEL",
+    "bootstrap_ci",
+    "BootstrapCI",
+    "bundled_model_info",
+    "bundled_tasks",
+    "BundledModelInfo",
+    "Circuit",
+    "cluster_mass_correction",
+    "compute_interference",
+    "compute_mean_activations",
     "Conflict",
+    "counting_batch",
+    "damped",
     "DiagonalFisher",
     "EMAFisher",
-    "GradientConfig",
-    "InterferenceConfig",
-    "InterferenceResult",
-    "PerSampleGradients",
-    "compute_interference",
-    "damped",
-    "fisher_from_gradients",
-    "leave_one_out",
-    "pairwise_scores",
-    "per_sample_gradients",
-    "pooled",
-    "BootstrapCI",
-    "InterferenceTestResult",
-    "bootstrap_ci",
-    "cluster_mass_correction",
     "fdr_correction",
-    "maxstat_correction",
-    "permutation_test",
-    "BLOCKS",
-    "Circuit",
-    "FreezeHandle",
-    "FreezeSpec",
-    "GradientMode",
-    "MeanActivations",
-    "ModelSpec",
-    "Replacement",
-    "SweepResult",
-    "compute_mean_activations",
+    "fisher_from_gradients",
     "freeze",
     "freeze_hooks",
     "freeze_sweep",
-    "model_spec",
-    "normalize_heads",
-    "plot_blocks",
-    "plot_heads",
-    "TaskBatch",
-    "counting_batch",
+    "FreezeHandle",
+    "FreezeSpec",
+    "GradientConfig",
+    "GradientMode",
+    "head_detector_scores",
     "in_context_accuracy",
     "in_context_loss",
     "induction_batch",
-    "random_batch",
-    "scored_loss",
-    "scored_loss_metric",
-    "task_tokenizer",
-    "DEFAULT_BUNDLED_MODEL",
-    "BundledModelInfo",
-    "bundled_model_info",
-    "bundled_tasks",
-    "head_detector_scores",
+    "interference_permutation_test",
+    "InterferenceConfig",
+    "InterferenceResult",
+    "InterferenceTestResult",
+    "leave_one_out",
     "list_bundled_models",
     "load_bundled_model",
+    "maxstat_correction",
+    "MeanActivations",
+    "model_spec",
+    "ModelSpec",
+    "normalize_heads",
+    "pairwise_scores",
+    "per_sample_gradients",
+    "permutation_test",
+    "PerSampleGradients",
+    "plot_blocks",
+    "plot_heads",
+    "pooled",
+    "pooled_pairwise_scores",
+    "random_batch",
+    "Replacement",
+    "scored_loss",
+    "scored_loss_metric",
+    "SweepResult",
+    "task_tokenizer",
+    "TaskBatch",
 ]

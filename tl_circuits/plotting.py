@@ -16,11 +16,15 @@ True
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MISSING_COLOUR = "#bbbbbb"
 HIDDEN_OVERLAY = "#f2f2f2"
@@ -77,8 +81,8 @@ def plot_heads(
     limits: Optional[tuple[float, float]] = None,
     head_label: str = "Head",
     colorbar: bool = True,
-    ax=None,
-):
+    ax: Optional[Axes] = None,
+) -> Figure:
     """Heatmap of one value per (layer, head): rows are layers, columns heads.
 
     Args:
@@ -107,7 +111,7 @@ def plot_heads(
     if ax is None:
         fig, ax = plt.subplots(figsize=_panel_size(n_layers, n_heads), layout="constrained")
     else:
-        fig = ax.figure
+        fig = ax.figure  # type: ignore[assignment]  # an Axes of a SubFigure: its figure draws the same
     vmin, vmax = limits if limits is not None else _colour_limits(finite, signed)
     norm = TwoSlopeNorm(vcenter=0.0, vmin=vmin, vmax=vmax) if signed and vmin < 0 < vmax else Normalize(vmin, vmax)
     cmap_obj = plt.get_cmap(cmap or (DIVERGING_CMAP if signed else SEQUENTIAL_CMAP)).with_extremes(bad=MISSING_COLOUR)
@@ -191,7 +195,7 @@ def plot_blocks(
     ncols: Optional[int] = None,
     titles: Optional[Mapping[str, str]] = None,
     annotate: Optional[bool] = None,
-):
+) -> Figure:
     """One layer x head heatmap per entry of ``values`` (Q/K/V/O blocks, QK/OV circuits, ...), in a grid.
 
     Args:

@@ -39,12 +39,17 @@ Each generator is deterministic in ``seed`` (its own ``torch.Generator``; the gl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from transformers import PreTrainedTokenizerFast
 
 BOS = 0
 """Token id of BOS; every generated row starts with it."""
@@ -86,7 +91,7 @@ class TaskBatch:
     params: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.tokens.shape != self.scored.shape:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and scored {tuple(self.scored.shape)} differ in shape")
         if self.scored.shape[1] and self.scored[:, -1].any():
@@ -108,7 +113,7 @@ class TaskBatch:
         return TaskBatch(self.tokens.to(device), self.scored.to(device), self.name, dict(self.params),
                          {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()})
 
-    def __getitem__(self, rows) -> "TaskBatch":
+    def __getitem__(self, rows: Union[int, slice, Sequence[int], Tensor]) -> "TaskBatch":
         """The rows ``rows`` (an int, a slice or an index tensor) as a TaskBatch."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
@@ -236,7 +241,7 @@ TASK_GENERATORS: dict[str, Callable[..., TaskBatch]] = {
 """Task name -> generator ``(n, *, seq_len, d_vocab, seed, ...) -> TaskBatch``."""
 
 
-def make_task_batch(task: str, n: int, **kwargs) -> TaskBatch:
+def make_task_batch(task: str, n: int, **kwargs: Any) -> TaskBatch:
     """The generator of ``task`` by name (see :data:`TASK_GENERATORS`), called with ``n`` and ``kwargs``.
 
     >>> make_task_batch("counting", 1, seq_len=4, d_vocab=10, seed=0).tokens.tolist()
@@ -289,8 +294,12 @@ def scored_accuracy(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch
 def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
     """``logits -> scored_loss(logits, batch)`` as a metric for :func:`tl_circuits.freeze_sweep`.
 
-    >>> import tl_circuits as tlc  # doctest: +SKIP
-    >>> tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch))  # doctest: +SKIP
+    >>> import tl_circuits as tlc
+    >>> model = tlc.load_bundled_model("induction-2l")
+    >>> batch = tlc.induction_batch(4, seed=0)
+    >>> result = tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch), progress=False)
+    >>> sorted(result.frozen)
+    ['ov', 'qk']
     """
     def in_context_loss(logits: Tensor) -> Tensor:
         return scored_loss(logits, batch)
@@ -298,32 +307,37 @@ def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d
     return in_context_loss
 
 
-def _logits(model, batch: TaskBatch) -> Tensor:
+def _logits(model: Model, batch: TaskBatch) -> Tensor:
     device = next(model.parameters()).device
     with torch.no_grad():
         return model(batch.tokens.to(device), return_type="logits")
 
 
-def in_context_loss(model, batch: TaskBatch, *,
+def in_context_loss(model: Model, batch: TaskBatch, *,
                     per_sample: bool = False) -> Union[Float[Tensor, ""], Float[Tensor, " batch"]]:
     """The model's mean cross-entropy on the batch's scored positions (no gradient; hooks apply).
 
     Runs ``model(batch.tokens)``, so freezes and other hooks active around the call take effect:
 
-    >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):  # doctest: +SKIP
+    >>> import tl_circuits as tlc
+    >>> model = tlc.load_bundled_model("induction-2l")
+    >>> batch = tlc.induction_batch(4, seed=0)
+    >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):
     ...     damaged = in_context_loss(model, batch)
+    >>> bool(damaged > in_context_loss(model, batch))
+    True
     """
     return scored_loss(_logits(model, batch), batch, per_sample=per_sample)
 
 
-def in_context_accuracy(model, batch: TaskBatch) -> float:
+def in_context_accuracy(model: Model, batch: TaskBatch) -> float:
     """Fraction of the batch's scored positions where the model's top prediction is right."""
     return float(scored_accuracy(_logits(model, batch), batch))
 
 
 # ----- tokenizer ----------------------------------------------------------------------------------
 
-def task_tokenizer(d_vocab: int):
+def task_tokenizer(d_vocab: int) -> PreTrainedTokenizerFast:
     """A local Hugging Face tokenizer for this token layout: ``"<bos>"`` is 0, ordinary token ``i`` is
     the word ``str(i)``; words are separated by whitespace and BOS is prepended.
 

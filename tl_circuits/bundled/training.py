@@ -44,6 +44,7 @@ try:  # TransformerLens 2.x/3.x; the bundled models are trained as HookedTransfo
 except ImportError:
     HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
+from tl_circuits.freezing.options import HeadsLike
 from tl_circuits.freezing.sweep import freeze_sweep
 from tl_circuits.models.spec import model_spec
 from tl_circuits.bundled.tasks import (
@@ -282,7 +283,7 @@ def select_heads(analysis: dict, *, detector_min: float = 0.3, damage_min: float
                            detector=dict(DETECTOR_KWARGS)))
 
 
-def circuit_effects(model: HookedTransformer, config: TrainingConfig, heads, *, n: int = 64) -> dict:
+def circuit_effects(model: HookedTransformer, config: TrainingConfig, heads: HeadsLike, *, n: int = 64) -> dict:
     """Each task's scored loss and accuracy with ``heads`` frozen together, per replacement and circuit."""
     from tl_circuits.freezing.api import freeze
 

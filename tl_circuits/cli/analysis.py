@@ -14,7 +14,7 @@
    one-sided towards conflict: ``"less"`` for the signed variant, ``"greater"`` otherwise), BH/BY q-values,
    max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals of each cell's mean.
 
-Note: the per-sample loss behind the gradients is SPEC §2's token mean over *all* valid positions of a sample
+Note: the per-sample loss behind the gradients is docs/spec.md §2's token mean over *all* valid positions of a sample
 (the gradient stage has no scored-position mask); only the sweep metric is restricted to scored positions.
 
 Every default is the library's (:mod:`tl_circuits.defaults`):
@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -48,6 +48,7 @@ from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.models.spec import model_spec
 from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
+from tl_circuits.models.types import Model
 
 CIRCUITS = ("qk", "ov")
 REPLACEMENTS = ("zero", "mean")
@@ -157,7 +158,9 @@ class Analysis:
         return {"a": self.task_a, "b": self.task_b}
 
 
-def scored_loss_metric(task: TaskInput, device) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
+def scored_loss_metric(
+    task: TaskInput, device: Union[str, torch.device]
+) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
     """``logits -> mean next-token cross-entropy over the task's scored positions`` (freeze_sweep's metric),
     pooled over every scored position of the batch (:func:`tl_circuits.bundled.tasks.scored_loss`)."""
     batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)
@@ -168,7 +171,7 @@ def scored_loss_metric(task: TaskInput, device) -> Callable[[Float[Tensor, "batc
     return scored_loss
 
 
-def run_sweep(model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
+def run_sweep(model: Model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
     """QK and OV freeze sweep of every head on one task's batch (metric: :func:`scored_loss_metric`)."""
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
@@ -189,7 +192,7 @@ def run_sweep(model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
     return result
 
 
-def pooled_interference(model, task_a: TaskInput, task_b: TaskInput,
+def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
                         config: AnalysisConfig) -> tuple[InterferenceResult, dict[str, Tensor], int]:
     """(the A × B map, the pooled matrix ``{block: [N, N, L, H]}``, n_a): one gradient pass over A ∪ B."""
     device = next(model.parameters()).device
@@ -213,14 +216,14 @@ def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfi
                             seed=config.seed, n_bootstrap=config.n_bootstrap, progress=config.progress)
 
 
-def run_interference(model, task_a: TaskInput, task_b: TaskInput,
+def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
                      config: AnalysisConfig) -> tuple[InterferenceResult, InterferenceTestResult]:
     """The pooled pairwise matrix once; its A × B block as the map, all of it for the permutation test."""
     interference, pooled, n_a = pooled_interference(model, task_a, task_b, config)
     return interference, pooled_statistics(pooled, n_a, config)
 
 
-def run_analysis(model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
+def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
                  model_info: Optional[dict] = None,
                  announce: Callable[[str], None] = lambda message: None) -> Analysis:
     """Sweeps on both tasks, interference of A × B, and its statistics (module docstring), timed per stage."""

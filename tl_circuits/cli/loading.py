@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tl_circuits.cli.task_files import TaskInput, TaskInputError, read_task_file, task_from_batch
+from tl_circuits.models.types import Model
 
 DEFAULT_SAMPLES = 64
 """Samples drawn from each bundled task when ``--n-a``/``--n-b`` are not given."""
@@ -37,7 +38,7 @@ class CommandError(ValueError):
 class LoadedModel:
     """A model ready for the analysis, and what the report says about it."""
 
-    model: Any  # a HookedTransformer or TransformerBridge (tl_circuits.models.types.Model)
+    model: Model  # a HookedTransformer or TransformerBridge
     name: str
     source: str  # "bundled", "checkpoint" or "pretrained"
     description: str = ""

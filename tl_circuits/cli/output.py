@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from tl_circuits.cli.tables import (
     top_heads_by_interference,
     top_pairs_table,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.figure import Figure
 
 REPORT_MARKER = "tl-circuits report"
 FILES = {
@@ -61,7 +64,7 @@ class ReportOutputError(ValueError):
 
 # ----- figures ---------------------------------------------------------------------------------------------
 
-def freeze_figure(analysis: Analysis):
+def freeze_figure(analysis: Analysis) -> Figure:
     """2 × 2 panels (task × circuit) of the sweep effects on one scale centred at 0."""
     from tl_circuits.plotting import plot_blocks
 

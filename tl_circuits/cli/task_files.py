@@ -14,13 +14,18 @@ Samples of different lengths are right-padded (pad id: the tokenizer's, else 0) 
 right padding leaves every real position's causal computation unchanged, so the freeze sweep (which runs
 without a mask) and the masked per-sample gradients see the same real tokens. A sample needs at least two
 tokens (one next-token target).
+
+>>> from tl_circuits.bundled.tasks import induction_batch
+>>> task = task_from_batch(induction_batch(2, seq_len=9), "induction", "bundled")
+>>> task.ids, tuple(task.tokens.shape)
+(['induction#0', 'induction#1'], (2, 9))
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +33,10 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from tl_circuits.models.spec import model_spec
+from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tl_circuits.bundled.tasks import TaskBatch
 
 TEXT, IDS, TENSOR = "text", "ids", "tensor"
 FORMATS = ("auto", TEXT, IDS)
@@ -69,7 +78,7 @@ class TaskInput:
     def n_samples(self) -> int:
         return int(self.tokens.shape[0])
 
-    def to(self, device) -> "TaskInput":
+    def to(self, device: Union[str, torch.device]) -> "TaskInput":
         return TaskInput(self.name, self.tokens.to(device), self.attention_mask.to(device), self.scored.to(device),
                          self.ids, self.previews, self.source, self.notes)
 
@@ -96,7 +105,7 @@ def _pad(samples: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
-def _pad_id(model) -> int:
+def _pad_id(model: Model) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if isinstance(pad, int) and 0 <= pad < model_spec(model).d_vocab else 0
@@ -218,7 +227,7 @@ def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> Ta
     return TaskInput(name, tokens, mask, scored, ids, previews, str(path), notes)
 
 
-def read_task_file(path, model, *, fmt: str = "auto", max_samples: Optional[int] = None,
+def read_task_file(path: Union[str, Path], model: Model, *, fmt: str = "auto", max_samples: Optional[int] = None,
                    name: Optional[str] = None) -> TaskInput:
     """Read one task from a file (formats in the module docstring), at most ``max_samples`` samples.
 
@@ -247,7 +256,7 @@ def read_task_file(path, model, *, fmt: str = "auto", max_samples: Optional[int]
     return TaskInput(name, tokens, mask, valid_target_positions(mask), ids, previews, str(path), notes)
 
 
-def task_from_batch(batch, name: str, source: str) -> TaskInput:
+def task_from_batch(batch: TaskBatch, name: str, source: str) -> TaskInput:
     """A bundled task's ``TaskBatch`` (``tokens`` [n, pos], ``scored`` [n, pos]) as a :class:`TaskInput`."""
     tokens = torch.as_tensor(batch.tokens).to(torch.int64).cpu()
     scored = torch.as_tensor(batch.scored).to(torch.bool).cpu()

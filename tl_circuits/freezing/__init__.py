@@ -1,4 +1,4 @@
-"""QK/OV circuit freezing (SPEC §1), by stage.
+"""QK/OV circuit freezing (docs/spec.md §1), by stage.
 
 - :mod:`~tl_circuits.freezing.options`: circuits, replacements, gradient modes, heads, and their validation;
 - :mod:`~tl_circuits.freezing.references`: the MEAN and RESAMPLE reference activations;
@@ -25,6 +25,8 @@ from tl_circuits.freezing.options import (
 )
 from tl_circuits.freezing.references import (
     MeanActivations,
+    PreparedReference,
+    ReferenceLike,
     ResampleReference,
     compute_mean_activations,
     prepare_reference,
@@ -52,6 +54,8 @@ __all__ = [
     "LayerFreeze",
     "MeanActivations",
     "Metric",
+    "PreparedReference",
+    "ReferenceLike",
     "Replacement",
     "ResampleReference",
     "SweepResult",

@@ -1,4 +1,4 @@
-"""QK/OV circuit freezing of attention heads through TransformerLens hook points (SPEC §1).
+"""QK/OV circuit freezing of attention heads through TransformerLens hook points (docs/spec.md §1).
 
 A *freeze* targets a set of (layer, head) pairs, a circuit, a replacement and a gradient mode:
 
@@ -65,12 +65,14 @@ from tl_circuits.freezing.options import (
     Replacement,
     resolve_freeze_spec,
 )
+from tl_circuits.freezing.references import ReferenceLike
+from tl_circuits.models.types import Model
 
 
 class FreezeHandle:
     """Freeze hooks registered on a model; remove them with :meth:`remove` or by leaving a ``with`` block."""
 
-    def __init__(self, model, spec: FreezeSpec, hooks: list[Hook]):
+    def __init__(self, model: Model, spec: FreezeSpec, hooks: list[Hook]):
         self.model, self.spec, self.hook_fns = model, spec, hooks
         self._registered: list[tuple[Any, Any]] = []  # (HookPoint, its LensHandle)
         try:
@@ -96,7 +98,7 @@ class FreezeHandle:
     def __enter__(self) -> "FreezeHandle":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     def __repr__(self) -> str:
@@ -107,12 +109,12 @@ class FreezeHandle:
 
 
 def freeze(
-    model,
+    model: Model,
     heads: HeadsLike,
     circuit: Union[str, Circuit] = "qk",
     replacement: Union[str, Replacement] = "zero",
     *,
-    reference=None,
+    reference: Optional[ReferenceLike] = None,
     gradient: Union[str, GradientMode] = "stopgrad",
     preserve_gradients: Optional[bool] = None,
     noise_scale: float = NOISE_SCALE,

@@ -18,7 +18,7 @@ what one forward pass stashes (its scores, or its q/k under NOISE) and clear it 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,18 @@ from tl_circuits.freezing.options import (
     Replacement,
     resolve_freeze_spec,
 )
-from tl_circuits.freezing.references import prepare_reference
+from tl_circuits.freezing.references import (
+    MeanActivations,
+    PreparedReference,
+    ReferenceLike,
+    ResampleReference,
+    prepare_reference,
+)
 from tl_circuits.models.spec import ModelSpec, attention_scores, post_rotary
+from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from transformer_lens.hook_points import HookPoint
 
 Hook = tuple[str, Callable]
 """A TransformerLens forward hook: ``(hook_name, hook_fn)``."""
@@ -52,14 +62,14 @@ class LayerFreeze:
 
     def __init__(
         self,
-        model,
+        model: Model,
         spec: ModelSpec,
         layer: int,
         heads: Sequence[int],
         circuit: Circuit,
         replacement: Replacement,
         gradient: GradientMode,
-        reference,
+        reference: PreparedReference,
         noise_scale: float,
         generator: Optional[torch.Generator],
         row_mask: Optional[Bool[Tensor, "batch n_frozen"]] = None,
@@ -126,7 +136,7 @@ class LayerFreeze:
 
     def _reference(self, name: str, like: Tensor) -> Tensor:
         # a per-sample reference run in chunks (the gradient engine): the chunk's own rows
-        ref = reference_rows(self.reference[name], like.shape[0])
+        ref = reference_rows(cast(ResampleReference, self.reference)[name], like.shape[0])
         if ref.shape[1:] != like.shape[1:] or ref.shape[0] not in (1, like.shape[0]):
             raise ValueError(
                 f"RESAMPLE reference for {name} has shape {tuple(ref.shape)} but this run has "
@@ -135,8 +145,9 @@ class LayerFreeze:
         return ref.to(like.device)
 
     def _mean(self, kind: str, heads: list[int], n_pos: int) -> Tensor:
-        mean = getattr(self.reference, kind)[self.layer]
-        if self.reference.per_position:
+        reference = cast(MeanActivations, self.reference)
+        mean = getattr(reference, kind)[self.layer]
+        if reference.per_position:
             if mean.shape[0] < n_pos:
                 raise ValueError(
                     f"the per-position MEAN reference covers {mean.shape[0]} positions but this run has "
@@ -151,7 +162,7 @@ class LayerFreeze:
         if self.replacement == Replacement.MEAN:
             q = self._mean("q", self.heads, n_pos)
             k = self._mean("k", self._kv_heads(), n_pos)
-            if not self.reference.per_position:
+            if not cast(MeanActivations, self.reference).per_position:
                 q, k = q.unsqueeze(0).expand(n_pos, -1, -1), k.unsqueeze(0).expand(n_pos, -1, -1)
             q = q.unsqueeze(0).expand(batch, -1, -1, -1).to(device)
             k = k.unsqueeze(0).expand(batch, -1, -1, -1).to(device)
@@ -172,7 +183,7 @@ class LayerFreeze:
         masked = (pattern == 0).all(dim=1, keepdim=True)
         return masked.expand(-1, len(self.heads), -1, -1)
 
-    def pattern_hook(self, pattern: Float[Tensor, "batch head q k"], hook) -> Tensor:
+    def pattern_hook(self, pattern: Float[Tensor, "batch head q k"], hook: HookPoint) -> Tensor:
         batch, _, n_pos, n_key = pattern.shape
         if self.replacement == Replacement.RESAMPLE:
             name = self.spec.hook_name(self.layer, "pattern")  # not hook.name: a bridge may give its own name
@@ -193,7 +204,7 @@ class LayerFreeze:
         return self._write(pattern, frozen, head_dim=1)
 
     # ----- OV ---------------------------------------------------------------------------------
-    def z_hook(self, z: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
+    def z_hook(self, z: Float[Tensor, "batch pos head d_head"], hook: HookPoint) -> Tensor:
         orig = z[:, :, self.heads]
         if self.replacement == Replacement.ZERO:
             frozen = torch.zeros_like(orig)
@@ -206,7 +217,7 @@ class LayerFreeze:
         return self._write(z, frozen, head_dim=2)
 
 
-def freeze_generator(model, seed: Optional[int]) -> torch.Generator:
+def freeze_generator(model: Model, seed: Optional[int]) -> torch.Generator:
     """The NOISE generator on the model's device, seeded with ``seed`` (``None``: a fresh random seed)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -218,10 +229,10 @@ def freeze_generator(model, seed: Optional[int]) -> torch.Generator:
 
 
 def build_freeze_hooks(
-    model,
+    model: Model,
     spec: ModelSpec,
     freeze_spec: FreezeSpec,
-    reference,
+    reference: Optional[ReferenceLike],
     row_masks: Optional[dict[int, Bool[Tensor, "batch n_frozen"]]] = None,
 ) -> list[Hook]:
     """The hooks of a validated freeze; ``row_masks[layer]`` restricts that layer's heads to some batch rows."""
@@ -241,12 +252,12 @@ def build_freeze_hooks(
 
 
 def freeze_hooks(
-    model,
+    model: Model,
     heads: HeadsLike,
     circuit: Union[str, Circuit] = "qk",
     replacement: Union[str, Replacement] = "zero",
     *,
-    reference=None,
+    reference: Optional[ReferenceLike] = None,
     gradient: Union[str, GradientMode] = "stopgrad",
     preserve_gradients: Optional[bool] = None,
     noise_scale: float = NOISE_SCALE,

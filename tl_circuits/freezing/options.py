@@ -1,4 +1,4 @@
-"""What a freeze is: its circuit, replacement and gradient mode, the heads, and their validation (SPEC §1).
+"""What a freeze is: its circuit, replacement and gradient mode, the heads, and their validation (docs/spec.md §1).
 
 Every entry point (:func:`~tl_circuits.freezing.api.freeze`, :func:`~tl_circuits.freezing.hooks.freeze_hooks`,
 :func:`~tl_circuits.freezing.sweep.freeze_sweep`) reads its options through :func:`parse_option` and
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from tl_circuits.defaults import SEED
 from tl_circuits.models.spec import ModelSpec, model_spec
+from tl_circuits.models.types import Model
 
 NOISE_SCALE = 1.0
 """Default NOISE std, relative to the frozen head's own activation std (shared by freeze and freeze_sweep)."""
@@ -161,7 +162,7 @@ def check_noise_scale(noise_scale: float) -> None:
 
 
 def resolve_freeze_spec(
-    model,
+    model: Model,
     heads: HeadsLike,
     circuit: Union[str, Circuit],
     replacement: Union[str, Replacement],

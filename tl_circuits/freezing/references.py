@@ -24,6 +24,7 @@ from transformer_lens import ActivationCache
 
 from tl_circuits.freezing.options import Circuit, FreezeSpec, Replacement
 from tl_circuits.models.spec import ModelSpec, check_tokens, model_spec, post_rotary
+from tl_circuits.models.types import Model
 
 MEAN_BATCH_SIZE = 32
 """Reference samples per forward pass when accumulating MEAN activations."""
@@ -47,7 +48,7 @@ class MeanActivations:
 
 
 def compute_mean_activations(
-    model,
+    model: Model,
     reference_tokens: Int[Tensor, "batch pos"],
     *,
     per_position: bool = True,
@@ -92,9 +93,16 @@ def compute_mean_activations(
 ResampleReference = dict[str, Tensor]
 """hook name -> the reference activation ([batch, ...]) of the pattern (QK) and z (OV) of the frozen layers."""
 
+ReferenceLike = Union[MeanActivations, ActivationCache, ResampleReference, Int[Tensor, "batch pos"]]
+"""What ``reference=`` accepts: MEAN: a :class:`MeanActivations` or reference tokens; RESAMPLE: reference
+tokens, an ``ActivationCache`` or a :data:`ResampleReference`; prepared by :func:`prepare_reference`."""
+
+PreparedReference = Optional[Union[MeanActivations, ResampleReference]]
+"""What the freeze hooks read: :func:`prepare_reference`'s result (None for ZERO, NOISE and IDENTITY)."""
+
 
 def resample_reference(
-    model,
+    model: Model,
     spec: ModelSpec,
     layers: Iterable[int],
     circuit: Circuit,
@@ -127,8 +135,8 @@ def resample_reference(
 
 
 def prepare_reference(
-    model, spec: ModelSpec, freeze_spec: FreezeSpec, reference, layers: Iterable[int]
-) -> Optional[Union[MeanActivations, ResampleReference]]:
+    model: Model, spec: ModelSpec, freeze_spec: FreezeSpec, reference: Optional[ReferenceLike], layers: Iterable[int]
+) -> PreparedReference:
     """The reference the hooks read for ``freeze_spec.replacement``: checked, and computed from tokens if needed.
 
     MEAN: a :class:`MeanActivations` (reference tokens are averaged per position); RESAMPLE: a
@@ -145,7 +153,8 @@ def prepare_reference(
     if replacement == Replacement.RESAMPLE:
         if reference is None:
             raise ValueError("RESAMPLE needs reference=tokens or an ActivationCache")
-        return resample_reference(model, spec, layers, freeze_spec.circuit, reference)
+        # a MeanActivations here is resample_reference's TypeError, at run time
+        return resample_reference(model, spec, layers, freeze_spec.circuit, reference)  # type: ignore[arg-type]
     if reference is not None:
         raise ValueError(f"{replacement.value.upper()} takes no reference")
     return None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -46,8 +46,13 @@ from tl_circuits.freezing.options import (
     check_replacement_fits,
     parse_option,
 )
-from tl_circuits.freezing.references import prepare_reference
+from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.models.spec import check_tokens, model_spec
+from tl_circuits.models.types import Model
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 
@@ -98,7 +103,7 @@ class SweepResult:
         n_heads = effect.shape[1]
         return [(int(i) // n_heads, int(i) % n_heads, float(effect.flatten()[i])) for i in order]
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> DataFrame:
         import pandas as pd
 
         rows = []
@@ -186,7 +191,7 @@ class SweepResult:
                    replacement=metadata["replacement"], metric_name=metadata["metric_name"],
                    settings=metadata["settings"])
 
-    def plot(self, title: Optional[str] = None):
+    def plot(self, title: Optional[str] = None) -> Figure:
         """Effect heatmap per circuit (diverging, centred at 0)."""
         from tl_circuits.plotting import plot_blocks
 
@@ -197,13 +202,13 @@ class SweepResult:
 
 
 def freeze_sweep(
-    model,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     metric: Optional[Metric] = None,
     *,
     circuits: Sequence[Union[str, Circuit]] = ("qk", "ov"),
     replacement: Union[str, Replacement] = "zero",
-    reference=None,
+    reference: Optional[ReferenceLike] = None,
     noise_scale: float = NOISE_SCALE,
     seed: Optional[int] = SEED,
     max_batch_rows: Optional[int] = None,
@@ -256,14 +261,14 @@ def freeze_sweep(
     frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in swept}
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
-        clean = float(metric(clean_logits))
+        clean = float(metric(clean_logits))  # type: ignore[arg-type]  # run_with_cache's return type is loose
         del clean_logits
         bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
         for layer in range(spec.n_layers):
             for chunk in passes:
                 hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale,
                                        generator)
-                with model.hooks(fwd_hooks=hooks):
+                with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
                     if spec.starts_at_layer:
                         logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
                     else:  # a bridge runs every layer; those before `layer` compute what the cache holds

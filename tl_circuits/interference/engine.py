@@ -54,7 +54,7 @@ from tl_circuits.interference.inputs import non_finite_error, prepare_inputs
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.interference.scoring import Scorer, Workspace, rows_into, sum_squares
 from tl_circuits.interference.store import FactorStore, SampleSet
-from tl_circuits.models.spec import BLOCKS, ModelSpec
+from tl_circuits.models.spec import BLOCKS, Block, ModelSpec
 from tl_circuits.models.types import Model
 
 
@@ -115,12 +115,12 @@ class _Rows:
     def __init__(self, spec: ModelSpec, ws: Workspace, sub_bytes: float, device: torch.device):
         self.spec, self.ws, self.sub_bytes, self.device = spec, ws, sub_bytes, device
 
-    def __call__(self, samples: SampleSet, block: str, layers: slice, rows: slice, name: str,
+    def __call__(self, samples: SampleSet, block: Block, layers: slice, rows: slice, name: str,
                  include_biases: bool) -> Tensor:
         spec = self.spec
         n_layers = len(range(*layers.indices(spec.n_layers)))
-        heads = spec.n_block_heads(block)  # type: ignore[arg-type]
-        width = spec.n_params_per_head(block, include_biases)  # type: ignore[arg-type]
+        heads = spec.n_block_heads(block)
+        width = spec.n_params_per_head(block, include_biases)
         out = self.ws.get(name, (n_layers, heads, rows.stop - rows.start, width))
         n_in = spec.n_heads * spec.d_head if block == "O" else spec.d_model
         n_out = spec.d_model if block == "O" else heads * spec.d_head
@@ -141,7 +141,8 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
     n_l, n_r = len(left), len(right)
     ws = Workspace(device)
     rows = _Rows(spec, ws, memory.SCRATCH_SHARE * cfg.memory_budget_gb * GB, device)
-    scores = {b: torch.full((n_l, n_r, spec.n_layers, spec.n_block_heads(b)), math.nan) for b in BLOCKS}
+    scores: dict[str, Tensor] = {b: torch.full((n_l, n_r, spec.n_layers, spec.n_block_heads(b)), math.nan)
+                                 for b in BLOCKS}
     fisher_full: dict[str, Tensor] = {}
     n_fisher = external.n_samples if external is not None else (n_l if fisher_sides[0] else 0) + (
         0 if same_sides else (n_r if fisher_sides[1] else 0))
@@ -166,10 +167,10 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
                 if whole:  # the group's Fisher from the very rows that are scored
                     raw_l = rows(left, block, layers, slice(0, n_l), "l", biases)
                     raw_r = raw_l if same_sides else rows(right, block, layers, slice(0, n_r), "r", biases)
-                    for side, tag in sides:
+                    for _side, tag in sides:
                         sums = sums + sum_squares(raw_l if tag == "l" else raw_r)
                 else:  # one extra pass over the Fisher set's rows of this group
-                    for side, tag in sides:
+                    for side, _tag in sides:
                         for a in range(0, len(side), plan.tile_left):
                             part = slice(a, min(len(side), a + plan.tile_left))
                             sums = sums + sum_squares(rows(side, block, layers, part, "l", biases))
@@ -185,12 +186,13 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
                 x = raw_l if raw_l is not None else rows(left, block, layers, ta, "l", biases)
                 if same_sides and raw_l is not None:  # both operands come from one buffer: copy the left one
                     x = ws.get("l_copy", tuple(raw_l.shape)).copy_(raw_l)
-                extra_l = {block: ws.get("l2", tuple(x.shape))} if symmetric else None
+                extra_l: Optional[dict[str, Tensor]] = {block: ws.get("l2", tuple(x.shape))} if symmetric else None
                 left_ops = scorer.left({block: x}, extra_l)
                 for tb in tiles_r:
                     if right_ops is None or len(tiles_r) > 1:
                         y = raw_r if raw_r is not None else rows(right, block, layers, tb, "r", biases)
-                        extra_r = {block: ws.get("r2", tuple(y.shape))} if symmetric else None
+                        extra_r: Optional[dict[str, Tensor]] = (
+                            {block: ws.get("r2", tuple(y.shape))} if symmetric else None)
                         right_ops = scorer.right({block: y}, extra_r)
                     # the score tiles: a distributed run hands these out and gathers the blocks
                     out = scorer.contract(left_ops, right_ops)[block]

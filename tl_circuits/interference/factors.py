@@ -1,4 +1,4 @@
-"""Per-sample gradients as data: per-head rows (:class:`PerSampleGradients`) and their factors (:class:`GradientFactors`).
+"""Per-sample gradients as data: per-head rows (:class:`PerSampleGradients`) and factors (:class:`GradientFactors`).
 
 A per-sample weight gradient of an attention projection is a sum over positions of outer products
 (``dL/dW_Q[h] = Σ_t x_t ⊗ dL/dq_t[h]``, ``dL/dW_O[h] = Σ_t z_t[h] ⊗ dL/dout_t``), so the *factors* (the
@@ -17,20 +17,24 @@ projection inputs and the output gradients, ``O(pos·(D + H·d))`` per layer) gi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_circuits.models.spec import BLOCKS, ModelSpec
+from tl_circuits.models.spec import BLOCKS, Block, ModelSpec
 
 
-def pick_rows(t: Optional[Tensor], index) -> Optional[Tensor]:
+Index = Union[int, slice, Sequence[int], Tensor]
+"""Which samples to take: an int, a slice, a list of ints or an index tensor."""
+
+
+def pick_rows(t: Optional[Tensor], index: Index) -> Optional[Tensor]:
     return None if t is None else t[index]
 
 
-def cat_optional(parts, name: str) -> Optional[Tensor]:
+def cat_optional(parts: Sequence[Any], name: str) -> Optional[Tensor]:
     values = [getattr(p, name) for p in parts]
     return None if any(v is None for v in values) else torch.cat(values)
 
@@ -61,7 +65,7 @@ class PerSampleGradients:
     def __len__(self) -> int:
         return self.n_samples
 
-    def select(self, index) -> "PerSampleGradients":
+    def select(self, index: Index) -> "PerSampleGradients":
         """The gradients of a subset of samples (an int, slice, list or index tensor)."""
         if isinstance(index, int):
             index = [index]
@@ -69,7 +73,7 @@ class PerSampleGradients:
                                   self.include_biases, pick_rows(self.losses, index), pick_rows(self.n_targets, index))
 
     def scaled(self, factor: float) -> "PerSampleGradients":
-        """Every gradient multiplied by ``factor`` (used to check the scaling law of SPEC §3)."""
+        """Every gradient multiplied by ``factor`` (used to check the scaling law of docs/spec.md §3)."""
         return PerSampleGradients({b: g * factor for b, g in self.per_block.items()}, self.spec,
                                   self.include_biases, self.losses, self.n_targets)
 
@@ -127,7 +131,7 @@ class GradientFactors:
         tensors = {id(t): t for t in [*self.inputs.values(), *self.out_grads.values(), self.z]}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def rows(self, block: str, layers: slice = slice(None)) -> Float[Tensor, "n n_layers heads per_head"]:
+    def rows(self, block: Block, layers: slice = slice(None)) -> Float[Tensor, "n n_layers heads per_head"]:
         """Per-head gradient rows of one block (optionally some layers), float32."""
         inputs = self.z if block == "O" else self.inputs[block]
         return self.spec.rows_from_factors(block, inputs[:, layers], self.out_grads[block][:, layers],
@@ -137,11 +141,11 @@ class GradientFactors:
         return PerSampleGradients({b: self.rows(b) for b in BLOCKS}, self.spec, self.include_biases,
                                   self.losses, self.n_targets)
 
-    def select(self, index) -> "GradientFactors":
+    def select(self, index: Index) -> "GradientFactors":
         if isinstance(index, int):
             index = [index]
-        shared = {}  # keep shared input tensors shared
-        inputs = {}
+        shared: dict[int, Tensor] = {}  # keep shared input tensors shared
+        inputs: dict[str, Tensor] = {}
         for b, t in self.inputs.items():
             inputs[b] = shared.setdefault(id(t), t[index])
         return GradientFactors(inputs, {b: t[index] for b, t in self.out_grads.items()}, self.z[index], self.spec,

@@ -1,4 +1,4 @@
-"""Diagonal empirical Fisher of the attention parameters, from per-sample gradients (SPEC §2).
+"""Diagonal empirical Fisher of the attention parameters, from per-sample gradients (docs/spec.md §2).
 
 Per-sample contribution ``C_i = g_i ⊙ g_i``; the diagonal empirical Fisher of a sample set is the mean
 of ``C`` over it (task A — the original's choice —, task B, or both pooled). Everything here is kept
@@ -41,7 +41,7 @@ tensor([[[5.3500, 2.3500],
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Union, cast
 
 import torch
 from jaxtyping import Float
@@ -116,10 +116,13 @@ class FisherAccumulator:
         Blocks are counted separately, so a chunk may be added block by block.
         """
         square = isinstance(x, PerSampleGradients)
-        if square:
+        blocks: Contributions
+        if isinstance(x, PerSampleGradients):
             self.spec, self.include_biases = x.spec, x.include_biases
-            x = x.per_block
-        for block, t in x.items():
+            blocks = x.per_block
+        else:
+            blocks = x
+        for block, t in blocks.items():
             s = torch.zeros(t.shape[1:], dtype=FISHER_DTYPE, device=t.device)
             scratch = torch.empty_like(s)
             for row in t:  # float64 squares of float32 values are exact; one row at a time, no big temporary
@@ -165,7 +168,8 @@ def pooled(*fishers: DiagonalFisher) -> DiagonalFisher:
     for f in fishers[1:]:
         if f.per_block.keys() != blocks or any(f.per_block[b].shape != fishers[0].per_block[b].shape for b in blocks):
             raise ValueError("cannot pool Fishers of different models or bias settings")
-    per_block = {b: sum(f.per_block[b].to(FISHER_DTYPE) * f.n_samples for f in fishers) / n for b in blocks}
+    per_block = {b: cast(Tensor, sum(f.per_block[b].to(FISHER_DTYPE) * f.n_samples for f in fishers)) / n
+                 for b in blocks}
     return DiagonalFisher(per_block, n, fishers[0].spec, fishers[0].include_biases, "pooled")
 
 
@@ -224,6 +228,7 @@ def leave_one_out(fisher: DiagonalFisher, x: Union[PerSampleGradients, Contribut
     n = fisher.n_samples
     if n < 2:
         raise ValueError(f"leave-one-out needs a Fisher of at least 2 samples, this one has {n}")
+    c: Contributions
     if isinstance(x, PerSampleGradients):
         c = {b: g.to(FISHER_DTYPE).square() for b, g in x.per_block.items()}
     else:

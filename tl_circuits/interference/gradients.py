@@ -159,7 +159,7 @@ def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
         for block in "KV":
             x = stack("x" + block + "{}")
             inputs[block] = next((y for y in inputs.values() if torch.equal(x, y)), x)
-        out_grads = {b: stack(b + "{}") for b in BLOCKS}
+        out_grads: dict[str, Tensor] = {b: stack(b + "{}") for b in BLOCKS}
         yield sl, GradientFactors(inputs, out_grads, stack("z{}"), spec, include_biases), losses
 
 
@@ -196,7 +196,7 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
             parts.append((rows, positions, {**raw, "_losses": losses}))
         raw = scatter_groups(parts, sl.stop - sl.start, None)
         losses = raw.pop("_losses")
-        per_block = {}
+        per_block: dict[str, Tensor] = {}
         for block in BLOCKS:  # per-head rows in float32, freeing the raw gradients as we go
             keys = [spec.param_name(layer, block) for layer in range(spec.n_layers)]
             if include_biases and block != "O":

@@ -11,13 +11,14 @@ tensor([[0., 1., 1.],
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_circuits.models.spec import ModelSpec, check_tokens, model_spec
+from tl_circuits.models.types import Model
 
 
 def valid_targets(attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos_minus_1"]:
@@ -54,7 +55,7 @@ def check_mask(tokens: Tensor, attention_mask: Optional[Tensor], what: str) -> I
     return mask
 
 
-def check_no_backward_hooks(model) -> None:
+def check_no_backward_hooks(model: Model) -> None:
     """ValueError if any module has a backward hook: it would change the gradients being measured (and cannot
     run inside ``torch.func`` transforms at all)."""
     from transformer_lens.hook_points import HookPoint
@@ -73,7 +74,7 @@ def valid_span(row: Tensor) -> tuple[int, int]:
     return int(valid[0]), int(valid[-1]) + 1
 
 
-def prepare_inputs(model, tokens: Tensor, attention_mask: Optional[Tensor], what: str,
+def prepare_inputs(model: Model, tokens: Tensor, attention_mask: Optional[Tensor], what: str,
                    method: str = "factored") -> tuple[ModelSpec, Int[Tensor, "batch pos"]]:
     """Validate tokens and mask for a per-sample gradient run; returns the model's spec and the 0/1 mask."""
     spec = model_spec(model)
@@ -112,7 +113,8 @@ def sample_groups(spec: ModelSpec, mask: Int[Tensor, "n pos"]) -> list[tuple[Opt
     return [(torch.tensor(rows, device=mask.device), slice(*span)) for span, rows in groups.items()]
 
 
-def scatter_groups(parts, n: int, n_pos: Optional[int]) -> dict:
+def scatter_groups(parts: Sequence[tuple[Optional[Tensor], slice, dict[str, Tensor]]], n: int,
+                   n_pos: Optional[int]) -> dict[str, Tensor]:
     """Put each group's ``{key: [n_group, (pos_group,) ...]}`` back at its samples (and positions), zeros elsewhere."""
     if len(parts) == 1 and parts[0][0] is None:
         return parts[0][2]

@@ -10,9 +10,10 @@ model at 64 positions):
 - the working memory of one sample of a forward/backward chunk (:func:`engine_bytes_per_sample`);
 - one sample's rows of one (block, layer), the unit of the score contraction.
 
-:func:`plan_run` splits a budget into: the scores and the Fisher; the gradient chunk; 5% scratch for
-building rows from factors; 10% slack for the allocator; the held factors (or none, when they are
-spilled to disk); and the contraction operands, whose size decides the tiles. Gradients are never
+:func:`plan_run` splits a budget into: the scores and the Fisher; 10% slack for the allocator; the held
+factors (or none, when they are spilled to disk); and what is left, used first by the gradient chunks
+(larger chunks are faster, up to 16 samples) and then, once the gradients are done, by 5% scratch for
+building rows from factors and the contraction operands, whose size decides the tiles. Gradients are never
 recomputed because of the budget: what does not fit is spilled (:mod:`tl_circuits.interference.store`).
 
 >>> from tl_circuits.models.spec import ModelSpec
@@ -34,7 +35,6 @@ from tl_circuits.models.spec import BLOCKS, ModelSpec
 
 SCRATCH_SHARE = 0.05  # of the budget: rows built from factors before their copy into operand layout
 SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimation error
-ENGINE_SHARE = 0.15  # of the budget, at most, for one forward/backward chunk
 MAX_ENGINE_CHUNK = 16  # samples per forward/backward: larger batches gain nothing on a CPU and cost memory
 HOLD_SHARE = 0.6  # factors are held in memory when they take at most this share of what is left
 # Operands past this size make a contraction no faster (it is already a large batched matmul), so a larger
@@ -156,23 +156,26 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     n_block_heads = sum(spec.n_block_heads(b) for b in BLOCKS)
     fixed = 2 * s + 4 * spec.n_layers * s_layer  # the result's float64 Fisher + float64 sums of one group
     fixed += 2 * n_left * n_right * spec.n_layers * n_block_heads * 4  # the scores (+ a tile's temporary)
-    chunk = chunk_size or chunk_size_for_budget(engine_per_sample, ENGINE_SHARE * budget)
-    engine = chunk * engine_per_sample
     scratch, slack = SCRATCH_SHARE * budget, SLACK_SHARE * budget
-    avail = budget - fixed - engine - scratch - slack
     k = 2 if symmetric_variant else 1
     per_op = (k + 0.5) * s_layer  # one sample's operand(s) of one block and layer, + transients
     per_op_shared = (2 * k + 0.5) * s_layer  # both operands from one sample's rows (pooled)
     min_ops = per_op_shared if same_sides else 2 * per_op
-    if avail < min_ops:
-        need = (budget - avail + min_ops) / GB
+    # The gradient pass and the score pass do not overlap: the chunk's workspace and the operands share the
+    # memory left next to the fixed part and the held factors.
+    base = budget - fixed - slack
+    if base - scratch < min_ops:
+        need = (budget - base + scratch + min_ops) / GB
         raise ValueError(f"memory_budget_gb={budget_gb} is too small for this model and these tasks: at least "
-                         f"{need:.3f} GB is needed (gradient chunk, Fisher, scores, one sample's operands)")
+                         f"{need:.3f} GB is needed (Fisher, scores, one sample's operands)")
     cap_exceeded = max_held_samples is not None and n_samples > max_held_samples
-    spill = cap_exceeded or factor_bytes > HOLD_SHARE * avail
-    room = avail - (0 if spill else factor_bytes)
-    if room < min_ops:  # the factors would crowd out the operands: spill them after all
-        spill, room = True, avail
+    spill = cap_exceeded or factor_bytes > HOLD_SHARE * (base - scratch)
+    if not spill and base - factor_bytes - scratch < min_ops:  # the factors would crowd out the operands
+        spill = True
+    held = 0 if spill else factor_bytes
+    chunk = chunk_size or chunk_size_for_budget(engine_per_sample, base - held)
+    engine = chunk * engine_per_sample
+    room = base - held - scratch
     if same_sides:
         whole = n_left * per_op_shared <= room
         if whole:
@@ -196,7 +199,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     tile_left, tile_right = min(tile_left, n_left), min(tile_right, n_right)
     n_tiles = math.ceil(n_left / tile_left) * math.ceil(n_right / tile_right)
     operands = (tile_left + tile_right) * layer_group * per_op
-    peak = budget - avail - slack + (0 if spill else factor_bytes) + operands
+    peak = fixed + held + max(engine, scratch + operands)
     return MemoryPlan(budget_gb=budget_gb, engine_chunk=chunk, spill=spill, factor_gb=factor_bytes / GB,
                       layer_group=layer_group, tile_left=tile_left, tile_right=tile_right, fisher_pass=not whole,
                       n_gradient_evaluations=n_samples, n_tiles=n_tiles, estimated_peak_gb=peak / GB)

@@ -3,6 +3,12 @@
 :meth:`InterferenceResult.save` writes a folder with ``scores.safetensors`` (the scores and the Fisher, one
 tensor per block) and ``settings.json`` (ids, the config, the run's settings), so a long run can be kept and
 re-plotted: :meth:`InterferenceResult.load` gives back an equal result.
+
+>>> import torch
+>>> scores = {"O": torch.tensor([[[[0.5, -1.0]]], [[[2.0, 0.1]]]])}  # [N_A=2, N_B=1, n_layers=1, heads=2]
+>>> result = InterferenceResult(scores, ["a0", "a1"], ["b0"], InterferenceConfig(variant="signed"))
+>>> result.top_conflicts(1)  # signed: the most negative score first
+[Conflict(id_a='a0', id_b='b0', block='O', layer=0, head=1, score=-1.0)]
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Hashable, NamedTuple, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -20,6 +26,10 @@ from torch import Tensor
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.fisher import DiagonalFisher
 from tl_circuits.models.spec import BLOCKS
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
 
 SCORES_FILE = "scores.safetensors"
 SETTINGS_FILE = "settings.json"
@@ -84,7 +94,7 @@ class InterferenceResult:
         if not means:
             raise ValueError("every score is NaN: no block can be ranked")
         pick = min if self.config.variant == "signed" else max
-        return pick(means, key=means.get)
+        return pick(means, key=means.__getitem__)
 
     def pair(self, id_a: Hashable, id_b: Hashable) -> dict[str, Float[Tensor, "n_layers heads"]]:
         """Scores of one pair by the caller's ids; KeyError for an unknown id (never a silent 0)."""
@@ -119,7 +129,7 @@ class InterferenceResult:
             out.append(Conflict(self.ids_a[i], self.ids_b[j], b, layer, head, float(self.scores[b][i, j, layer, head])))
         return out
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> DataFrame:
         """Long table: one row per (id_a, id_b, block, layer, head) with its score (NaN kept).
 
         ``head_kind`` is ``"kv"`` for K/V rows (KV heads; the same as query heads without GQA) and
@@ -145,7 +155,7 @@ class InterferenceResult:
             }))
         return pd.concat(frames, ignore_index=True)
 
-    def plot(self, title: Optional[str] = None, **kwargs):
+    def plot(self, title: Optional[str] = None, **kwargs: Any) -> Figure:
         """Layer × head heatmap of the mean score per block (:func:`tl_circuits.plotting.plot_blocks`)."""
         from tl_circuits.plotting import plot_blocks
 
@@ -200,7 +210,7 @@ class InterferenceResult:
             tensors = load_file(str(folder / SCORES_FILE))
         except Exception as error:  # safetensors raises its own error type on a corrupt header
             raise ValueError(f"{folder} holds a damaged InterferenceResult: {error}") from None
-        scores = {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors}
+        scores: dict[str, Tensor] = {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors}
         fisher = None
         if meta["fisher"] is not None:
             fisher = DiagonalFisher({b: tensors[f"fisher.{b}"] for b in BLOCKS if f"fisher.{b}" in tensors},

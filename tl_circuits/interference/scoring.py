@@ -16,7 +16,7 @@ contribution is NaN, and so are the scores of that head: missing data, never 0.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import einops
 import torch
@@ -28,6 +28,7 @@ from tl_circuits.defaults import GB, MEMORY_BUDGET_GB
 from tl_circuits.interference.config import DAMPING_ABS, DAMPING_REL, REDUCTIONS, VARIANTS, Reduction, Variant
 from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
 from tl_circuits.interference.fisher import FISHER_DTYPE, DiagonalFisher, damping_lambda, loo_block
+from tl_circuits.models.spec import Block
 
 
 def safe_reciprocal(f: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -53,7 +54,7 @@ class Scorer:
         self.sub_chunk = max(1, sub_chunk)
         if leave_one_out and fisher.n_samples < 2:
             raise ValueError(f"leave-one-out needs a Fisher of at least 2 samples, this one has {fisher.n_samples}")
-        self.inverse = None
+        self.inverse: Optional[dict[str, Tensor]] = None
         if not leave_one_out:
             self.inverse = {b: safe_reciprocal(f + damping_lambda(f, damping_abs, damping_rel))
                             for b, f in fisher.per_block.items()}
@@ -61,6 +62,7 @@ class Scorer:
     def _normalise_(self, block: str, x: Tensor, power: int) -> Tensor:
         """In place: x (raw g, [L, H, n, P]) -> g^power / F̃ (F̃_{−i} per sample with leave-one-out)."""
         if not self.loo:
+            assert self.inverse is not None  # made in __init__ whenever leave-one-out is off
             if power == 2:
                 x.square_()
             return x.mul_(self.inverse[block][:, :, None, :])
@@ -219,8 +221,9 @@ class Workspace:
     for every (block, layer group, chunk).
     """
 
-    def __init__(self, device):
-        self.device, self.storage = device, {}
+    def __init__(self, device: Union[str, torch.device, None]):
+        self.device = device
+        self.storage: dict[str, Optional[Tensor]] = {}
 
     def get(self, name: str, shape: tuple) -> Tensor:
         numel = math.prod(shape)
@@ -232,7 +235,7 @@ class Workspace:
 
 
 
-def rows_into(f: GradientFactors, block: str, layers: slice, samples: slice, sub: int, out: Tensor,
+def rows_into(f: GradientFactors, block: Block, layers: slice, samples: slice, sub: int, out: Tensor,
                ws: Workspace) -> Tensor:
     """Raw per-head rows of some samples and layers of one block, written into ``out`` ([Lg, H, n, P])."""
     spec = f.spec

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -68,12 +68,12 @@ class FactorStore:
         if self.folder is not None:  # removed even if the caller forgets to close (garbage collection, exit)
             self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
         L, H, G, d, D = spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.d_head, spec.d_model
-        shapes = {"in_Q": (n, L, n_pos, D)}
+        shapes: dict[str, tuple[int, ...]] = {"in_Q": (n, L, n_pos, D)}
         if not shared_inputs:
             shapes.update({"in_K": (n, L, n_pos, D), "in_V": (n, L, n_pos, D)})
         shapes.update({"grad_Q": (n, L, n_pos, H, d), "grad_K": (n, L, n_pos, G, d), "grad_V": (n, L, n_pos, G, d),
                        "grad_O": (n, L, n_pos, D), "z": (n, L, n_pos, H, d)})
-        self.arrays: dict[str, object] = {}
+        self.arrays: dict[str, Union[Tensor, np.memmap]] = {}
         for name, shape in shapes.items():
             if self.folder is None:
                 self.arrays[name] = torch.zeros(shape, device=device)
@@ -83,7 +83,7 @@ class FactorStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(a.shape)) * 4 for a in self.arrays.values())  # type: ignore[attr-defined]
+        return sum(int(np.prod(a.shape)) * 4 for a in self.arrays.values())
 
     def __len__(self) -> int:
         return self.n
@@ -105,9 +105,9 @@ class FactorStore:
             if isinstance(target, Tensor):
                 target[rows] = t
             else:
-                target[rows] = t.detach().cpu().numpy()  # type: ignore[index]
-                target.flush()  # type: ignore[attr-defined]
-                _release(target)  # type: ignore[arg-type]
+                target[rows] = t.detach().cpu().numpy()
+                target.flush()
+                _release(target)
 
     def get(self, samples: slice, layers: slice = slice(None), device: Optional[torch.device] = None,
             block: Optional[str] = None) -> GradientFactors:
@@ -126,8 +126,8 @@ class FactorStore:
             if isinstance(source, Tensor):
                 out[name] = source[samples, layers]
             else:
-                out[name] = torch.from_numpy(np.array(source[samples, layers]))  # type: ignore[index]
-                _release(source)  # type: ignore[arg-type]
+                out[name] = torch.from_numpy(np.array(source[samples, layers]))
+                _release(source)
             if device is not None:
                 out[name] = out[name].to(device)
         inputs = {b: out[self._names()[f"in_{b}"]] for b in _QKV}
@@ -144,7 +144,7 @@ class FactorStore:
     def __enter__(self) -> "FactorStore":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

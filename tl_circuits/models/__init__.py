@@ -2,7 +2,7 @@
 
 - :mod:`~tl_circuits.models.spec`: :class:`ModelSpec` (sizes, hook names, parameter names; read with
   :func:`model_spec`) — ask it instead of ``model.cfg``;
-- :mod:`~tl_circuits.models.layout`: the per-head Q/K/V/O layout of attention parameters (SPEC §0);
+- :mod:`~tl_circuits.models.layout`: the per-head Q/K/V/O layout of attention parameters (docs/spec.md §0);
 - :mod:`~tl_circuits.models.hooked`: forward passes and hooks, HookedTransformer or bridge;
 - :mod:`~tl_circuits.models.bridge` / :mod:`~tl_circuits.models.native`: TransformerBridge support;
 - :mod:`~tl_circuits.models.checkpoint`: saving and loading checkpoint directories.

@@ -30,6 +30,11 @@ but it is a different machine underneath. Facts this module relies on (checked o
 - ``forward(start_at_layer=...)`` raises ``NotImplementedError``; ``forward(attention_mask=...)`` cannot run
   under ``torch.func.vmap`` (data-dependent control flow in mask handling); ``functional_call`` needs
   ``tie_weights=False`` (tied-weight re-tying otherwise writes into the model).
+
+>>> from tl_circuits import load_bundled_model
+>>> bridge = load_bundled_model("induction-2l", as_bridge=True)
+>>> is_bridge(bridge), architecture(bridge)
+(True, 'TransformerLensNative')
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ except ImportError:  # TransformerLens 2.x has no bridge
     AttentionBridge = None  # type: ignore[misc,assignment]
 
 from tl_circuits.models.layout import WeightLayout, bias_to_heads, weight_to_heads  # noqa: F401 (re-exported)
+from tl_circuits.models.types import Model
 
 
 # Architectures whose attention bridges were checked hook by hook and parameter by parameter.
@@ -61,17 +67,17 @@ def is_bridge(model: object) -> bool:
     return TransformerBridge is not None and isinstance(model, TransformerBridge)
 
 
-def architecture(model) -> str:
+def architecture(model: Model) -> str:
     return str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None))
 
 
-def attention(model, layer: int) -> Any:
+def attention(model: Model, layer: int) -> Any:
     """The attention bridge of a layer (``model.blocks[layer].attn``; an ``AttentionBridge`` module, typed ``Any``
     because its submodules ``q``/``o``/``original_component`` are reached by attribute)."""
     return model.blocks[layer].attn
 
 
-def projection(model, layer: int, block: str) -> nn.Module:
+def projection(model: Model, layer: int, block: str) -> nn.Module:
     """The wrapped ``nn.Linear``/``Conv1D`` computing a block's projection (q, k, v or o)."""
     return getattr(attention(model, layer), _PROJECTIONS[block]).original_component
 
@@ -106,7 +112,7 @@ def rotary_hooks_fire(attn: nn.Module) -> bool:
     return _rebuilds_attention(attn)
 
 
-def problems(model) -> list[str]:
+def problems(model: Model) -> list[str]:
     """What makes this bridge unsupported (empty when supported)."""
     cfg, out = model.cfg, []
     arch = architecture(model)
@@ -129,7 +135,7 @@ def problems(model) -> list[str]:
     return out
 
 
-def attention_scale(model, layer: int) -> float:
+def attention_scale(model: Model, layer: int) -> float:
     """Factor multiplying ``q·k`` in the layer's scores, as the bridge computes them."""
     attn = attention(model, layer)
     inner = attn.original_component
@@ -139,14 +145,16 @@ def attention_scale(model, layer: int) -> float:
 
 
 def attention_scores(
-    model, layer: int, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos head d_head"]
+    model: Model, layer: int, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos head d_head"]
 ) -> Float[Tensor, "batch head q_pos k_pos"]:
     """Unmasked scores of matched query/key heads (no GQA repeat: ``k[..., i, :]`` pairs with ``q[..., i, :]``)."""
     scores = einops.einsum(q, k, "batch q_pos head d, batch k_pos head d -> batch head q_pos k_pos")
     return scores * attention_scale(model, layer)
 
 
-def rotate(model, layer: int, x: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+def rotate(
+    model: Model, layer: int, x: Float[Tensor, "batch pos head d_head"]
+) -> Float[Tensor, "batch pos head d_head"]:
     """Rotary applied to pre-rotary q or k the way the layer's ``NativeAttention`` does (positions 0..pos-1)."""
     rotary = attention(model, layer).original_component.rotary
     heads_first = einops.rearrange(x, "batch pos head d -> batch head pos d")
@@ -154,7 +162,7 @@ def rotate(model, layer: int, x: Float[Tensor, "batch pos head d_head"]) -> Floa
     return einops.rearrange(rotated, "batch head pos d -> batch pos head d")
 
 
-def parameter_names(model, include_biases: bool = True) -> dict[tuple[int, str, bool], str]:
+def parameter_names(model: Model, include_biases: bool = True) -> dict[tuple[int, str, bool], str]:
     """``(layer, block, bias) -> name in model.named_parameters()`` of every attention projection."""
     names_by_id = {id(p): name for name, p in model.named_parameters()}
     out = {}
@@ -167,18 +175,18 @@ def parameter_names(model, include_biases: bool = True) -> dict[tuple[int, str, 
     return out
 
 
-def logits(model, tokens: Tensor) -> Tensor:
+def logits(model: Model, tokens: Tensor) -> Tensor:
     """Logits of unpadded tokens (a bridge's masked forward cannot run under vmap; callers trim padding)."""
     return model(tokens, return_type="logits")
 
 
-def functional_logits(model, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
+def functional_logits(model: Model, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
     """``functional_call`` of the bridge with some parameters replaced, leaving the bridge's own untouched."""
     return functional_call(model, params, (tokens,), {"return_type": "logits"}, tie_weights=False)
 
 
 def register_factor_hooks(
-    model,
+    model: Model,
     layer: int,
     perturb: Callable[[str, Tensor], Tensor],
     capture_input: Callable[[str, Tensor], None],

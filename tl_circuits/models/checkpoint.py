@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -75,7 +75,7 @@ def _json_config(cfg: HookedTransformerConfig) -> dict:
     return out
 
 
-def save_checkpoint(model: HookedTransformer, directory: Union[str, Path], tokenizer=None,
+def save_checkpoint(model: HookedTransformer, directory: Union[str, Path], tokenizer: Optional[Any] = None,
                     weights_format: str = "safetensors") -> Path:
     """Write ``model`` (and optionally a Hugging Face tokenizer) as a local checkpoint directory.
 
@@ -171,7 +171,7 @@ def tokenizer_directory(directory: Union[str, Path]) -> Optional[Path]:
     return None
 
 
-def load_tokenizer(directory: Union[str, Path]):
+def load_tokenizer(directory: Union[str, Path]) -> Any:
     """A Hugging Face tokenizer from local files only (no hub lookup)."""
     from transformers import AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""The per-head Q/K/V/O layout of attention parameters (SPEC §0): the one module that knows it.
+"""The per-head Q/K/V/O layout of attention parameters (docs/spec.md §0): the one module that knows it.
 
 A head's *row* is its weight slice flattened (then its bias slice, when biases are asked for):
 

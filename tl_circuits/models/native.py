@@ -15,6 +15,11 @@ Only configurations whose forward pass the native model reproduces are accepted:
 positions, LayerNorm / RMSNorm / no normalisation, MHA or GQA, attention-only or a (gated) MLP, no
 HookedTransformer-only features (local attention, soft caps, QK norm, ...). Anything else raises
 ``NotImplementedError`` naming the field.
+
+>>> from tl_circuits import load_bundled_model
+>>> bridge = load_bundled_model("induction-2l", as_bridge=True)  # native_bridge_from_tl on the bundled weights
+>>> type(bridge).__name__
+'TransformerBridge'
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any, Optional, Union
 import einops
 import torch
 from torch import Tensor
+
+from tl_circuits.models.types import Model
 
 __all__ = ["bridge_config", "convert_tl_state_dict", "native_bridge_from_tl"]
 
@@ -116,7 +123,7 @@ def _port_convert(state_dict: dict[str, Tensor], cfg) -> dict[str, Tensor]:
     return out
 
 
-def convert_tl_state_dict(state_dict: dict[str, Tensor], cfg) -> dict[str, Tensor]:
+def convert_tl_state_dict(state_dict: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """A HookedTransformer state dict in the key/tensor format of ``TransformerBridge.boot_native(cfg)``:
     TransformerLens's ``convert_tl_checkpoint`` (4.x) or its port (3.x)."""
     try:
@@ -127,7 +134,8 @@ def convert_tl_state_dict(state_dict: dict[str, Tensor], cfg) -> dict[str, Tenso
 
 
 def native_bridge_from_tl(config: dict, state_dict: dict[str, Tensor], device: Union[str, torch.device, None] = None,
-                          dtype: Optional[torch.dtype] = None, tokenizer=None, model_name: str = "native"):
+                          dtype: Optional[torch.dtype] = None, tokenizer: Optional[Any] = None,
+                          model_name: str = "native") -> Model:
     """A ``TransformerBridge.boot_native`` model (eval mode) with a HookedTransformer's weights.
 
     Args:

@@ -6,7 +6,7 @@ Everything else asks the spec rather than ``model.cfg``: freezing asks for hook 
 query head and the parameter dtype; the gradient engines ask for parameter names, per-head rows and
 whether the q/k/v inputs are one tensor.
 
-The per-head Q/K/V/O layout itself (SPEC §0) lives in :mod:`tl_circuits.models.layout`; the methods
+The per-head Q/K/V/O layout itself (docs/spec.md §0) lives in :mod:`tl_circuits.models.layout`; the methods
 :meth:`ModelSpec.per_head`, :meth:`~ModelSpec.params_from_per_head`, :meth:`~ModelSpec.rows_from_factors`,
 :meth:`~ModelSpec.write_rows_from_factors` and :meth:`~ModelSpec.n_params_per_head` delegate to it with this
 model's sizes. In a HookedTransformer (H query heads, G KV heads): Q ``W_Q`` [H, D, d], K/V ``_W_K``/``_W_V``

@@ -1,7 +1,7 @@
 """Statistics of interference maps: permutation tests, FDR / FWER corrections, bootstrap intervals.
 
 Everything here works on tensors, so it does not depend on how the scores were made. The input is the
-*pooled pairwise score matrix* of SPEC §4: for every block ("Q", "K", "V", "O" — any names work)
+*pooled pairwise score matrix* of docs/spec.md §4: for every block ("Q", "K", "V", "O" — any names work)
 
     pooled_scores[block][i, j, l, h] = M(i as the "A side", j as the "B side") for layer l, head h
 

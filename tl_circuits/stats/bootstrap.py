@@ -15,7 +15,7 @@ BootstrapCI(method='percentile', confidence_level=0.95, n_resamples=99, blocks=[
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from tl_circuits.stats.validation import (
     warn_degenerate,
     warn_missing,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tqdm import tqdm
 
 __all__ = ["BootstrapCI", "bootstrap_ci", "block_bootstrap_interval", "draw_resamples"]
 
@@ -80,7 +83,7 @@ def _quantile_linear(sorted_values: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def block_bootstrap_interval(prep: PreparedBlock, labels: Tensor, idx_a: Tensor, idx_b: Tensor, *, method: str,
                              confidence_level: float,
-                             memory_budget_gb: float = defaults.STATS_WORKSPACE_GB, bar=None,
+                             memory_budget_gb: float = defaults.STATS_WORKSPACE_GB, bar: Optional[tqdm] = None,
                              workspace: Optional[ReductionWorkspace] = None
                              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(low, high, standard_error)`` per cell ``[C]`` of one prepared block, as scipy.stats.bootstrap computes

@@ -1,4 +1,4 @@
-"""Which heads really interfere: the interference metric and its permutation test, end to end (SPEC §4).
+"""Which heads really interfere: the interference metric and its permutation test, end to end (docs/spec.md §4).
 
 The statistics work on the *pooled* pairwise matrix: A ∪ B is scored once against itself under the
 pooled Fisher, and every permutation of the task labels is a reduction of that one matrix.
@@ -19,7 +19,7 @@ pooled Fisher, and every permutation of the task labels is a reduction of that o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from jaxtyping import Int
 from torch import Tensor
@@ -60,7 +60,7 @@ def interference_permutation_test(
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
     config: Optional[InterferenceConfig] = None,
     alternative: Optional[str] = None,
-    **test_kwargs,
+    **test_kwargs: Any,
 ) -> InterferenceTestResult:
     """Per-sample gradients of A and B, pooled Fisher, the pooled pairwise matrix once, then
     :func:`tl_circuits.stats.permutation.permutation_test` (``test_kwargs``: n_permutations, alpha, correction,

@@ -1,4 +1,4 @@
-"""The permutation test of task-label exchangeability for every (block, layer, head) cell (SPEC §4).
+"""The permutation test of task-label exchangeability for every (block, layer, head) cell (docs/spec.md §4).
 
 Stages, each in its own module: check the input (:mod:`~tl_circuits.stats.validation`), prepare each block
 once (:mod:`~tl_circuits.stats.reduction`), the observed statistic and its null under random or given

@@ -14,13 +14,16 @@ per chunk, never a Python loop over cells or pairs.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits import defaults
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tqdm import tqdm
 
 
 class PreparedBlock(NamedTuple):
@@ -65,7 +68,7 @@ class ReductionWorkspace:
     def __init__(self) -> None:
         self.buffer: Optional[Tensor] = None
 
-    def get(self, numel: int, dtype: torch.dtype, device) -> Tensor:
+    def get(self, numel: int, dtype: torch.dtype, device: Union[str, torch.device]) -> Tensor:
         buf = self.buffer
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
             buf = self.buffer = torch.empty(numel, dtype=dtype, device=device)
@@ -84,7 +87,7 @@ def chunk_rows(n_rows: int, row_numel: int, element_size: int, memory_budget_gb:
 
 def bilinear(left: Float[Tensor, "p n1"] | Bool[Tensor, "p n1"], m: Float[Tensor, "n1 n2 c"],
              right: Float[Tensor, "p n2"] | Bool[Tensor, "p n2"],
-             memory_budget_gb: float = defaults.STATS_WORKSPACE_GB, bar=None,
+             memory_budget_gb: float = defaults.STATS_WORKSPACE_GB, bar: Optional[tqdm] = None,
              workspace: Optional[ReductionWorkspace] = None) -> Float[Tensor, "p c"]:
     """``out[p, c] = Σ_ij left[p, i] m[i, j, c] right[p, j]``, chunked so ``[chunk, n2·c]`` fits the budget."""
     n1, n2, c = m.shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from tl_circuits.stats.validation import Grid
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
 
 __all__ = ["InterferenceTestResult", "GRID_FIELDS"]
 
@@ -93,7 +97,7 @@ class InterferenceTestResult:
                 f"alternative={self.alternative!r}, correction={self.correction!r}, alpha={self.alpha}, "
                 f"significant_cells={counts})")
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> DataFrame:
         """Tidy table: one row per (block, layer, head), one column per grid field."""
         import pandas as pd
 
@@ -112,7 +116,7 @@ class InterferenceTestResult:
         return pd.concat(frames, ignore_index=True)
 
     def plot(self, field: str = "observed", mask_with: Optional[str] = None, *, title: Optional[str] = None,
-             **kwargs):
+             **kwargs: Any) -> Figure:
         """Heatmaps of ``field`` per block; cells that are not significant are hatched and greyed.
 
         ``mask_with=None`` uses ``significant`` (this result's correction); a p/q field name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits import defaults
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tqdm import tqdm
 
 ALTERNATIVES = ("greater", "less", "two-sided")
 CORRECTIONS = ("bh", "by", "maxstat", "cluster", "none")
@@ -60,7 +63,7 @@ def check_open_unit(name: str, value: object) -> float:
     return value_f
 
 
-def check_choice(name: str, value, choices: Sequence) -> str:
+def check_choice(name: str, value: Any, choices: Sequence) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
@@ -144,7 +147,7 @@ def resolve_labels(n_a: Labels, n: int) -> Bool[Tensor, " n"]:
     return labels
 
 
-def check_relabelings(permutations, n: int, n_a: int) -> Bool[Tensor, "n_permutations n"]:
+def check_relabelings(permutations: Any, n: int, n_a: int) -> Bool[Tensor, "n_permutations n"]:
     """Explicit relabelings as a bool tensor [P, N] (CPU), each keeping ``n_a`` samples in task A."""
     perms = torch.as_tensor(permutations).cpu()
     if perms.ndim != 2 or perms.shape[1] != n or perms.shape[0] < 1:
@@ -162,7 +165,7 @@ def check_relabelings(permutations, n: int, n_a: int) -> Bool[Tensor, "n_permuta
     return perms
 
 
-def numpy_rng(seed) -> np.random.Generator:
+def numpy_rng(seed: Union[int, None, np.random.Generator, torch.Generator]) -> np.random.Generator:
     """The numpy generator of the bootstrap: the same int seed, or one drawn from a torch generator."""
     if isinstance(seed, np.random.Generator):
         return seed
@@ -183,7 +186,7 @@ def torch_generator(seed: Seed) -> torch.Generator:
     return gen
 
 
-def as_numpy(x) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
     """float64 numpy copy of a tensor or array-like."""
     if isinstance(x, Tensor):
         return x.detach().cpu().double().numpy()
@@ -210,7 +213,7 @@ def split_cells(flat: Tensor, shapes: Mapping[str, Tuple[int, ...]], lead: Tuple
     return out
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
