@@ -109,7 +109,8 @@ def main() -> None:
               f"{r['n_permutations']} permutations); {args.threads} threads")
         print(f"   wall {r['seconds']:.1f} s (gradients {r['timings']['gradients_s']:.1f} s, pooled scores "
               f"{r['timings']['scoring_s']:.1f} s, the rest the permutation test and bootstrap)")
-        print(f"   peak RSS {peak:.2f} GB, {above:.2f} GB above the loaded model and tasks ({r['baseline_rss_gb']:.2f} GB)"
+        print(f"   peak RSS {peak:.2f} GB, {above:.2f} GB above the loaded model and tasks "
+              f"({r['baseline_rss_gb']:.2f} GB)"
               f"   budget {budget:g} GB: {'within' if above <= 1.1 * budget else 'OVER'} budget + 10%")
         print(f"   plan: factors {p['factor_gb']:.2f} GB spilled {p['spill']}, {p['n_gradient_evaluations']} gradient "
               f"evaluations, tiles {p['tile_left']} x {p['tile_right']}, {p['layer_group']} layer(s) per contraction, "
