@@ -56,7 +56,8 @@ def test_bridge_report_equals_the_hooked_transformer_report(tmp_path):
     np.testing.assert_allclose(pairs_b.total, pairs_h.total, rtol=1e-4)
 
 
-@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER, reason="TransformerLens 4.x only (3.x: the slow test in tests/cli/test_cli.py)")
+@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER,
+                    reason="TransformerLens 4.x only (3.x: the slow test in tests/cli/test_cli.py)")
 def test_no_argument_job_runs_on_a_bridge_and_writes_every_file(tmp_path, monkeypatch):
     """The README's first command, exactly, under TransformerLens 4.x; task A's QK and OV sweep equals the per-head
     freeze effects recorded in the model's JSON when it was analysed as a HookedTransformer (same batch: 64 rows,

@@ -9,29 +9,12 @@ import pytest
 import torch
 
 from tests import builders
-from tests.test_gradients import assert_rows_match
-from tests.test_interference import DAMP, QUIET, assert_scores_close, brute_force
-from tests.test_gradients import loop_reference
+from tests.reference import DAMP, assert_rows_match, assert_scores_close, brute_force, frozen_batch_loop, loop_reference
 from tl_circuits import GradientConfig, InterferenceConfig, InterferenceResult, compute_interference, freeze
 from tl_circuits.interference.gradients import per_sample_gradients
 from tl_circuits.models.spec import model_spec
 
-
-def frozen_batch_loop(model, tokens, **freeze_kwargs):
-    """{param name: [N, ...]}: ONE batched forward under the freeze (TL's own per-token loss), then
-    ``autograd.grad`` of each sample's token-mean loss separately: what a per-sample gradient under a freeze means."""
-    spec = model_spec(model)
-    names = spec.attention_param_names()
-    params = dict(model.named_parameters())
-    with freeze(model, **freeze_kwargs):
-        per_token = model(tokens, return_type="loss", loss_per_token=True)  # [N, pos - 1]
-        losses = per_token.mean(1)
-        out = {name: [] for name in names}
-        for i in range(tokens.shape[0]):
-            grads = torch.autograd.grad(losses[i], [params[n] for n in names], retain_graph=True)
-            for name, g in zip(names, grads):
-                out[name].append(g.detach().clone())
-    return {name: torch.stack(gs) for name, gs in out.items()}
+QUIET = dict(progress=False)
 
 
 @pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
