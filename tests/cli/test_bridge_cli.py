@@ -26,7 +26,7 @@ def assert_every_file(out) -> None:
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason="compares with the HookedTransformer report (TL < 4)")
+@pytest.mark.needs_hooked_transformer  # compares with the HookedTransformer report
 def test_bridge_report_equals_the_hooked_transformer_report(tmp_path):
     bridge_out, hooked_out = tmp_path / "bridge", tmp_path / "hooked"
     assert main([*SMALL, "--bridge", "--out", str(bridge_out)]) == 0

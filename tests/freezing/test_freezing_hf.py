@@ -8,6 +8,8 @@ from tests import builders
 from tests.reference import capture_module_output, head_cols, hf_logits_with_edits, replace_cols
 from tl_circuits import freeze, model_spec
 
+pytestmark = pytest.mark.needs_hooked_transformer  # compares with the HF model converted to a HookedTransformer
+
 LAYER, D, N_HEADS, D_HEAD = 1, 32, 4, 8
 
 

@@ -20,6 +20,8 @@ from tl_circuits.interference.gradients import (
 from tl_circuits.interference.memory import gradient_bytes_per_sample
 from tl_circuits.models.spec import BLOCKS, model_spec
 
+pytestmark = pytest.mark.needs_hooked_transformer  # every test differentiates a HookedTransformer
+
 
 def engine_bytes_per_sample(model, n_pos, method="factored"):
     """One sample's chunk workspace, without its result (the memory module's rule, on this model)."""

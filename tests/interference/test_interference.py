@@ -27,6 +27,8 @@ from tl_circuits.interference.result import Conflict
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, model_spec
 
+pytestmark = pytest.mark.needs_hooked_transformer  # every test scores a HookedTransformer
+
 QUIET = dict(progress=False)
 
 

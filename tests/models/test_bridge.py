@@ -48,8 +48,6 @@ from tl_circuits.models import bridge as bridge_module
 
 QUIET = dict(progress=False)
 LAYER, D, D_HEAD = 1, 32, 8
-needs_hooked = pytest.mark.skipif(not builders.HAS_HOOKED_TRANSFORMER,
-                                  reason="TransformerLens 4.x has no HookedTransformer to compare with")
 
 
 def _native_pattern_edits_apply() -> bool:
@@ -424,7 +422,7 @@ def _freeze_run(model, tokens, circuit, replacement, reference):
         return model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_pattern", "hook_z")))
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native", "native_rotary"])
 def test_parity_freeze_every_circuit_and_replacement(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -452,7 +450,7 @@ def test_parity_freeze_every_circuit_and_replacement(bridges, hooked_twins, name
                     torch.testing.assert_close(ours_cache[key], theirs_cache[key], rtol=1e-4, atol=1e-5, msg=what)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native"])
 def test_parity_sweep(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -466,7 +464,7 @@ def test_parity_sweep(bridges, hooked_twins, name):
             torch.testing.assert_close(ours.frozen[circuit], theirs.frozen[circuit], rtol=1e-4, atol=1e-5)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name, include_biases", [("gpt2", True), ("llama", True), ("native_rotary", True)])
 @pytest.mark.parametrize("method", ["factored", "direct"])
 def test_parity_gradients(bridges, hooked_twins, name, include_biases, method):
@@ -482,7 +480,7 @@ def test_parity_gradients(bridges, hooked_twins, name, include_biases, method):
     torch.testing.assert_close(ours.losses, theirs.losses, rtol=1e-5, atol=1e-6)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins):
     model, twin = bridges["llama"], hooked_twins["llama"]
     tokens = builders.random_tokens(3, 10, seed=4)
@@ -495,7 +493,7 @@ def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins)
                                    rtol=1e-4, atol=1e-5)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -515,7 +513,7 @@ def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
         torch.testing.assert_close(ours_test.p_value[block], theirs_test.p_value[block])
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_parity_compatibility_mode(name):
     """enable_compatibility_mode() folds LayerNorm, centres weights and renames what hook functions see: the
