@@ -67,7 +67,7 @@ def _spread_weights(hf, std: float = 0.3) -> None:
     """HF initialises matrices with std 0.02, which leaves attention almost uniform and heads almost
     inert; wider weights make every head matter, so equivalence tests can tell heads apart."""
     with torch.no_grad():
-        for name, param in hf.named_parameters():
+        for _name, param in hf.named_parameters():
             if param.ndim == 2:
                 param.normal_(0, std)
 
@@ -222,15 +222,3 @@ def hooked_from_native(bridge):
 
 def random_tokens(batch: int = 3, pos: int = 12, seed: int = 0, d_vocab: int = D_VOCAB) -> torch.Tensor:
     return torch.randint(0, d_vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
-
-
-def capture_module_output(hf, tokens: torch.Tensor, module) -> torch.Tensor:
-    """What ``module`` outputs while ``hf`` runs ``tokens`` (no grad; the hook is removed on every exit)."""
-    store = {}
-    handle = module.register_forward_hook(lambda mod, args, out: store.setdefault("out", out.detach().clone()))
-    try:
-        with torch.no_grad():
-            hf(tokens)
-    finally:
-        handle.remove()
-    return store["out"]

@@ -5,28 +5,26 @@ from tests import builders
 
 torch.set_num_threads(2)
 
-# Under TransformerLens 4.x (no HookedTransformer; the second CI leg) only these modules can run: the bridge
-# tests (whose HookedTransformer parity tests skip themselves) and the model-free ones. The rest build
-# HookedTransformers at import or in fixtures, so they are left out of collection rather than erroring.
-RUNS_WITHOUT_HOOKED_TRANSFORMER = {"test_bridge.py", "test_fisher.py", "test_bundled.py",
-                                   "test_bundled_bridge.py", "test_bridge_cli.py", "test_analysis_config.py", "test_layout.py",
-                                   # tests/stats/
-                                   "test_permutation.py", "test_corrections.py", "test_bootstrap.py",
-                                   "test_calibration.py", "test_result.py"}
+NEEDS_HOOKED_TRANSFORMER = "needs_hooked_transformer"
+SKIP_REASON = "needs transformer_lens.HookedTransformer (TransformerLens < 4)"
 
 
-def pytest_ignore_collect(collection_path, config):
-    if builders.HAS_HOOKED_TRANSFORMER or collection_path.suffix != ".py":
-        return None
-    if collection_path.name.startswith("test_") and collection_path.name not in RUNS_WITHOUT_HOOKED_TRANSFORMER:
-        return True
-    return None
+def pytest_collection_modifyitems(config, items):
+    """Under TransformerLens 4.x (no HookedTransformer; the second CI leg) the tests marked
+    ``needs_hooked_transformer`` (whole modules by ``pytestmark``, or single tests) are skipped; the bridge tests
+    and the model-free ones run."""
+    if builders.HAS_HOOKED_TRANSFORMER:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker(NEEDS_HOOKED_TRANSFORMER) is not None:
+            item.add_marker(skip)
 
 
 def pytest_report_header(config):
     if not builders.HAS_HOOKED_TRANSFORMER:
-        return (f"TransformerLens without HookedTransformer: only {sorted(RUNS_WITHOUT_HOOKED_TRANSFORMER)} "
-                "are collected")
+        return (f"TransformerLens without HookedTransformer: tests marked {NEEDS_HOOKED_TRANSFORMER} are skipped "
+                "(the bridge tests and the model-free ones run)")
     return None
 
 

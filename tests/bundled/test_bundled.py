@@ -45,8 +45,6 @@ NOT_DETECTED = 0.1       # ... and the most any head outside that role scores
 
 
 _models: dict = {}
-needs_hooked_transformer = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER,
-                                              reason="needs HookedTransformer (TransformerLens < 4)")
 
 
 def model_named(name: str):
@@ -90,7 +88,7 @@ def test_unknown_name_is_a_clear_error_listing_the_models():
             call("gpt-5")
 
 
-@needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_loaded_model_is_the_shipped_weights_and_config(name):
     model = model_named(name)
@@ -347,7 +345,7 @@ def test_task_batch_rows_and_bundled_task_settings():
 
 # ----- training -----------------------------------------------------------------------------------
 
-@needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer
 def test_training_is_deterministic():
     """A few steps twice from the same config give bit-identical weights; another seed does not."""
     config = BUNDLED_CONFIGS["induction-counting-2l"]
@@ -373,7 +371,7 @@ def test_recorded_training_settings_match_the_code():
 
 
 @pytest.mark.slow
-@needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_retraining_reproduces_the_shipped_model(name):
     """The full training run (minutes) gives the shipped weights: bit for bit on the same torch and CPU

@@ -26,7 +26,7 @@ def assert_every_file(out) -> None:
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason="compares with the HookedTransformer report (TL < 4)")
+@pytest.mark.needs_hooked_transformer  # compares with the HookedTransformer report
 def test_bridge_report_equals_the_hooked_transformer_report(tmp_path):
     bridge_out, hooked_out = tmp_path / "bridge", tmp_path / "hooked"
     assert main([*SMALL, "--bridge", "--out", str(bridge_out)]) == 0
@@ -56,7 +56,8 @@ def test_bridge_report_equals_the_hooked_transformer_report(tmp_path):
     np.testing.assert_allclose(pairs_b.total, pairs_h.total, rtol=1e-4)
 
 
-@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER, reason="TransformerLens 4.x only (3.x: the slow test in tests/cli/test_cli.py)")
+@pytest.mark.skipif(HAS_HOOKED_TRANSFORMER,
+                    reason="TransformerLens 4.x only (3.x: the slow test in tests/cli/test_cli.py)")
 def test_no_argument_job_runs_on_a_bridge_and_writes_every_file(tmp_path, monkeypatch):
     """The README's first command, exactly, under TransformerLens 4.x; task A's QK and OV sweep equals the per-head
     freeze effects recorded in the model's JSON when it was analysed as a HookedTransformer (same batch: 64 rows,

@@ -30,6 +30,8 @@ from tl_circuits.cli.loading import CommandError, load_model
 from tl_circuits.cli.task_files import read_task_file
 from tl_circuits.models.checkpoint import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.needs_hooked_transformer  # a HookedTransformer saved as a checkpoint, or from_pretrained
+
 
 # ----- local checkpoint, token files and text --------------------------------------------------------
 

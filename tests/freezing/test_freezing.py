@@ -10,6 +10,8 @@ from transformer_lens import patching
 from tests import builders
 from tl_circuits import compute_mean_activations, freeze, freeze_hooks, model_spec, normalize_heads
 
+pytestmark = pytest.mark.needs_hooked_transformer  # every test freezes a HookedTransformer
+
 REPLACEMENTS = ["zero", "mean", "noise", "resample"]
 LAYER, HEAD = 1, 0  # under GQA head 1 is HEAD's sibling on KV head 0
 

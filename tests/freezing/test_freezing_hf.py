@@ -5,23 +5,12 @@ import pytest
 import torch
 
 from tests import builders
+from tests.reference import capture_module_output, head_cols, hf_logits_with_edits, replace_cols
 from tl_circuits import freeze, model_spec
 
+pytestmark = pytest.mark.needs_hooked_transformer  # compares with the HF model converted to a HookedTransformer
+
 LAYER, D, N_HEADS, D_HEAD = 1, 32, 4, 8
-
-
-def _hf_logits(hf, tokens, module, edit):
-    handle = module.register_forward_hook(lambda mod, args, out: edit(out.clone()))
-    try:
-        with torch.no_grad():
-            return hf(tokens).logits
-    finally:
-        handle.remove()
-
-
-
-def _cols(block_offset, head):  # columns of one head inside a projection output
-    return slice(block_offset + head * D_HEAD, block_offset + (head + 1) * D_HEAD)
 
 
 @pytest.mark.parametrize("head", [0, 3])
@@ -32,21 +21,21 @@ def test_gpt2_fused_c_attn(hf_gpt2, head):
 
     def zero(offset):
         def edit(out):
-            out[..., _cols(offset, head)] = 0
+            out[..., head_cols(offset, head)] = 0
             return out
         return edit
 
-    ref_qkv = builders.capture_module_output(hf, ref_tokens, c_attn)
+    ref_qkv = capture_module_output(hf, ref_tokens, c_attn)
 
     def resample_qk(out):
         for offset in (0, D):
-            out[..., _cols(offset, head)] = ref_qkv[..., _cols(offset, head)]
+            out[..., head_cols(offset, head)] = ref_qkv[..., head_cols(offset, head)]
         return out
 
     cases = [("qk", "zero", None, zero(0)), ("ov", "zero", None, zero(2 * D)),
              ("qk", "resample", ref_tokens, resample_qk)]
     for circuit, replacement, reference, edit in cases:
-        by_hand = _hf_logits(hf, tokens, c_attn, edit)
+        by_hand = hf_logits_with_edits(hf, tokens, {c_attn: edit})
         with torch.no_grad(), freeze(model, [(LAYER, head)], circuit, replacement, reference=reference):
             ours = model(tokens)
         torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-4, msg=f"{circuit}-{replacement}")
@@ -64,25 +53,25 @@ def test_llama_split_projections_gqa(hf_llama, kv_head):
     def zero_cols(heads):
         def edit(out):
             for h in heads:
-                out[..., _cols(0, h)] = 0
+                out[..., head_cols(0, h)] = 0
             return out
         return edit
 
     # QK-ZERO of one query head: its q_proj rows' output is zero
-    by_hand = _hf_logits(hf, tokens, attn.q_proj, zero_cols([group[0]]))
+    by_hand = hf_logits_with_edits(hf, tokens, {attn.q_proj: zero_cols([group[0]])})
     with torch.no_grad(), freeze(model, [(LAYER, group[0])], "qk", "zero"):
         torch.testing.assert_close(model(tokens), by_hand, rtol=1e-4, atol=1e-4)
 
     # OV-ZERO of a whole KV group: that KV head's v_proj output is zero
-    by_hand = _hf_logits(hf, tokens, attn.v_proj, zero_cols([kv_head]))
+    by_hand = hf_logits_with_edits(hf, tokens, {attn.v_proj: zero_cols([kv_head])})
     with torch.no_grad(), freeze(model, [(LAYER, h) for h in group], "ov", "zero"):
         torch.testing.assert_close(model(tokens), by_hand, rtol=1e-4, atol=1e-4)
 
     # QK-RESAMPLE of a KV group: its queries and its key from the reference run (pre-rotary, same positions)
-    ref_q = builders.capture_module_output(hf, ref_tokens, attn.q_proj)
-    ref_k = builders.capture_module_output(hf, ref_tokens, attn.k_proj)
-    q_handle = attn.q_proj.register_forward_hook(lambda m, a, out: _replace(out, ref_q, group))
-    k_handle = attn.k_proj.register_forward_hook(lambda m, a, out: _replace(out, ref_k, [kv_head]))
+    ref_q = capture_module_output(hf, ref_tokens, attn.q_proj)
+    ref_k = capture_module_output(hf, ref_tokens, attn.k_proj)
+    q_handle = attn.q_proj.register_forward_hook(lambda m, a, out: replace_cols(out, ref_q, group))
+    k_handle = attn.k_proj.register_forward_hook(lambda m, a, out: replace_cols(out, ref_k, [kv_head]))
     try:
         with torch.no_grad():
             by_hand = hf(tokens).logits
@@ -93,8 +82,3 @@ def test_llama_split_projections_gqa(hf_llama, kv_head):
         torch.testing.assert_close(model(tokens), by_hand, rtol=1e-4, atol=1e-4)
 
 
-def _replace(out, ref, heads):
-    out = out.clone()
-    for h in heads:
-        out[..., _cols(0, h)] = ref[..., _cols(0, h)]
-    return out

@@ -7,6 +7,8 @@ from transformer_lens import patching
 from tests import builders
 from tl_circuits import freeze, freeze_sweep, model_spec
 
+pytestmark = pytest.mark.needs_hooked_transformer  # every test sweeps a HookedTransformer
+
 
 def test_resample_sweep_equals_tl_patching(model):
     clean, corrupted = builders.random_tokens(3, 10, seed=1), builders.random_tokens(3, 10, seed=2)

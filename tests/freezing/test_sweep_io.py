@@ -36,6 +36,7 @@ def assert_same_result(loaded: SweepResult, original: SweepResult) -> None:
     assert loaded.settings == original.settings
 
 
+@pytest.mark.needs_hooked_transformer
 def test_round_trip_keeps_every_field(swept, tmp_path):
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
     assert (tensors_file.name, metadata_file.name) == ("sweep.safetensors", "sweep.json")
@@ -46,6 +47,7 @@ def test_round_trip_keeps_every_field(swept, tmp_path):
     assert loaded.top_heads(3, "ov") == swept.top_heads(3, "ov")
 
 
+@pytest.mark.needs_hooked_transformer
 def test_the_files_hold_what_the_docstring_says(swept, tmp_path):
     """Read back without tl_circuits: safetensors for the numbers, json for the rest."""
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
@@ -68,6 +70,7 @@ def test_nan_and_infinite_metrics_survive(tmp_path):
     assert_same_result(SweepResult.load(tmp_path / "odd"), result)
 
 
+@pytest.mark.needs_hooked_transformer
 def test_either_file_name_names_the_pair(swept, tmp_path):
     swept.save(tmp_path / "nested" / "run.json")  # the parent folder is made
     assert_same_result(SweepResult.load(tmp_path / "nested" / "run.safetensors"), swept)
@@ -75,6 +78,7 @@ def test_either_file_name_names_the_pair(swept, tmp_path):
     assert sweep_result_files("a/b.c") == (Path("a/b.c.safetensors"), Path("a/b.c.json"))
 
 
+@pytest.mark.needs_hooked_transformer
 def test_plot_works_on_a_loaded_result(swept, tmp_path):
     swept.save(tmp_path / "sweep")
     loaded = SweepResult.load(tmp_path / "sweep")
@@ -82,6 +86,7 @@ def test_plot_works_on_a_loaded_result(swept, tmp_path):
     assert figure is not None and len(figure.axes) == len(expected.axes)
 
 
+@pytest.mark.needs_hooked_transformer
 def test_missing_files_are_named(swept, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors is missing"):
         SweepResult.load(tmp_path / "nothing")
@@ -91,6 +96,7 @@ def test_missing_files_are_named(swept, tmp_path):
         SweepResult.load(tmp_path / "sweep")
 
 
+@pytest.mark.needs_hooked_transformer
 def test_corrupt_files_are_a_clear_error(swept, tmp_path):
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
     good_tensors, good_metadata = tensors_file.read_bytes(), metadata_file.read_text()
@@ -123,6 +129,7 @@ def test_corrupt_files_are_a_clear_error(swept, tmp_path):
         SweepResult.load(tmp_path / "sweep")
 
 
+@pytest.mark.needs_hooked_transformer
 def test_bad_save_targets(swept, tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         swept.save(tmp_path)

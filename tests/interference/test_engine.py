@@ -9,31 +9,15 @@ import pytest
 import torch
 
 from tests import builders
-from tests.test_gradients import assert_rows_match
-from tests.test_interference import DAMP, QUIET, assert_scores_close, brute_force
-from tests.test_gradients import loop_reference
+from tests.reference import DAMP, assert_rows_match, assert_scores_close, brute_force, frozen_batch_loop, loop_reference
 from tl_circuits import GradientConfig, InterferenceConfig, InterferenceResult, compute_interference, freeze
 from tl_circuits.interference.gradients import per_sample_gradients
 from tl_circuits.models.spec import model_spec
 
-
-def frozen_batch_loop(model, tokens, **freeze_kwargs):
-    """{param name: [N, ...]}: ONE batched forward under the freeze (TL's own per-token loss), then
-    ``autograd.grad`` of each sample's token-mean loss separately: what a per-sample gradient under a freeze means."""
-    spec = model_spec(model)
-    names = spec.attention_param_names()
-    params = dict(model.named_parameters())
-    with freeze(model, **freeze_kwargs):
-        per_token = model(tokens, return_type="loss", loss_per_token=True)  # [N, pos - 1]
-        losses = per_token.mean(1)
-        out = {name: [] for name in names}
-        for i in range(tokens.shape[0]):
-            grads = torch.autograd.grad(losses[i], [params[n] for n in names], retain_graph=True)
-            for name, g in zip(names, grads):
-                out[name].append(g.detach().clone())
-    return {name: torch.stack(gs) for name, gs in out.items()}
+QUIET = dict(progress=False)
 
 
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
 def test_gradients_under_a_noise_freeze_equal_the_frozen_batch_loop(model, circuit):
     """Defect: per_sample_gradients under a NOISE freeze failed inside vmap. The factored engine runs the batch
@@ -45,6 +29,7 @@ def test_gradients_under_a_noise_freeze_equal_the_frozen_batch_loop(model, circu
     assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
 
 
+@pytest.mark.needs_hooked_transformer
 def test_direct_engine_under_a_noise_freeze_is_a_clear_error(mha_model):
     tokens = builders.random_tokens(2, 8)
     with freeze(mha_model, [(0, 0)], "ov", "noise"):
@@ -52,6 +37,7 @@ def test_direct_engine_under_a_noise_freeze_is_a_clear_error(mha_model):
             per_sample_gradients(mha_model, tokens, config=GradientConfig(method="direct", **QUIET))
 
 
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
 def test_gradients_under_a_per_sample_resample_freeze(model, circuit):
     """Defect: a RESAMPLE reference with the run's batch size was refused in chunks. Each chunk now takes its
@@ -64,6 +50,7 @@ def test_gradients_under_a_per_sample_resample_freeze(model, circuit):
     assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
 
 
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("variant", ["signed", "unsigned"])
 def test_compute_interference_on_a_use_attn_result_model(variant):
     """Defect: compute_interference refused use_attn_result=True naming an engine the user never chose."""
@@ -76,6 +63,7 @@ def test_compute_interference_on_a_use_attn_result_model(variant):
     assert_scores_close(result.scores, expected)
 
 
+@pytest.mark.needs_hooked_transformer
 def test_a_hook_at_hook_result_is_a_clear_error():
     model = builders.hooked(use_attn_result=True)
     tokens = builders.random_tokens(2, 8)
@@ -91,6 +79,7 @@ def spill_folders(path):
     return [p for p in path.iterdir() if p.name.startswith("tl_circuits_spill_")]
 
 
+@pytest.mark.needs_hooked_transformer
 def test_spilled_run_equals_held_run_and_leaves_no_files(mha_model, tmp_path):
     tokens_a, tokens_b = builders.random_tokens(4, 9, seed=1), builders.random_tokens(3, 9, seed=2)
     cfg = InterferenceConfig(fisher_source="pooled", chunk_size=2, spill_dir=str(tmp_path), **DAMP, **QUIET)
@@ -103,6 +92,7 @@ def test_spilled_run_equals_held_run_and_leaves_no_files(mha_model, tmp_path):
     assert spill_folders(tmp_path) == []
 
 
+@pytest.mark.needs_hooked_transformer
 def test_spill_folder_is_removed_when_the_run_fails(mha_model, tmp_path):
     tokens = builders.random_tokens(3, 8)
     broken = builders.mha()
@@ -114,6 +104,7 @@ def test_spill_folder_is_removed_when_the_run_fails(mha_model, tmp_path):
     assert spill_folders(tmp_path) == []
 
 
+@pytest.mark.needs_hooked_transformer
 def test_result_save_load_round_trip(mha_model, tmp_path):
     tokens_a, tokens_b = builders.random_tokens(3, 8, seed=3), builders.random_tokens(2, 8, seed=4)
     result = compute_interference(mha_model, tokens_a, tokens_b, ids_a=["x", "y", "z"], ids_b=[10, 11],

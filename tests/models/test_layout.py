@@ -17,8 +17,6 @@ from tl_circuits.models.layout import BLOCKS, WEIGHT_LAYOUTS
 from tl_circuits.models.spec import model_spec
 
 H, G, D, DH = 4, 2, 6, 3  # query heads, KV heads, d_model, d_head
-needs_hooked = pytest.mark.skipif(not builders.HAS_HOOKED_TRANSFORMER,
-                                  reason="TransformerLens 4.x has no HookedTransformer to compare with")
 
 
 def _heads(block: str) -> int:
@@ -151,7 +149,7 @@ def test_hf_parameters_match_hand_slices(name):
             assert torch.equal(layout.heads_to_weight(torch.stack(by_hand), block, layout_name), weight)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
 def test_transformer_lens_parameters_are_the_hf_slices(name):
     """TransformerLens's own weight conversion puts each HF head where the layout says it is, and the

@@ -1,4 +1,5 @@
-"""Synthetic pooled score matrices and small references shared by the statistics tests.
+"""Synthetic pooled score matrices and small helpers shared by the statistics tests (the references they are
+compared with, statsmodels' corrections and the statistic handed to scipy, are in ``tests/reference.py``).
 
 Synthetic pooled matrices are built the way the interference metric builds them: per-sample "gradients"
 g_i (iid across samples, so task labels are exchangeable) and M_ij = Σ_p g_i[p]² / F[p] · |g_j[p]| per cell
@@ -8,16 +9,9 @@ task A and j in task B get an extra δ in chosen cells.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 import tl_circuits.stats as S
-
-
-def multipletests(p, method):
-    """statsmodels (a test-only dependency) as the reference for BH/BY; skips only the tests that use it."""
-    return pytest.importorskip("statsmodels.stats.multitest").multipletests(p, method=method)
 
 
 def make_scores(n, blocks=(("Q", 2, 3), ("K", 2, 2)), *, seed=0, signed=False, symmetric=False, d=3,
@@ -55,16 +49,6 @@ def first(n, n_a):
     labels = torch.zeros(n, dtype=torch.bool)
     labels[:n_a] = True
     return labels
-
-
-def cell_stat(m_cell):
-    """scipy-style vectorised statistic of index samples: mean of m over x-rows, y-columns."""
-    def statistic(x, y, axis=-1):
-        x = np.asarray(x).astype(int)
-        y = np.asarray(y).astype(int)
-        x, y = np.broadcast_arrays(x[..., :, None], y[..., None, :])
-        return m_cell[x, y].mean(axis=(-2, -1))
-    return statistic
 
 
 def run(scores, n_a, **kwargs):

@@ -8,7 +8,8 @@ import scipy.stats as st
 import torch
 
 import tl_circuits.stats as S
-from tests.stats.synthetic import cell_stat, first, make_scores, plant, run
+from tests.reference import cell_stat
+from tests.stats.synthetic import first, make_scores, plant, run
 
 
 @pytest.mark.parametrize("method", ["bca", "percentile"])

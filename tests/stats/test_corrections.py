@@ -8,7 +8,8 @@ import torch
 from scipy import ndimage
 
 import tl_circuits.stats as S
-from tests.stats.synthetic import first, flat, make_scores, multipletests, plant, run
+from tests.reference import multipletests
+from tests.stats.synthetic import first, flat, make_scores, plant, run
 
 
 @pytest.mark.parametrize("method", ["bh", "by"])

@@ -10,7 +10,8 @@ import scipy.stats as st
 import torch
 
 import tl_circuits.stats as S
-from tests.stats.synthetic import cell_stat, first, flat, make_scores, multipletests, plant, run
+from tests.reference import cell_stat, multipletests
+from tests.stats.synthetic import first, flat, make_scores, plant, run
 
 
 # ------------------------------------------------------------------------------------------ the statistic itself

@@ -7,7 +7,7 @@ Only :mod:`tl_circuits.models` uses this module (``spec.py`` reads a bridge's :c
 
 A bridge wraps a Hugging Face (or TransformerLens-native) model and exposes HookedTransformer's hook names,
 but it is a different machine underneath. Facts this module relies on (checked on TransformerLens 3.9.0 and
-4.3.0 by ``tests/test_bridge.py``):
+4.3.0 by ``tests/models/test_bridge.py``):
 
 - ``blocks.{l}.attn.hook_q``/``hook_k``/``hook_v`` are aliases of ``attn.q.hook_out``/``k.hook_out``/
   ``v.hook_out`` (pre-rotary ``x·W + b``) and ``hook_z`` of ``attn.o.hook_in``. Hook *functions* see

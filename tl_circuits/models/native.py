@@ -8,7 +8,7 @@ TransformerLens-style config, convert the state dict with
 strictly into ``TransformerBridge.boot_native(cfg)``. :func:`native_bridge_from_tl` does the same for
 local weights (the bundled models, local checkpoints). TransformerLens 3.9.0 has ``boot_native`` with the
 same parameter names but not the converter, so :func:`convert_tl_state_dict` uses TransformerLens's
-converter where it exists and an equivalent port otherwise (``tests/test_bundled_bridge.py`` checks the two
+converter where it exists and an equivalent port otherwise (``tests/bundled/test_bundled_bridge.py`` checks the two
 agree on 4.x, and that the bridge's logits equal the HookedTransformer's on 3.x).
 
 Only configurations whose forward pass the native model reproduces are accepted: learned ("standard")

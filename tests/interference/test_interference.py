@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from tests import builders
-from tests.test_gradients import hand_rows, loop_reference
+from tests.reference import (
+    DAMP,
+    assert_scores_close,
+    brute_force,
+    gpt2_rows,
+    hf_loop,
+    llama_rows,
+    loop_reference,
+    scores_from_rows,
+)
 from tl_circuits.interference.fisher import EMAFisher, fisher_from_gradients
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
 from tl_circuits.interference.engine import compute_interference
@@ -18,6 +27,8 @@ from tl_circuits.interference.result import Conflict
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, model_spec
 
+pytestmark = pytest.mark.needs_hooked_transformer  # every test scores a HookedTransformer
+
 QUIET = dict(progress=False)
 
 
@@ -25,9 +36,6 @@ def Config(**kwargs) -> InterferenceConfig:
     """These tests were written for the unsigned variant (the default until the signed one became it)."""
     kwargs.setdefault("variant", "unsigned")
     return InterferenceConfig(**kwargs)
-
-DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping matters in every check
-
 
 # ----- tasks and the brute-force reference -------------------------------------------------------------
 
@@ -48,48 +56,6 @@ def setup(request):
     model = builders.mha() if request.param == "mha" else builders.gqa()
     tokens_b, mask_b = task_b()
     return model, loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
-
-
-def brute_force(spec, raw_a, raw_b, variant="unsigned", reduction="sum", source="a", loo=False,
-                damping_abs=1e-6, damping_rel=0.05):
-    """SPEC §3 with explicit Python loops over blocks, layers, heads and pairs, in float64."""
-    n_a = next(iter(raw_a.values())).shape[0]
-    n_b = next(iter(raw_b.values())).shape[0]
-    out = {}
-    for block in BLOCKS:
-        out[block] = torch.empty(n_a, n_b, spec.n_layers, spec.n_block_heads(block), dtype=torch.float64)
-        for layer in range(spec.n_layers):
-            for head in range(spec.n_block_heads(block)):
-                ga = hand_rows(spec, raw_a, block, layer, head).double()
-                gb = hand_rows(spec, raw_b, block, layer, head).double()
-                members = {"a": ga, "b": gb, "pooled": torch.cat([ga, gb])}[source]
-                n_f = members.shape[0]
-                fisher = (members**2).mean(0)
-
-                def normaliser(g_own):
-                    f = (n_f * fisher - g_own**2) / (n_f - 1) if loo else fisher
-                    return f + max(damping_abs, damping_rel * float(f.mean()))
-
-                for i in range(n_a):
-                    for j in range(n_b):
-                        if variant == "unsigned":
-                            m = (ga[i] ** 2 / normaliser(ga[i]) * gb[j].abs()).sum()
-                        elif variant == "signed":
-                            m = (ga[i] * gb[j] / normaliser(ga[i])).sum()
-                        else:
-                            m = 0.5 * ((ga[i] ** 2 / normaliser(ga[i]) * gb[j].abs()).sum()
-                                       + (gb[j] ** 2 / normaliser(gb[j]) * ga[i].abs()).sum())
-                        if reduction == "mean":
-                            m = m / ga.shape[1]
-                        out[block][i, j, layer, head] = m
-    return out
-
-
-def assert_scores_close(got, expect, rtol=2e-4):
-    for block in BLOCKS:
-        scale = float(expect[block].abs().max())
-        torch.testing.assert_close(got[block].double(), expect[block], rtol=rtol, atol=rtol * scale,
-                                   msg=lambda m: f"block {block}: {m}")
 
 
 def run(model, config, **kwargs):
@@ -120,7 +86,7 @@ def test_batched_equals_brute_force(setup, variant, reduction, source, loo):
     expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
     assert_scores_close(result.scores, expect)
     assert result.config.fisher_source == source and result.config.variant == variant
-    for block, s in result.scores.items():
+    for s in result.scores.values():
         assert s.dtype == torch.float32 and not bool(torch.isnan(s).any())
 
 
@@ -228,69 +194,6 @@ def test_scale_law(mha_model):
 
 
 # ----- layout against HF's own parameter gradients ----------------------------------------------------------
-
-def hf_loop(hf, tokens):
-    """Per-sample HF parameter gradients with HF's own loss (labels=tokens: token-mean next-token CE)."""
-    params = dict(hf.named_parameters())
-    out = {name: [] for name in params}
-    for i in range(tokens.shape[0]):
-        hf.zero_grad(set_to_none=True)
-        hf(tokens[i:i + 1], labels=tokens[i:i + 1]).loss.backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                out[name].append(p.grad.detach().clone())
-    hf.zero_grad(set_to_none=True)
-    return {name: torch.stack(g) for name, g in out.items() if g}
-
-
-def gpt2_rows(raw, n_layers, n_heads, d_head):
-    """GPT-2 by hand: c_attn is Conv1D [D, 3D] with columns [Q|K|V], head h at columns h·d..(h+1)·d of each;
-    c_proj is Conv1D [D, D] whose *rows* h·d..(h+1)·d belong to head h. Biases appended to Q/K/V rows."""
-    d_model = n_heads * d_head
-    rows = {b: [] for b in BLOCKS}
-    for layer in range(n_layers):
-        w = raw[f"transformer.h.{layer}.attn.c_attn.weight"]  # [N, D, 3D]
-        bias = raw[f"transformer.h.{layer}.attn.c_attn.bias"]  # [N, 3D]
-        w_o = raw[f"transformer.h.{layer}.attn.c_proj.weight"]  # [N, D(in = heads·d), D]
-        per_layer = {b: [] for b in BLOCKS}
-        for k, block in enumerate("QKV"):
-            for h in range(n_heads):
-                cols = slice(k * d_model + h * d_head, k * d_model + (h + 1) * d_head)
-                per_layer[block].append(torch.cat([w[:, :, cols].flatten(1), bias[:, cols]], dim=1))
-        for h in range(n_heads):
-            per_layer["O"].append(w_o[:, h * d_head:(h + 1) * d_head, :].flatten(1))
-        for b in BLOCKS:
-            rows[b].append(torch.stack(per_layer[b], dim=1))
-    return {b: torch.stack(r, dim=1) for b, r in rows.items()}  # [N, L, H, P]
-
-
-def llama_rows(raw, n_layers, n_heads, n_kv, d_head):
-    """LLaMA by hand: q/k/v_proj are Linear [heads·d, D] (rows per head, transposed to [D, d]); o_proj is
-    Linear [D, heads·d] whose *columns* belong to a head (transposed to [d, D])."""
-    rows = {b: [] for b in BLOCKS}
-    for layer in range(n_layers):
-        pre = f"model.layers.{layer}.self_attn."
-        per_layer = {}
-        for block, proj, heads in (("Q", "q_proj", n_heads), ("K", "k_proj", n_kv), ("V", "v_proj", n_kv)):
-            w = raw[pre + proj + ".weight"]  # [N, heads·d, D]
-            per_layer[block] = [w[:, h * d_head:(h + 1) * d_head, :].transpose(1, 2).flatten(1) for h in range(heads)]
-        w_o = raw[pre + "o_proj.weight"]  # [N, D, heads·d]
-        per_layer["O"] = [w_o[:, :, h * d_head:(h + 1) * d_head].transpose(1, 2).flatten(1) for h in range(n_heads)]
-        for b in BLOCKS:
-            rows[b].append(torch.stack(per_layer[b], dim=1))
-    return {b: torch.stack(r, dim=1) for b, r in rows.items()}
-
-
-def scores_from_rows(rows_a, rows_b, damping_abs, damping_rel):
-    """Unsigned scores, Fisher of A, vectorised in float64 over hand-made rows (independent of the library)."""
-    out = {}
-    for b in BLOCKS:
-        ga, gb = rows_a[b].double(), rows_b[b].double()
-        fisher = (ga**2).mean(0)
-        fisher = fisher + torch.clamp(damping_rel * fisher.mean(-1, keepdim=True), min=damping_abs)
-        out[b] = torch.einsum("ilhp,jlhp->ijlh", ga**2 / fisher, gb.abs())
-    return out
-
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_layout_against_hf_parameter_gradients(which, hf_gpt2, hf_llama):

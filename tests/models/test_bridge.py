@@ -22,10 +22,17 @@ import pytest
 import torch
 
 from tests import builders
+from tests.reference import (
+    bridge_reference_gradients,
+    capture_module_output,
+    head_cols,
+    hf_logits_with_edits,
+    output_with_edits,
+    set_cols,
+)
 from tl_circuits import (
     GradientConfig,
     InterferenceConfig,
-    PerSampleGradients,
     compute_interference,
     compute_mean_activations,
     fisher_from_gradients,
@@ -41,8 +48,6 @@ from tl_circuits.models import bridge as bridge_module
 
 QUIET = dict(progress=False)
 LAYER, D, D_HEAD = 1, 32, 8
-needs_hooked = pytest.mark.skipif(not builders.HAS_HOOKED_TRANSFORMER,
-                                  reason="TransformerLens 4.x has no HookedTransformer to compare with")
 
 
 def _native_pattern_edits_apply() -> bool:
@@ -153,55 +158,6 @@ def test_per_head_layout_reproduces_the_bridge_activations(bridges, name):
 
 # ----- per-sample gradients against a plain backward loop on the unwrapped model -------------------------
 
-def _slice_hf_gradient(name, hf, layer, block, head, include_biases):
-    """One head's gradient row sliced by hand from the HF parameters' .grad (SPEC §0 layout)."""
-    d = D_HEAD
-    if name == "gpt2":
-        attn = hf.transformer.h[layer].attn
-        if block == "O":  # Conv1D c_proj weight [in = H·d, out = D]: head h is rows h·d..(h+1)·d
-            return attn.c_proj.weight.grad[head * d:(head + 1) * d].flatten()
-        offset = "QKV".index(block) * D  # Conv1D c_attn weight [D, 3D] = [Q | K | V] columns
-        cols = slice(offset + head * d, offset + (head + 1) * d)
-        parts = [attn.c_attn.weight.grad[:, cols].flatten()]
-        if include_biases:
-            parts.append(attn.c_attn.bias.grad[cols])
-        return torch.cat(parts)
-    if name == "llama":
-        attn = hf.model.layers[layer].self_attn
-        proj = {"Q": attn.q_proj, "K": attn.k_proj, "V": attn.v_proj, "O": attn.o_proj}[block]
-    else:  # native bridge: its NativeAttention's nn.Linear modules
-        attn = hf.blocks[layer].attn
-        proj = getattr(attn, block.lower()).original_component
-    if block == "O":  # Linear weight [out = D, in = H·d]: head h is columns h·d..(h+1)·d
-        return proj.weight.grad[:, head * d:(head + 1) * d].T.flatten()
-    rows = slice(head * d, (head + 1) * d)  # Linear weight [out = heads·d, in = D]
-    parts = [proj.weight.grad[rows].T.flatten()]
-    if include_biases:
-        parts.append(proj.bias.grad[rows])
-    return torch.cat(parts)
-
-
-def reference_gradients(name, tokens, mask, include_biases, spec):
-    """PerSampleGradients from a loss.backward() loop on an unwrapped HF model (a fresh native bridge),
-    each padded sample trimmed to its tokens, rows sliced by hand."""
-    model = {"gpt2": builders.hf_gpt2_model, "llama": builders.hf_llama_model,
-             "native": builders.native_bridge}[name](0)
-    rows = {b: torch.zeros(tokens.shape[0], spec.n_layers, spec.n_block_heads(b),
-                           spec.n_params_per_head(b, include_biases)) for b in "QKVO"}
-    for i in range(tokens.shape[0]):
-        sample = tokens[i][mask[i].bool()][None]
-        model.zero_grad(set_to_none=True)
-        if name == "native":
-            model(sample, return_type="loss").backward()
-        else:  # HF's own loss: token-mean next-token cross-entropy
-            model(sample, labels=sample).loss.backward()
-        for b in "QKVO":
-            for layer in range(spec.n_layers):
-                for head in range(spec.n_block_heads(b)):
-                    rows[b][i, layer, head] = _slice_hf_gradient(name, model, layer, b, head, include_biases)
-    return PerSampleGradients(rows, spec, include_biases)
-
-
 @pytest.mark.parametrize("name, include_biases", [("gpt2", True), ("llama", False), ("native", True)])
 @pytest.mark.parametrize("method", ["factored", "direct"])
 def test_gradients_equal_a_backward_loop_on_the_wrapped_model(bridges, name, include_biases, method):
@@ -210,7 +166,7 @@ def test_gradients_equal_a_backward_loop_on_the_wrapped_model(bridges, name, inc
     mask = padded_mask(tokens)
     ours = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=include_biases, method=method,
                                                                     **QUIET))
-    reference = reference_gradients(name, tokens, mask, include_biases, model_spec(model))
+    reference = bridge_reference_gradients(name, tokens, mask, include_biases, model_spec(model))
     for block in "QKVO":
         torch.testing.assert_close(ours.per_block[block], reference.per_block[block], rtol=1e-4, atol=1e-5)
         # heads are distinguishable, so a head mix-up cannot pass unnoticed
@@ -235,31 +191,6 @@ def test_padding_gaps_and_missing_biases_are_refused(bridges):
 
 # ----- freezing against hand-edited projections of the unwrapped HF model ------------------------------
 
-def _hf_logits(hf, tokens, edits):
-    """Logits with forward hooks ``{module: edit(output) -> output}`` on the HF projections."""
-    handles = [module.register_forward_hook(lambda m, a, out, edit=edit: edit(out.clone()))
-               for module, edit in edits.items()]
-    try:
-        with torch.no_grad():
-            return hf(tokens).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-
-def _cols(offset, head):
-    return slice(offset + head * D_HEAD, offset + (head + 1) * D_HEAD)
-
-
-def _set_cols(value_of, column_sets):
-    def edit(out):
-        for cols in column_sets:
-            out[..., cols] = value_of(out, cols)
-        return out
-    return edit
-
-
 def _bridge_logits(model, tokens, heads, circuit, replacement, reference=None):
     with torch.no_grad(), freeze(model, heads, circuit, replacement, reference=reference):
         return model(tokens)
@@ -270,18 +201,18 @@ def test_gpt2_bridge_freeze_equals_hand_edited_c_attn(bridges, head):
     model, hf = bridges["gpt2"], builders.hf_gpt2_model(0)
     tokens, ref_tokens = builders.random_tokens(seed=1), builders.random_tokens(seed=2)
     c_attn = hf.transformer.h[LAYER].attn.c_attn  # output [batch, pos, 3D] = [Q | K | V]
-    ref_qkv = builders.capture_module_output(hf, ref_tokens, c_attn)
+    ref_qkv = capture_module_output(hf, ref_tokens, c_attn)
     zero = lambda out, cols: 0  # noqa: E731
     from_reference = lambda out, cols: ref_qkv[..., cols]  # noqa: E731
     mean_reference = lambda out, cols: ref_qkv[..., cols].mean(0)  # noqa: E731
-    qk = [_cols(0, head), _cols(D, head)]
-    cases = [("qk", "zero", None, _set_cols(zero, qk)),
-             ("ov", "zero", None, _set_cols(zero, [_cols(2 * D, head)])),
-             ("qk", "resample", ref_tokens, _set_cols(from_reference, qk)),
-             ("qk", "mean", compute_mean_activations(model, ref_tokens, **QUIET), _set_cols(mean_reference, qk))]
-    clean = _hf_logits(hf, tokens, {})
+    qk = [head_cols(0, head), head_cols(D, head)]
+    cases = [("qk", "zero", None, set_cols(zero, qk)),
+             ("ov", "zero", None, set_cols(zero, [head_cols(2 * D, head)])),
+             ("qk", "resample", ref_tokens, set_cols(from_reference, qk)),
+             ("qk", "mean", compute_mean_activations(model, ref_tokens, **QUIET), set_cols(mean_reference, qk))]
+    clean = hf_logits_with_edits(hf, tokens, {})
     for circuit, replacement, reference, edit in cases:
-        by_hand = _hf_logits(hf, tokens, {c_attn: edit})
+        by_hand = hf_logits_with_edits(hf, tokens, {c_attn: edit})
         ours = _bridge_logits(model, tokens, [(LAYER, head)], circuit, replacement, reference)
         torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-4, msg=f"{circuit}-{replacement}")
         assert not torch.allclose(by_hand, clean, atol=1e-3), f"{circuit}-{replacement} changed nothing"
@@ -297,17 +228,18 @@ def test_llama_bridge_freeze_equals_hand_edited_projections(bridges, kv_head):
     zero = lambda out, cols: 0  # noqa: E731
 
     # QK-ZERO of one query head: its q_proj output is zero; OV-ZERO of a KV group: its v_proj output is zero
-    by_hand = _hf_logits(hf, tokens, {attn.q_proj: _set_cols(zero, [_cols(0, group[0])])})
+    by_hand = hf_logits_with_edits(hf, tokens, {attn.q_proj: set_cols(zero, [head_cols(0, group[0])])})
     torch.testing.assert_close(_bridge_logits(model, tokens, [(LAYER, group[0])], "qk", "zero"), by_hand,
                                rtol=1e-4, atol=1e-4)
-    by_hand = _hf_logits(hf, tokens, {attn.v_proj: _set_cols(zero, [_cols(0, kv_head)])})
+    by_hand = hf_logits_with_edits(hf, tokens, {attn.v_proj: set_cols(zero, [head_cols(0, kv_head)])})
     torch.testing.assert_close(_bridge_logits(model, tokens, [(LAYER, h) for h in group], "ov", "zero"), by_hand,
                                rtol=1e-4, atol=1e-4)
     # QK-RESAMPLE of a KV group: its queries and its key from the reference run (pre-rotary, same positions)
-    ref_q, ref_k = builders.capture_module_output(hf, ref_tokens, attn.q_proj), builders.capture_module_output(hf, ref_tokens, attn.k_proj)
-    by_hand = _hf_logits(hf, tokens, {
-        attn.q_proj: _set_cols(lambda out, cols: ref_q[..., cols], [_cols(0, h) for h in group]),
-        attn.k_proj: _set_cols(lambda out, cols: ref_k[..., cols], [_cols(0, kv_head)])})
+    ref_q = capture_module_output(hf, ref_tokens, attn.q_proj)
+    ref_k = capture_module_output(hf, ref_tokens, attn.k_proj)
+    by_hand = hf_logits_with_edits(hf, tokens, {
+        attn.q_proj: set_cols(lambda out, cols: ref_q[..., cols], [head_cols(0, h) for h in group]),
+        attn.k_proj: set_cols(lambda out, cols: ref_k[..., cols], [head_cols(0, kv_head)])})
     torch.testing.assert_close(_bridge_logits(model, tokens, [(LAYER, h) for h in group], "qk", "resample",
                                               ref_tokens), by_hand, rtol=1e-4, atol=1e-4)
 
@@ -334,44 +266,22 @@ def test_native_bridge_freeze_equals_hand_edited_projections(rotary):
     raw = twin.blocks[LAYER].attn  # edit the raw nn.Linear outputs, below every TransformerLens hook
     q, k, v = (getattr(raw, n).original_component for n in "qkv")
     zero = lambda out, cols: 0  # noqa: E731
-    ov_by_hand = _hf_logits_native(twin, tokens, {v: _set_cols(zero, [_cols(0, 2)])})
+    ov_by_hand = output_with_edits(twin, tokens, {v: set_cols(zero, [head_cols(0, 2)])})
     torch.testing.assert_close(_bridge_logits(model, tokens, [(LAYER, 2)], "ov", "zero"), ov_by_hand,
                                rtol=1e-5, atol=1e-5)
     if not NATIVE_QK:
         with pytest.raises(NotImplementedError, match="hook_pattern"):
             freeze(model, [(LAYER, 2)], "qk", "zero")
         return
-    ref_q, ref_k = _capture_native(twin, ref_tokens, q), _capture_native(twin, ref_tokens, k)
-    cases = [("zero", None, {q: _set_cols(zero, [_cols(0, 2)])}),
-             ("resample", ref_tokens, {q: _set_cols(lambda out, cols: ref_q[..., cols], [_cols(0, 2)]),
-                                       k: _set_cols(lambda out, cols: ref_k[..., cols], [_cols(0, 2)])})]
+    ref_q, ref_k = capture_module_output(twin, ref_tokens, q), capture_module_output(twin, ref_tokens, k)
+    cases = [("zero", None, {q: set_cols(zero, [head_cols(0, 2)])}),
+             ("resample", ref_tokens, {q: set_cols(lambda out, cols: ref_q[..., cols], [head_cols(0, 2)]),
+                                       k: set_cols(lambda out, cols: ref_k[..., cols], [head_cols(0, 2)])})]
     for replacement, reference, edits in cases:
-        by_hand = _hf_logits_native(twin, tokens, edits)
+        by_hand = output_with_edits(twin, tokens, edits)
         ours = _bridge_logits(model, tokens, [(LAYER, 2)], "qk", replacement, reference)
         torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-5, msg=replacement)
-        assert not torch.allclose(ours, _hf_logits_native(twin, tokens, {}), atol=1e-3)
-
-
-def _hf_logits_native(model, tokens, edits):
-    handles = [module.register_forward_hook(lambda m, a, out, edit=edit: edit(out.clone()))
-               for module, edit in edits.items()]
-    try:
-        with torch.no_grad():
-            return model(tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _capture_native(model, tokens, module):
-    store = {}
-    handle = module.register_forward_hook(lambda m, a, out: store.setdefault("out", out.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        handle.remove()
-    return store["out"]
+        assert not torch.allclose(ours, output_with_edits(twin, tokens, {}), atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native"])
@@ -439,8 +349,8 @@ def test_interference_on_a_bridge_equals_scores_of_reference_gradients(bridges):
     tokens_a, tokens_b = builders.random_tokens(3, 10, seed=6), builders.random_tokens(4, 10, seed=7)
     spec = model_spec(model)
     full = torch.ones_like(tokens_a), torch.ones_like(tokens_b)
-    ref_a = reference_gradients("gpt2", tokens_a, full[0], False, spec)
-    ref_b = reference_gradients("gpt2", tokens_b, full[1], False, spec)
+    ref_a = bridge_reference_gradients("gpt2", tokens_a, full[0], False, spec)
+    ref_b = bridge_reference_gradients("gpt2", tokens_b, full[1], False, spec)
     expected = pairwise_scores(ref_a, ref_b, fisher_from_gradients(ref_a), variant="signed")
     result = compute_interference(model, tokens_a, tokens_b,
                                   config=InterferenceConfig(variant="signed", fisher_source="a", **QUIET))
@@ -512,7 +422,7 @@ def _freeze_run(model, tokens, circuit, replacement, reference):
         return model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_pattern", "hook_z")))
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native", "native_rotary"])
 def test_parity_freeze_every_circuit_and_replacement(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -540,7 +450,7 @@ def test_parity_freeze_every_circuit_and_replacement(bridges, hooked_twins, name
                     torch.testing.assert_close(ours_cache[key], theirs_cache[key], rtol=1e-4, atol=1e-5, msg=what)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native"])
 def test_parity_sweep(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -554,7 +464,7 @@ def test_parity_sweep(bridges, hooked_twins, name):
             torch.testing.assert_close(ours.frozen[circuit], theirs.frozen[circuit], rtol=1e-4, atol=1e-5)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name, include_biases", [("gpt2", True), ("llama", True), ("native_rotary", True)])
 @pytest.mark.parametrize("method", ["factored", "direct"])
 def test_parity_gradients(bridges, hooked_twins, name, include_biases, method):
@@ -570,7 +480,7 @@ def test_parity_gradients(bridges, hooked_twins, name, include_biases, method):
     torch.testing.assert_close(ours.losses, theirs.losses, rtol=1e-5, atol=1e-6)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins):
     model, twin = bridges["llama"], hooked_twins["llama"]
     tokens = builders.random_tokens(3, 10, seed=4)
@@ -583,7 +493,7 @@ def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins)
                                    rtol=1e-4, atol=1e-5)
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -603,7 +513,7 @@ def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
         torch.testing.assert_close(ours_test.p_value[block], theirs_test.p_value[block])
 
 
-@needs_hooked
+@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_parity_compatibility_mode(name):
     """enable_compatibility_mode() folds LayerNorm, centres weights and renames what hook functions see: the

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests import builders
+from tests.reference import assert_rows_match, loop_reference
 from tl_circuits.interference import memory
 from tl_circuits.interference.config import GradientConfig
 from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
@@ -18,6 +19,8 @@ from tl_circuits.interference.gradients import (
 )
 from tl_circuits.interference.memory import gradient_bytes_per_sample
 from tl_circuits.models.spec import BLOCKS, model_spec
+
+pytestmark = pytest.mark.needs_hooked_transformer  # every test differentiates a HookedTransformer
 
 
 def engine_bytes_per_sample(model, n_pos, method="factored"):
@@ -34,52 +37,6 @@ def factor_bytes_per_sample(model, n_pos):
     return memory.factor_bytes_per_sample(model_spec(model), n_pos)
 
 QUIET = dict(progress=False)
-
-
-# ----- the independent reference: a plain loop, TL's own loss, hand-sliced heads --------------------
-
-def loop_reference(model, tokens, attention_mask=None, include_biases=False):
-    """Per-sample raw parameter gradients {name: [N, *param.shape]} by a plain loss.backward() loop.
-
-    Padding is handled by *trimming* each sample to its (contiguous) valid tokens and using TL's own
-    loss (``return_type="loss"``), so this reference shares no masking code with the library.
-    """
-    spec = model_spec(model)
-    names = spec.attention_param_names(include_biases)
-    params = dict(model.named_parameters())
-    out = {name: [] for name in names}
-    for i in range(tokens.shape[0]):
-        sample = tokens[i]
-        if attention_mask is not None:
-            valid = attention_mask[i].bool()
-            idx = valid.nonzero().flatten()
-            assert bool(valid[idx[0]: idx[-1] + 1].all()), "reference needs left or right padding"
-            sample = sample[valid]
-        model.zero_grad(set_to_none=True)
-        model(sample[None], return_type="loss").backward()
-        for name in names:
-            out[name].append(params[name].grad.detach().clone())
-    model.zero_grad(set_to_none=True)
-    return {name: torch.stack(gs) for name, gs in out.items()}
-
-
-def hand_rows(spec, raw, block, layer, head, include_biases=False):
-    """[N, P] rows of one head, sliced by hand from raw gradients following SPEC §0's table."""
-    w = raw[spec.param_name(layer, block)][:, head]  # [N, D, d] (Q/K/V) or [N, d, D] (O)
-    parts = [w.reshape(w.shape[0], -1)]
-    if include_biases and block != "O":
-        parts.append(raw[spec.param_name(layer, block, bias=True)][:, head])
-    return torch.cat(parts, dim=1)
-
-
-def assert_rows_match(grads: PerSampleGradients, raw, atol=2e-6, rtol=1e-4):
-    spec = grads.spec
-    for block in BLOCKS:
-        for layer in range(spec.n_layers):
-            for head in range(spec.n_block_heads(block)):
-                torch.testing.assert_close(grads.per_block[block][:, layer, head],
-                                           hand_rows(spec, raw, block, layer, head, grads.include_biases).float(),
-                                           atol=atol, rtol=rtol, msg=f"{block} layer {layer} head {head}")
 
 
 def padded_tokens():

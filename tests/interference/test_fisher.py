@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.reference import ema_closed_form
 from tl_circuits.interference.fisher import (
     DiagonalFisher,
     EMAFisher,
@@ -74,13 +75,6 @@ def test_fisher_keeps_tiny_values():
 
 
 # ----- EMA ---------------------------------------------------------------------------------------------
-
-def ema_closed_form(stream: torch.Tensor, beta: float) -> torch.Tensor:
-    """Σ_k (1-β) β^(t-k) c_k / (1 - β^t), k = 1..t, in float64."""
-    t = stream.shape[0]
-    weights = torch.tensor([(1 - beta) * beta ** (t - k) for k in range(1, t + 1)], dtype=torch.float64)
-    return (weights[:, None] * stream.double()).sum(0) / (1 - beta**t)
-
 
 def test_ema_matches_closed_form_on_a_known_stream():
     gen = torch.Generator().manual_seed(0)
