@@ -69,7 +69,7 @@ def hooked_llama(shape: dict):
         d_mlp=shape["d_mlp"], n_ctx=shape["n_pos"], d_vocab=shape["d_vocab"], act_fn="silu",
         normalization_type="RMS", eps=1e-6, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
         rotary_dim=d_head, rotary_base=10000, final_rms=True, gated_mlp=True,
-        original_architecture="LlamaForCausalLM", device="cpu")
+        original_architecture="LlamaForCausalLM", device="cpu", init_weights=False)  # the HF weights are loaded
     model = HookedTransformer(cfg)
     model.load_and_process_state_dict(convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)

@@ -188,8 +188,8 @@ def test_scale_law(mha_model):
                                            atol=1e-6 * float(base[block].abs().max()))
     # an absolute ridge breaks the law (the law is a property of relative damping)
     f_small = fisher_from_gradients(ga.scaled(1e-3))
-    broken = pairwise_scores(ga.scaled(1e-3), gb.scaled(1e-3), f_small, damping_abs=1.0, damping_rel=0.0)
-    ref = pairwise_scores(ga, gb, fisher_from_gradients(ga), damping_abs=1.0, damping_rel=0.0)
+    broken = pairwise_scores(ga.scaled(1e-3), gb.scaled(1e-3), f_small, "unsigned", damping_abs=1.0, damping_rel=0.0)
+    ref = pairwise_scores(ga, gb, fisher_from_gradients(ga), "unsigned", damping_abs=1.0, damping_rel=0.0)
     assert not torch.allclose(broken["Q"], 1e-3 * ref["Q"], rtol=1e-2)
 
 
@@ -369,7 +369,7 @@ def test_external_fisher(mha_model):
     ema.update(ga)
     result = run(mha_model, Config(**QUIET), fisher=ema.estimate())
     assert result.config.fisher_source == "external" and result.settings["plan"]["n_gradient_evaluations"] == 5
-    expect = pairwise_scores(ga, gb, ema.estimate())
+    expect = pairwise_scores(ga, gb, ema.estimate(), "unsigned")
     for b in BLOCKS:
         torch.testing.assert_close(result.scores[b], expect[b], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="leave_one_out"):

@@ -180,7 +180,8 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
                     fisher_full[block] = torch.full((spec.n_layers, heads, width), math.nan, dtype=FISHER_DTYPE)
                 fisher_full[block][layers] = f_group.cpu()  # type: ignore[union-attr]
             scorer = Scorer(DiagonalFisher({block: f_group}, n_fisher), cfg.variant, cfg.reduction,  # type: ignore
-                            cfg.leave_one_out, cfg.damping_abs, cfg.damping_rel, sub_chunk=4)
+                            cfg.leave_one_out, cfg.damping_abs, cfg.damping_rel, sub_chunk=4,
+                            float32_squares=external is None)
             right_ops = None
             for ta in tiles_l:
                 x = raw_l if raw_l is not None else rows(left, block, layers, ta, "l", biases)

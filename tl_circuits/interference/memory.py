@@ -36,7 +36,10 @@ from tl_circuits.models.spec import BLOCKS, ModelSpec
 SCRATCH_SHARE = 0.05  # of the budget: rows built from factors before their copy into operand layout
 SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimation error
 MAX_ENGINE_CHUNK = 16  # samples per forward/backward: larger batches gain nothing on a CPU and cost memory
-HOLD_SHARE = 0.6  # factors are held in memory when they take at most this share of what is left
+# Factors are held in the process only when they are small next to the budget; larger sets go to the spill file,
+# whose pages the OS keeps in its page cache while memory is free (read back per block at copy speed), so the
+# process's own peak stays that of one gradient chunk or one tile of operands.
+HOLD_SHARE = 0.15
 # Operands past this size make a contraction no faster (it is already a large batched matmul), so a larger
 # budget is left unused rather than filled with more layers per contraction.
 EFFICIENT_OPERAND_BYTES = 256 * 2**20
@@ -154,7 +157,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     s = gradient_bytes_per_sample(spec, include_biases)
     s_layer = max(layer_row_bytes(spec, b, include_biases) for b in BLOCKS)
     n_block_heads = sum(spec.n_block_heads(b) for b in BLOCKS)
-    fixed = 2 * s + 4 * spec.n_layers * s_layer  # the result's float64 Fisher + float64 sums of one group
+    fixed = 2 * s + 2 * spec.n_layers * s_layer  # the result's float64 Fisher + float64 sums of one group
     fixed += 2 * n_left * n_right * spec.n_layers * n_block_heads * 4  # the scores (+ a tile's temporary)
     scratch, slack = SCRATCH_SHARE * budget, SLACK_SHARE * budget
     k = 2 if symmetric_variant else 1
@@ -169,11 +172,12 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
         raise ValueError(f"memory_budget_gb={budget_gb} is too small for this model and these tasks: at least "
                          f"{need:.3f} GB is needed (Fisher, scores, one sample's operands)")
     cap_exceeded = max_held_samples is not None and n_samples > max_held_samples
-    spill = cap_exceeded or factor_bytes > HOLD_SHARE * (base - scratch)
+    spill = cap_exceeded or factor_bytes > HOLD_SHARE * budget
     if not spill and base - factor_bytes - scratch < min_ops:  # the factors would crowd out the operands
         spill = True
     held = 0 if spill else factor_bytes
-    chunk = chunk_size or chunk_size_for_budget(engine_per_sample, base - held)
+    # the Fisher and the scores are only allocated once the gradients are done
+    chunk = chunk_size or chunk_size_for_budget(engine_per_sample, budget - slack - held)
     engine = chunk * engine_per_sample
     room = base - held - scratch
     if same_sides:
@@ -199,7 +203,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     tile_left, tile_right = min(tile_left, n_left), min(tile_right, n_right)
     n_tiles = math.ceil(n_left / tile_left) * math.ceil(n_right / tile_right)
     operands = (tile_left + tile_right) * layer_group * per_op
-    peak = fixed + held + max(engine, scratch + operands)
+    peak = held + max(engine, fixed + scratch + operands)
     return MemoryPlan(budget_gb=budget_gb, engine_chunk=chunk, spill=spill, factor_gb=factor_bytes / GB,
                       layer_group=layer_group, tile_left=tile_left, tile_right=tile_right, fisher_pass=not whole,
                       n_gradient_evaluations=n_samples, n_tiles=n_tiles, estimated_peak_gb=peak / GB)

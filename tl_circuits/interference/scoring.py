@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_circuits.defaults import GB, MEMORY_BUDGET_GB
+from tl_circuits.defaults import GB, MEMORY_BUDGET_GB, REDUCTION, VARIANT
 from tl_circuits.interference.config import DAMPING_ABS, DAMPING_REL, REDUCTIONS, VARIANTS, Reduction, Variant
 from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
 from tl_circuits.interference.fisher import FISHER_DTYPE, DiagonalFisher, damping_lambda, loo_block
@@ -48,8 +48,10 @@ class Scorer:
     """
 
     def __init__(self, fisher: DiagonalFisher, variant: str, reduction: str, leave_one_out: bool,
-                 damping_abs: float, damping_rel: float, sub_chunk: int = 8):
+                 damping_abs: float, damping_rel: float, sub_chunk: int = 8, float32_squares: bool = False):
+        # float32_squares: the Fisher summed float32 squares (sum_squares), not exact float64 ones
         self.fisher, self.variant, self.reduction = fisher, variant, reduction
+        self.float32_squares = float32_squares
         self.loo, self.damping_abs, self.damping_rel = leave_one_out, damping_abs, damping_rel
         self.sub_chunk = max(1, sub_chunk)
         if leave_one_out and fisher.n_samples < 2:
@@ -70,7 +72,8 @@ class Scorer:
         for start in range(0, x.shape[2], self.sub_chunk):  # float64 temporaries, a few samples at a time
             part = x[:, :, start:start + self.sub_chunk]
             g = part.to(FISHER_DTYPE)
-            c = g.square()  # exact: (N·F − C_i) cancels, so C_i must not be rounded to float32 first
+            # squared as the Fisher was (N·F − C_i must cancel exactly): float32 squares for the engine's Fisher
+            c = part.square().to(FISHER_DTYPE) if self.float32_squares else g.square()
             f_loo = loo_block(f.to(c.device), n, c)
             f_loo += damping_lambda(f_loo, self.damping_abs, self.damping_rel)
             part.copy_((c if power == 2 else g).mul_(safe_reciprocal(f_loo, FISHER_DTYPE)))
@@ -145,8 +148,8 @@ def pairwise_scores(
     grads_a: PerSampleGradients,
     grads_b: PerSampleGradients,
     fisher: DiagonalFisher,
-    variant: Variant = "unsigned",
-    reduction: Reduction = "sum",
+    variant: Variant = VARIANT,  # type: ignore[assignment]
+    reduction: Reduction = REDUCTION,  # type: ignore[assignment]
     *,
     leave_one_out: bool = False,
     damping_abs: float = DAMPING_ABS,
@@ -168,7 +171,7 @@ def pairwise_scores(
     >>> spec = ModelSpec(1, 2, 2, 2, 1, 5, 4, False, False)
     >>> ga = PerSampleGradients({b: torch.tensor([[[[1., 1.], [0., 2.]]]]) for b in "QKVO"}, spec)
     >>> gb = PerSampleGradients({b: torch.tensor([[[[-1., 0.], [3., 1.]]]]) for b in "QKVO"}, spec)
-    >>> s = pairwise_scores(ga, gb, fisher_from_gradients(ga), damping_abs=1.0, damping_rel=0.0)
+    >>> s = pairwise_scores(ga, gb, fisher_from_gradients(ga), "unsigned", damping_abs=1.0, damping_rel=0.0)
     >>> s["Q"]  # head 0: 1/(1+1)*1 + 1/(1+1)*0; head 1: 0 + 4/(4+1)*1
     tensor([[[[0.5000, 0.8000]]]])
     """
@@ -253,10 +256,11 @@ def rows_into(f: GradientFactors, block: Block, layers: slice, samples: slice, s
 
 
 def sum_squares(rows: Tensor) -> Tensor:
-    """Σ over samples (dim 2 of [Lg, H, n, P]) of rows², in float64, one sample at a time (no big temporary)."""
+    """Σ over samples (dim 2 of [Lg, H, n, P]) of rows², float32 squares summed in float64 (as
+    :class:`~tl_circuits.interference.fisher.FisherAccumulator` does), a few samples at a time."""
     total = torch.zeros(rows.shape[0], rows.shape[1], rows.shape[3], dtype=FISHER_DTYPE, device=rows.device)
-    scratch = torch.empty_like(total)
-    for i in range(rows.shape[2]):  # float64 squares of float32 values are exact; same-dtype ops are the fast path
-        scratch.copy_(rows[:, :, i])
-        total.addcmul_(scratch, scratch)
+    per_sample = rows.shape[0] * rows.shape[1] * rows.shape[3] * 4
+    step = max(1, (64 * 2**20) // max(1, per_sample))
+    for start in range(0, rows.shape[2], step):
+        total += rows[:, :, start:start + step].square().sum(2, dtype=FISHER_DTYPE)
     return total
