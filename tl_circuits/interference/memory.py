@@ -137,6 +137,21 @@ class MemoryPlan:
         return asdict(self)
 
 
+def pairwise_chunks(row_bytes: int, n_a: int, n_b: int, budget_gb: float,
+                    symmetric_variant: bool = False) -> tuple[int, int]:
+    """Samples of A and of B per contraction of :func:`~tl_circuits.interference.scoring.pairwise_scores`, so that
+    the transformed operands (``row_bytes`` per sample, all blocks) fit ``budget_gb``: half for A, the rest for B.
+
+    >>> pairwise_chunks(row_bytes=2**20, n_a=100, n_b=100, budget_gb=0.1)
+    (34, 34)
+    """
+    per = (2.5 if symmetric_variant else 1.5) * row_bytes  # operand(s) + transients, per sample
+    budget = budget_gb * GB
+    chunk_a = min(n_a, max(1, int(0.5 * budget // per)))
+    chunk_b = min(n_b, max(1, int((budget - chunk_a * per) // per)))
+    return chunk_a, chunk_b
+
+
 def _layer_group(spec: ModelSpec, room: float, per_layer: float) -> int:
     """Layers per contraction: as many as fit, but no more than make the operands efficiently large."""
     fits = int(room // per_layer)

@@ -16,7 +16,7 @@ contribution is NaN, and so are the scores of that head: missing data, never 0.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import einops
 import torch
@@ -24,7 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_circuits.defaults import GB, MEMORY_BUDGET_GB, REDUCTION, VARIANT
+from tl_circuits.buffers import Workspace
+from tl_circuits.defaults import MEMORY_BUDGET_GB, REDUCTION, VARIANT
+from tl_circuits.interference import memory
 from tl_circuits.interference.config import DAMPING_ABS, DAMPING_REL, REDUCTIONS, VARIANTS, Reduction, Variant
 from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
 from tl_circuits.interference.fisher import FISHER_DTYPE, DiagonalFisher, damping_lambda, loo_block
@@ -182,11 +184,8 @@ def pairwise_scores(
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     scorer = Scorer(fisher, variant, reduction, leave_one_out, damping_abs, damping_rel)
     n_a, n_b = grads_a.n_samples, grads_b.n_samples
-    per_sample = sum(g[0].numel() * 4 for g in grads_a.per_block.values())
-    k = 2 if variant == "symmetric" else 1
-    budget = memory_budget_gb * GB
-    chunk_a = min(n_a, max(1, int(0.5 * budget // ((k + 0.5) * per_sample))))
-    chunk_b = min(n_b, max(1, int((budget - chunk_a * (k + 0.5) * per_sample) // ((k + 0.5) * per_sample))))
+    row_bytes = sum(g[0].numel() * 4 for g in grads_a.per_block.values())
+    chunk_a, chunk_b = memory.pairwise_chunks(row_bytes, n_a, n_b, memory_budget_gb, variant == "symmetric")
     scores = {b: torch.full((n_a, n_b, *g.shape[1:3]), math.nan) for b, g in grads_a.per_block.items()}
     steps = math.ceil(n_a / chunk_a) * math.ceil(n_b / chunk_b)
     ws = Workspace(next(iter(grads_a.per_block.values())).device)
@@ -213,28 +212,6 @@ def pairwise_scores(
 def rows_shape(g: Tensor, sl: slice) -> tuple:
     n = len(range(*sl.indices(g.shape[0])))
     return (g.shape[1], g.shape[2], n, g.shape[3])
-
-
-
-class Workspace:
-    """Reusable float32 buffers, allocated once and viewed per shape.
-
-    On CPU every fresh large tensor is fresh pages from the OS, and faulting them in costs more than the
-    arithmetic done on them here; materialised rows and operands therefore live in a few buffers reused
-    for every (block, layer group, chunk).
-    """
-
-    def __init__(self, device: Union[str, torch.device, None]):
-        self.device = device
-        self.storage: dict[str, Optional[Tensor]] = {}
-
-    def get(self, name: str, shape: tuple) -> Tensor:
-        numel = math.prod(shape)
-        buf = self.storage.get(name)
-        if buf is None or buf.numel() < numel:
-            self.storage[name] = buf = None  # free before growing
-            self.storage[name] = buf = torch.empty(numel, device=self.device)
-        return buf[:numel].view(shape)
 
 
 

@@ -14,12 +14,13 @@ per chunk, never a Python loop over cells or pairs.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_circuits.buffers import Workspace
 from tl_circuits import defaults
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -59,20 +60,8 @@ def prepare_block(scores: Float[Tensor, "n n n_layers heads"], dtype: torch.dtyp
     return PreparedBlock(m, mu, missing, scale, sd_pairs, sq, (n_layers, n_heads))
 
 
-class ReductionWorkspace:
-    """One reusable buffer for the per-chunk products: large fresh allocations cost page faults every time.
-
-    (The interference engine keeps its own, private workspace; the two never share a buffer.)
-    """
-
-    def __init__(self) -> None:
-        self.buffer: Optional[Tensor] = None
-
-    def get(self, numel: int, dtype: torch.dtype, device: Union[str, torch.device]) -> Tensor:
-        buf = self.buffer
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
-            buf = self.buffer = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
+# the permutation and bootstrap reductions keep their per-chunk products in one shared-type buffer
+ReductionWorkspace = Workspace
 
 
 def chunk_rows(n_rows: int, row_numel: int, element_size: int, memory_budget_gb: float) -> int:
@@ -101,7 +90,7 @@ def bilinear(left: Float[Tensor, "p n1"] | Bool[Tensor, "p n1"], m: Float[Tensor
         stop = min(left.shape[0], start + chunk)
         lhs = left[start:stop].to(device=m.device, dtype=m.dtype)
         rhs = right[start:stop].to(device=m.device, dtype=m.dtype)
-        partial = workspace.get((stop - start) * n2 * c, m.dtype, m.device).view(stop - start, n2 * c)
+        partial = workspace.get("products", (stop - start, n2 * c), m.dtype, m.device)
         torch.mm(lhs, flat, out=partial)
         out[start:stop] = torch.bmm(rhs.unsqueeze(1), partial.view(stop - start, n2, c)).squeeze(1)
         if bar is not None:
