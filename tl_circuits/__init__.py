@@ -67,6 +67,7 @@ from tl_circuits.stats import (
     maxstat_correction,
     permutation_test,
 )
+from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
 from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
 
 __all__ = [
@@ -83,6 +84,8 @@ __all__ = [
     "compute_interference",
     "compute_mean_activations",
     "Conflict",
+    "conflict_test",
+    "ConflictTestResult",
     "counting_batch",
     "damped",
     "DiagonalFisher",
@@ -100,6 +103,7 @@ __all__ = [
     "in_context_accuracy",
     "in_context_loss",
     "induction_batch",
+    "interference_conflict_test",
     "interference_permutation_test",
     "InterferenceConfig",
     "InterferenceResult",

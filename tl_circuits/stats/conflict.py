@@ -1,0 +1,218 @@
+"""Do the tasks conflict in this head? A test of the expected A × B signed score (docs/spec.md §4.1).
+
+For every (block, layer, head) cell, with ``s_ij`` the signed score of sample ``i`` of task A and ``j`` of
+task B (Σ g_i g_j / F̃ over the head's slice), the test is of
+
+    H0: E[s_ij] ≥ 0   (the tasks' Fisher-normalised mean gradients are not opposed in this head)
+    H1: E[s_ij] < 0   (they conflict)
+
+for independent draws of A and B. This is not the label-permutation test
+(:func:`tl_circuits.permutation_test`), whose null is "the tasks use the head the same way": two tasks whose
+mean gradients are orthogonal are exchangeable under neither, but they do not conflict, and this test is
+calibrated there.
+
+The statistic is the two-sample U-statistic ``Ū = mean_ij s_ij``. Its variance comes from the Hoeffding
+projections: with row means ``r_i = mean_j s_ij`` and column means ``c_j = mean_i s_ij``,
+``se² = var(r)/n_A + var(c)/n_B`` (sample variances; this also counts the small residual term, so it errs on the
+conservative side). ``T = Ū / se`` is referred to Student's t with Welch–Satterthwaite degrees of freedom; the
+interval is ``Ū ± t_{df} · se``. Calibration at the boundary (E = 0 with non-zero, orthogonal task means),
+heteroscedastic and small unbalanced samples, and power against planted conflict are checked by simulation
+(``tests/stats/test_conflict.py``).
+
+>>> import torch
+>>> gen = torch.Generator().manual_seed(0)
+>>> a, b = torch.randn(20, 8, generator=gen), torch.randn(25, 8, generator=gen)
+>>> a[:, 0] += 1.0; b[:, 0] -= 1.0                     # opposed mean gradients in one direction: conflict
+>>> scores = {"O": torch.einsum("id,jd->ij", a, b)[:, :, None, None]}
+>>> res = conflict_test(scores)
+>>> bool(res.significant["O"][0, 0]), res.estimate["O"][0, 0] < 0
+(True, tensor(True))
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import stats as sps
+from torch import Tensor
+
+from tl_circuits import defaults
+from tl_circuits.models.types import Model
+from tl_circuits.stats.corrections import fdr_correction
+from tl_circuits.stats.validation import check_choice, check_open_unit
+
+NULL_HYPOTHESIS = "E[s_ij] >= 0: the tasks' Fisher-normalised mean gradients are not opposed in this head"
+ALTERNATIVES = ("less", "greater", "two-sided")
+CORRECTIONS = ("bh", "by", "none")
+
+Grid = dict[str, Float[Tensor, "n_layers heads"]]
+
+
+@dataclass(frozen=True)
+class ConflictTestResult:
+    """Per (block, layer, head): the conflict test of the expected A × B signed score.
+
+    Attributes:
+        estimate: ``Ū``, the mean signed score over all pairs (negative: conflict).
+        std_error, statistic, df: ``se``, ``T = Ū/se`` and the Welch–Satterthwaite degrees of freedom.
+        pvalue: one-sided for ``"less"`` (H0: E ≥ 0, the default), ``"greater"``, or two-sided.
+        q_value_bh, q_value_by: FDR q-values over every finite cell of every block.
+        significant: the ``correction``'s adjusted p-value ≤ ``alpha``.
+        ci_low, ci_high: the two-sided ``confidence_level`` interval of E[s_ij].
+        null_hypothesis: what is tested, in words.
+    """
+
+    estimate: Grid
+    std_error: Grid
+    statistic: Grid
+    df: Grid
+    pvalue: Grid
+    q_value_bh: Grid
+    q_value_by: Grid
+    significant: dict[str, Tensor]
+    ci_low: Grid
+    ci_high: Grid
+    alpha: float
+    alternative: str
+    correction: str
+    confidence_level: float
+    n_a: int
+    n_b: int
+    null_hypothesis: str = NULL_HYPOTHESIS
+
+    @property
+    def blocks(self) -> list[str]:
+        return list(self.estimate)
+
+    def to_dataframe(self) -> Any:
+        """One row per (block, layer, head) with every per-cell field."""
+        import pandas as pd
+
+        rows = []
+        fields = ("estimate", "std_error", "statistic", "df", "pvalue", "q_value_bh", "q_value_by", "ci_low",
+                  "ci_high", "significant")
+        for block in self.blocks:
+            n_layers, n_heads = self.estimate[block].shape
+            for layer in range(n_layers):
+                for head in range(n_heads):
+                    row = {"block": block, "layer": layer, "head": head}
+                    row.update({f: getattr(self, f)[block][layer, head].item() for f in fields})
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _scores_of(scores: Any) -> Mapping[str, Tensor]:
+    """``{block: [N_A, N_B, L, H]}`` from a mapping or an InterferenceResult (which must be signed)."""
+    if hasattr(scores, "scores") and hasattr(scores, "config"):
+        variant = scores.config.variant
+        if variant != "signed":
+            raise ValueError(f"the conflict test is a test of the signed score (negative = conflict); this "
+                             f"InterferenceResult is {variant!r}: rerun with variant='signed'")
+        return scores.scores
+    if not isinstance(scores, Mapping) or not scores:
+        raise TypeError("scores must be a non-empty mapping block -> [N_A, N_B, n_layers, heads] or an "
+                        f"InterferenceResult, got {type(scores).__name__}")
+    return scores
+
+
+def conflict_test(
+    scores: Union[Mapping[str, Float[Tensor, "n_a n_b n_layers heads"]], Any],
+    *,
+    alternative: str = "less",
+    alpha: float = defaults.ALPHA,
+    correction: str = "bh",
+    confidence_level: float = defaults.CONFIDENCE_LEVEL,
+) -> ConflictTestResult:
+    """Test, per (block, layer, head), H0 "the expected A × B signed score is ≥ 0" against "< 0" (module docstring).
+
+    Args:
+        scores: ``{block: [N_A, N_B, n_layers, heads]}`` signed A × B scores, or a signed
+            :class:`~tl_circuits.InterferenceResult`.
+        alternative: ``"less"`` (default: conflict), ``"greater"`` or ``"two-sided"``.
+        alpha: the level of ``significant``.
+        correction: ``"bh"`` (default), ``"by"`` or ``"none"``: which p-values decide ``significant``.
+        confidence_level: of the two-sided interval.
+    Returns:
+        :class:`ConflictTestResult`. Cells with any non-finite score, or with no spread at all (se = 0), are
+        NaN (with a warning), never a silent 0.
+    """
+    check_choice("alternative", alternative, ALTERNATIVES)
+    check_choice("correction", correction, CORRECTIONS)
+    alpha = check_open_unit("alpha", alpha)
+    confidence_level = check_open_unit("confidence_level", confidence_level)
+    blocks = _scores_of(scores)
+    shapes = {b: tuple(s.shape) for b, s in blocks.items()}
+    if any(len(s) != 4 for s in shapes.values()) or len({s[:2] for s in shapes.values()}) != 1:
+        raise ValueError("every block's scores must be [N_A, N_B, n_layers, heads] with the same N_A, N_B; "
+                         f"got {shapes}")
+    n_a, n_b = next(iter(shapes.values()))[:2]
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"the conflict test needs at least 2 samples per task, got n_a={n_a}, n_b={n_b}")
+    out: dict[str, dict[str, Tensor]] = {k: {} for k in ("estimate", "std_error", "statistic", "df", "pvalue",
+                                                         "ci_low", "ci_high")}
+    n_bad = n_cells = 0
+    t_crit_q = 0.5 + confidence_level / 2
+    for block, s in blocks.items():
+        x = s.detach().double().cpu()
+        missing = ~torch.isfinite(x).all(0).all(0)
+        rows, cols = x.mean(1), x.mean(0)  # [N_A, L, H], [N_B, L, H]
+        estimate = x.mean((0, 1))
+        var_a, var_b = rows.var(0, unbiased=True) / n_a, cols.var(0, unbiased=True) / n_b
+        se = (var_a + var_b).sqrt()
+        degenerate = ~(se > 0)
+        bad = missing | degenerate
+        df = (var_a + var_b) ** 2 / (var_a ** 2 / (n_a - 1) + var_b ** 2 / (n_b - 1))
+        statistic = estimate / se
+        t = statistic.numpy()
+        dfn = df.numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = {"less": sps.t.cdf(t, dfn), "greater": sps.t.sf(t, dfn),
+                 "two-sided": np.minimum(1.0, 2 * np.minimum(sps.t.cdf(t, dfn), sps.t.sf(t, dfn)))}[alternative]
+            half = sps.t.ppf(t_crit_q, dfn) * se.numpy()
+        values = {"estimate": estimate, "std_error": se, "statistic": statistic, "df": df,
+                  "pvalue": torch.from_numpy(np.asarray(p, dtype=np.float64)),
+                  "ci_low": estimate - torch.from_numpy(half), "ci_high": estimate + torch.from_numpy(half)}
+        for name, v in values.items():
+            keep_estimate = name == "estimate"  # the mean itself is defined when only the spread is 0
+            mask = missing if keep_estimate else bad
+            out[name][block] = v.masked_fill(mask, float("nan"))
+        n_bad += int(bad.sum())
+        n_cells += bad.numel()
+    if n_bad:
+        warnings.warn(f"{n_bad} of {n_cells} cells have non-finite scores or no spread (se = 0): their p-values "
+                      "are NaN", RuntimeWarning, stacklevel=2)
+    q_bh, q_by = fdr_correction(out["pvalue"], "bh"), fdr_correction(out["pvalue"], "by")
+    decide = {"bh": q_bh, "by": q_by, "none": out["pvalue"]}[correction]
+    significant = {b: torch.nan_to_num(v, nan=2.0) <= alpha for b, v in decide.items()}
+    return ConflictTestResult(estimate=out["estimate"], std_error=out["std_error"], statistic=out["statistic"],
+                              df=out["df"], pvalue=out["pvalue"], q_value_bh=q_bh, q_value_by=q_by,
+                              significant=significant, ci_low=out["ci_low"], ci_high=out["ci_high"], alpha=alpha,
+                              alternative=alternative, correction=correction, confidence_level=confidence_level,
+                              n_a=n_a, n_b=n_b)
+
+
+def interference_conflict_test(
+    model: Model,
+    tokens_a: Int[Tensor, "n_a pos_a"],
+    tokens_b: Int[Tensor, "n_b pos_b"],
+    *,
+    attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    config: Optional[Any] = None,
+    **test_kwargs: Any,
+) -> ConflictTestResult:
+    """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
+    (:func:`tl_circuits.compute_interference`), then :func:`conflict_test` (``test_kwargs``: alternative, alpha,
+    correction, confidence_level). ``config``'s variant and Fisher source are set to signed / pooled."""
+    from tl_circuits.interference.config import InterferenceConfig
+    from tl_circuits.interference.engine import compute_interference
+
+    cfg = (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
+    result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
+                                  attention_mask_b=attention_mask_b, config=cfg)
+    return conflict_test(result, **test_kwargs)
