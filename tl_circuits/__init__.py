@@ -68,6 +68,7 @@ from tl_circuits.stats import (
     permutation_test,
 )
 from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
+from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
 from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
 
 __all__ = [
@@ -91,7 +92,9 @@ __all__ = [
     "DiagonalFisher",
     "EMAFisher",
     "fdr_correction",
+    "fisher_cosines",
     "fisher_from_gradients",
+    "FisherCosines",
     "freeze",
     "freeze_hooks",
     "freeze_sweep",
