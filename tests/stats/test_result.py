@@ -133,3 +133,21 @@ def test_docstring_examples_run():
         f, t = doctest.testmod(module, verbose=False)
         failures, tried = failures + f, tried + t
     assert tried > 10 and failures == 0
+
+
+def test_plot_of_signed_scores_is_diverging_and_says_what_hatching_means():
+    """All-negative signed scores get a diverging map centred at 0; the title says hatched = not significant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tl_circuits import permutation_test
+
+    gen = torch.Generator().manual_seed(3)
+    pooled = -torch.rand(12, 12, 2, 3, generator=gen, dtype=torch.float64) - 1.0  # every score below 0
+    res = permutation_test({"O": pooled}, 6, n_permutations=99, n_bootstrap=0, progress=False)
+    fig = res.plot()
+    assert "hatched = not significant" in fig.texts[0].get_text() or "hatched = not significant" in (
+        fig._suptitle.get_text() if fig._suptitle is not None else "")
+    image = fig.axes[0].images[0]
+    low, high = image.get_clim()
+    assert low == -high and image.get_cmap().name == "RdBu_r"

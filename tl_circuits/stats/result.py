@@ -121,7 +121,8 @@ class InterferenceTestResult:
 
         ``mask_with=None`` uses ``significant`` (this result's correction); a p/q field name
         (e.g. ``"p_maxstat"``) shows the cells where that field ≤ ``alpha``; ``mask_with=False`` shows all.
-        ``z`` and ``effect_size`` use a diverging colormap centred at 0. Other keyword arguments go to
+        ``z``, ``effect_size`` and any field with negative values (signed scores) use a diverging colormap
+        centred at 0; ``shared_scale=True`` gives all blocks one colour scale. Other keyword arguments go to
         :func:`tl_circuits.plotting.plot_blocks`. Returns the matplotlib Figure.
         """
         from tl_circuits.plotting import plot_blocks
@@ -138,9 +139,12 @@ class InterferenceTestResult:
         else:
             raise ValueError(f"mask_with must be None, False or a p/q field name, got {mask_with!r}")
         if title is None:
-            title = field + (f" (hatched: not significant, {shown})" if shown else "")
-        if field in ("z", "effect_size"):
-            kwargs.setdefault("signed", True)        # centred at 0 in every block
+            title = field + (f" (hatched = not significant; significant: {shown})" if shown else "")
+        values = getattr(self, field)
+        negative = any(bool((torch.nan_to_num(v, nan=0.0) < 0).any()) for v in values.values())
+        if field in ("z", "effect_size") or negative:
+            # standardised fields, and signed scores (any value below 0): diverging, centred at 0 in every block
+            kwargs.setdefault("signed", True)
         return plot_blocks(getattr(self, field), masks=masks, title=title, blocks=self.blocks,
                            colorbar_label=field, **kwargs)
 
