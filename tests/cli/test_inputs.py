@@ -27,7 +27,7 @@ from tests.cli.helpers import (
 )
 from tl_circuits import InterferenceConfig, compute_interference, freeze_sweep
 from tl_circuits.cli.loading import CommandError, load_model
-from tl_circuits.cli.task_files import read_task_file
+from tl_circuits.cli.task_files import TaskInputError, read_task_file
 from tl_circuits.models.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.needs_hooked_transformer  # a HookedTransformer saved as a checkpoint, or from_pretrained
@@ -230,3 +230,15 @@ def test_python_dash_m_reports_bad_input_in_one_line_without_traceback(checkpoin
         f"vocabulary [0, {builders.D_VOCAB - 1}]"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["oov.tokens"]
 
+
+
+def test_unknown_words_in_a_text_task_are_an_error_that_names_them(tmp_path):
+    """A word the tokenizer does not know would become its unknown token (here BOS) while samples.csv still showed
+    the word: it is an error naming the words and the line."""
+    tokenizer, d_vocab = word_tokenizer()
+    model = builders.hooked(seed=4, d_vocab=d_vocab)
+    save_checkpoint(model, tmp_path / "model", tokenizer=tokenizer)
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\nthe zebra sat on the quokka\n")
+    loaded = load_checkpoint(tmp_path / "model")
+    with pytest.raises(TaskInputError, match=r"a\.txt:2: 2 token\(s\) .*'zebra', 'quokka'"):
+        read_task_file(tmp_path / "a.txt", loaded)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Any, TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -139,6 +139,22 @@ def _check_ids_in_vocab(path: Path, where: str, ids: Sequence[int], d_vocab: int
                              f"[0, {d_vocab - 1}]")
 
 
+def _check_known_words(path: Path, number: int, line: str, model: Any, tokenizer: Any) -> None:
+    """TaskInputError naming the words of a line that the tokenizer maps to its unknown token (never silently)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unk_text = getattr(tokenizer, "unk_token", None)
+    if unk is None or (unk_text and unk_text in line):
+        return
+    tokens = model.to_tokens(line, prepend_bos=False, truncate=False)[0].tolist()
+    n_unknown = sum(1 for token in tokens if token == unk)
+    if not n_unknown:
+        return
+    words = [w for w in line.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    shown = ", ".join(repr(w) for w in dict.fromkeys(words)) or "(not separable by whitespace)"
+    raise TaskInputError(f"{path}:{number}: {n_unknown} token(s) the tokenizer does not know ({shown}); they would "
+                         f"silently become its unknown token {unk_text!r} (id {unk}): fix the text, or give token ids")
+
+
 def _text_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], list[str], int]:
     spec = model_spec(model)
     tokenizer = getattr(model, "tokenizer", None)
@@ -148,6 +164,7 @@ def _text_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str],
                              f"a .pt/.npy array, or --task-format ids)")
     samples, ids, previews, truncated = [], [], [], 0
     for number, line in lines:
+        _check_known_words(path, number, line, model, tokenizer)
         full = model.to_tokens(line, truncate=False)[0].tolist()
         sample = full[:spec.n_ctx]
         truncated += len(full) > len(sample)
