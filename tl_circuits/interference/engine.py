@@ -54,7 +54,7 @@ from tl_circuits.interference.inputs import non_finite_error, prepare_inputs
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.interference.scoring import Scorer, Workspace, rows_into, sum_squares
 from tl_circuits.interference.store import FactorStore, SampleSet
-from tl_circuits.models.spec import BLOCKS, Block, ModelSpec
+from tl_circuits.models.spec import BLOCKS, Block, ModelSpec, model_spec
 from tl_circuits.models.types import Model
 
 
@@ -209,7 +209,7 @@ def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: Interfer
                fisher: Optional[DiagonalFisher] = None) -> tuple[dict[str, Tensor], DiagonalFisher, dict]:
     """Gradients of A and B once, then A × B scores (``pooled=False``) or A ∪ B × A ∪ B scores (``pooled=True``,
     pooled Fisher). Returns ``(scores, undamped Fisher, settings)``."""
-    spec = prepare_inputs(model, task_a.tokens, task_a.mask, task_a.what)[0]
+    spec = model_spec(model)  # the tasks were validated when they were made (_task)
     resolve_method(model, "factored")
     n_a, n_b = task_a.tokens.shape[0], task_b.tokens.shape[0]
     source = cfg.fisher_source
@@ -295,7 +295,7 @@ def compute_interference(
     task_b = _task(model, tokens_b, attention_mask_b, "tokens_b")
     ids_a, ids_b = check_ids(ids_a, tokens_a.shape[0], "ids_a"), check_ids(ids_b, tokens_b.shape[0], "ids_b")
     if fisher is not None:
-        spec = prepare_inputs(model, tokens_a, task_a.mask, "tokens_a")[0]
+        spec = model_spec(model)
         for b in BLOCKS:
             expect = (spec.n_layers, spec.n_block_heads(b), spec.n_params_per_head(b, cfg.include_biases))
             if b not in fisher.per_block or tuple(fisher.per_block[b].shape) != expect:
