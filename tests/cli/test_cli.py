@@ -11,31 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.cli.helpers import REPO, SMALL, assert_complete_report, grid_from_csv, json_grid, run_main
-from tl_circuits import InterferenceConfig, compute_interference, freeze_sweep
+from tests.cli.helpers import REPO, assert_complete_report, grid_from_csv, json_grid, run_main
+from tl_circuits import freeze_sweep
 from tl_circuits.bundled import tasks
 from tl_circuits.cli.command import main
 from tl_circuits.stats.permutation import fdr_correction
 
 
 # ----- the main job on the bundled default model -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bundled_report(tmp_path_factory):
-    """The no-argument job, at small sizes, in process (and the inputs it used, rebuilt independently)."""
-    from tl_circuits.bundled.models import DEFAULT_BUNDLED_MODEL, bundled_tasks, load_bundled_model
-
-    out = tmp_path_factory.mktemp("bundled") / "report"
-    assert main(["--n-a", "6", "--n-b", "5", "--seed", "3", *SMALL, "--out", str(out)]) == 0
-    model = load_bundled_model(DEFAULT_BUNDLED_MODEL, "cpu")
-    make_a, make_b = list(bundled_tasks(DEFAULT_BUNDLED_MODEL).values())[:2]
-    batch_a, batch_b = make_a(6, 3), make_b(5, 4)  # seeds: --seed, --seed + 1
-    direct = compute_interference(  # what the report's map must equal: the signed variant on the pooled Fisher
-        model, batch_a.tokens, batch_b.tokens, ids_a=[f"{batch_a.name}#{i}" for i in range(6)],
-        ids_b=[f"{batch_b.name}#{j}" for j in range(5)],
-        config=InterferenceConfig(variant="signed", fisher_source="pooled", progress=False))
-    return dict(out=out, model=model, batch_a=batch_a, batch_b=batch_b, interference=direct)
-
 
 def test_main_job_writes_every_promised_file(bundled_report):
     out = bundled_report["out"]

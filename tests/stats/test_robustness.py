@@ -120,3 +120,14 @@ def test_bad_inputs_are_named():
         rank_stability({"Q": torch.zeros(1, 3, 1, 1)})
     with pytest.raises(TypeError, match="mapping"):
         cell_drivers(torch.zeros(3, 3, 1, 1))  # type: ignore[arg-type]
+
+
+def test_highest_order_ranks_the_negated_scores():
+    scores = _scores(seed=2)
+    high = rank_stability(scores, k=2, n_resamples=30, order="highest")
+    low = rank_stability({b: -s for b, s in scores.items()}, k=2, n_resamples=30)
+    for block in scores:
+        torch.testing.assert_close(high.rank[block], low.rank[block])
+        torch.testing.assert_close(high.top_k_frequency[block], low.top_k_frequency[block])
+    with pytest.raises(ValueError, match="order"):
+        rank_stability(scores, order="largest")

@@ -10,9 +10,15 @@
    and the pooled pairwise score matrix (:func:`tl_circuits.interference.engine.pooled_scores`), computed once. Its
    A × B block is the interference map: identical to :func:`tl_circuits.compute_interference` with
    ``fisher_source="pooled"`` (tested), so the map and its statistics share one normaliser.
-3. **Statistics** — :func:`tl_circuits.permutation_test` on that same pooled matrix (task labels exchangeable;
-   one-sided towards conflict: ``"less"`` for the signed variant, ``"greater"`` otherwise), BH/BY q-values,
-   max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals of each cell's mean.
+3. **Statistics** — two tests of different nulls, on the same scores:
+
+   - *where the tasks conflict*: :func:`tl_circuits.conflict_test` of the A × B block (H0: E[A × B signed score]
+     ≥ 0 per cell; signed variant only), with the Fisher-metric cosines (:func:`tl_circuits.fisher_cosines`: the
+     pair cosines and the joint-optimum diagnostic cos(ḡ_A, ḡ_B)), the bootstrap stability of the cell ranking and
+     the leave-one-out sample drivers of each cell (:mod:`tl_circuits.stats.robustness`);
+   - *where the tasks use a head differently*: :func:`tl_circuits.permutation_test` on the pooled matrix (task
+     labels exchangeable; one-sided ``"less"`` for the signed variant, ``"greater"`` otherwise), BH/BY q-values,
+     max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals of each cell's mean.
 
 Note: the per-sample loss behind the gradients is docs/spec.md §2's token mean over *all* valid positions of a sample
 (the gradient stage has no scored-position mask); only the sweep metric is restricted to scored positions.
@@ -47,12 +53,16 @@ from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.models.spec import model_spec
+from tl_circuits.stats.conflict import ConflictTestResult, conflict_test
+from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
 from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
+from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 from tl_circuits.models.types import Model
 
 CIRCUITS = ("qk", "ov")
 REPLACEMENTS = ("zero", "mean")
 TOP_K = 10
+N_DRIVERS = 3  # samples per task named as a cell's drivers, and removed to test its dominance
 
 
 def pooled_interference_config() -> InterferenceConfig:
@@ -135,6 +145,31 @@ class AnalysisConfig:
                     memory_budget_gb=self.interference.memory_budget_gb, interference=self.interference.to_dict())
 
 
+@dataclass(frozen=True)
+class CellEvidence:
+    """What backs each (block, layer, head) cell of the map besides the permutation test.
+
+    ``conflict`` and ``cosines`` are ``None`` for an unsigned variant (they are about the sign of the score).
+    """
+
+    conflict: Optional[ConflictTestResult]
+    cosines: Optional[FisherCosines]
+    ranking: RankStability
+    drivers: CellDrivers
+
+
+def cell_evidence(interference: InterferenceResult, pooled: dict[str, Tensor], n_a: int,
+                  config: AnalysisConfig) -> CellEvidence:
+    """The conflict test, cosines, rank stability (top ``config.top_k``) and drivers of the A × B map."""
+    signed = config.variant == "signed"
+    scores = interference.scores
+    conflict = conflict_test(scores, alpha=config.alpha, correction=config.correction) if signed else None
+    cosines = fisher_cosines(pooled, n_a) if signed else None
+    ranking = rank_stability(scores, k=config.top_k, n_resamples=max(1, config.n_bootstrap), seed=config.seed,
+                             order="lowest" if signed else "highest")
+    return CellEvidence(conflict, cosines, ranking, cell_drivers(scores, top=N_DRIVERS))
+
+
 @dataclass
 class Analysis:
     """Everything the report is written from.
@@ -149,6 +184,7 @@ class Analysis:
     sweeps: dict[str, SweepResult]
     interference: InterferenceResult
     statistics: InterferenceTestResult
+    evidence: CellEvidence
     config: AnalysisConfig
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -243,6 +279,9 @@ def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Opt
     timings["interference_s"] = time.perf_counter() - stage
     stage = time.perf_counter()
     statistics = pooled_statistics(pooled, n_a, config)
+    evidence = cell_evidence(interference, pooled, n_a, config)
     timings["statistics_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start
-    return Analysis(dict(model_info or {}), task_a, task_b, sweeps, interference, statistics, config, timings)
+    info = {"d_vocab": model_spec(model).d_vocab, **(model_info or {})}  # the headlines' chance loss needs it
+    return Analysis(info, task_a, task_b, sweeps, interference, statistics, evidence, config,
+                    timings)

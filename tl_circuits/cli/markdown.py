@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from tl_circuits.cli.analysis import Analysis
+from tl_circuits.cli.headlines import headlines
 from tl_circuits.cli.tables import (
     known_roles,
     top_conflicts_table,
@@ -98,31 +99,82 @@ def _freeze_section(analysis: Analysis, role: dict[str, str]) -> list[str]:
 
 
 def _interference_section(analysis: Analysis, role: dict[str, str], conflict: str) -> list[str]:
-    cfg, stats = analysis.config, analysis.statistics
-    n_sig = {block: int(s.sum()) for block, s in stats.significant.items()}
+    cfg = analysis.config
+    hatching = ("hatched: the conflict test does not reject" if analysis.evidence.conflict is not None
+                else "hatched: the label-permutation test does not reject")
     return [
         "",
         "## Interference between task A and task B",
         "",
         f"Mean over all A × B sample pairs of the `{cfg.variant}` interference score per block (Q, K, V, O) and "
-        f"head (K and V per KV head).{_sign_sentence(analysis)} A cell is *significant* when its A × B mean is "
-        f"{'lower' if cfg.alternative == 'less' else 'higher'} than random relabelings of the pooled samples give "
-        f"(task labels exchangeable; {cfg.correction.upper()} q ≤ {cfg.alpha}): the tasks interact there differently "
-        "from samples of one mixed population — which does not by itself make the mean "
-        f"{'negative' if cfg.alternative == 'less' else 'large'}. Hatched cells are not significant. "
-        "Significant cells per block: " + ", ".join(f"{blk} {n}" for blk, n in n_sig.items())
-        + f". Most conflicted block: **{analysis.interference.most_conflicted_block}**.",
+        f"head (K and V per KV head).{_sign_sentence(analysis)} Most conflicted block: "
+        f"**{analysis.interference.most_conflicted_block}**.",
         "",
-        "![interference](interference.png)",
+        f"![interference](interference.png) ({hatching})",
+    ] + _conflict_subsection(analysis, role, conflict) + _permutation_subsection(analysis, role, conflict)
+
+
+def _conflict_subsection(analysis: Analysis, role: dict[str, str], conflict: str) -> list[str]:
+    cfg, test = analysis.config, analysis.evidence.conflict
+    if test is None:
+        return ["", "The conflict test is a test of the sign of the `signed` score; it is not run for "
+                f"`{cfg.variant}`."]
+    ranking = analysis.evidence.ranking
+    table = top_heads_by_interference(analysis, cfg.top_k)
+    table["ci"] = [f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(table["conflict_ci_low"], table["conflict_ci_high"])]
+    table["rank_interval"] = [f"{r:.0f} [{lo:.0f}, {hi:.0f}]" if r == r else "NaN"
+                              for r, lo, hi in zip(table["rank"], table["rank_low"], table["rank_high"])]
+    table["conflict"] = ["yes" if s is True or s == 1.0 else "no" for s in table["conflict_significant"]]
+    table["dominated"] = ["yes" if d is True or d == 1.0 else "" for d in table["dominated"]]
+    return [
         "",
-        "![interference z](interference_z.png)",
+        "### Where the tasks conflict (conflict test)",
+        "",
+        f"Per cell, H0: *the expected A × B signed score is ≥ 0* (the tasks' Fisher-normalised mean gradients are "
+        f"not opposed in this head) against *< 0*; a U-statistic t-test over the A × B pairs "
+        f"({cfg.correction.upper()} q ≤ {cfg.alpha} marks a conflict). Beside it: the "
+        f"{100 * test.confidence_level:.0f}% interval of the mean, the cosine of the two task-mean gradients "
+        "cos(ḡ_A, ḡ_B) (≈ −1: exactly opposed), the "
+        "mean Fisher-metric cosine of the sample pairs and the share of pairs below 0 (both comparable across "
+        f"heads), the cell's rank among all cells with its bootstrap interval and how often it is in the top "
+        f"{ranking.k} ({ranking.n_resamples} resamples), and the samples whose removal moves the mean most towards "
+        "0 (leave-one-out; *dominated*: without them less than half of the mean is left).",
+        "",
+        f"Top cells by mean ({conflict}):",
+        "",
+        markdown_table(table, {"block": "block", "layer": "layer", "head": "head", "mean": "mean score",
+                               "ci": "interval", "conflict_p": "p", "conflict_q_bh": "q (BH)", "conflict": "conflict",
+                               "task_mean_cosine": "cos(ḡ_A, ḡ_B)", "mean_cosine": "mean pair cos",
+                               "fraction_negative_pairs": "pairs < 0", "rank_interval": "rank [interval]",
+                               "top_k_frequency": f"in top {ranking.k}", "drivers_a": "drivers A",
+                               "drivers_b": "drivers B", "dominated": "dominated", **role},
+                       {"fraction_negative_pairs": ".2f", "top_k_frequency": ".2f", "task_mean_cosine": ".2f",
+                        "mean_cosine": ".2f"}),
+    ]
+
+
+def _permutation_subsection(analysis: Analysis, role: dict[str, str], conflict: str) -> list[str]:
+    cfg, stats = analysis.config, analysis.statistics
+    n_sig = {block: int(s.sum()) for block, s in stats.significant.items()}
+    return [
+        "",
+        "### Where the tasks use a head differently (label-permutation test)",
+        "",
+        f"A cell is marked when its A × B mean is {'lower' if cfg.alternative == 'less' else 'higher'} than random "
+        f"relabelings of the pooled samples give ({stats.n_permutations} permutations; {cfg.correction.upper()} "
+        f"q ≤ {cfg.alpha}). H0: *task labels are exchangeable* — the two tasks' samples interact in this head like "
+        "samples of one mixed population. Rejecting says the tasks use the head differently, not that they conflict: "
+        "two tasks with orthogonal mean gradients are rejected here but not by the conflict test. "
+        "Marked cells per block: " + ", ".join(f"{blk} {n}" for blk, n in n_sig.items()) + ".",
+        "",
+        "![interference z](interference_z.png) (standardised statistic z; hatched: not marked)",
         "",
         f"Top heads by interference ({conflict}):",
         "",
         markdown_table(top_heads_by_interference(analysis, cfg.top_k),
                        {"block": "block", "layer": "layer", "head": "head", "mean": "mean score", "z": "z",
                         "p_value": "p", "q_value_bh": "q (BH)", "p_maxstat": "p (max-stat)",
-                        "significant": "significant", **role}),
+                        "significant": "differs", **role}),
     ]
 
 
@@ -152,8 +204,8 @@ def report_markdown(analysis: Analysis, files: Mapping[str, str]) -> str:
     conflict = ("most negative first; negative = conflicting gradients" if analysis.config.variant == "signed"
                 else "largest first")
     role = {"known_role": "known role"} if known_roles(analysis) else {}
-    lines = (_header(analysis) + _freeze_section(analysis, role) + _interference_section(analysis, role, conflict)
-             + _pairs_section(analysis, conflict))
+    lines = (_header(analysis) + ["", "## Headlines", ""] + headlines(analysis) + _freeze_section(analysis, role)
+             + _interference_section(analysis, role, conflict) + _pairs_section(analysis, conflict))
     notes = analysis.task_a.notes + analysis.task_b.notes + analysis.warnings
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]

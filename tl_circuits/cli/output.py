@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from tl_circuits.cli.analysis import CIRCUITS, Analysis
+from tl_circuits.cli.headlines import needed_table, shared_table
 from tl_circuits.cli.markdown import report_markdown
 from tl_circuits.cli.tables import (
     interference_table,
@@ -47,13 +48,17 @@ FILES = {
     "report.json": "every number below, settings, timings and warnings (NaN written as null)",
     "sweep.csv": "freeze sweep: task, circuit, layer, head, clean_loss, frozen_loss (the loss with the head's "
                  "circuit frozen), effect (= frozen_loss − clean_loss)",
-    "interference.csv": "per (block, layer, head): interference mean over A×B pairs and its statistics",
+    "interference.csv": "per (block, layer, head): interference mean over A×B pairs; the label-permutation test "
+                        "(p_value, q_value_bh, significant: the tasks use the head differently); the conflict test "
+                        "(conflict_*: H0 E[A×B signed score] >= 0); Fisher-metric cosines; rank stability; "
+                        "leave-one-out drivers",
     "top_conflicts.csv": "the most conflicting (sample pair, block, layer, head) cells",
     "top_pairs.csv": "the most conflicting sample pairs (score summed over blocks, layers and heads)",
     "samples.csv": "every sample: task, id, length, preview",
     "freeze_effect.png": "freeze effect per circuit and task (layer × head)",
-    "interference.png": "interference mean per block, non-significant cells hatched",
-    "interference_z.png": "standardised statistic z per block, non-significant cells hatched",
+    "interference.png": "interference mean per block; hatched where the conflict test does not reject (signed "
+                        "variant) or the permutation test does not (otherwise)",
+    "interference_z.png": "label-permutation statistic z per block, cells the permutation test does not mark hatched",
 }
 """Every file of a report folder, with what it holds (report.md lists them too)."""
 
@@ -84,15 +89,21 @@ def interference_figures(analysis: Analysis) -> dict[str, Any]:
     """The interference mean and the statistic z per block, non-significant cells hatched."""
     from tl_circuits.plotting import plot_blocks
 
-    cfg, stats = analysis.config, analysis.statistics
-    rule = f"hatched: not significant ({stats.correction.upper()} q > {stats.alpha}, one-sided '{stats.alternative}')"
+    cfg, stats, conflict = analysis.config, analysis.statistics, analysis.evidence.conflict
+    rule = (f"hatched: the tasks' samples are not marked as different ({stats.correction.upper()} q > {stats.alpha}, "
+            f"label permutations, one-sided '{stats.alternative}')")
     direction = "negative = conflict" if cfg.variant == "signed" else "larger = more interference"
-    mean = plot_blocks(analysis.interference.mean, masks=stats.significant, ncols=2,
+    if conflict is not None:
+        mask, mean_rule = conflict.significant, (f"hatched: no conflict shown (conflict test, H0 E[score] ≥ 0, "
+                                                 f"{conflict.correction.upper()} q > {conflict.alpha})")
+    else:
+        mask, mean_rule = stats.significant, rule
+    mean = plot_blocks(analysis.interference.mean, masks=mask, ncols=2,
                        signed=True if cfg.variant == "signed" else None,
                        colorbar_label=f"mean {cfg.variant} score",
-                       title=f"Interference A × B ({cfg.variant}, pooled Fisher; {direction})\n{rule}")
+                       title=f"Interference A × B ({cfg.variant}, pooled Fisher; {direction})\n{mean_rule}")
     z = plot_blocks(stats.z, masks=stats.significant, signed=True, ncols=2, colorbar_label="z vs. label permutations",
-                    title=f"Interference statistic z = (observed − null mean) / null SD\n{rule}")
+                    title=f"Label-permutation statistic z = (observed − null mean) / null SD\n{rule}")
     return {"interference.png": mean, "interference_z.png": z}
 
 
@@ -163,7 +174,11 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                           fisher_source=result.config.fisher_source, mean=result.mean,
                           block_means=result.block_means(), most_conflicted_block=result.most_conflicted_block,
                           settings=result.settings),
-        statistics=dict(settings=stats.settings, **grids),
+        statistics=dict(settings=stats.settings, null_hypothesis="task labels are exchangeable (the tasks use the "
+                                                                  "head the same way)", **grids),
+        conflict=_evidence_data(analysis),
+        headlines=dict(needed=needed_table(analysis).to_dict("records"),
+                       shared=shared_table(needed_table(analysis)).to_dict("records")),
         top_heads_by_freeze=top_heads_by_freeze(analysis, analysis.config.top_k).to_dict("records"),
         top_heads_by_interference=top_heads_by_interference(analysis, analysis.config.top_k).to_dict("records"),
         top_conflicts=top_conflicts_table(analysis).to_dict("records"),
@@ -171,6 +186,30 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
         files=FILES,
     )
     return json_value(data)
+
+
+def _evidence_data(analysis: Analysis) -> dict[str, Any]:
+    """The conflict test, cosines, rank stability and drivers as report.json holds them (grids per block)."""
+    evidence = analysis.evidence
+    data: dict[str, Any] = {}
+    if evidence.conflict is not None:
+        test = evidence.conflict
+        data["test"] = dict(null_hypothesis=test.null_hypothesis, alternative=test.alternative, alpha=test.alpha,
+                            correction=test.correction, confidence_level=test.confidence_level,
+                            **{name: getattr(test, name) for name in ("estimate", "std_error", "statistic", "df",
+                                                                      "pvalue", "q_value_bh", "q_value_by",
+                                                                      "significant", "ci_low", "ci_high")})
+    if evidence.cosines is not None:
+        cos = evidence.cosines
+        data["cosines"] = dict(mean_cosine=cos.mean_cosine, fraction_negative=cos.fraction_negative,
+                               task_mean_cosine=cos.task_mean_cosine)
+    ranking, drivers = evidence.ranking, evidence.drivers
+    data["rank_stability"] = dict(k=ranking.k, n_resamples=ranking.n_resamples,
+                                  confidence_level=ranking.confidence_level, rank=ranking.rank,
+                                  rank_low=ranking.rank_low, rank_high=ranking.rank_high,
+                                  top_k_frequency=ranking.top_k_frequency)
+    data["drivers"] = dict(top=drivers.top, share_left=drivers.share_left, dominated=drivers.dominated)
+    return data
 
 
 def write_report_files(analysis: Analysis, directory: Path) -> None:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,12 +45,48 @@ def sweep_table(analysis: Analysis) -> pd.DataFrame:
 
 
 def interference_table(analysis: Analysis) -> pd.DataFrame:
-    """One row per (block, layer, head): the map's mean over A × B pairs and every statistic of the cell."""
+    """One row per (block, layer, head): the map's mean over A × B pairs and every statistic of the cell.
+
+    The label-permutation test's columns are as :meth:`tl_circuits.InterferenceTestResult.to_dataframe` names them
+    (``p_value``, ``q_value_bh``, ``significant``, ...: "the tasks use this head differently"); the conflict test's
+    and the other evidence's (:func:`evidence_columns`) follow.
+    """
     frame = analysis.statistics.to_dataframe()
     means = analysis.interference.mean
     frame.insert(3, "head_kind", ["kv" if b in ("K", "V") else "query" for b in frame["block"]])
     frame.insert(4, "mean", [float(means[b][l, h]) for b, l, h in zip(frame["block"], frame["layer"], frame["head"])])
+    cells = list(zip(frame["block"], frame["layer"], frame["head"]))
+    for name, values in evidence_columns(analysis, cells).items():
+        frame[name] = values
     return frame
+
+
+def evidence_columns(analysis: Analysis, cells: list[tuple[str, int, int]]) -> dict[str, list]:
+    """Per cell: the conflict test (``conflict_*``; NaN for an unsigned variant), the Fisher-metric cosines, the
+    rank stability and the leave-one-out drivers (sample ids of A / B, joined by ``;``)."""
+    evidence = analysis.evidence
+    grids: dict[str, Any] = {}
+    test = evidence.conflict
+    for name, field in (("conflict_se", "std_error"), ("conflict_ci_low", "ci_low"), ("conflict_ci_high", "ci_high"),
+                        ("conflict_p", "pvalue"), ("conflict_q_bh", "q_value_bh"), ("conflict_q_by", "q_value_by"),
+                        ("conflict_significant", "significant")):
+        grids[name] = getattr(test, field) if test is not None else None
+    cosines = evidence.cosines
+    for name, field in (("mean_cosine", "mean_cosine"), ("fraction_negative_pairs", "fraction_negative"),
+                        ("task_mean_cosine", "task_mean_cosine")):
+        grids[name] = getattr(cosines, field) if cosines is not None else None
+    ranking, drivers = evidence.ranking, evidence.drivers
+    grids.update(rank=ranking.rank, rank_low=ranking.rank_low, rank_high=ranking.rank_high,
+                 top_k_frequency=ranking.top_k_frequency, share_left_without_drivers=drivers.share_left,
+                 dominated=drivers.dominated)
+    columns: dict[str, list] = {}
+    for name, grid in grids.items():
+        columns[name] = [math.nan if grid is None else grid[b][l, h].item() for b, l, h in cells]
+    ids = {"a": analysis.interference.ids_a, "b": analysis.interference.ids_b}
+    for key, top in (("a", drivers.top_a), ("b", drivers.top_b)):
+        columns[f"drivers_{key}"] = [";".join(str(ids[key][i]) for i in top[b][l, h].tolist() if i >= 0)
+                                     for b, l, h in cells]
+    return columns
 
 
 def conflict_order(values: np.ndarray, variant: str) -> np.ndarray:

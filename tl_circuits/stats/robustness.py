@@ -32,7 +32,7 @@ from torch import Tensor
 from tl_circuits import defaults
 from tl_circuits.stats.bootstrap import draw_resamples
 from tl_circuits.stats.reduction import bilinear
-from tl_circuits.stats.validation import check_int, check_open_unit, numpy_rng
+from tl_circuits.stats.validation import check_choice, check_int, check_open_unit, numpy_rng
 
 Grid = dict[str, Float[Tensor, "n_layers heads"]]
 ScoresAB = Mapping[str, Float[Tensor, "n_a n_b n_layers heads"]]
@@ -122,7 +122,8 @@ class RankStability:
     """Bootstrap stability of the ranking of all cells by their A × B mean, lowest (most conflicting) first.
 
     Attributes:
-        rank: ``{block: [L, H]}`` observed rank over all finite cells of all blocks (1 = lowest mean).
+        rank: ``{block: [L, H]}`` observed rank over all finite cells of all blocks (1 = most conflicting: the
+            lowest mean, or the highest with ``order="highest"``).
         rank_low, rank_high: the percentile ``confidence_level`` interval of the cell's rank over resamples.
         top_k_frequency: share of resamples in which the cell is among the ``k`` lowest.
         k, n_resamples, confidence_level: settings.
@@ -163,8 +164,10 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 def rank_stability(scores: ScoresAB, *, k: int = 10, n_resamples: int = defaults.N_BOOTSTRAP,
                    confidence_level: float = defaults.CONFIDENCE_LEVEL,
-                   seed: Union[int, np.random.Generator, None] = defaults.SEED) -> RankStability:
-    """Bootstrap the ranking of every (block, layer, head) cell by its A × B mean (lowest first).
+                   seed: Union[int, np.random.Generator, None] = defaults.SEED,
+                   order: str = "lowest") -> RankStability:
+    """Bootstrap the ranking of every (block, layer, head) cell by its A × B mean (``order``: ``"lowest"`` first,
+    the signed variant's conflict; ``"highest"`` first for unsigned scores).
 
     Resamples are :func:`tl_circuits.stats.bootstrap.draw_resamples` from ``numpy.random.default_rng(seed)`` (the
     draws of :func:`tl_circuits.bootstrap_ci` with the same seed). Cells with non-finite scores take no rank (NaN).
@@ -177,6 +180,9 @@ def rank_stability(scores: ScoresAB, *, k: int = 10, n_resamples: int = defaults
     (1.0, 1.0)
     """
     _check_ab(scores)
+    check_choice("order", order, ("lowest", "highest"))
+    if order == "highest":
+        scores = {block: -s for block, s in scores.items()}
     k = check_int("k", k, 1)
     n_resamples = check_int("n_resamples", n_resamples, 1)
     confidence_level = check_open_unit("confidence_level", confidence_level)

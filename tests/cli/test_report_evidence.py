@@ -1,0 +1,115 @@
+"""The report's conflict test, cosines, rank stability, drivers and headlines, against direct library calls."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.cli.helpers import grid_from_csv, json_grid
+from tl_circuits import InterferenceConfig, conflict_test, fisher_cosines, pooled_pairwise_scores
+from tl_circuits.cli.headlines import (
+    NEEDED_RELATIVE,
+    joint_optimum_sentence,
+    shared_table,
+)
+from tl_circuits.stats.robustness import cell_drivers, rank_stability
+
+
+def test_conflict_columns_equal_conflict_test_of_the_map(bundled_report):
+    out, direct = bundled_report["out"], bundled_report["interference"]
+    table = pd.read_csv(out / "interference.csv")
+    data = json.loads((out / "report.json").read_text())
+    expected = conflict_test(direct)
+    for block in "QKVO":
+        rows = table[table.block == block]
+        shape = direct.mean[block].shape
+        for column, field in (("conflict_p", "pvalue"), ("conflict_q_bh", "q_value_bh"),
+                              ("conflict_ci_low", "ci_low"), ("conflict_ci_high", "ci_high")):
+            want = getattr(expected, field)[block].numpy()
+            scale = np.nanmax(np.abs(want)) if column.startswith("conflict_ci") else 1.0
+            np.testing.assert_allclose(grid_from_csv(rows, column, shape), want, rtol=1e-3, atol=1e-4 * scale)
+        np.testing.assert_allclose(grid_from_csv(rows, "conflict_p", shape),
+                                   json_grid(data["conflict"]["test"]["pvalue"][block]), rtol=1e-12)
+        assert (rows.conflict_significant == (rows.conflict_q_bh <= 0.05)).all()
+    assert data["conflict"]["test"]["null_hypothesis"].startswith("E[s_ij] >= 0")
+
+
+def test_cosines_ranking_and_drivers_equal_direct_calls(bundled_report):
+    out, model = bundled_report["out"], bundled_report["model"]
+    batch_a, batch_b, direct = bundled_report["batch_a"], bundled_report["batch_b"], bundled_report["interference"]
+    table = pd.read_csv(out / "interference.csv")
+    pooled, n_a = pooled_pairwise_scores(model, batch_a.tokens, batch_b.tokens,
+                                         config=InterferenceConfig(variant="signed", progress=False))
+    cosines = fisher_cosines(pooled, n_a)
+    ranking = rank_stability(direct.scores, k=10, n_resamples=50, seed=3)     # SMALL: 50 bootstrap resamples
+    drivers = cell_drivers(direct.scores, top=3)
+    for block in "QKVO":
+        rows = table[table.block == block]
+        shape = direct.mean[block].shape
+        np.testing.assert_allclose(grid_from_csv(rows, "task_mean_cosine", shape),
+                                   cosines.task_mean_cosine[block].numpy(), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(grid_from_csv(rows, "fraction_negative_pairs", shape),
+                                   cosines.fraction_negative[block].numpy(), atol=1e-12)
+        np.testing.assert_array_equal(grid_from_csv(rows, "rank", shape), ranking.rank[block].numpy())
+        np.testing.assert_allclose(grid_from_csv(rows, "top_k_frequency", shape),
+                                   ranking.top_k_frequency[block].numpy())
+        for _, row in rows.iterrows():
+            top = drivers.top_a[block][int(row.layer), int(row["head"])].tolist()
+            assert row.drivers_a == ";".join(direct.ids_a[i] for i in top)
+
+
+def test_report_has_headlines_and_names_both_nulls(bundled_report):
+    out = bundled_report["out"]
+    markdown = (out / "report.md").read_text()
+    for text in ("## Headlines", "### Where the tasks conflict (conflict test)",
+                 "### Where the tasks use a head differently (label-permutation test)",
+                 "H0: *the expected A × B signed score is ≥ 0*", "H0: *task labels are exchangeable*",
+                 "**Is the sign forced?**"):
+        assert text in markdown
+    sweep = pd.read_csv(out / "sweep.csv")
+    data = json.loads((out / "report.json").read_text())
+    relative = sweep.effect / (np.log(data["model"]["d_vocab"]) - sweep.clean_loss)
+    needed = pd.DataFrame(data["headlines"]["needed"])
+    assert len(needed) == int((relative >= NEEDED_RELATIVE).sum())
+    if len(needed):
+        assert (needed.relative_effect >= NEEDED_RELATIVE).all()
+        first = needed[needed.task == needed.task.iloc[0]].iloc[0]
+        assert f"{first.circuit.upper()} L{first.layer}H{first['head']} (" in markdown
+        np.testing.assert_allclose(needed.relative_to_clean, needed.effect / needed.clean_loss)
+
+
+def test_shared_heads_are_the_heads_both_tasks_need():
+    needed = pd.DataFrame([dict(task="A", circuit="qk", layer=1, head=2, relative_effect=0.5),
+                           dict(task="A", circuit="ov", layer=1, head=2, relative_effect=0.9),
+                           dict(task="A", circuit="qk", layer=0, head=0, relative_effect=0.3),
+                           dict(task="B", circuit="ov", layer=1, head=2, relative_effect=0.2),
+                           dict(task="B", circuit="ov", layer=0, head=3, relative_effect=0.2)])
+    shared = shared_table(needed)
+    assert shared[["layer", "head"]].values.tolist() == [[1, 2]]
+    assert shared.circuits_a[0] == "QK+OV" and shared.relative_effect_a[0] == pytest.approx(0.9)
+    assert shared_table(needed[needed.task == "A"]).empty
+
+
+def test_joint_optimum_sentence_says_when_the_sign_is_forced():
+    forced = joint_optimum_sentence(torch.tensor([-0.99, -0.95, -0.97, 0.2, float("nan")]))
+    assert forced.startswith("3 of 4 cells") and "forces" in forced
+    free = joint_optimum_sentence(torch.tensor([-0.99, 0.1, 0.3, -0.2]))
+    assert "not forced" in free
+    assert "undefined" in joint_optimum_sentence(torch.tensor([float("nan")]))
+
+
+def test_unsigned_report_says_the_conflict_test_is_not_run(tmp_path):
+    from tests.cli.helpers import SMALL
+    from tl_circuits.cli.command import main
+
+    out = tmp_path / "report"
+    assert main(["--n-a", "4", "--n-b", "4", "--variant", "unsigned", *SMALL, "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "**Where the tasks conflict:** not tested" in markdown
+    table = pd.read_csv(out / "interference.csv")
+    assert table.conflict_p.isna().all() and table.task_mean_cosine.isna().all()
+    assert table["rank"].notna().all()
