@@ -70,6 +70,7 @@ from tl_circuits.stats import (
 from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
 from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
 from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
+from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 
 __all__ = [
     "__version__",
@@ -80,6 +81,8 @@ __all__ = [
     "bundled_model_info",
     "bundled_tasks",
     "BundledModelInfo",
+    "cell_drivers",
+    "CellDrivers",
     "Circuit",
     "cluster_mass_correction",
     "compute_interference",
@@ -128,6 +131,8 @@ __all__ = [
     "pooled",
     "pooled_pairwise_scores",
     "random_batch",
+    "rank_stability",
+    "RankStability",
     "Replacement",
     "scored_loss",
     "scored_loss_metric",
