@@ -36,6 +36,12 @@ ALPHA = 0.05
 CONFIDENCE_LEVEL = 0.95
 SEED = 0
 MIN_PERMUTATIONS = 1000
+SCREEN_PERMUTATIONS = 1000
+"""With the default number of permutations, every cell is tested on this many first; only cells whose screen
+p-value is <= SCREEN_MARGIN * alpha get the rest (:func:`tl_circuits.permutation_test`)."""
+SCREEN_MARGIN = 2.0
+"""A cell the full test flags at alpha is stopped by the screen only if >= 2·alpha·1001 − 1 of its hits fall in the
+first 1000 relabelings: a hypergeometric tail below 1e-10 for the default counts (docs/spec.md §4.3)."""
 
 
 def default_n_permutations(n_cells: int, alpha: float = ALPHA) -> int:

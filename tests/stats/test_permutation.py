@@ -10,6 +10,7 @@ import scipy.stats as st
 import torch
 
 import tl_circuits.stats as S
+from tl_circuits.stats.null import random_relabelings
 from tests.reference import cell_stat, multipletests
 from tests.stats.synthetic import first, flat, make_scores, plant, run
 
@@ -198,8 +199,11 @@ def test_default_permutations_let_bh_flag_a_lone_cell_on_a_576_cell_grid():
     assert res.n_permutations == defaults.default_n_permutations(m, alpha) == 23040
     assert res.settings["n_permutations"] == res.n_permutations
     assert S.p_value_floor(res.n_permutations) == 1 / (1 + res.n_permutations) <= alpha / m
-    hits = int((res.permutations == first(n, 10)).all(1).sum())      # redraws of the observed split
+    # the screened default continues this cell on all P relabelings: the same stream as an explicit P
+    every = random_relabelings(n, 10, res.n_permutations, torch.Generator().manual_seed(0))
+    hits = int((every == first(n, 10)).all(1).sum())                 # redraws of the observed split
     assert res.p_value["V"][7, 4] == (1 + hits) / (1 + res.n_permutations)
+    assert res.permutations_used["V"][7, 4] == res.n_permutations and res.n_permutations_screen == 1000
     assert res.q_value_bh["V"][7, 4] <= alpha
     assert [(b, *map(int, c)) for b in res.blocks for c in res.significant[b].nonzero()] == [("V", 7, 4)]
     # BH cannot flag it with the old fixed 1000 permutations: the floor 1/1001 is above alpha/m

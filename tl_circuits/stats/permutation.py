@@ -103,10 +103,9 @@ def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative:
     eps = torch.finfo(prep.centered.dtype).eps
     # ties: within TIE_EPS·eps of the larger of |T_obs| and the cell's scale, so equal splits never round apart
     gamma = TIE_EPS * eps * torch.maximum(observed.abs(), prep.scale)
-    p_greater = (1 + (t_null >= t_obs - gamma).sum(0).double()) / (1 + n_permutations)
-    p_less = (1 + (t_null <= t_obs + gamma).sum(0).double()) / (1 + n_permutations)
-    p = {"greater": p_greater, "less": p_less,
-         "two-sided": torch.clamp(2 * torch.minimum(p_less, p_greater), max=1.0)}[alternative]
+    hits_greater = (t_null >= t_obs - gamma).sum(0).double()
+    hits_less = (t_null <= t_obs + gamma).sum(0).double()
+    p = _p_from_hits(hits_greater, hits_less, n_permutations, alternative)
     degenerate = sd <= TIE_EPS * eps * prep.scale
     safe_sd = torch.where(degenerate, torch.ones_like(sd), sd)
     safe_pairs = torch.where(prep.sd_pairs > 0, prep.sd_pairs, torch.ones_like(prep.sd_pairs))
@@ -114,7 +113,35 @@ def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative:
             "z": torch.where(degenerate, 0.0, t_obs / safe_sd),
             "effect_size": torch.where(prep.sd_pairs > 0, t_obs / safe_pairs, 0.0), "p_value": p,
             "z_null": torch.where(degenerate, 0.0, t_null / safe_sd),
-            "tolerance": torch.where(degenerate, 0.0, gamma / safe_sd), "null": t_null + prep.mu}
+            "tolerance": torch.where(degenerate, 0.0, gamma / safe_sd), "null": t_null + prep.mu,
+            "t_obs": t_obs, "gamma": gamma, "hits_greater": hits_greater, "hits_less": hits_less}
+
+
+def _p_from_hits(hits_greater: Tensor, hits_less: Tensor, n_permutations: int, alternative: str) -> Tensor:
+    """``(1 + hits) / (1 + P)`` one-sided; two-sided ``min(1, 2·min(p_less, p_greater))``."""
+    p_greater = (1 + hits_greater) / (1 + n_permutations)
+    p_less = (1 + hits_less) / (1 + n_permutations)
+    return {"greater": p_greater, "less": p_less,
+            "two-sided": torch.clamp(2 * torch.minimum(p_less, p_greater), max=1.0)}[alternative]
+
+
+def _refine_block(prep: PreparedBlock, labels: Tensor, cells: Dict[str, Tensor], more: Tensor, refine: Tensor,
+                  n_total: int, alternative: str, memory_budget_gb: float,
+                  workspace: ReductionWorkspace) -> Tensor:
+    """The p-values of the ``refine`` cells ``[C]`` over all ``n_total`` relabelings: the screen's hits plus those
+    of the ``more`` relabelings, counted on those cells only; other cells keep the screen's p."""
+    p = cells["p_value"].clone()
+    index = refine.nonzero().flatten()
+    if index.numel() == 0 or more.shape[0] == 0:
+        return p
+    k, n = int(labels.sum()), labels.shape[0]
+    sub = prep.centered.index_select(2, index.to(prep.centered.device))
+    t_null = bilinear(more, sub, ~more, memory_budget_gb, None, workspace) / (k * (n - k))  # [P_more, C_refine]
+    t_obs, gamma = cells["t_obs"][index], cells["gamma"][index]
+    hits_greater = cells["hits_greater"][index] + (t_null >= t_obs - gamma).sum(0).double()
+    hits_less = cells["hits_less"][index] + (t_null <= t_obs + gamma).sum(0).double()
+    p[index] = _p_from_hits(hits_greater, hits_less, n_total, alternative).to(p.dtype)
+    return p
 
 
 def permutation_test(
@@ -147,6 +174,16 @@ def permutation_test(
             :func:`tl_circuits.defaults.default_n_permutations` of all (block, layer, head) cells and
             ``alpha``, so that ``1 / (1 + P) ≤ alpha / m`` and BH can flag a lone cell. The number used is
             the result's ``n_permutations``. Ignored when ``permutations`` is given.
+            With this default and P > ``defaults.SCREEN_PERMUTATIONS`` (1000), the test is *screened*: every
+            cell is tested on the first 1000 of the P relabelings, and only cells whose screen p-value is
+            ≤ c = ``SCREEN_MARGIN · alpha`` (2α) are continued on all P. A continued cell's p-value is exactly
+            what all P give; a stopped cell keeps its screen p (> c). Both are valid (P(p ≤ u) ≤ u: below c only
+            continued cells reach, with the full test's p; above c the event lies inside the screen's), and the
+            cells BH, BY or "none" flag at ``alpha`` are those of the unscreened test unless a cell with full
+            p ≤ alpha had ≥ 2α·1001 − 1 of its hits among the first 1000 relabelings (a hypergeometric tail below
+            1e-10 per cell at the default P). Max-stat and cluster-mass p-values, ``null_distribution`` and
+            ``permutations`` are over the 1000 screen relabelings; ``permutations_used`` says per cell how many
+            its p-value is over.
         alternative: "greater" (default), "less" or "two-sided" (``min(1, 2·min(p_less, p_greater))``).
         alpha: level for ``significant`` (in (0, 1)).
         correction: which adjusted p decides ``significant``: "bh" (default), "by", "maxstat", "cluster", "none".
@@ -188,6 +225,7 @@ def permutation_test(
     if n_bootstrap and (k < 2 or n - k < 2):
         raise ValueError(f"bootstrap intervals need at least 2 samples per task, got n_a={k}, n_b={n - k}; "
                          "pass n_bootstrap=0")
+    screened = permutations is None and n_permutations is None
     if permutations is None:
         if n_permutations is None:
             n_permutations = defaults.default_n_permutations(count_cells(scores), alpha)
@@ -196,6 +234,12 @@ def permutation_test(
     else:
         perms = check_relabelings(permutations, n, k)
         n_permutations = perms.shape[0]
+    # the default: screen every cell on the first SCREEN_PERMUTATIONS relabelings, continue only the cells whose
+    # screen p is <= SCREEN_MARGIN·alpha (see n_permutations: the full test's BH/BY decisions at a fraction of the cost)
+    screened = screened and n_permutations > defaults.SCREEN_PERMUTATIONS
+    more = perms[defaults.SCREEN_PERMUTATIONS:] if screened else perms[:0]
+    if screened:
+        perms = perms[:defaults.SCREEN_PERMUTATIONS]
     if cluster_threshold is None:
         cluster_threshold = default_cluster_threshold(alternative)
     cluster_threshold = float(cluster_threshold)
@@ -205,17 +249,24 @@ def permutation_test(
     z_null: Dict[str, Tensor] = {}
     null_dist: Dict[str, Tensor] = {}
     tol_z: Dict[str, Tensor] = {}
+    used: Optional[Dict[str, Tensor]] = {} if screened else None
     ci_low: Optional[Dict[str, Tensor]] = {} if n_bootstrap else None
     ci_high: Optional[Dict[str, Tensor]] = {} if n_bootstrap else None
     if n_bootstrap:
         idx_a, idx_b = draw_resamples(numpy_rng(seed), k, n - k, n_bootstrap)
     n_missing = n_cells = n_degenerate = 0
     workspace = ReductionWorkspace()
-    with progress_bar(len(scores) * (n_permutations + 1 + n_bootstrap), "permutation test", progress) as bar:
+    with progress_bar(len(scores) * (perms.shape[0] + 1 + n_bootstrap), "permutation test", progress) as bar:
         for block, x in scores.items():
             prep = prepare_block(x, dtype)
             missing, shape = prep.missing, prep.shape
             cells = _test_block(prep, labels, perms, alternative, memory_budget_gb, bar, workspace)
+            if used is not None:
+                refine = ~missing & (cells["p_value"] <= defaults.SCREEN_MARGIN * alpha)
+                cells["p_value"] = _refine_block(prep, labels, cells, more, refine, n_permutations, alternative,
+                                                 memory_budget_gb, workspace)
+                used[block] = torch.where(refine, float(n_permutations), float(perms.shape[0])).double() \
+                    .masked_fill(missing, float("nan")).reshape(shape).cpu()
 
             def masked(value: Tensor) -> Tensor:
                 return value.double().masked_fill(missing, float("nan")).cpu()
@@ -259,4 +310,5 @@ def permutation_test(
         cluster_threshold=cluster_threshold, connectivity=connectivity,
         seed=seed if not isinstance(seed, torch.Generator) else "torch.Generator",
         null_distribution=null_dist, permutations=perms,
+        n_permutations_screen=perms.shape[0] if screened else None, permutations_used=used,
     )

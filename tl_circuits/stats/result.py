@@ -27,9 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 __all__ = ["InterferenceTestResult", "GRID_FIELDS"]
 
 GRID_FIELDS = ("observed", "null_mean", "null_std", "z", "effect_size", "p_value", "q_value_bh", "q_value_by",
-               "p_maxstat", "p_cluster", "ci_low", "ci_high", "significant")
+               "p_maxstat", "p_cluster", "ci_low", "ci_high", "significant", "permutations_used")
 SETTING_FIELDS = ("alpha", "n_permutations", "alternative", "correction", "n_a", "n_b", "n_bootstrap", "ci_method",
-                  "confidence_level", "cluster_threshold", "connectivity", "seed")
+                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen")
+OPTIONAL_GRIDS = ("permutations_used",)  # absent from files written before they existed
 FILE_FORMAT = "tl_circuits.InterferenceTestResult"
 FILE_VERSION = 1
 
@@ -50,8 +51,12 @@ class InterferenceTestResult:
         p_cluster: cluster-mass family-wise adjusted p (1 outside clusters).
         ci_low, ci_high: bootstrap interval of ``observed`` (``None`` when ``n_bootstrap=0``).
         significant: ``correction``'s adjusted p (``q_value_bh`` for "bh", ...) ≤ ``alpha``; False for NaN cells.
-        null_distribution: block -> [n_permutations, L, H], the statistic under each relabeling.
-        permutations: [n_permutations, N] bool, the task-A membership of each relabeling.
+        null_distribution: block -> [P, L, H], the statistic under each relabeling of ``permutations``.
+        permutations: [P, N] bool, the task-A membership of each relabeling (all of them; with the default
+            screening, the ``n_permutations_screen`` that every cell saw, which max-stat and clusters use).
+        n_permutations_screen: ``None``, or with the default number of permutations the screen size (every cell
+            is tested on these; cells with screen p ≤ alpha on all ``n_permutations``).
+        permutations_used: ``None``, or per cell the number of relabelings its ``p_value`` is over.
     """
 
     observed: Grid
@@ -81,6 +86,8 @@ class InterferenceTestResult:
     seed: object
     null_distribution: Dict[str, Tensor] = field(default_factory=dict)
     permutations: Optional[Tensor] = None
+    n_permutations_screen: Optional[int] = None
+    permutations_used: Optional[Grid] = None
 
     @property
     def blocks(self) -> Tuple[str, ...]:
@@ -217,7 +224,7 @@ class InterferenceTestResult:
         blocks, absent = record["blocks"], set(record["absent"])
 
         def grid(name: str) -> Optional[Dict[str, Tensor]]:
-            if name in absent:
+            if name in absent or (name in OPTIONAL_GRIDS and f"{name}/0" not in tensors):
                 return None
             try:
                 return {block: tensors[f"{name}/{index}"] for index, block in enumerate(blocks)}
