@@ -61,13 +61,21 @@ def _header(analysis: Analysis) -> list[str]:
         f"**Task B:** {b.name} — {b.n_samples} samples × {b.tokens.shape[1]} positions ({b.source}).",
         "",
         f"Settings: freeze replacement {cfg.replacement.upper()}; interference variant `{cfg.variant}` with the pooled "
-        f"Fisher; {stats.n_permutations} label permutations (one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
+        f"Fisher; {_permutations_text(stats)} (one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
         f"at α = {cfg.alpha}; {cfg.n_bootstrap} bootstrap resamples; seed {cfg.seed}. "
         f"Analysis time {total:.1f} s ({_stage_text(analysis.timings)}).",
     ]
     if info.get("known_heads_text"):
         lines += ["", f"Known heads of this model (from its training metadata): {info['known_heads_text']}."]
     return lines
+
+
+def _permutations_text(stats) -> str:
+    """How many label permutations the test used (the default is screened: docs/spec.md §4.3)."""
+    if stats.n_permutations_screen is None:
+        return f"{stats.n_permutations} label permutations"
+    return (f"{stats.n_permutations} label permutations for the cells whose p on the first "
+            f"{stats.n_permutations_screen} is ≤ 2α, {stats.n_permutations_screen} for the others")
 
 
 def _stage_text(timings: Mapping[str, float]) -> str:
