@@ -49,6 +49,9 @@ SIGN_FLIP_NULL = ("each sample's difference is symmetric about 0, independently 
                   "(so the mean difference is 0)")
 MAX_EXACT_SAMPLES = 20
 """Exact enumeration lists 2^N sign patterns; beyond 2^20 (about a million) it is refused."""
+EXACT_PATTERNS = 2 ** 16
+"""By default the test enumerates all 2^N patterns when 2^N is at most this (or at most ``n_permutations``):
+an exact p costs no more than a Monte Carlo one here."""
 _CHUNK_ELEMENTS = 2 ** 22  # flips x cells per matrix product: 32 MB of float64 scratch
 
 
@@ -140,9 +143,9 @@ def sign_flip_test(
     Args:
         x: ``[N, *cells]`` paired differences; NaN entries are missing and left out of their cell.
         n_permutations: random patterns B (default :func:`tl_circuits.defaults.default_n_permutations` of the
-            number of cells); also the enumeration threshold: with ``exact=None`` the test is exact when
-            ``2^N ≤ B``.
-        exact: force (True) or forbid (False) exact enumeration.
+            number of cells).
+        exact: force (True) or forbid (False) exact enumeration; default: exact when
+            ``2^N ≤ max(n_permutations, EXACT_PATTERNS)``.
         seed: int, ``torch.Generator`` or None (fresh entropy), for the random patterns.
     """
     check_choice("alternative", alternative, ALTERNATIVES)
@@ -153,7 +156,7 @@ def sign_flip_test(
         n_permutations = defaults.default_n_permutations(max(1, flat.shape[1]))
     n_permutations = check_int("n_permutations", n_permutations, 1)
     if exact is None:
-        exact = n <= MAX_EXACT_SAMPLES and 2 ** n <= n_permutations
+        exact = n <= MAX_EXACT_SAMPLES and 2 ** n <= max(n_permutations, EXACT_PATTERNS)
     flips = all_sign_flips(n) if exact else random_sign_flips(n, n_permutations, torch_generator(seed))
     valid = torch.isfinite(flat)
     filled = torch.where(valid, flat, 0.0)
