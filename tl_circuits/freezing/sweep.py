@@ -166,6 +166,15 @@ class SweepResult:
         """
         return load_sweep(cls, path)
 
+    def plot_patterns(self, model: Model, tokens: Int[Tensor, "batch pos"],
+                      heads: Optional[Sequence[tuple[int, int]]] = None, k: int = 3, sample: int = 0,
+                      tokenizer=None, reference=None) -> Figure:
+        """The top-k QK heads' (or ``heads``') attention on ``tokens[sample]``, clean beside frozen; see
+        :func:`tl_circuits.freezing.patterns.plot_patterns` (``reference``: what a MEAN/RESAMPLE sweep read)."""
+        from tl_circuits.freezing.patterns import plot_patterns
+
+        return plot_patterns(self, model, tokens, heads, k=k, sample=sample, tokenizer=tokenizer, reference=reference)
+
     def plot(self, title: Optional[str] = None) -> Figure:
         """Effect heatmap per circuit (diverging, centred at 0)."""
         from tl_circuits.plotting import plot_blocks
