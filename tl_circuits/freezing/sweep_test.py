@@ -239,13 +239,13 @@ def _warn_resolution(p: Tensor, n_permutations: int, exact: bool, alternative: s
         if m and floor > alpha / m:
             warnings.warn(f"with {n_permutations.bit_length() - 1} samples the exact sign-flip test's smallest "
                           f"p-value is {floor:.3g}, above alpha/m = {alpha / m:.3g} for the {m} tested cells: "
-                          "BH cannot flag a lone cell; use more samples", UserWarning, stacklevel=3)
+                          "BH cannot flag a lone cell; use more samples", UserWarning, stacklevel=4)
         return
     count = int((p[finite] <= floor * (1 + 1e-9)).sum())
     if count:
         warnings.warn(f"{count} of {m} cells have p-values at their floor {floor:.3g} (= 1/(1 + n_permutations="
                       f"{n_permutations})): no sign pattern reached their statistic, so their true p-value may be "
-                      "smaller; more permutations resolve it", UserWarning, stacklevel=3)
+                      "smaller; more permutations resolve it", UserWarning, stacklevel=4)
 
 
 # pytest would collect a module-level function named test_*: mark it as not a test
