@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.stats as st
@@ -65,6 +67,7 @@ def test_monte_carlo_p_is_close_to_scipy_and_never_zero():
 def test_exact_floor_and_enumeration():
     flips = all_sign_flips(4)
     assert flips.shape == (16, 4) and len({tuple(r) for r in flips.tolist()}) == 16
+    assert flips.tolist() == [list(p) for p in itertools.product((1.0, -1.0), repeat=4)]
     res = sign_flip_test(torch.ones(4, 1) + torch.arange(4.0)[:, None] * 0.01, alternative="two-sided")
     assert res.exact and res.p_value.item() == pytest.approx(2 / 16)
     assert sign_flip_floor(16, True, "greater") == 1 / 16

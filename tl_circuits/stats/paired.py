@@ -17,7 +17,6 @@ are left out of that cell (its flips of them do nothing).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -91,7 +90,9 @@ def all_sign_flips(n: int) -> Float[Tensor, "two_to_n n"]:
     if n > MAX_EXACT_SAMPLES:
         raise ValueError(f"exact enumeration of 2^{n} sign patterns is too many; at most {MAX_EXACT_SAMPLES} "
                          "samples (use random flips)")
-    return torch.tensor(list(itertools.product((1.0, -1.0), repeat=n)), dtype=torch.float64)
+    # row r's bit j (most significant first) set -> sample j flipped: row 0 is the identity
+    bits = (torch.arange(2 ** n)[:, None] >> torch.arange(n - 1, -1, -1)) & 1
+    return (1 - 2 * bits).double()
 
 
 def random_sign_flips(n: int, n_permutations: int, generator: torch.Generator) -> Float[Tensor, "n_permutations n"]:
