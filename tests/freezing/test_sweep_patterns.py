@@ -48,6 +48,8 @@ def test_resample_patterns_are_the_reference_patterns_and_tokens_label_positions
     clean_ax, frozen_ax = _images(figure)
     np.testing.assert_allclose(frozen_ax.images[0].get_array(),
                                ref_cache["blocks.1.attn.hook_pattern"][0, 2].detach().numpy(), rtol=1e-6)
+    listed = result.plot_patterns(mha_model, tokens, heads=[(1, 2)], reference=[reference, tokens])
+    np.testing.assert_array_equal(_images(listed)[1].images[0].get_array(), frozen_ax.images[0].get_array())
     labels = [t.get_text() for t in clean_ax.get_yticklabels()]
     assert labels == [f"{p}: {tokenizer.decode([int(t)])}" for p, t in enumerate(tokens[0].tolist())]
 

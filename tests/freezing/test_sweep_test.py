@@ -10,7 +10,7 @@ import torch
 
 from tests import builders
 from tl_circuits import SweepResult, freeze_sweep
-from tl_circuits.freezing.sweep_test import INTERACTION, SWEEP_NULL_HYPOTHESIS
+from tl_circuits.freezing.sweep_stats import INTERACTION, SWEEP_NULL_HYPOTHESIS
 
 N = 12  # 2^12 sign patterns: the test is exact, so scipy's exact permutation_test is the reference
 

@@ -7,7 +7,7 @@
 - :mod:`~tl_circuits.freezing.stacked`: the stacked, layer-restarting forward passes of one sweep draw;
 - :mod:`~tl_circuits.freezing.sweep`: :func:`freeze_sweep`, every head in turn, and its :class:`SweepResult`
   (on disk: :mod:`~tl_circuits.freezing.sweep_io`);
-- :mod:`~tl_circuits.freezing.sweep_test`: :meth:`SweepResult.test`, intervals and paired tests of per-sample effects.
+- :mod:`~tl_circuits.freezing.sweep_stats`: :meth:`SweepResult.test`, intervals and paired tests of per-sample effects.
 """
 
 from tl_circuits.freezing.api import FreezeHandle, freeze
@@ -44,7 +44,7 @@ from tl_circuits.freezing.sweep import (
     freeze_sweep,
     sweep_result_files,
 )
-from tl_circuits.freezing.sweep_test import INTERACTION, SWEEP_NULL_HYPOTHESIS, SweepTestResult, test_sweep
+from tl_circuits.freezing.sweep_stats import INTERACTION, SWEEP_NULL_HYPOTHESIS, SweepTestResult, test_sweep
 
 __all__ = [
     "INTERACTION",

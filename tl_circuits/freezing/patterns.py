@@ -91,7 +91,8 @@ def plot_patterns(
         heads: (layer, head) pairs; default: the top ``k`` QK heads by |effect|.
         sample: which row to show.
         tokenizer: labels positions with their tokens (default ``model.tokenizer``; positions only without one).
-        reference: what the sweep's MEAN / RESAMPLE freeze read (for a RESAMPLE draw list, pass one of them).
+        reference: what the sweep's MEAN / RESAMPLE freeze read; for a RESAMPLE list of draws, the first
+            (draw 0's) is used.
             A NOISE picture is a fresh draw with the sweep's seed, not one of the sweep's stacked draws.
     Returns:
         The matplotlib Figure; ``axes[2 i]`` / ``axes[2 i + 1]`` (plus colorbars) show head i clean / frozen.
@@ -105,6 +106,10 @@ def plot_patterns(
     if not 0 <= sample < tokens.shape[0]:
         raise ValueError(f"sample must index a row of tokens (0..{tokens.shape[0] - 1}), got {sample}")
     replacement = parse_option(Replacement, result.replacement, "replacement")
+    if isinstance(reference, (list, tuple)):
+        if not reference:
+            raise ValueError("the list of references is empty")
+        reference = reference[0]  # draw 0, like the seed of a NOISE picture
     if replacement in (Replacement.MEAN, Replacement.RESAMPLE) and reference is None:
         raise ValueError(f"the sweep froze with {replacement.value.upper()}: pass the same reference= it used")
     if heads is None:

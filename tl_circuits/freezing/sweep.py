@@ -3,7 +3,7 @@
 The sweep runs the clean model once, caches every ``resid_pre``, and runs each layer's (circuit, head)
 variants stacked along the batch from that layer's cached input (:mod:`~tl_circuits.freezing.stacked`).
 With ``per_sample=True`` it keeps each sample's effect (from the same forward passes), which
-:meth:`SweepResult.test` turns into intervals, paired tests and q-values (:mod:`~tl_circuits.freezing.sweep_test`);
+:meth:`SweepResult.test` turns into intervals, paired tests and q-values (:mod:`~tl_circuits.freezing.sweep_stats`);
 NOISE over several seeds and RESAMPLE over several reference batches are *draws*, averaged.
 
 >>> import torch
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
     from pandas import DataFrame
 
-    from tl_circuits.freezing.sweep_test import SweepTestResult
+    from tl_circuits.freezing.sweep_stats import SweepTestResult
 
 __all__ = ["SWEEP_FORMAT", "SWEEP_FORMAT_VERSION", "Metric", "PerSampleMetric", "SweepResult", "freeze_sweep",
            "sweep_result_files"]
@@ -123,8 +123,8 @@ class SweepResult:
              confidence_level: float = defaults.CONFIDENCE_LEVEL, ci_method: str = "bca", correction: str = "bh",
              seed: Optional[int] = defaults.SEED) -> SweepTestResult:
         """Intervals and paired sign-flip tests of every head's per-sample effect; see
-        :func:`tl_circuits.freezing.sweep_test.test_sweep` (needs ``freeze_sweep(..., per_sample=True)``)."""
-        from tl_circuits.freezing.sweep_test import test_sweep
+        :func:`tl_circuits.freezing.sweep_stats.test_sweep` (needs ``freeze_sweep(..., per_sample=True)``)."""
+        from tl_circuits.freezing.sweep_stats import test_sweep
 
         return test_sweep(self, alpha=alpha, alternative=alternative, n_permutations=n_permutations,
                           n_bootstrap=n_bootstrap, confidence_level=confidence_level, ci_method=ci_method,

@@ -248,5 +248,5 @@ def _warn_resolution(p: Tensor, n_permutations: int, exact: bool, alternative: s
                       "smaller; more permutations resolve it", UserWarning, stacklevel=4)
 
 
-# pytest would collect a module-level function named test_*: mark it as not a test
+# pytest would collect a function named test_* imported into a test module: mark it as not a test
 test_sweep.__test__ = False  # type: ignore[attr-defined]
