@@ -72,3 +72,16 @@ def test_bad_pattern_requests_are_named_and_leave_no_hooks(mha_model):
         freeze_sweep(mha_model, tokens, replacement="resample", reference=tokens, progress=False).plot_patterns(
             mha_model, tokens, reference=3.0)
     assert _hook_counts(mha_model) == before
+
+
+def test_model_tokenizer_labels_the_bundled_model_positions():
+    import tl_circuits as tlc
+
+    model = tlc.load_bundled_model("induction-2l")            # carries task_tokenizer: "<bos>", "1", "2", ...
+    batch = tlc.bundled_tasks("induction-2l")["induction"](2, seed=0)
+    tokens = batch.tokens[:, :8]
+    result = freeze_sweep(model, tokens, circuits=("qk",), progress=False)
+    figure = result.plot_patterns(model, tokens, k=1)
+    labels = [t.get_text() for t in _images(figure)[0].get_xticklabels()]
+    assert labels[0] == "0: <bos>"
+    assert labels == [f"{p}: {model.tokenizer.decode([int(t)])}" for p, t in enumerate(tokens[0].tolist())]
