@@ -36,6 +36,7 @@ from tl_circuits.freezing import (
     MeanActivations,
     Replacement,
     SweepResult,
+    SweepTestResult,
     compute_mean_activations,
     freeze,
     freeze_hooks,
@@ -70,6 +71,7 @@ from tl_circuits.stats import (
 from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
 from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
 from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
+from tl_circuits.stats.paired import PairedBootstrapCI, SignFlipResult, paired_bootstrap_ci, sign_flip_test
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 
 __all__ = [
@@ -122,6 +124,8 @@ __all__ = [
     "model_spec",
     "ModelSpec",
     "normalize_heads",
+    "paired_bootstrap_ci",
+    "PairedBootstrapCI",
     "pairwise_scores",
     "per_sample_gradients",
     "permutation_test",
@@ -136,7 +140,10 @@ __all__ = [
     "Replacement",
     "scored_loss",
     "scored_loss_metric",
+    "sign_flip_test",
+    "SignFlipResult",
     "SweepResult",
+    "SweepTestResult",
     "task_tokenizer",
     "TaskBatch",
 ]

@@ -34,6 +34,16 @@ def assert_same_result(loaded: SweepResult, original: SweepResult) -> None:
     assert loaded.replacement == original.replacement
     assert loaded.metric_name == original.metric_name
     assert loaded.settings == original.settings
+    for name in ("per_sample_effect", "per_draw_effect"):
+        theirs, ours = getattr(original, name), getattr(loaded, name)
+        assert (theirs is None) == (ours is None)
+        for circuit in theirs or {}:
+            torch.testing.assert_close(ours[circuit], theirs[circuit], rtol=0, atol=0, equal_nan=True)
+    if original.clean_per_sample is None:
+        assert loaded.clean_per_sample is None
+    else:
+        torch.testing.assert_close(loaded.clean_per_sample, original.clean_per_sample, rtol=0, atol=0,
+                                   equal_nan=True)
 
 
 @pytest.mark.needs_hooked_transformer
@@ -52,11 +62,13 @@ def test_the_files_hold_what_the_docstring_says(swept, tmp_path):
     """Read back without tl_circuits: safetensors for the numbers, json for the rest."""
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
     tensors = load_file(str(tensors_file))
-    assert set(tensors) == {"clean"} | {f"frozen.{c}" for c in swept.frozen}
+    assert set(tensors) == {"clean"} | {f"frozen.{c}" for c in swept.frozen} | {
+        f"per_draw_effect.{c}" for c in swept.per_draw_effect}
     assert tensors["clean"].dtype == torch.float64 and tensors["clean"].tolist() == [swept.clean]
     assert torch.isnan(tensors["frozen.qk"][1, 2]) and torch.isnan(tensors["frozen.both"]).all()
     metadata = json.loads(metadata_file.read_text())
-    assert metadata["format"] == SWEEP_FORMAT and metadata["version"] == 1
+    assert metadata["format"] == SWEEP_FORMAT and metadata["version"] == 2
+    assert metadata["per_sample_circuits"] is None and metadata["per_draw_circuits"] == ["qk", "ov"]
     assert metadata["circuits"] == ["qk", "ov", "both"]
     assert metadata["replacement"] == "zero" and metadata["metric_name"] == "loss"
     assert metadata["settings"] == swept.settings
@@ -138,3 +150,36 @@ def test_bad_save_targets(swept, tmp_path):
     with pytest.raises(TypeError, match="JSON values"):
         unsaveable.save(tmp_path / "bad")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.needs_hooked_transformer
+def test_per_sample_round_trip_keeps_the_new_tensors(mha_model, tmp_path):
+    tokens = builders.random_tokens(4, 10, seed=3)
+    result = freeze_sweep(mha_model, tokens, circuits=("qk", "ov", "both"), replacement="noise", n_draws=2,
+                          per_sample=True, progress=False)
+    result.per_sample_effect["ov"][1, 0, 0] = float("nan")
+    result.save(tmp_path / "ps")
+    loaded = SweepResult.load(tmp_path / "ps")
+    assert_same_result(loaded, result)
+    assert loaded.per_sample_effect["qk"].shape == (4, 2, 4) and loaded.per_draw_effect["both"].shape == (2, 2, 4)
+    tensors = load_file(str(tmp_path / "ps.safetensors"))
+    assert {"clean_per_sample", "per_sample_effect.both", "per_draw_effect.ov"} <= set(tensors)
+    # the loaded result is testable, with the same numbers
+    ours, theirs = loaded.test(n_bootstrap=99), result.test(n_bootstrap=99)
+    for circuit in ours.p_value:
+        torch.testing.assert_close(ours.p_value[circuit], theirs.p_value[circuit], equal_nan=True)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file pair as version 1 wrote it (batch means only), made by hand with safetensors + json."""
+    from safetensors.torch import save_file
+
+    save_file({"clean": torch.tensor([1.5], dtype=torch.float64), "frozen.qk": torch.tensor([[1.0, 2.0]])},
+              str(tmp_path / "old.safetensors"), metadata={"format": SWEEP_FORMAT})
+    (tmp_path / "old.json").write_text(json.dumps(dict(format=SWEEP_FORMAT, version=1, replacement="zero",
+                                                       metric_name="loss", circuits=["qk"], settings={"seed": 0})))
+    loaded = SweepResult.load(tmp_path / "old")
+    assert loaded.clean == 1.5 and loaded.frozen["qk"].tolist() == [[1.0, 2.0]]
+    assert loaded.per_sample_effect is None and loaded.per_draw_effect is None and loaded.clean_per_sample is None
+    with pytest.raises(ValueError, match="per_sample=True"):
+        loaded.test()

@@ -4,7 +4,10 @@
 - :mod:`~tl_circuits.freezing.references`: the MEAN and RESAMPLE reference activations;
 - :mod:`~tl_circuits.freezing.hooks`: the per-layer freeze hooks and :func:`freeze_hooks`;
 - :mod:`~tl_circuits.freezing.api`: :func:`freeze` and its :class:`FreezeHandle`;
-- :mod:`~tl_circuits.freezing.sweep`: :func:`freeze_sweep`, every head in turn, and its :class:`SweepResult`.
+- :mod:`~tl_circuits.freezing.stacked`: the stacked, layer-restarting forward passes of one sweep draw;
+- :mod:`~tl_circuits.freezing.sweep`: :func:`freeze_sweep`, every head in turn, and its :class:`SweepResult`
+  (on disk: :mod:`~tl_circuits.freezing.sweep_io`);
+- :mod:`~tl_circuits.freezing.sweep_stats`: :meth:`SweepResult.test`, intervals and paired tests of per-sample effects.
 """
 
 from tl_circuits.freezing.api import FreezeHandle, freeze
@@ -36,15 +39,19 @@ from tl_circuits.freezing.sweep import (
     SWEEP_FORMAT,
     SWEEP_FORMAT_VERSION,
     Metric,
+    PerSampleMetric,
     SweepResult,
     freeze_sweep,
     sweep_result_files,
 )
+from tl_circuits.freezing.sweep_stats import INTERACTION, SWEEP_NULL_HYPOTHESIS, SweepTestResult, test_sweep
 
 __all__ = [
+    "INTERACTION",
     "NOISE_SCALE",
     "SWEEP_FORMAT",
     "SWEEP_FORMAT_VERSION",
+    "SWEEP_NULL_HYPOTHESIS",
     "Circuit",
     "FreezeHandle",
     "FreezeSpec",
@@ -54,11 +61,13 @@ __all__ = [
     "LayerFreeze",
     "MeanActivations",
     "Metric",
+    "PerSampleMetric",
     "PreparedReference",
     "ReferenceLike",
     "Replacement",
     "ResampleReference",
     "SweepResult",
+    "SweepTestResult",
     "build_freeze_hooks",
     "check_noise_scale",
     "check_qk_freezable",
@@ -74,4 +83,5 @@ __all__ = [
     "resample_reference",
     "resolve_freeze_spec",
     "sweep_result_files",
+    "test_sweep",
 ]

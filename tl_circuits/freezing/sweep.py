@@ -1,11 +1,10 @@
-"""Freeze each head in turn, per circuit, and measure the effect on a metric.
+"""Freeze each head in turn, per circuit, and measure the effect on a metric (docs/spec.md §1.7, §1.8).
 
-Freezing a head in layer l cannot change anything before layer l, so the sweep runs the clean model
-once, caches every ``resid_pre``, and for layer l restarts from the cached ``resid_pre_l``
-(``start_at_layer=l``) instead of re-running the whole model. A ``TransformerBridge`` cannot restart at a
-layer; there each variant runs the whole model (same numbers, more work). The (circuit, head) variants of one
-layer are stacked along the batch — copy c freezes one head in its own rows only — so a layer is
-one forward pass (or a few, within ``max_batch_rows``).
+The sweep runs the clean model once, caches every ``resid_pre``, and runs each layer's (circuit, head)
+variants stacked along the batch from that layer's cached input (:mod:`~tl_circuits.freezing.stacked`).
+With ``per_sample=True`` it keeps each sample's effect (from the same forward passes), which
+:meth:`SweepResult.test` turns into intervals, paired tests and q-values (:mod:`~tl_circuits.freezing.sweep_stats`);
+NOISE over several seeds and RESAMPLE over several reference batches are *draws*, averaged.
 
 >>> import torch
 >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -14,11 +13,14 @@ one forward pass (or a few, within ``max_batch_rows``).
 >>> result = freeze_sweep(model, torch.randint(0, 20, (2, 6)), progress=False)
 >>> result.effect["qk"].shape, result.effect["ov"].shape
 (torch.Size([2, 2]), torch.Size([2, 2]))
+>>> result = freeze_sweep(model, torch.randint(0, 20, (3, 6)), per_sample=True, progress=False)
+>>> result.per_sample_effect["qk"].shape, result.clean_per_sample.shape
+(torch.Size([3, 2, 2]), torch.Size([3]))
 """
 
 from __future__ import annotations
 
-import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
@@ -33,8 +35,9 @@ try:  # TransformerLens >= 3 (and 4.x, which has no transformer_lens.utils)
 except ImportError:  # TransformerLens 2.x
     from transformer_lens.utils import lm_cross_entropy_loss
 
+from tl_circuits import defaults
 from tl_circuits.defaults import GB, SEED
-from tl_circuits.freezing.hooks import Hook, LayerFreeze, freeze_generator
+from tl_circuits.freezing.hooks import freeze_generator
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -47,6 +50,14 @@ from tl_circuits.freezing.options import (
     parse_option,
 )
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
+from tl_circuits.freezing.stacked import DrawSettings, evaluate_metric, sweep_draw
+from tl_circuits.freezing.sweep_io import (
+    SWEEP_FORMAT,
+    SWEEP_FORMAT_VERSION,
+    load_sweep,
+    save_sweep,
+    sweep_result_files,
+)
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
 
@@ -54,35 +65,26 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
     from pandas import DataFrame
 
+    from tl_circuits.freezing.sweep_stats import SweepTestResult
+
+__all__ = ["SWEEP_FORMAT", "SWEEP_FORMAT_VERSION", "Metric", "PerSampleMetric", "SweepResult", "freeze_sweep",
+           "sweep_result_files"]
+
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
-
-SWEEP_FORMAT = "tl_circuits.SweepResult"
-SWEEP_FORMAT_VERSION = 1
-"""Written by :meth:`SweepResult.save` in its JSON (``format``, ``version``); checked by :meth:`SweepResult.load`."""
-
-
-def sweep_result_files(path: Union[str, Path]) -> tuple[Path, Path]:
-    """The (tensors, metadata) files of a saved :class:`SweepResult`: ``<stem>.safetensors`` and ``<stem>.json``.
-
-    ``path`` is the stem, or either file (its suffix is dropped).
-
-    >>> [f.name for f in sweep_result_files("out/ioi_sweep.json")]
-    ['ioi_sweep.safetensors', 'ioi_sweep.json']
-    """
-    stem = Path(path)
-    if stem.is_dir():
-        raise ValueError(f"{stem} is a directory; give a file stem inside it, e.g. {stem / 'sweep'}")
-    if stem.suffix in (".safetensors", ".json"):
-        stem = stem.with_suffix("")
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+PerSampleMetric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"]]
+"""``logits -> [batch]``: one value per sample (NaN = missing, e.g. a sample with no scored position)."""
 
 
 @dataclass
 class SweepResult:
     """Metric of the model with each head's circuit frozen in turn.
 
-    ``frozen[circuit][layer, head]``: the metric with that head's circuit frozen (NaN where not run);
-    ``clean``: the metric of the unfrozen model; ``effect[circuit] = frozen[circuit] - clean``.
+    ``frozen[circuit][layer, head]``: the batch-mean metric with that head's circuit frozen (NaN where not
+    run), averaged over draws; ``clean``: the metric of the unfrozen model; ``effect[circuit] = frozen - clean``.
+    With ``per_sample=True``: ``clean_per_sample`` [N] and ``per_sample_effect[circuit]`` [N, n_layers, n_heads]
+    (sample i's frozen minus clean metric, averaged over draws; NaN for a sample with a NaN metric), and then
+    ``clean`` and ``effect`` are means over the finite samples (``effect`` = the nan-mean of
+    ``per_sample_effect``). ``per_draw_effect[circuit]`` [n_draws, n_layers, n_heads]: each draw's batch-mean effect.
     :meth:`save` / :meth:`load` keep it on disk as a file pair (see :meth:`save`).
     """
 
@@ -91,6 +93,9 @@ class SweepResult:
     replacement: str
     metric_name: str
     settings: dict = field(default_factory=dict)
+    clean_per_sample: Optional[Float[Tensor, " n"]] = None
+    per_sample_effect: Optional[dict[str, Float[Tensor, "n n_layers n_heads"]]] = None
+    per_draw_effect: Optional[dict[str, Float[Tensor, "n_draws n_layers n_heads"]]] = None
 
     @property
     def effect(self) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
@@ -99,7 +104,7 @@ class SweepResult:
     def top_heads(self, k: int = 5, circuit: str = "qk") -> list[tuple[int, int, float]]:
         """The k heads whose freeze moves the metric most (largest |effect|): (layer, head, effect)."""
         effect = self.effect[circuit]
-        order = effect.abs().flatten().argsort(descending=True)[:k]
+        order = torch.nan_to_num(effect.abs(), nan=-1.0).flatten().argsort(descending=True)[:k]
         n_heads = effect.shape[1]
         return [(int(i) // n_heads, int(i) % n_heads, float(effect.flatten()[i])) for i in order]
 
@@ -113,15 +118,31 @@ class SweepResult:
                 rows.append(dict(circuit=circuit, layer=layer, head=head, metric=v, effect=v - self.clean))
         return pd.DataFrame(rows)
 
+    def test(self, alpha: float = defaults.ALPHA, alternative: str = "two-sided",
+             n_permutations: Optional[int] = None, n_bootstrap: int = defaults.N_BOOTSTRAP,
+             confidence_level: float = defaults.CONFIDENCE_LEVEL, ci_method: str = "bca", correction: str = "bh",
+             seed: Optional[int] = defaults.SEED) -> SweepTestResult:
+        """Intervals and paired sign-flip tests of every head's per-sample effect; see
+        :func:`tl_circuits.freezing.sweep_stats.test_sweep` (needs ``freeze_sweep(..., per_sample=True)``)."""
+        from tl_circuits.freezing.sweep_stats import test_sweep
+
+        return test_sweep(self, alpha=alpha, alternative=alternative, n_permutations=n_permutations,
+                          n_bootstrap=n_bootstrap, confidence_level=confidence_level, ci_method=ci_method,
+                          correction=correction, seed=seed)
+
     def save(self, path: Union[str, Path]) -> tuple[Path, Path]:
         """Write the result as a file pair; returns ``(tensors_file, metadata_file)``.
 
         ``path`` is the common stem (or either file name; see :func:`sweep_result_files`):
 
         - ``<stem>.safetensors``: ``"clean"`` (float64, shape [1]) and ``"frozen.<circuit>"``
-          ([n_layers, n_heads], dtype as held) — every number, NaN included, bit for bit;
-        - ``<stem>.json``: ``format``, ``version``, ``replacement``, ``metric_name``, ``circuits`` (the order of
-          ``frozen``) and ``settings``. Settings must be JSON values (tuples come back as lists).
+          ([n_layers, n_heads], dtype as held), and when present ``"clean_per_sample"`` [N],
+          ``"per_sample_effect.<circuit>"`` [N, n_layers, n_heads] and ``"per_draw_effect.<circuit>"``
+          [n_draws, n_layers, n_heads] — every number, NaN included, bit for bit;
+        - ``<stem>.json``: ``format``, ``version`` (2; version 1 files still load), ``replacement``,
+          ``metric_name``, ``circuits`` (the order of ``frozen``), ``settings``, ``per_sample_circuits`` and
+          ``per_draw_circuits`` (the keys of those tensors, or null).
+          Settings must be JSON values (tuples come back as lists).
 
         Existing files are overwritten; missing parent folders are made.
 
@@ -134,62 +155,25 @@ class SweepResult:
         >>> loaded.clean, loaded.frozen["qk"], loaded.settings
         (2.5, tensor([[2., nan]]), {'seed': 0})
         """
-        from safetensors.torch import save_file
-
-        tensors_file, metadata_file = sweep_result_files(path)
-        metadata = dict(format=SWEEP_FORMAT, version=SWEEP_FORMAT_VERSION, replacement=self.replacement,
-                        metric_name=self.metric_name, circuits=list(self.frozen), settings=self.settings)
-        try:
-            text = json.dumps(metadata, indent=2)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"SweepResult.settings must hold only JSON values to be saved: {error}") from None
-        tensors = {"clean": torch.tensor([self.clean], dtype=torch.float64)}
-        for circuit, values in self.frozen.items():
-            tensors[f"frozen.{circuit}"] = values.detach().cpu().contiguous()
-        tensors_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tensors_file), metadata={"format": SWEEP_FORMAT})
-        metadata_file.write_text(text + "\n", encoding="utf-8")
-        return tensors_file, metadata_file
+        return save_sweep(self, path)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "SweepResult":
-        """Read a result written by :meth:`save` (``path``: the stem or either file).
+        """Read a result written by :meth:`save` (``path``: the stem or either file; format version 1 or 2).
 
         Raises ``FileNotFoundError`` naming a missing file and ``ValueError`` for a file that is corrupt
         or not a saved ``SweepResult``.
         """
-        from safetensors.torch import load_file
+        return load_sweep(cls, path)
 
-        tensors_file, metadata_file = sweep_result_files(path)
-        for file in (tensors_file, metadata_file):
-            if not file.is_file():
-                raise FileNotFoundError(f"cannot load a SweepResult from {path}: {file} is missing")
-        try:
-            metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{metadata_file} is not valid JSON (corrupt?): {error}") from None
-        if not isinstance(metadata, dict) or metadata.get("format") != SWEEP_FORMAT:
-            raise ValueError(f"{metadata_file} is not a saved SweepResult (no format {SWEEP_FORMAT!r})")
-        if metadata.get("version") != SWEEP_FORMAT_VERSION:
-            raise ValueError(f"{metadata_file} has SweepResult format version {metadata.get('version')!r}; "
-                             f"this tl_circuits reads version {SWEEP_FORMAT_VERSION}")
-        missing = [k for k in ("replacement", "metric_name", "circuits", "settings") if k not in metadata]
-        if missing:
-            raise ValueError(f"{metadata_file} lacks {', '.join(missing)} (corrupt?)")
-        try:
-            tensors = load_file(str(tensors_file))
-        except Exception as error:  # safetensors raises its own SafetensorError for a bad header
-            raise ValueError(f"{tensors_file} is not a readable safetensors file (corrupt?): {error}") from None
-        wanted = ["clean"] + [f"frozen.{circuit}" for circuit in metadata["circuits"]]
-        absent = [name for name in wanted if name not in tensors]
-        if absent:
-            raise ValueError(f"{tensors_file} lacks the tensors {absent} that {metadata_file.name} names (corrupt?)")
-        if tensors["clean"].shape != (1,):
-            raise ValueError(f"{tensors_file}: 'clean' has shape {tuple(tensors['clean'].shape)}, expected (1,)")
-        return cls(clean=float(tensors["clean"][0]),
-                   frozen={circuit: tensors[f"frozen.{circuit}"] for circuit in metadata["circuits"]},
-                   replacement=metadata["replacement"], metric_name=metadata["metric_name"],
-                   settings=metadata["settings"])
+    def plot_patterns(self, model: Model, tokens: Int[Tensor, "batch pos"],
+                      heads: Optional[Sequence[tuple[int, int]]] = None, k: int = 3, sample: int = 0,
+                      tokenizer=None, reference=None) -> Figure:
+        """The top-k QK heads' (or ``heads``') attention on ``tokens[sample]``, clean beside frozen; see
+        :func:`tl_circuits.freezing.patterns.plot_patterns` (``reference``: what a MEAN/RESAMPLE sweep read)."""
+        from tl_circuits.freezing.patterns import plot_patterns
+
+        return plot_patterns(self, model, tokens, heads, k=k, sample=sample, tokenizer=tokenizer, reference=reference)
 
     def plot(self, title: Optional[str] = None) -> Figure:
         """Effect heatmap per circuit (diverging, centred at 0)."""
@@ -204,13 +188,15 @@ class SweepResult:
 def freeze_sweep(
     model: Model,
     tokens: Int[Tensor, "batch pos"],
-    metric: Optional[Metric] = None,
+    metric: Optional[Union[Metric, PerSampleMetric]] = None,
     *,
     circuits: Sequence[Union[str, Circuit]] = ("qk", "ov"),
     replacement: Union[str, Replacement] = "zero",
-    reference: Optional[ReferenceLike] = None,
+    reference: Optional[Union[ReferenceLike, Sequence[ReferenceLike]]] = None,
     noise_scale: float = NOISE_SCALE,
     seed: Optional[int] = SEED,
+    per_sample: bool = False,
+    n_draws: Optional[int] = None,
     max_batch_rows: Optional[int] = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -219,12 +205,19 @@ def freeze_sweep(
     Args:
         tokens: the input batch [batch, pos].
         metric: ``logits -> scalar`` (TransformerLens's patching-metric convention); default: the
-            mean next-token cross-entropy loss on ``tokens``.
+            mean next-token cross-entropy on ``tokens``. With ``per_sample=True``: ``logits -> [batch]``, one
+            value per sample (NaN = missing); default: each sample's mean next-token loss over its positions.
         circuits: which circuits to sweep, each giving an [n_layers, n_heads] tensor.
         replacement, reference, noise_scale, seed: as :func:`tl_circuits.freeze`. A RESAMPLE sweep
             with ``reference=clean_cache`` on corrupted ``tokens`` equals TransformerLens's
             ``patching.get_act_patch_attn_head_pattern_all_pos`` (QK) and
-            ``get_act_patch_attn_head_out_all_pos`` (OV).
+            ``get_act_patch_attn_head_out_all_pos`` (OV). RESAMPLE with a *list* ``[ref_1, ..., ref_k]``
+            runs one draw per reference.
+        per_sample: keep each sample's effect (``per_sample_effect``, ``clean_per_sample``), from the same
+            forward passes; needed by :meth:`SweepResult.test`.
+        n_draws: NOISE only: k draws with seeds ``seed, seed + 1, ..., seed + k - 1`` (each the sweep of that
+            seed); effects are averaged over draws and each draw's kept in ``per_draw_effect``. Default 1 (or
+            the length of a RESAMPLE reference list).
         max_batch_rows: most rows in one stacked forward (default: about 1 GB of logits).
     """
     spec = model_spec(model)
@@ -239,16 +232,11 @@ def freeze_sweep(
     check_noise_scale(noise_scale)
     if max_batch_rows is not None and max_batch_rows < 1:
         raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+    draw_references = _draw_references(replacement, reference, n_draws)
+    seeds = [None if seed is None else seed + d for d in range(len(draw_references))]
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
     if metric is None:
-        metric = lambda logits: lm_cross_entropy_loss(logits, tokens)  # noqa: E731
-
-    all_heads = tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads))
-    references = {}
-    for circuit in swept:
-        fspec = FreezeSpec(all_heads, circuit, replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
-        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
-    generator = freeze_generator(model, seed) if replacement == Replacement.NOISE else None
+        metric = _default_metric(tokens, per_sample)
 
     batch, n_pos = tokens.shape
     if max_batch_rows is None:
@@ -256,51 +244,81 @@ def freeze_sweep(
     copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)]
     per_pass = max(1, min(len(copies), max_batch_rows // batch))
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
-
     resid_names = [spec.resid_pre_hook(layer) for layer in range(spec.n_layers)] if spec.starts_at_layer else []
-    frozen = {c.value: torch.full((spec.n_layers, spec.n_heads), float("nan")) for c in swept}
+    draws_frozen = []
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
-        clean = float(metric(clean_logits))  # type: ignore[arg-type]  # run_with_cache's return type is loose
+        clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
-        for layer in range(spec.n_layers):
-            for chunk in passes:
-                hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale,
-                                       generator)
-                with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
-                    if spec.starts_at_layer:
-                        logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
-                    else:  # a bridge runs every layer; those before `layer` compute what the cache holds
-                        logits = model(tokens.repeat(len(chunk), 1))
-                for j, (circuit, head) in enumerate(chunk):
-                    frozen[circuit.value][layer, head] = float(metric(logits[j * batch:(j + 1) * batch]))
-                del logits
-                bar.update()
+        bar = tqdm(total=len(seeds) * spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
+        for draw_seed, draw_reference in zip(seeds, draw_references):
+            draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
+            draws_frozen.append(sweep_draw(model, spec, tokens, cache, metric, passes, draw, per_sample, bar))
         bar.close()
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
-                    batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch)
-    return SweepResult(clean=clean, frozen=frozen, replacement=replacement.value, metric_name=metric_name,
-                       settings=settings)
+                    batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, per_sample=per_sample,
+                    n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None)
+    combine = _combine_per_sample if per_sample else _combine_batch_means
+    return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)
 
 
-def _tile(reference, copies: int):
-    """Repeat a RESAMPLE reference (hook name -> [batch, ...]) for the stacked copies."""
-    if not isinstance(reference, dict):
-        return reference  # MEAN references broadcast over the batch
-    return {name: t if t.shape[0] == 1 else t.repeat(copies, *([1] * (t.ndim - 1))) for name, t in reference.items()}
+def _default_metric(tokens: Tensor, per_sample: bool) -> Callable[[Tensor], Tensor]:
+    if per_sample:  # each sample's mean over its pos - 1 next-token predictions
+        return lambda logits: lm_cross_entropy_loss(logits, tokens, per_token=True).mean(-1)
+    return lambda logits: lm_cross_entropy_loss(logits, tokens)
 
 
-def _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale, generator) -> list[Hook]:
-    """Hooks freezing head ``chunk[j]`` in rows ``[j*batch, (j+1)*batch)`` of a stacked batch."""
-    hooks = []
-    for circuit in dict.fromkeys(c for c, _ in chunk):
-        heads = [h for c, h in chunk if c == circuit]
-        row_mask = torch.zeros(len(chunk) * batch, len(heads), dtype=torch.bool)
-        for j, (c, h) in enumerate(chunk):
-            if c == circuit:
-                row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
-        layer_freeze = LayerFreeze(model, spec, layer, heads, circuit, replacement, GradientMode.STOPGRAD,
-                                   _tile(references[circuit], len(chunk)), float(noise_scale), generator, row_mask)
-        hooks.extend(layer_freeze.hooks())
-    return hooks
+def _draw_references(replacement: Replacement, reference, n_draws: Optional[int]) -> list:
+    """One reference per draw: a RESAMPLE list as given, else ``reference`` repeated ``n_draws`` times."""
+    if n_draws is not None and (isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1):
+        raise ValueError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+    if isinstance(reference, (list, tuple)):
+        if replacement != Replacement.RESAMPLE:
+            raise ValueError(f"a list of references gives one draw per reference, for RESAMPLE only; "
+                             f"got replacement={replacement.value!r}")
+        if not reference:
+            raise ValueError("the list of RESAMPLE references is empty")
+        if n_draws is not None and n_draws != len(reference):
+            raise ValueError(f"n_draws={n_draws} disagrees with the {len(reference)} RESAMPLE references")
+        return list(reference)
+    if n_draws is not None and n_draws > 1 and replacement != Replacement.NOISE:
+        raise ValueError(f"n_draws > 1 repeats a random replacement: it needs replacement='noise' (got "
+                         f"{replacement.value!r}); for RESAMPLE pass a list of reference batches")
+    return [reference] * (n_draws or 1)
+
+
+def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed) -> DrawSettings:
+    references = {}
+    for circuit in swept:
+        fspec = FreezeSpec(tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)), circuit,
+                           replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
+        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
+    generator = freeze_generator(model, seed) if replacement == Replacement.NOISE else None
+    return DrawSettings(replacement, references, float(noise_scale), generator)
+
+
+def _combine_batch_means(clean: Tensor, draws: list[dict[str, Tensor]], replacement: str, metric_name: str,
+                         settings: dict) -> SweepResult:
+    clean_f = float(clean)
+    frozen = {c: torch.stack([d[c] for d in draws]).mean(0).float() for c in draws[0]}
+    per_draw = {c: torch.stack([d[c] for d in draws]) - clean_f for c in draws[0]}
+    return SweepResult(clean=clean_f, frozen=frozen, replacement=replacement, metric_name=metric_name,
+                       settings=settings, per_draw_effect=per_draw)
+
+
+def _combine_per_sample(clean: Tensor, draws: list[dict[str, Tensor]], replacement: str, metric_name: str,
+                        settings: dict) -> SweepResult:
+    n_missing = int((~torch.isfinite(clean)).sum())
+    if n_missing:
+        warnings.warn(f"{n_missing} of {clean.shape[0]} samples have a NaN (non-finite) clean metric, e.g. no "
+                      "scored positions: their per-sample effects are NaN and they are left out of the means and "
+                      "of test()", RuntimeWarning, stacklevel=3)
+    clean = torch.where(torch.isfinite(clean), clean, float("nan"))
+    clean_mean = float(clean.nanmean())
+    effects = {c: torch.stack([d[c] for d in draws]) - clean[None, :, None, None] for c in draws[0]}  # [k, N, L, H]
+    per_sample = {c: e.mean(0) for c, e in effects.items()}
+    per_draw = {c: e.nanmean(1) for c, e in effects.items()}
+    frozen = {c: (clean_mean + e.nanmean(0)).float() for c, e in per_sample.items()}
+    return SweepResult(clean=clean_mean, frozen=frozen, replacement=replacement, metric_name=metric_name,
+                       settings=settings, clean_per_sample=clean, per_sample_effect=per_sample,
+                       per_draw_effect=per_draw)

@@ -1,0 +1,116 @@
+"""The stacked forward passes of one sweep draw: every (circuit, head) variant of a layer in one batch.
+
+Freezing a head in layer l cannot change anything before layer l, so a draw restarts each layer's variants
+from the clean run's cached ``resid_pre_l`` (``start_at_layer=l``); a ``TransformerBridge``, which cannot
+restart at a layer, runs the whole model (same numbers, more work). Copy j of the stacked batch freezes one
+head in its own rows ``[j·batch, (j+1)·batch)`` only, so a layer is one forward pass (or a few, within the
+row budget). The metric is applied to each copy's rows of those same logits, whether it returns a scalar
+(batch metric) or one value per sample (``per_sample``): per-sample values cost no extra forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from tl_circuits.freezing.hooks import Hook, LayerFreeze
+from tl_circuits.freezing.options import Circuit, GradientMode, Replacement
+from tl_circuits.freezing.references import PreparedReference
+from tl_circuits.models.spec import ModelSpec
+from tl_circuits.models.types import Model
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """What one draw of a sweep freezes with: the replacement, each circuit's prepared reference, the NOISE
+    scale and generator (None unless NOISE)."""
+
+    replacement: Replacement
+    references: dict[Circuit, PreparedReference]
+    noise_scale: float
+    generator: Optional[torch.Generator]
+
+
+def evaluate_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, per_sample: bool) -> Tensor:
+    """``metric(logits)`` checked: a scalar (batch metric) or ``[batch]`` (``per_sample``), as float64 on CPU.
+
+    >>> evaluate_metric(lambda lg: lg.sum((1, 2)), torch.ones(3, 2, 4), per_sample=True).tolist()
+    [8.0, 8.0, 8.0]
+    >>> evaluate_metric(lambda lg: lg.sum((1, 2)), torch.ones(3, 2, 4), per_sample=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the metric must return a scalar (got shape (3,)); for a per-sample metric ... pass per_sample=True
+    """
+    value = torch.as_tensor(metric(logits)).detach()
+    batch = logits.shape[0]
+    if per_sample:
+        if tuple(value.shape) != (batch,):
+            raise ValueError(f"with per_sample=True the metric must return one value per sample, shape ({batch},); "
+                             f"got shape {tuple(value.shape)}")
+    elif value.numel() != 1:
+        raise ValueError(f"the metric must return a scalar (got shape {tuple(value.shape)}); for a per-sample "
+                         "metric logits -> [batch] pass per_sample=True")
+    return value.double().cpu().reshape(batch if per_sample else ())
+
+
+def sweep_draw(
+    model: Model,
+    spec: ModelSpec,
+    tokens: Tensor,
+    cache,
+    metric: Callable[[Tensor], Tensor],
+    passes: list[list[tuple[Circuit, int]]],
+    draw: DrawSettings,
+    per_sample: bool,
+    bar,
+) -> dict[str, Tensor]:
+    """The frozen metric of every (circuit, layer, head) for one draw: circuit -> [L, H] (or [N, L, H] per sample).
+
+    ``cache`` holds the clean run's ``resid_pre`` of every layer (when the model restarts at a layer);
+    ``passes``: the (circuit, head) copies stacked in each forward of a layer. Cells not run stay NaN.
+    """
+    batch = tokens.shape[0]
+    circuits = dict.fromkeys(c for chunk in passes for c, _ in chunk)
+    lead = (batch,) if per_sample else ()
+    frozen = {c.value: torch.full((*lead, spec.n_layers, spec.n_heads), float("nan"), dtype=torch.float64)
+              for c in circuits}
+    for layer in range(spec.n_layers):
+        for chunk in passes:
+            hooks = _stacked_hooks(model, spec, layer, chunk, batch, draw)
+            with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
+                if spec.starts_at_layer:
+                    logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
+                else:  # a bridge runs every layer; those before `layer` compute what the cache holds
+                    logits = model(tokens.repeat(len(chunk), 1))
+            for j, (circuit, head) in enumerate(chunk):
+                frozen[circuit.value][..., layer, head] = evaluate_metric(
+                    metric, logits[j * batch:(j + 1) * batch], per_sample)
+            del logits
+            bar.update()
+    return frozen
+
+
+def _tile(reference, copies: int):
+    """Repeat a RESAMPLE reference (hook name -> [batch, ...]) for the stacked copies."""
+    if not isinstance(reference, dict):
+        return reference  # MEAN references broadcast over the batch
+    return {name: t if t.shape[0] == 1 else t.repeat(copies, *([1] * (t.ndim - 1))) for name, t in reference.items()}
+
+
+def _stacked_hooks(model, spec, layer, chunk, batch, draw: DrawSettings) -> list[Hook]:
+    """Hooks freezing head ``chunk[j]`` in rows ``[j*batch, (j+1)*batch)`` of a stacked batch."""
+    hooks = []
+    for circuit in dict.fromkeys(c for c, _ in chunk):
+        heads = [h for c, h in chunk if c == circuit]
+        row_mask = torch.zeros(len(chunk) * batch, len(heads), dtype=torch.bool)
+        for j, (c, h) in enumerate(chunk):
+            if c == circuit:
+                row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
+        layer_freeze = LayerFreeze(model, spec, layer, heads, circuit, draw.replacement, GradientMode.STOPGRAD,
+                                   _tile(draw.references[circuit], len(chunk)), float(draw.noise_scale),
+                                   draw.generator, row_mask)
+        hooks.extend(layer_freeze.hooks())
+    return hooks
