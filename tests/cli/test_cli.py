@@ -36,9 +36,19 @@ def test_sweep_numbers_equal_freeze_sweep_called_directly(bundled_report):
     sweep_csv = pd.read_csv(out / "sweep.csv")
     data = json.loads((out / "report.json").read_text())
     for task, batch in (("A", bundled_report["batch_a"]), ("B", bundled_report["batch_b"])):
-        direct = freeze_sweep(model, batch.tokens, tasks.scored_loss_metric(batch), progress=False)
+        # the report's metric: each sample's loss on its scored positions, averaged over samples
+        metric = lambda logits, b=batch: tasks.scored_loss(logits, b, per_sample=True)  # noqa: E731
+        direct = freeze_sweep(model, batch.tokens, metric, circuits=("qk", "ov", "both"), per_sample=True,
+                              progress=False)
         assert data["sweep"][task]["clean"] == pytest.approx(direct.clean, rel=1e-6)
-        for circuit in ("qk", "ov"):
+        tested = direct.test(n_bootstrap=50, seed=3)                       # SMALL's bootstrap, the run's seed
+        for circuit in ("qk", "ov", "both"):
+            rows = sweep_csv[(sweep_csv.task == task) & (sweep_csv.circuit == circuit)]
+            shape = direct.effect[circuit].shape
+            for column in ("p_value", "q_value_bh", "ci_low", "ci_high"):
+                np.testing.assert_allclose(grid_from_csv(rows, column, shape),
+                                           getattr(tested, column)[circuit].numpy(), rtol=1e-4, atol=1e-6)
+        for circuit in ("qk", "ov", "both"):
             rows = sweep_csv[(sweep_csv.task == task) & (sweep_csv.circuit == circuit)]
             from_csv = grid_from_csv(rows, "effect", direct.effect[circuit].shape)
             np.testing.assert_allclose(from_csv, direct.effect[circuit].numpy(), rtol=1e-5, atol=1e-6)
@@ -114,8 +124,9 @@ def test_sweep_csv_names_the_frozen_loss(bundled_report):
     difference, as in report.json."""
     out = bundled_report["out"]
     sweep_csv = pd.read_csv(out / "sweep.csv")
-    assert list(sweep_csv.columns) == ["task", "task_name", "circuit", "layer", "head", "clean_loss", "frozen_loss",
-                                       "effect"]
+    assert list(sweep_csv.columns)[:8] == ["task", "task_name", "circuit", "layer", "head", "clean_loss",
+                                           "frozen_loss", "effect"]
+    assert {"ci_low", "ci_high", "p_value", "q_value_bh", "significant"} <= set(sweep_csv.columns)
     np.testing.assert_array_equal(sweep_csv.effect, sweep_csv.frozen_loss - sweep_csv.clean_loss)
     data = json.loads((out / "report.json").read_text())
     for task in ("A", "B"):

@@ -73,12 +73,12 @@ def test_checkpoint_with_token_files_matches_direct_calls(checkpoint_inputs, che
         np.testing.assert_allclose(mean, direct.mean[block].numpy(), rtol=1e-4,
                                    atol=1e-5 * float(direct.mean[block].abs().max()))
 
-    def loss_on_real_tokens(logits):  # padding must not count: targets whose predecessor and self are real
+    def loss_on_real_tokens(logits):  # per sample; padding must not count: targets whose predecessor and self are real
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens_a[:, 1:], reduction="none")
-        valid = (mask_a[:, 1:] * mask_a[:, :-1]).bool()
-        return nll[valid].mean()
+        valid = (mask_a[:, 1:] * mask_a[:, :-1]).to(nll.dtype)
+        return (nll * valid).sum(1) / valid.sum(1)
 
-    sweep = freeze_sweep(model, tokens_a, loss_on_real_tokens, progress=False)
+    sweep = freeze_sweep(model, tokens_a, loss_on_real_tokens, per_sample=True, progress=False)
     sweep_csv = pd.read_csv(out / "sweep.csv")
     rows = sweep_csv[(sweep_csv.task == "A") & (sweep_csv.circuit == "ov")]
     np.testing.assert_allclose(grid_from_csv(rows, "effect", (2, 4)), sweep.effect["ov"].numpy(), rtol=1e-4, atol=1e-6)

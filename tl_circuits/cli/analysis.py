@@ -2,10 +2,13 @@
 
 :func:`run_analysis` runs, on task A and task B:
 
-1. **Freeze sweeps** — :func:`tl_circuits.freeze_sweep` over every head, QK and OV circuits, on each task's batch.
-   Metric: the mean next-token cross-entropy over the task's *scored* positions (all scored tokens of the batch
-   pooled; for file tasks every real token after the first), so the effect is the change of the loss on what
-   the task is about. ``effect = frozen loss − clean loss`` (positive: the head helps).
+1. **Freeze sweeps** — :mod:`tl_circuits.cli.freeze_stage`: :func:`tl_circuits.freeze_sweep` with
+   ``per_sample=True`` over every head, QK, OV and BOTH circuits, on each task's batch. Metric: each sample's mean
+   next-token cross-entropy over its *scored* positions (for file tasks every real token after the first), so
+   the effect is the change of the loss on what the task is about, averaged over samples.
+   ``effect = frozen loss − clean loss`` (positive: the head helps). Its paired test
+   (:meth:`tl_circuits.SweepResult.test`, two-sided, with intervals and the QK × OV interaction) and the top QK
+   heads' attention patterns, clean beside frozen.
 2. **Interference** — per-sample gradients of the attention weights of A ∪ B, the *pooled* diagonal Fisher,
    and the pooled pairwise score matrix (:func:`tl_circuits.interference.engine.pooled_scores`), computed once. Its
    A × B block is the interference map: identical to :func:`tl_circuits.compute_interference` with
@@ -35,20 +38,16 @@ Every default is the library's (:mod:`tl_circuits.defaults`):
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
-import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from tl_circuits import defaults
-from tl_circuits.bundled import tasks
-from tl_circuits.bundled.tasks import TaskBatch
 from tl_circuits.cli.task_files import TaskInput
-from tl_circuits.freezing.references import compute_mean_activations
-from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
+from tl_circuits.cli.freeze_stage import CIRCUITS, run_freeze_stage  # noqa: F401 - CIRCUITS: the report's circuits
+from tl_circuits.freezing.sweep import SweepResult
+from tl_circuits.freezing.sweep_stats import SweepTestResult
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.result import InterferenceResult
@@ -59,7 +58,6 @@ from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, p
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 from tl_circuits.models.types import Model
 
-CIRCUITS = ("qk", "ov")
 REPLACEMENTS = ("zero", "mean")
 TOP_K = 10
 N_DRIVERS = 3  # samples per task named as a cell's drivers, and removed to test its dominance
@@ -186,46 +184,14 @@ class Analysis:
     statistics: InterferenceTestResult
     evidence: CellEvidence
     config: AnalysisConfig
+    sweep_tests: dict[str, SweepTestResult] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure (the pattern pictures)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def tasks(self) -> dict[str, TaskInput]:
         return {"a": self.task_a, "b": self.task_b}
-
-
-def scored_loss_metric(
-    task: TaskInput, device: Union[str, torch.device]
-) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
-    """``logits -> mean next-token cross-entropy over the task's scored positions`` (freeze_sweep's metric),
-    pooled over every scored position of the batch (:func:`tl_circuits.bundled.tasks.scored_loss`)."""
-    batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)
-
-    def scored_loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-        return tasks.scored_loss(logits, batch)
-
-    return scored_loss
-
-
-def run_sweep(model: Model, task: TaskInput, config: AnalysisConfig) -> SweepResult:
-    """QK and OV freeze sweep of every head on one task's batch (metric: :func:`scored_loss_metric`)."""
-    device = next(model.parameters()).device
-    tokens = task.tokens.to(device)
-    reference = None
-    if config.replacement == "mean":
-        reference = compute_mean_activations(model, tokens, progress=config.progress)
-    circuits: tuple[str, ...] = CIRCUITS
-    if model_spec(model).qk_mask_source is None:  # a native TransformerBridge on TransformerLens 3.x
-        circuits = tuple(c for c in CIRCUITS if c != "qk")
-        warnings.warn("QK freezes are not available on this model (a TransformerLens-native bridge before "
-                      "TransformerLens 4 discards attention-pattern edits): the QK sweep is left out (NaN)",
-                      stacklevel=2)
-    result = freeze_sweep(model, tokens, scored_loss_metric(task, device), circuits=circuits,
-                          replacement=config.replacement, reference=reference, seed=config.seed,
-                          progress=config.progress)
-    shape = next(iter(result.frozen.values())).shape
-    result.frozen = {c: result.frozen[c] if c in result.frozen else torch.full(shape, float("nan")) for c in CIRCUITS}
-    return result
 
 
 def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
@@ -266,11 +232,12 @@ def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Opt
     config = config if config is not None else AnalysisConfig()
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    sweeps = {}
+    sweeps, sweep_tests, figures = {}, {}, {}
     for key, task in (("a", task_a), ("b", task_b)):
         announce(f"freeze sweep on task {key.upper()} ({task.name}, {task.n_samples} samples)")
         stage = time.perf_counter()
-        sweeps[key] = run_sweep(model, task, config)
+        freeze = run_freeze_stage(model, task, config)
+        sweeps[key], sweep_tests[key], figures[f"patterns_{key}.png"] = freeze.sweep, freeze.test, freeze.patterns
         timings[f"sweep_{key}_s"] = time.perf_counter() - stage
     announce(f"per-sample gradients, pooled Fisher, pairwise scores and permutation test "
              f"({task_a.n_samples} × {task_b.n_samples} samples)")
@@ -283,5 +250,5 @@ def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Opt
     timings["statistics_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start
     info = {"d_vocab": model_spec(model).d_vocab, **(model_info or {})}  # the headlines' chance loss needs it
-    return Analysis(info, task_a, task_b, sweeps, interference, statistics, evidence, config,
+    return Analysis(info, task_a, task_b, sweeps, interference, statistics, evidence, config, sweep_tests, figures,
                     timings)

@@ -44,8 +44,8 @@ SHOWN = 5
 def needed_table(analysis: Analysis) -> pd.DataFrame:
     """Every (task, circuit, layer, head) the task needs (module docstring), largest relative effect first.
 
-    Columns: those of :func:`tl_circuits.cli.tables.sweep_table`, ``relative_to_clean``, ``relative_effect`` and
-    ``known_role``.
+    Columns: those of :func:`tl_circuits.cli.tables.sweep_table` (with the paired test's interval and q-values),
+    ``relative_to_clean``, ``relative_effect`` and ``known_role``.
     """
     table = sweep_table(analysis)
     chance = math.log(int(analysis.model_info.get("d_vocab") or 0) or math.nan)
@@ -53,6 +53,9 @@ def needed_table(analysis: Analysis) -> pd.DataFrame:
     table["relative_to_clean"] = table["effect"] / table["clean_loss"].where(table["clean_loss"] > 0)
     table["relative_effect"] = table["effect"] / gap.where(gap > 0)
     needed = table["relative_effect"] >= NEEDED_RELATIVE
+    tested = table["significant"].notna()
+    # with a paired test, the effect must also be shown (q <= alpha); interaction rows are not in sweep.csv
+    needed &= ~tested | (table["significant"] == 1.0)
     out = table[needed.fillna(False)].copy()
     roles = known_roles(analysis)
     out["known_role"] = [roles.get((int(l), int(h)), "") for l, h in zip(out["layer"], out["head"])]
@@ -126,9 +129,11 @@ def headlines(analysis: Analysis) -> list[str]:
     lines = []
     for key, task in analysis.tasks.items():
         part = needed[needed["task"] == key.upper()]
+        evidence = ("; the paired sign-flip test shows each effect (q ≤ "
+                    f"{analysis.config.alpha})" if key in analysis.sweep_tests else "")
         lines.append(f"- **Heads task {key.upper()} ({task.name}) needs:** {_heads_text(part)} — freezing each "
                      f"takes the task at least {100 * NEEDED_RELATIVE:.0f}% of the way from its clean loss "
-                     f"{analysis.sweeps[key].clean:.3g} to chance (ln d_vocab = {chance:.3g}).")
+                     f"{analysis.sweeps[key].clean:.3g} to chance (ln d_vocab = {chance:.3g}){evidence}.")
     shared = shared_table(needed)
     shared_text = ", ".join(f"L{r.layer}H{r.head} (A: {r.circuits_a}, B: {r.circuits_b})"
                             for r in shared.head(SHOWN).itertuples()) or "none"

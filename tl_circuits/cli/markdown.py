@@ -20,6 +20,7 @@ import torch
 from tl_circuits.cli.analysis import Analysis
 from tl_circuits.cli.headlines import headlines
 from tl_circuits.cli.tables import (
+    circuit_comparison_table,
     known_roles,
     top_conflicts_table,
     top_heads_by_freeze,
@@ -86,13 +87,21 @@ def _stage_text(timings: Mapping[str, float]) -> str:
 
 
 def _freeze_section(analysis: Analysis, role: dict[str, str]) -> list[str]:
-    return [
+    test = next(iter(analysis.sweep_tests.values()), None)
+    top = top_heads_by_freeze(analysis, min(analysis.config.top_k, FREEZE_ROWS_SHOWN))
+    top["interval"] = [f"[{lo:.3g}, {hi:.3g}]" if lo == lo else "NaN" for lo, hi in zip(top["ci_low"], top["ci_high"])]
+    tested = "" if test is None else (
+        f" Each effect is the mean over samples of (frozen − clean); its {100 * test.confidence_level:.0f}% bootstrap "
+        f"interval is over samples, and a paired sign-flip test ({test.n_permutations} sign flips"
+        f"{', exact' if test.exact else ''}; H0: each sample's effect is symmetric about 0) gives p and "
+        f"{test.correction.upper()} q over every (circuit, layer, head) cell of both circuits and the interaction.")
+    lines = [
         "",
         "## Freeze sweep",
         "",
-        "Each head's QK circuit (what decides its attention pattern) or OV circuit (what it moves) is frozen in "
-        "turn; the effect is the change of the mean next-token loss on the task's scored positions "
-        "(frozen loss − clean loss; positive: the head helps the task).",
+        "Each head's QK circuit (what decides its attention pattern), OV circuit (what it moves) or both (the whole "
+        "head) is frozen in turn; the effect is the change of each sample's mean next-token loss on the task's "
+        "scored positions (frozen loss − clean loss; positive: the head helps the task)." + tested,
         "",
         "![freeze effect](freeze_effect.png)",
         "",
@@ -100,10 +109,35 @@ def _freeze_section(analysis: Analysis, role: dict[str, str]) -> list[str]:
         "",
         "Top heads by freeze effect (|Δ loss|):",
         "",
-        markdown_table(top_heads_by_freeze(analysis, min(analysis.config.top_k, FREEZE_ROWS_SHOWN)),
-                       {"task": "task", "circuit": "circuit", "layer": "layer", "head": "head", "effect": "Δ loss",
-                        "frozen_loss": "loss frozen", **role}),
+        markdown_table(top, {"task": "task", "circuit": "circuit", "layer": "layer", "head": "head",
+                             "effect": "Δ loss", "interval": "interval", "q_value_bh": "q (BH)",
+                             "frozen_loss": "loss frozen", **role}),
     ]
+    return lines + _circuit_comparison(analysis, role) + _pattern_lines(analysis)
+
+
+def _circuit_comparison(analysis: Analysis, role: dict[str, str]) -> list[str]:
+    table = circuit_comparison_table(analysis, FREEZE_ROWS_SHOWN)
+    if table.empty:
+        return []
+    return [
+        "",
+        "QK, OV or the whole head? Per task, the heads with the largest effect in any circuit: the three effects, the "
+        "interaction BOTH − (QK + OV) with its interval (≠ 0: freezing both is not the sum of freezing each), and "
+        "what the tests support (*QK-specific*: QK shown, OV not; *OV-specific*: the reverse; *both*: each alone "
+        "shown; *whole head only*: only BOTH shown).",
+        "",
+        markdown_table(table, {"task": "task", "layer": "layer", "head": "head", "qk": "Δ QK", "ov": "Δ OV",
+                               "both": "Δ BOTH", "interaction": "interaction", "interaction_interval": "interval",
+                               "interaction_q": "q (BH)", "verdict": "evidence", **role}),
+    ]
+
+
+def _pattern_lines(analysis: Analysis) -> list[str]:
+    lines = ["", "Attention of the top QK heads on each task's first sample, clean beside QK-frozen:", ""]
+    for key in analysis.sweeps:
+        lines += [f"![attention patterns, task {key.upper()}](patterns_{key}.png)", ""]
+    return lines[:-1]
 
 
 def _interference_section(analysis: Analysis, role: dict[str, str], conflict: str) -> list[str]:

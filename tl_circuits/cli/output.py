@@ -30,6 +30,7 @@ from tl_circuits.cli.analysis import CIRCUITS, Analysis
 from tl_circuits.cli.headlines import needed_table, shared_table
 from tl_circuits.cli.markdown import report_markdown
 from tl_circuits.cli.tables import (
+    freeze_tests_table,
     interference_table,
     samples_table,
     sweep_table,
@@ -46,8 +47,11 @@ REPORT_MARKER = "tl-circuits report"
 FILES = {
     "report.md": "this summary",
     "report.json": "every number below, settings, timings and warnings (NaN written as null)",
-    "sweep.csv": "freeze sweep: task, circuit, layer, head, clean_loss, frozen_loss (the loss with the head's "
-                 "circuit frozen), effect (= frozen_loss − clean_loss)",
+    "sweep.csv": "freeze sweep: task, circuit (qk, ov, both), layer, head, clean_loss, frozen_loss (the loss with "
+                 "the head's circuit frozen), effect (= frozen_loss − clean_loss, the mean over samples), and its "
+                 "paired test: bootstrap interval, sign-flip p, q (BH/BY), significant, spread, samples",
+    "freeze_tests.csv": "the sweep tests of both tasks, every field, with the QK × OV interaction "
+                        "BOTH − (QK + OV) as circuit 'interaction'",
     "interference.csv": "per (block, layer, head): interference mean over A×B pairs; the label-permutation test "
                         "(p_value, q_value_bh, significant: the tasks use the head differently); the conflict test "
                         "(conflict_*: H0 E[A×B signed score] >= 0); Fisher-metric cosines; rank stability; "
@@ -55,7 +59,10 @@ FILES = {
     "top_conflicts.csv": "the most conflicting (sample pair, block, layer, head) cells",
     "top_pairs.csv": "the most conflicting sample pairs (score summed over blocks, layers and heads)",
     "samples.csv": "every sample: task, id, length, preview",
-    "freeze_effect.png": "freeze effect per circuit and task (layer × head)",
+    "freeze_effect.png": "freeze effect per circuit and task (layer × head); cells whose effect the paired test "
+                         "does not show hatched",
+    "patterns_a.png": "task A: attention patterns of the top QK heads on its first sample, clean beside frozen",
+    "patterns_b.png": "task B: the same",
     "interference.png": "interference mean per block; hatched where the conflict test does not reject (signed "
                         "variant) or the permutation test does not (otherwise)",
     "interference_z.png": "label-permutation statistic z per block, cells the permutation test does not mark hatched",
@@ -73,16 +80,20 @@ def freeze_figure(analysis: Analysis) -> Figure:
     """2 × 2 panels (task × circuit) of the sweep effects on one scale centred at 0."""
     from tl_circuits.plotting import plot_blocks
 
-    values, titles = {}, {}
+    values, titles, masks = {}, {}, {}
     for key, sweep in analysis.sweeps.items():
+        test = analysis.sweep_tests.get(key)
         for circuit in CIRCUITS:
             panel = f"{key}:{circuit}"
             values[panel] = sweep.effect[circuit]
             titles[panel] = f"task {key.upper()} ({analysis.tasks[key].name}): {circuit.upper()} frozen"
+            masks[panel] = (test.significant[circuit] if test is not None and circuit in test.significant
+                            else torch.zeros_like(values[panel], dtype=torch.bool))
     replacement = analysis.config.replacement.upper()
-    return plot_blocks(values, titles=titles, ncols=len(CIRCUITS), shared_scale=True, signed=True,
+    return plot_blocks(values, titles=titles, ncols=len(CIRCUITS), shared_scale=True, signed=True, masks=masks,
                        colorbar_label="Δ loss on scored positions",
-                       title=f"Freeze effect ({replacement}): frozen loss − clean loss")
+                       title=f"Freeze effect ({replacement}): frozen loss − clean loss\n"
+                             "hatched: the paired sign-flip test does not show an effect (q > α)")
 
 
 def interference_figures(analysis: Analysis) -> dict[str, Any]:
@@ -111,7 +122,7 @@ def write_figures(analysis: Analysis, directory: Path) -> None:
     """The report's PNGs into ``directory``."""
     import matplotlib.pyplot as plt
 
-    figures = {"freeze_effect.png": freeze_figure(analysis), **interference_figures(analysis)}
+    figures = {"freeze_effect.png": freeze_figure(analysis), **interference_figures(analysis), **analysis.figures}
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=120)
         plt.close(fig)
@@ -151,9 +162,15 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
     for key, sweep in analysis.sweeps.items():
         # effect in float64, as sweep.csv computes it, so the two files agree exactly
         effect = {circuit: values.double() - sweep.clean for circuit, values in sweep.frozen.items()}
+        test = analysis.sweep_tests.get(key)
+        tested = {} if test is None else dict(
+            null_hypothesis=test.null_hypothesis, alternative=test.alternative, correction=test.correction,
+            alpha=test.alpha, n_permutations=test.n_permutations, exact=test.exact, n_bootstrap=test.n_bootstrap,
+            **{name: getattr(test, name) for name in ("mean_effect", "ci_low", "ci_high", "p_value", "q_value_bh",
+                                                      "q_value_by", "significant", "std_between_samples")})
         sweeps[key.upper()] = dict(task_name=analysis.tasks[key].name, metric=sweep.metric_name, clean=sweep.clean,
                                    replacement=sweep.replacement, frozen=sweep.frozen, effect=effect,
-                                   settings=sweep.settings)
+                                   settings=sweep.settings, test=tested)
     grids = {name: getattr(stats, name) for name in ("observed", "null_mean", "null_std", "z", "effect_size",
                                                       "p_value", "q_value_bh", "q_value_by", "p_maxstat",
                                                       "p_cluster", "ci_low", "ci_high", "significant")
@@ -215,6 +232,7 @@ def _evidence_data(analysis: Analysis) -> dict[str, Any]:
 def write_report_files(analysis: Analysis, directory: Path) -> None:
     """Every report file into ``directory`` (which must exist), ``report.md`` last."""
     sweep_table(analysis).to_csv(directory / "sweep.csv", index=False)
+    freeze_tests_table(analysis).to_csv(directory / "freeze_tests.csv", index=False)
     interference_table(analysis).to_csv(directory / "interference.csv", index=False)
     top_conflicts_table(analysis).to_csv(directory / "top_conflicts.csv", index=False)
     top_pairs_table(analysis).to_csv(directory / "top_pairs.csv", index=False)

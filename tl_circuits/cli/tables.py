@@ -22,26 +22,95 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import Tensor
 
 from tl_circuits.cli.analysis import Analysis
 
 SWEEP_COLUMNS = ["task", "task_name", "circuit", "layer", "head", "clean_loss", "frozen_loss", "effect"]
+SWEEP_TEST_COLUMNS = ["ci_low", "ci_high", "p_value", "q_value_bh", "q_value_by", "significant",
+                      "std_between_samples", "n_samples"]
 
 
 def sweep_table(analysis: Analysis) -> pd.DataFrame:
-    """Long table of both sweeps, one row per (task, circuit, layer, head); NaN where a circuit was not swept."""
+    """Long table of both sweeps, one row per (task, circuit, layer, head), with the paired test of each cell
+    (:data:`SWEEP_TEST_COLUMNS`, from :meth:`tl_circuits.SweepResult.test`); NaN where a circuit was not swept."""
     rows = []
     for key, sweep in analysis.sweeps.items():
         name = analysis.tasks[key].name
+        test = analysis.sweep_tests.get(key)
         for circuit, frozen in sweep.frozen.items():
             n_heads = frozen.shape[1]
             # effect in float64 of the float32 loss, as report.json's, so the two files agree exactly
             for flat, loss in enumerate(frozen.detach().cpu().flatten().tolist()):
                 layer, head = divmod(flat, n_heads)
-                rows.append(dict(task=key.upper(), task_name=name, circuit=circuit, layer=layer, head=head,
-                                 clean_loss=sweep.clean, frozen_loss=loss, effect=loss - sweep.clean))
-    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+                row = dict(task=key.upper(), task_name=name, circuit=circuit, layer=layer, head=head,
+                           clean_loss=sweep.clean, frozen_loss=loss, effect=loss - sweep.clean)
+                row.update(_test_cells(test, circuit, layer, head))
+                rows.append(row)
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS + SWEEP_TEST_COLUMNS)
+
+
+def _test_cells(test: Any, circuit: str, layer: int, head: int) -> dict[str, float]:
+    """The sweep test's values of one cell (NaN when the circuit was not tested or the field is absent)."""
+    out = {}
+    for name in SWEEP_TEST_COLUMNS:
+        grid = getattr(test, name, None) if test is not None else None
+        value = grid[circuit][layer, head].item() if grid is not None and circuit in grid else math.nan
+        out[name] = float(value)
+    return out
+
+
+def circuit_comparison_table(analysis: Analysis, k: int) -> pd.DataFrame:
+    """Per task, the k heads with the largest |effect| in any circuit: the QK, OV and BOTH effects, the interaction
+    BOTH − (QK + OV) with its interval and q-value, and a ``verdict`` from which circuits the test shows."""
+    rows = []
+    roles = known_roles(analysis)
+    for key, test in analysis.sweep_tests.items():
+        if "interaction" not in test.mean_effect:
+            continue
+        effects = torch.stack([test.mean_effect[c] for c in ("qk", "ov", "both")])       # [3, L, H]
+        size = torch.nan_to_num(effects.abs(), nan=-1.0).amax(0)
+        n_heads = size.shape[1]
+        for flat in size.flatten().argsort(descending=True)[:k].tolist():
+            layer, head = divmod(flat, n_heads)
+            shown = {c: bool(test.significant[c][layer, head]) for c in ("qk", "ov", "both")}
+            low, high = (test.ci_low, test.ci_high) if test.ci_low is not None else (None, None)
+            rows.append(dict(
+                task=key.upper(), layer=layer, head=head,
+                **{c: float(test.mean_effect[c][layer, head]) for c in ("qk", "ov", "both")},
+                interaction=float(test.mean_effect["interaction"][layer, head]),
+                interaction_interval=(f"[{float(low['interaction'][layer, head]):.3g}, "
+                                      f"{float(high['interaction'][layer, head]):.3g}]" if low and high else ""),
+                interaction_q=float(test.q_value_bh["interaction"][layer, head]),
+                verdict=_verdict(shown, bool(test.significant["interaction"][layer, head])),
+                known_role=roles.get((layer, head), "")))
+    return pd.DataFrame(rows)
+
+
+def _verdict(shown: dict[str, bool], interaction: bool) -> str:
+    if shown["qk"] and shown["ov"]:
+        text = "both"
+    elif shown["qk"]:
+        text = "QK-specific"
+    elif shown["ov"]:
+        text = "OV-specific"
+    elif shown["both"]:
+        text = "whole head only"
+    else:
+        text = "no effect shown"
+    return text + ("; non-additive" if interaction else "")
+
+
+def freeze_tests_table(analysis: Analysis) -> pd.DataFrame:
+    """Every cell of both tasks' sweep tests, the QK × OV ``interaction`` included (``freeze_tests.csv``)."""
+    frames = []
+    for key, test in analysis.sweep_tests.items():
+        frame = test.to_dataframe()
+        frame.insert(0, "task", key.upper())
+        frame.insert(1, "task_name", analysis.tasks[key].name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def interference_table(analysis: Analysis) -> pd.DataFrame:
