@@ -149,3 +149,11 @@ def test_resample_reference_list_averages_tl_patching(mha_model):
         torch.testing.assert_close(single.frozen[circuit], runs[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result.per_draw_effect[circuit].float(),
                                    torch.stack(runs) - result.clean, rtol=1e-5, atol=1e-5)
+
+
+def test_top_heads_puts_missing_cells_last():
+    from tl_circuits import SweepResult
+
+    result = SweepResult(clean=1.0, frozen={"qk": torch.tensor([[float("nan"), 0.5], [3.0, 1.2]])},
+                         replacement="zero", metric_name="loss")
+    assert [(l, h) for l, h, _ in result.top_heads(3)] == [(1, 0), (0, 1), (1, 1)]

@@ -250,11 +250,10 @@ def freeze_sweep(
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        bar = tqdm(total=len(seeds) * spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
-        for draw_seed, draw_reference in zip(seeds, draw_references):
-            draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
-            draws_frozen.append(sweep_draw(model, spec, tokens, cache, metric, passes, draw, per_sample, bar))
-        bar.close()
+        with tqdm(total=len(seeds) * spec.n_layers * len(passes), desc="freeze sweep", disable=not progress) as bar:
+            for draw_seed, draw_reference in zip(seeds, draw_references):
+                draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
+                draws_frozen.append(sweep_draw(model, spec, tokens, cache, metric, passes, draw, per_sample, bar))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, per_sample=per_sample,
                     n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None)

@@ -191,7 +191,8 @@ def test_sweep(result: SweepResult, *, alpha: float = defaults.ALPHA, alternativ
             :func:`tl_circuits.defaults.default_n_permutations` of the number of tested cells and ``alpha``
             (so BH can flag a lone cell). Warns when Monte Carlo p-values sit at their floor ``1/(1+B)``, or when
             an exact test's floor is too coarse for BH to flag one cell.
-        n_bootstrap: resamples of the interval (0: none); ci_method ``"bca"`` or ``"percentile"``.
+        n_bootstrap: resamples of the interval (0, or fewer than 2 samples: none, and ``ci_low`` is None);
+            ci_method ``"bca"`` or ``"percentile"``.
         correction: which adjusted p decides ``significant``: ``"bh"``, ``"by"`` or ``"none"``.
         seed: the sign flips' and the bootstrap's seed.
     """
