@@ -1,9 +1,10 @@
 """The report's freeze stage: per-sample QK, OV and BOTH sweeps of every head, their paired tests, and pictures.
 
 For each task, :func:`run_freeze_stage` runs :func:`tl_circuits.freeze_sweep` with ``per_sample=True`` over the
-circuits ``qk``, ``ov`` and ``both`` (the whole head), scoring each sample's mean next-token loss on its *scored*
-positions (:func:`tl_circuits.bundled.tasks.scored_loss` with ``per_sample=True``). The effect of a head is the
-mean over samples of (frozen − clean) — every sample weighs the same, whatever its number of scored tokens.
+circuits ``qk``, ``ov`` and ``both`` (the whole head; not for ZERO, where BOTH = OV exactly), scoring each
+sample's mean next-token loss on its *scored* positions (:func:`tl_circuits.bundled.tasks.scored_loss` with
+``per_sample=True``). The effect of a head is the mean over samples of (frozen − clean) — every sample weighs the
+same, whatever its number of scored tokens.
 Then :meth:`tl_circuits.SweepResult.test` (two-sided sign-flip test of "the freeze leaves the loss unchanged",
 bootstrap intervals, BH/BY q-values over every (circuit, layer, head) cell and the interaction BOTH − (QK + OV)),
 and the attention patterns of the top QK heads on the first sample, clean beside frozen.
@@ -61,14 +62,15 @@ def per_sample_scored_loss(task: TaskInput, device: Union[str, torch.device]):
     return scored_loss
 
 
-def swept_circuits(model: Model) -> tuple[str, ...]:
-    """The circuits this model can sweep: all of :data:`CIRCUITS`, or only OV on a native TL 3.x bridge."""
+def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
+    """The circuits to sweep: all of :data:`CIRCUITS`; without BOTH for ZERO (a zero OV makes the head write nothing,
+    so BOTH = OV exactly and the interaction is −QK by construction); only OV on a native TL 3.x bridge."""
     if model_spec(model).qk_mask_source is None:
         warnings.warn("QK freezes are not available on this model (a TransformerLens-native bridge before "
                       "TransformerLens 4 discards attention-pattern edits): the QK and BOTH sweeps are left out "
                       "(NaN)", stacklevel=3)
         return ("ov",)
-    return CIRCUITS
+    return ("qk", "ov") if replacement == "zero" else CIRCUITS
 
 
 def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> FreezeStage:
@@ -77,7 +79,7 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
     tokens = task.tokens.to(device)
     reference = compute_mean_activations(model, tokens, progress=config.progress) \
         if config.replacement == "mean" else None
-    circuits = swept_circuits(model)
+    circuits = swept_circuits(model, config.replacement)
     sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, per_sample=True,
                          replacement=config.replacement, reference=reference, seed=config.seed,
                          progress=config.progress)

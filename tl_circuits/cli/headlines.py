@@ -81,16 +81,18 @@ def shared_table(needed: pd.DataFrame) -> pd.DataFrame:
                                        "relative_effect_b"])
 
 
-def _heads_text(frame: pd.DataFrame, with_circuit: bool = True) -> str:
+def _heads_text(frame: pd.DataFrame) -> str:
+    """``L0H0 (OV 36%, QK 19%; previous_token), ...``: heads by their largest share, each with its circuits."""
     if frame.empty:
         return "none"
     parts = []
-    for _, row in frame.head(SHOWN).iterrows():
-        circuit = f"{row['circuit'].upper()} " if with_circuit else ""
-        role = f", {row['known_role']}" if row.get("known_role") else ""
-        parts.append(f"{circuit}L{row['layer']}H{row['head']} ({100 * row['relative_effect']:.0f}%{role})")
-    more = f" and {len(frame) - SHOWN} more" if len(frame) > SHOWN else ""
-    return ", ".join(parts) + more
+    for (layer, head), part in frame.groupby(["layer", "head"], sort=False):
+        shares = ", ".join(f"{c.upper()} {100 * r:.0f}%" for c, r in zip(part["circuit"], part["relative_effect"]))
+        role = part["known_role"].iloc[0] if "known_role" in part else ""
+        parts.append((float(part["relative_effect"].max()), f"L{layer}H{head} ({shares}{'; ' + role if role else ''})"))
+    parts.sort(key=lambda item: -item[0])
+    more = f" and {len(parts) - SHOWN} more heads" if len(parts) > SHOWN else ""
+    return ", ".join(text for _, text in parts[:SHOWN]) + more
 
 
 def joint_optimum_sentence(task_mean_cosine: Tensor) -> str:

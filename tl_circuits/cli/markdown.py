@@ -119,7 +119,11 @@ def _freeze_section(analysis: Analysis, role: dict[str, str]) -> list[str]:
 def _circuit_comparison(analysis: Analysis, role: dict[str, str]) -> list[str]:
     table = circuit_comparison_table(analysis, FREEZE_ROWS_SHOWN)
     if table.empty:
-        return []
+        if analysis.config.replacement != "zero":
+            return []
+        return ["", "QK, OV or the whole head? Not compared under ZERO: a zero OV makes the head write nothing, so "
+                "freezing the whole head equals freezing its OV, and the interaction BOTH − (QK + OV) is −QK by "
+                "construction. Run with `--replacement mean` to compare the circuits."]
     return [
         "",
         "QK, OV or the whole head? Per task, the heads with the largest effect in any circuit: the three effects, the "
