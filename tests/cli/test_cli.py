@@ -38,17 +38,18 @@ def test_sweep_numbers_equal_freeze_sweep_called_directly(bundled_report):
     for task, batch in (("A", bundled_report["batch_a"]), ("B", bundled_report["batch_b"])):
         # the report's metric: each sample's loss on its scored positions, averaged over samples
         metric = lambda logits, b=batch: tasks.scored_loss(logits, b, per_sample=True)  # noqa: E731
-        direct = freeze_sweep(model, batch.tokens, metric, circuits=("qk", "ov", "both"), per_sample=True,
-                              progress=False)
+        direct = freeze_sweep(model, batch.tokens, metric, circuits=("qk", "ov"), per_sample=True,
+                              progress=False)                         # ZERO: BOTH = OV, not swept
         assert data["sweep"][task]["clean"] == pytest.approx(direct.clean, rel=1e-6)
         tested = direct.test(n_bootstrap=50, seed=3)                       # SMALL's bootstrap, the run's seed
-        for circuit in ("qk", "ov", "both"):
+        for circuit in ("qk", "ov"):
             rows = sweep_csv[(sweep_csv.task == task) & (sweep_csv.circuit == circuit)]
             shape = direct.effect[circuit].shape
             for column in ("p_value", "q_value_bh", "ci_low", "ci_high"):
                 np.testing.assert_allclose(grid_from_csv(rows, column, shape),
                                            getattr(tested, column)[circuit].numpy(), rtol=1e-4, atol=1e-6)
-        for circuit in ("qk", "ov", "both"):
+        assert sweep_csv[(sweep_csv.task == task) & (sweep_csv.circuit == "both")].effect.isna().all()
+        for circuit in ("qk", "ov"):
             rows = sweep_csv[(sweep_csv.task == task) & (sweep_csv.circuit == circuit)]
             from_csv = grid_from_csv(rows, "effect", direct.effect[circuit].shape)
             np.testing.assert_allclose(from_csv, direct.effect[circuit].numpy(), rtol=1e-5, atol=1e-6)

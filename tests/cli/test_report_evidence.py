@@ -79,7 +79,7 @@ def test_report_has_headlines_and_names_both_nulls(bundled_report):
     if len(needed):
         assert (needed.relative_effect >= NEEDED_RELATIVE).all()
         first = needed[needed.task == needed.task.iloc[0]].iloc[0]
-        assert f"{first.circuit.upper()} L{first.layer}H{first['head']} (" in markdown
+        assert f"L{first.layer}H{first['head']} ({first.circuit.upper()} {100 * first.relative_effect:.0f}%" in markdown
         np.testing.assert_allclose(needed.relative_to_clean, needed.effect / needed.clean_loss)
 
 
@@ -114,3 +114,20 @@ def test_unsigned_report_says_the_conflict_test_is_not_run(tmp_path):
     table = pd.read_csv(out / "interference.csv")
     assert table.conflict_p.isna().all() and table.task_mean_cosine.isna().all()
     assert table["rank"].notna().all()
+
+
+def test_mean_replacement_report_compares_qk_ov_and_the_whole_head(tmp_path):
+    from tests.cli.helpers import SMALL
+    from tl_circuits.cli.command import main
+
+    out = tmp_path / "report"
+    assert main(["--n-a", "6", "--n-b", "6", "--replacement", "mean", *SMALL, "--out", str(out)]) == 0
+    tests = pd.read_csv(out / "freeze_tests.csv")
+    assert set(tests.circuit) == {"qk", "ov", "both", "interaction"}
+    # the interaction is BOTH − (QK + OV) of the per-sample effects, so its mean is that of the means
+    for task in ("A", "B"):
+        part = tests[tests.task == task].set_index(["circuit", "layer", "head"]).mean_effect
+        both, qk, ov, inter = (part.xs(c, level="circuit") for c in ("both", "qk", "ov", "interaction"))
+        np.testing.assert_allclose(inter, both - qk - ov, rtol=1e-6, atol=1e-9)
+    markdown = (out / "report.md").read_text()
+    assert "| task | layer | head | Δ QK | Δ OV | Δ BOTH | interaction |" in markdown
