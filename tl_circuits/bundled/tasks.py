@@ -39,7 +39,7 @@ Each generator is deterministic in ``seed`` (its own ``torch.Generator``; the gl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,9 @@ class TaskBatch:
         params: the generator's arguments (``seq_len``, ``d_vocab``, ``seed``, ...), so a batch says
             how it was made.
         info: per-row extras, e.g. ``info["period"]`` [batch] for induction.
+        attention_mask: ``None`` (every position real), or [batch, pos] int64, 1 on real tokens, for rows
+            right-padded with BOS (counting with ``min_len``). Pass it on to gradient and interference calls
+            (``attention_mask_a=batch.attention_mask``); padded positions are never scored.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -90,10 +93,14 @@ class TaskBatch:
     name: str
     params: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None
 
     def __post_init__(self) -> None:
         if self.tokens.shape != self.scored.shape:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and scored {tuple(self.scored.shape)} differ in shape")
+        if self.attention_mask is not None and self.attention_mask.shape != self.tokens.shape:
+            raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} and tokens "
+                             f"{tuple(self.tokens.shape)} differ in shape")
         if self.scored.shape[1] and self.scored[:, -1].any():
             raise ValueError("the last position has no next token and cannot be scored")
 
@@ -110,15 +117,17 @@ class TaskBatch:
         return int(self.scored.sum())
 
     def to(self, device: Union[str, torch.device]) -> "TaskBatch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return TaskBatch(self.tokens.to(device), self.scored.to(device), self.name, dict(self.params),
-                         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()})
+                         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()}, mask)
 
     def __getitem__(self, rows: Union[int, slice, Sequence[int], Tensor]) -> "TaskBatch":
         """The rows ``rows`` (an int, a slice or an index tensor) as a TaskBatch."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
         return TaskBatch(self.tokens[rows], self.scored[rows], self.name, dict(self.params),
-                         {k: v[rows] if isinstance(v, Tensor) else v for k, v in self.info.items()})
+                         {k: v[rows] if isinstance(v, Tensor) else v for k, v in self.info.items()}, mask)
 
 
 # ----- generators ---------------------------------------------------------------------------------
@@ -191,27 +200,48 @@ def induction_batch(
     return TaskBatch(tokens, scored, "induction", params, {"period": periods})
 
 
-def counting_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0) -> TaskBatch:
+def counting_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0,
+                   min_len: Optional[int] = None) -> TaskBatch:
     """Counting: BOS, then consecutive token ids from a random start, wrapping from ``d_vocab - 1`` to 1.
 
     Every position from the first ordinary token on is scored (its successor is fixed); the
-    prediction at BOS (the random start) is not. Solving it needs the current token only — a fixed
-    token -> successor lookup — not copying from context. With ``seq_len <= d_vocab`` no token
-    repeats in a row, so induction cannot help either.
+    prediction at BOS (the random start) is not. With ``seq_len <= d_vocab`` no token repeats in a
+    row, so induction cannot help.
+
+    A row is fixed by its start, so only ``d_vocab - 1`` distinct full-length rows exist. ``min_len``
+    (the bundled evaluation setting) gives more: each row counts for ``min_len .. seq_len`` tokens
+    (BOS included, uniformly drawn), is right-padded with BOS and has an ``attention_mask``; starts
+    are a random permutation (cycled when ``n > d_vocab - 1``), so up to ``d_vocab - 1`` rows never
+    share a start. ``min_len=None`` (training): every row has ``seq_len`` tokens and no mask.
 
     >>> counting_batch(2, seq_len=5, d_vocab=10, seed=0).tokens.tolist()
     [[0, 9, 1, 2, 3], [0, 1, 2, 3, 4]]
+    >>> short = counting_batch(3, seq_len=5, d_vocab=10, seed=0, min_len=3)
+    >>> short.attention_mask.sum(1).tolist(), short.scored.sum(1).tolist()
+    ([4, 3, 5], [2, 1, 3])
     """
     _check_sizes(n, seq_len, d_vocab, min_len=3)
+    if min_len is not None and not 3 <= min_len <= seq_len:
+        raise ValueError(f"min_len must lie in 3..seq_len={seq_len}, got {min_len}")
     generator = torch.Generator().manual_seed(seed)
     n_ordinary = d_vocab - 1
-    start = torch.randint(0, n_ordinary, (n, 1), generator=generator)
+    if min_len is None:
+        start = torch.randint(0, n_ordinary, (n, 1), generator=generator)
+        lengths = torch.full((n, 1), seq_len)
+    else:
+        cycles = -(-n // n_ordinary)
+        start = torch.cat([torch.randperm(n_ordinary, generator=generator) for _ in range(cycles)])[:n, None]
+        lengths = torch.randint(min_len, seq_len + 1, (n, 1), generator=generator)
     body = (start + torch.arange(seq_len - 1).unsqueeze(0)) % n_ordinary + 1
     tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
     pos = torch.arange(seq_len).unsqueeze(0).expand(n, -1)
-    scored = (pos >= 1) & (pos <= seq_len - 2)
-    return TaskBatch(tokens, scored, "counting", dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed),
-                     {"start": start.squeeze(1) + 1})
+    real = pos < lengths
+    scored = (pos >= 1) & (pos <= lengths - 2)
+    params = dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed)
+    if min_len is None:
+        return TaskBatch(tokens, scored, "counting", params, {"start": start.squeeze(1) + 1})
+    return TaskBatch(tokens.masked_fill(~real, BOS), scored, "counting", {**params, "min_len": min_len},
+                     {"start": start.squeeze(1) + 1, "length": lengths.squeeze(1)}, real.long())
 
 
 def random_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0) -> TaskBatch:

@@ -47,6 +47,7 @@ except ImportError:
 from tl_circuits.freezing.options import HeadsLike
 from tl_circuits.freezing.sweep import freeze_sweep
 from tl_circuits.models.spec import model_spec
+from tl_circuits.bundled.samples import distinct_batch
 from tl_circuits.bundled.tasks import (
     TASK_GENERATORS,
     TaskBatch,
@@ -104,7 +105,8 @@ _ATTN_ONLY_2L = dict(
 _INDUCTION_TRAIN = dict(seq_len=48, d_vocab=64, period=(3, 23))
 _INDUCTION_EVAL = dict(seq_len=33, d_vocab=64, period=16)  # classic: 16 random tokens, repeated once
 _COUNTING_TRAIN = dict(seq_len=48, d_vocab=64)
-_COUNTING_EVAL = dict(seq_len=33, d_vocab=64)
+# rows of 29..33 tokens: 315 distinct rows (full-length rows are fixed by their start: only 63 exist)
+_COUNTING_EVAL = dict(seq_len=33, d_vocab=64, min_len=29)
 
 BUNDLED_CONFIGS: dict[str, TrainingConfig] = {
     "induction-2l": TrainingConfig(
@@ -205,8 +207,10 @@ def train_model(
 # ----- analysis -----------------------------------------------------------------------------------
 
 def eval_batch(config: TrainingConfig, task: str, n: int = 64, seed: int = 0) -> TaskBatch:
-    """A held-out batch of ``task`` with the settings the model is evaluated with."""
-    return TASK_GENERATORS[task](n, seed=seed, **config.eval_tasks[task])
+    """A held-out batch of ``n`` distinct rows of ``task`` with the settings the model is evaluated with
+    (what :func:`tl_circuits.bundled_tasks` gives for the same ``n`` and ``seed``)."""
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in config.eval_tasks[task].items()}
+    return distinct_batch(task, n, seed=seed, **settings)
 
 
 def _grid(t: torch.Tensor) -> list:

@@ -281,4 +281,5 @@ def task_from_batch(batch: TaskBatch, name: str, source: str) -> TaskInput:
     mask = torch.ones_like(tokens) if mask is None else torch.as_tensor(mask).to(torch.int64).cpu()
     name = getattr(batch, "name", None) or name
     ids = [f"{name}#{i}" for i in range(tokens.shape[0])]
-    return TaskInput(name, tokens, mask, scored, ids, [_preview_ids(row.tolist()) for row in tokens], source)
+    previews = [_preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
+    return TaskInput(name, tokens, mask, scored, ids, previews, source)
