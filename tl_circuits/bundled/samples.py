@@ -78,7 +78,8 @@ def n_distinct_rows(task: str, *, seq_len: int = 33, d_vocab: int = 64,
     - induction: a row is fixed by its pattern of ``p`` distinct tokens (and rows of different periods differ),
       so Σ over periods p of (V−1)!/(V−1−p)!, with V = ``d_vocab``;
     - counting: a row is fixed by its start (V − 1) and, with ``min_len``, its length (``seq_len − min_len + 1``);
-    - random: (V−1)!/(V−seq_len)! ordered choices of ``seq_len − 1`` distinct tokens.
+    - random: (V−1)!/(V−seq_len)! ordered choices of ``seq_len − 1`` distinct tokens;
+    - skip_induction: as induction, over its periods (``period`` must be given).
 
     >>> n_distinct_rows("counting", seq_len=33, d_vocab=64, min_len=29)
     315
@@ -98,6 +99,9 @@ def n_distinct_rows(task: str, *, seq_len: int = 33, d_vocab: int = 64,
         return n_ordinary * (1 if min_len is None else seq_len - min_len + 1)
     if task == "random":
         return math.perm(n_ordinary, seq_len - 1)
+    if task == "skip_induction":  # a row is fixed by its pattern; rows of different k differ (x1 follows xk)
+        lo, hi = (period, period) if isinstance(period, int) else (int(period[0]), int(period[1]))  # type: ignore
+        return sum(math.perm(n_ordinary, k) for k in range(lo, hi + 1))
     raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASK_GENERATORS))}")
 
 
