@@ -17,6 +17,7 @@ from tl_circuits.bundled.models import (
     list_bundled_models,
     load_bundled_model,
 )
+from tl_circuits.bundled.samples import distinct_batch, duplicate_groups, n_distinct_rows
 from tl_circuits.bundled.tasks import (
     TaskBatch,
     counting_batch,
@@ -95,6 +96,8 @@ __all__ = [
     "counting_batch",
     "damped",
     "DiagonalFisher",
+    "distinct_batch",
+    "duplicate_groups",
     "EMAFisher",
     "fdr_correction",
     "fisher_cosines",
@@ -123,6 +126,7 @@ __all__ = [
     "MeanActivations",
     "model_spec",
     "ModelSpec",
+    "n_distinct_rows",
     "normalize_heads",
     "paired_bootstrap_ci",
     "PairedBootstrapCI",

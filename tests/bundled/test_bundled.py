@@ -24,12 +24,13 @@ from safetensors.torch import load_file
 from tests.builders import HAS_HOOKED_TRANSFORMER, HookedTransformer
 
 import tl_circuits as tlc
-from tl_circuits.bundled import models as bundled, tasks, training
+from tl_circuits.bundled import models as bundled, scoring, tasks, training
 from tl_circuits.bundled.tasks import BOS, counting_batch, induction_batch, random_batch, scored_loss
 from tl_circuits.bundled.training import BUNDLED_CONFIGS, train_model, training_batch
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_NAMES = ["induction-2l", "induction-counting-2l"]
+MODEL_NAMES = ["induction-2l", "induction-counting-2l"]  # circuits found after training (head_detector, freezes)
+ALL_MODELS = [*MODEL_NAMES, "planted-conflict-2l"]  # + heads known by construction (tests/bundled/test_planted.py)
 TEST_SEED = 123  # held out: not the seed the recorded analysis used (0), not a training seed (>= 1e9)
 N_ROWS = 64
 
@@ -67,9 +68,9 @@ def loss_and_accuracy(model, batch) -> tuple[float, float]:
 
 def test_list_bundled_models_describes_every_model():
     infos = tlc.list_bundled_models()
-    assert [info.name for info in infos] == MODEL_NAMES
+    assert [info.name for info in infos] == ALL_MODELS
     assert tlc.DEFAULT_BUNDLED_MODEL == "induction-counting-2l"
-    for info in infos:
+    for info in infos[:len(MODEL_NAMES)]:
         assert info.description and "\n" not in info.description
         assert info.summary().startswith(info.name)
         assert info.known_heads["previous_token"] and info.known_heads["induction"] and info.control_heads
@@ -89,7 +90,7 @@ def test_unknown_name_is_a_clear_error_listing_the_models():
 
 
 @pytest.mark.needs_hooked_transformer
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_loaded_model_is_the_shipped_weights_and_config(name):
     model = model_named(name)
     info = tlc.bundled_model_info(name)
@@ -115,8 +116,8 @@ def test_package_data_ships_the_weights():
     patterns = setuptools["package-data"]["tl_circuits"]
     data_dir = ROOT / "tl_circuits" / "bundled" / "data"
     files = [p.relative_to(ROOT / "tl_circuits").as_posix() for p in data_dir.iterdir()]
-    assert sorted(files) == sorted(f"bundled/data/{n}.{ext}" for n in MODEL_NAMES for ext in ("json", "safetensors"))
-    for name in MODEL_NAMES:
+    assert sorted(files) == sorted(f"bundled/data/{n}.{ext}" for n in ALL_MODELS for ext in ("json", "safetensors"))
+    for name in ALL_MODELS:
         for ext in ("json", "safetensors"):
             assert any(fnmatch(f"bundled/data/{name}.{ext}", p) for p in patterns)
 
@@ -362,7 +363,7 @@ def test_training_is_deterministic():
 
 def test_recorded_training_settings_match_the_code():
     """The JSON records the settings the training code holds for each model (nothing drifted)."""
-    for name in MODEL_NAMES:
+    for name in ALL_MODELS:
         meta = tlc.bundled_model_info(name).metadata
         config = BUNDLED_CONFIGS[name]
         assert meta["config"] == config.model
@@ -392,6 +393,6 @@ def test_retraining_reproduces_the_shipped_model(name):
 
 def test_docstring_examples_run():
     # training's examples train HookedTransformers; bundled's run on whatever load_bundled_model returns
-    for module in (tasks, bundled, training) if HAS_HOOKED_TRANSFORMER else (tasks, bundled):
+    for module in (tasks, scoring, bundled, training) if HAS_HOOKED_TRANSFORMER else (tasks, scoring, bundled):
         failures, tried = doctest.testmod(module, verbose=False)
-        assert tried >= 3 and failures == 0, module.__name__
+        assert tried >= 2 and failures == 0, module.__name__

@@ -102,7 +102,7 @@ def test_token_file_formats_agree(checkpoint_inputs, tmp_path):
     np.save(tmp_path / "t.npy", tokens[:2, :3].numpy())
     for name in ("t.pt", "t.npy"):
         task = read_task_file(tmp_path / name, model, max_samples=1)
-        assert task.tokens.tolist() == [[1, 2, 3]] and task.ids == ["t[0]"]
+        assert task.tokens.tolist() == [[1, 2, 3]] and task.ids == ["t:1"]  # 1-based row number, as lines
     write_ids(tmp_path / "long.tokens", [list(range(1, builders.N_CTX + 5)), [1, 2]])
     long = read_task_file(tmp_path / "long.tokens", model)
     assert long.tokens.shape == (2, builders.N_CTX) and "1 sample(s) truncated" in long.notes[0]
@@ -242,3 +242,44 @@ def test_unknown_words_in_a_text_task_are_an_error_that_names_them(tmp_path):
     loaded = load_checkpoint(tmp_path / "model")
     with pytest.raises(TaskInputError, match=r"a\.txt:2: 2 token\(s\) .*'zebra', 'quokka'"):
         read_task_file(tmp_path / "a.txt", loaded)
+
+
+def test_the_same_sequences_as_text_ids_and_tensor_give_the_same_samples(tmp_path):
+    """Text gets BOS from to_tokens; token files are used as given: the same sequences (text, and its ids with
+    BOS written out) give the same tokens, mask, scored positions and ids in every format."""
+    tokenizer, d_vocab = word_tokenizer()
+    model = builders.hooked(seed=4, d_vocab=d_vocab)
+    save_checkpoint(model, tmp_path / "model", tokenizer=tokenizer)
+    loaded = load_checkpoint(tmp_path / "model")
+    lines = ["the cat sat on the mat", "a big bird", "the dog ran far"]
+    rows = [tokenizer(line)["input_ids"] for line in lines]  # independent of to_tokens: the tokenizer itself
+    assert all(row[0] == tokenizer.bos_token_id for row in rows)
+    (tmp_path / "text").mkdir(), (tmp_path / "ids").mkdir(), (tmp_path / "tensor").mkdir()
+    (tmp_path / "text" / "task.txt").write_text("\n".join(lines) + "\n")
+    write_ids(tmp_path / "ids" / "task.tokens", rows)
+    tokens, mask = right_pad(rows, pad=tokenizer.pad_token_id)
+    torch.save({"tokens": tokens, "attention_mask": mask}, tmp_path / "tensor" / "task.pt")
+    readings = [read_task_file(tmp_path / folder / name, loaded)
+                for folder, name in (("text", "task.txt"), ("ids", "task.tokens"), ("tensor", "task.pt"))]
+    for task in readings:
+        assert torch.equal(task.tokens, tokens) and torch.equal(task.attention_mask, mask)
+        assert torch.equal(task.scored, readings[0].scored)
+        assert task.ids == ["task:1", "task:2", "task:3"] and task.notes == []
+
+
+def test_token_rows_without_bos_are_kept_as_given_with_a_note(tmp_path):
+    tokenizer, d_vocab = word_tokenizer()
+    model = builders.hooked(seed=4, d_vocab=d_vocab)
+    save_checkpoint(model, tmp_path / "model", tokenizer=tokenizer)
+    loaded = load_checkpoint(tmp_path / "model")
+    rows = [[5, 6, 7], [0, 5, 6]]
+    write_ids(tmp_path / "a.tokens", rows)
+    np.save(tmp_path / "a.npy", np.array(rows))
+    for name in ("a.tokens", "a.npy"):
+        task = read_task_file(tmp_path / name, loaded)
+        assert task.tokens.tolist() == rows  # nothing prepended
+        assert len(task.notes) == 1 and "1 of 2 sample(s) do not start with BOS (id 0)" in task.notes[0]
+    write_ids(tmp_path / "b.tokens", [[0, 5, 6], [0, 7]])
+    assert read_task_file(tmp_path / "b.tokens", loaded).notes == []
+    tokenless = builders.hooked(seed=4, d_vocab=d_vocab)  # no tokenizer: no BOS convention to compare with
+    assert read_task_file(tmp_path / "a.tokens", tokenless).notes == []

@@ -38,7 +38,8 @@ try:  # TransformerLens 2.x/3.x; 4.x removed HookedTransformer, which the bundle
 except ImportError:
     HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
-from tl_circuits.bundled.tasks import BOS, TASK_GENERATORS, TaskBatch, task_tokenizer
+from tl_circuits.bundled.samples import distinct_batch
+from tl_circuits.bundled.tasks import BOS, TaskBatch, task_tokenizer
 from tl_circuits.models.types import Model
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -217,16 +218,19 @@ def load_weights(config: dict, path: Union[str, Path], device: Union[str, torch.
 def bundled_tasks(name: str = DEFAULT_BUNDLED_MODEL) -> dict[str, Callable[..., TaskBatch]]:
     """Task name -> ``make(n, seed=0) -> TaskBatch`` for a bundled model, in order (task A, task B, ...).
 
-    Each maker calls the task's generator (:data:`tl_circuits.bundled.tasks.TASK_GENERATORS`) with the
-    settings the model was evaluated with (sequence length, vocabulary, induction period), recorded
-    in its JSON. Training used different seeds (see :mod:`tl_circuits.bundled.training`), so small seeds give
-    held-out batches.
+    Each maker draws ``n`` *distinct* rows (:func:`tl_circuits.bundled.samples.distinct_batch`) of the task's
+    generator (:data:`tl_circuits.bundled.tasks.TASK_GENERATORS`) with the settings the model was evaluated
+    with (sequence length, vocabulary, induction period, counting's ``min_len``), recorded in its JSON; at least
+    64 distinct rows exist for every bundled task, and asking for more than exist is a ``ValueError`` naming how
+    many do. Training used different seeds (see :mod:`tl_circuits.bundled.training`), so small seeds give
+    held-out batches. A batch with an ``attention_mask`` (counting: rows of varied length) needs it passed on
+    to gradient and interference calls.
 
     >>> list(bundled_tasks("induction-counting-2l"))
     ['induction', 'counting']
     >>> make_a, make_b = bundled_tasks("induction-counting-2l").values()
-    >>> make_a(4).tokens.shape[0]
-    4
+    >>> make_a(4).tokens.shape[0], len(make_b(64, seed=3))
+    (4, 64)
     """
     info = bundled_model_info(name)
     makers = {}
@@ -237,14 +241,13 @@ def bundled_tasks(name: str = DEFAULT_BUNDLED_MODEL) -> dict[str, Callable[..., 
 
 
 def _task_maker(task: str, kwargs: dict) -> Callable[..., TaskBatch]:
-    generator = TASK_GENERATORS[task]
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
     def make(n: int, seed: int = 0) -> TaskBatch:
-        return generator(n, seed=seed, **kwargs)
+        return distinct_batch(task, n, seed=seed, **kwargs)
 
     make.__name__ = f"make_{task}"
-    make.__doc__ = f"{generator.__name__}(n, seed=seed, **{kwargs!r})"
+    make.__doc__ = f"distinct_batch({task!r}, n, seed=seed, **{kwargs!r})"
     return make
 
 

@@ -39,14 +39,19 @@ Each generator is deterministic in ``seed`` (its own ``torch.Generator``; the gl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_circuits.models.types import Model
+from tl_circuits.bundled.scoring import (  # noqa: F401 (re-exported)
+    in_context_accuracy,
+    in_context_loss,
+    scored_accuracy,
+    scored_loss,
+    scored_loss_metric,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from transformers import PreTrainedTokenizerFast
@@ -67,6 +72,7 @@ __all__ = [
     "scored_accuracy",
     "scored_loss",
     "scored_loss_metric",
+    "skip_induction_batch",
     "task_tokenizer",
 ]
 
@@ -83,6 +89,9 @@ class TaskBatch:
         params: the generator's arguments (``seq_len``, ``d_vocab``, ``seed``, ...), so a batch says
             how it was made.
         info: per-row extras, e.g. ``info["period"]`` [batch] for induction.
+        attention_mask: ``None`` (every position real), or [batch, pos] int64, 1 on real tokens, for rows
+            right-padded with BOS (counting with ``min_len``). Pass it on to gradient and interference calls
+            (``attention_mask_a=batch.attention_mask``); padded positions are never scored.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -90,10 +99,14 @@ class TaskBatch:
     name: str
     params: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None
 
     def __post_init__(self) -> None:
         if self.tokens.shape != self.scored.shape:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and scored {tuple(self.scored.shape)} differ in shape")
+        if self.attention_mask is not None and self.attention_mask.shape != self.tokens.shape:
+            raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} and tokens "
+                             f"{tuple(self.tokens.shape)} differ in shape")
         if self.scored.shape[1] and self.scored[:, -1].any():
             raise ValueError("the last position has no next token and cannot be scored")
 
@@ -110,15 +123,17 @@ class TaskBatch:
         return int(self.scored.sum())
 
     def to(self, device: Union[str, torch.device]) -> "TaskBatch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return TaskBatch(self.tokens.to(device), self.scored.to(device), self.name, dict(self.params),
-                         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()})
+                         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.info.items()}, mask)
 
     def __getitem__(self, rows: Union[int, slice, Sequence[int], Tensor]) -> "TaskBatch":
         """The rows ``rows`` (an int, a slice or an index tensor) as a TaskBatch."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
         return TaskBatch(self.tokens[rows], self.scored[rows], self.name, dict(self.params),
-                         {k: v[rows] if isinstance(v, Tensor) else v for k, v in self.info.items()})
+                         {k: v[rows] if isinstance(v, Tensor) else v for k, v in self.info.items()}, mask)
 
 
 # ----- generators ---------------------------------------------------------------------------------
@@ -191,27 +206,48 @@ def induction_batch(
     return TaskBatch(tokens, scored, "induction", params, {"period": periods})
 
 
-def counting_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0) -> TaskBatch:
+def counting_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0,
+                   min_len: Optional[int] = None) -> TaskBatch:
     """Counting: BOS, then consecutive token ids from a random start, wrapping from ``d_vocab - 1`` to 1.
 
     Every position from the first ordinary token on is scored (its successor is fixed); the
-    prediction at BOS (the random start) is not. Solving it needs the current token only — a fixed
-    token -> successor lookup — not copying from context. With ``seq_len <= d_vocab`` no token
-    repeats in a row, so induction cannot help either.
+    prediction at BOS (the random start) is not. With ``seq_len <= d_vocab`` no token repeats in a
+    row, so induction cannot help.
+
+    A row is fixed by its start, so only ``d_vocab - 1`` distinct full-length rows exist. ``min_len``
+    (the bundled evaluation setting) gives more: each row counts for ``min_len .. seq_len`` tokens
+    (BOS included, uniformly drawn), is right-padded with BOS and has an ``attention_mask``; starts
+    are a random permutation (cycled when ``n > d_vocab - 1``), so up to ``d_vocab - 1`` rows never
+    share a start. ``min_len=None`` (training): every row has ``seq_len`` tokens and no mask.
 
     >>> counting_batch(2, seq_len=5, d_vocab=10, seed=0).tokens.tolist()
     [[0, 9, 1, 2, 3], [0, 1, 2, 3, 4]]
+    >>> short = counting_batch(3, seq_len=5, d_vocab=10, seed=0, min_len=3)
+    >>> short.attention_mask.sum(1).tolist(), short.scored.sum(1).tolist()
+    ([4, 3, 5], [2, 1, 3])
     """
     _check_sizes(n, seq_len, d_vocab, min_len=3)
+    if min_len is not None and not 3 <= min_len <= seq_len:
+        raise ValueError(f"min_len must lie in 3..seq_len={seq_len}, got {min_len}")
     generator = torch.Generator().manual_seed(seed)
     n_ordinary = d_vocab - 1
-    start = torch.randint(0, n_ordinary, (n, 1), generator=generator)
+    if min_len is None:
+        start = torch.randint(0, n_ordinary, (n, 1), generator=generator)
+        lengths = torch.full((n, 1), seq_len)
+    else:
+        cycles = -(-n // n_ordinary)
+        start = torch.cat([torch.randperm(n_ordinary, generator=generator) for _ in range(cycles)])[:n, None]
+        lengths = torch.randint(min_len, seq_len + 1, (n, 1), generator=generator)
     body = (start + torch.arange(seq_len - 1).unsqueeze(0)) % n_ordinary + 1
     tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
     pos = torch.arange(seq_len).unsqueeze(0).expand(n, -1)
-    scored = (pos >= 1) & (pos <= seq_len - 2)
-    return TaskBatch(tokens, scored, "counting", dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed),
-                     {"start": start.squeeze(1) + 1})
+    real = pos < lengths
+    scored = (pos >= 1) & (pos <= lengths - 2)
+    params = dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed)
+    if min_len is None:
+        return TaskBatch(tokens, scored, "counting", params, {"start": start.squeeze(1) + 1})
+    return TaskBatch(tokens.masked_fill(~real, BOS), scored, "counting", {**params, "min_len": min_len},
+                     {"start": start.squeeze(1) + 1, "length": lengths.squeeze(1)}, real.long())
 
 
 def random_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0) -> TaskBatch:
@@ -232,11 +268,48 @@ def random_batch(n: int, *, seq_len: int = 33, d_vocab: int = 64, seed: int = 0)
     return TaskBatch(tokens, torch.zeros_like(tokens, dtype=torch.bool), "random",
                      dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed))
 
+def skip_induction_batch(
+    n: int,
+    *,
+    seq_len: int = 33,
+    d_vocab: int = 64,
+    seed: int = 0,
+    period: Union[int, tuple[int, int]] = (22, 28),
+) -> TaskBatch:
+    """Skip induction: BOS, a pattern of ``k`` distinct random tokens x1..xk, then x1, x3, x5, … (every other one)
+    until the row has ``seq_len`` tokens.
+
+    In the second part the token after x_i is x_{i+2}: it is found at the earlier position whose token *two*
+    back is x_i (the layer-0 head attends two back, the layer-1 head matches and copies). Scored: the positions of
+    the second part whose next token is in it (the prediction of x1 at the end of the pattern is not).
+    ``period`` (k, or a range ``(lo, hi)`` drawn per row): the second part must not run past xk, so
+    ``2·(seq_len − 1 − k) − 1 <= k``; the default (22, 28) at 33 tokens leaves 4..10 tokens of second part.
+    Deterministic in ``seed``.
+    """
+    lo, hi = (period, period) if isinstance(period, int) else (int(period[0]), int(period[1]))
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not (1 <= lo <= hi <= d_vocab - 1) or 2 * (seq_len - 1 - lo) - 1 > lo or seq_len - 1 - hi < 2:
+        raise ValueError(f"period {period!r} does not fit seq_len={seq_len}, d_vocab={d_vocab}: the second part "
+                         "(seq_len - 1 - k tokens, every other pattern token) must hold 2 to (k + 1) // 2 tokens")
+    generator = torch.Generator().manual_seed(seed)
+    periods = torch.randint(lo, hi + 1, (n, 1), generator=generator)
+    pattern = _distinct_tokens(n, hi, d_vocab, generator)
+    pos = torch.arange(seq_len - 1).unsqueeze(0)  # body positions 0.. (token position - 1)
+    index = torch.where(pos < periods, pos, 2 * (pos - periods))
+    body = pattern.gather(1, index)
+    tokens = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
+    full = torch.arange(seq_len).unsqueeze(0)
+    scored = (full >= periods + 1) & (full <= seq_len - 2)
+    params = dict(seq_len=seq_len, d_vocab=d_vocab, seed=seed, period=period)
+    return TaskBatch(tokens, scored, "skip_induction", params, {"period": periods.squeeze(1)})
+
 
 TASK_GENERATORS: dict[str, Callable[..., TaskBatch]] = {
     "induction": induction_batch,
     "counting": counting_batch,
     "random": random_batch,
+    "skip_induction": skip_induction_batch,
 }
 """Task name -> generator ``(n, *, seq_len, d_vocab, seed, ...) -> TaskBatch``."""
 
@@ -250,89 +323,6 @@ def make_task_batch(task: str, n: int, **kwargs: Any) -> TaskBatch:
     if task not in TASK_GENERATORS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASK_GENERATORS))}")
     return TASK_GENERATORS[task](n, **kwargs)
-
-
-# ----- scoring ------------------------------------------------------------------------------------
-
-def _token_nll(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]) -> Tensor:
-    """Next-token negative log-likelihood at each position but the last: [batch, pos - 1]."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -log_probs.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-
-
-def _scored_mask(batch: TaskBatch, logits: Tensor) -> Tensor:
-    if logits.shape[:2] != batch.tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape[:2])} do not match the batch's tokens "
-                         f"{tuple(batch.tokens.shape)}")
-    if not batch.scored.any():
-        raise ValueError(f"the {batch.name!r} batch has no scored positions")
-    return batch.scored[:, :-1].to(logits.device)
-
-
-def scored_loss(
-    logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch, *, per_sample: bool = False
-) -> Union[Float[Tensor, ""], Float[Tensor, " batch"]]:
-    """Mean next-token cross-entropy over the scored positions (float32).
-
-    ``per_sample=True`` gives one mean per row ([batch]; NaN for a row with no scored position).
-    Differentiable, so it also serves as a training or gradient objective.
-    """
-    mask = _scored_mask(batch, logits)
-    nll = _token_nll(logits, batch.tokens.to(logits.device))
-    if per_sample:
-        return (nll * mask).sum(1) / mask.sum(1)  # 0/0 = NaN: missing data, not zero loss
-    return nll[mask].mean()
-
-
-def scored_accuracy(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
-    """Fraction of scored positions where the argmax prediction is the next token."""
-    mask = _scored_mask(batch, logits)
-    correct = logits[:, :-1].argmax(-1) == batch.tokens[:, 1:].to(logits.device)
-    return correct[mask].float().mean()
-
-
-def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
-    """``logits -> scored_loss(logits, batch)`` as a metric for :func:`tl_circuits.freeze_sweep`.
-
-    >>> import tl_circuits as tlc
-    >>> model = tlc.load_bundled_model("induction-2l")
-    >>> batch = tlc.induction_batch(4, seed=0)
-    >>> result = tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch), progress=False)
-    >>> sorted(result.frozen)
-    ['ov', 'qk']
-    """
-    def in_context_loss(logits: Tensor) -> Tensor:
-        return scored_loss(logits, batch)
-
-    return in_context_loss
-
-
-def _logits(model: Model, batch: TaskBatch) -> Tensor:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(batch.tokens.to(device), return_type="logits")
-
-
-def in_context_loss(model: Model, batch: TaskBatch, *,
-                    per_sample: bool = False) -> Union[Float[Tensor, ""], Float[Tensor, " batch"]]:
-    """The model's mean cross-entropy on the batch's scored positions (no gradient; hooks apply).
-
-    Runs ``model(batch.tokens)``, so freezes and other hooks active around the call take effect:
-
-    >>> import tl_circuits as tlc
-    >>> model = tlc.load_bundled_model("induction-2l")
-    >>> batch = tlc.induction_batch(4, seed=0)
-    >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):
-    ...     damaged = in_context_loss(model, batch)
-    >>> bool(damaged > in_context_loss(model, batch))
-    True
-    """
-    return scored_loss(_logits(model, batch), batch, per_sample=per_sample)
-
-
-def in_context_accuracy(model: Model, batch: TaskBatch) -> float:
-    """Fraction of the batch's scored positions where the model's top prediction is right."""
-    return float(scored_accuracy(_logits(model, batch), batch))
 
 
 # ----- tokenizer ----------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ except ImportError:
 from tl_circuits.freezing.options import HeadsLike
 from tl_circuits.freezing.sweep import freeze_sweep
 from tl_circuits.models.spec import model_spec
+from tl_circuits.bundled.planted import construction, head_roles, masked_backward, untrained_heads, zero_heads
+from tl_circuits.bundled.samples import distinct_batch
 from tl_circuits.bundled.tasks import (
     TASK_GENERATORS,
     TaskBatch,
@@ -80,6 +82,9 @@ class TrainingConfig:
             per step, split equally over the training tasks).
         seed: initialisation seed; training batch seeds derive from it.
         threads: CPU threads during training (1: reproducible and polite on a shared machine).
+        head_roles: ``None`` (every task trains every head), or task -> the heads ``(layer, head)`` whose
+            attention parameters that task's loss may train (:mod:`tl_circuits.bundled.planted`): heads of no
+            task start at zero and stay so; the known heads are then those of the construction.
     """
 
     name: str
@@ -95,6 +100,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 1
+    head_roles: Optional[dict] = None
 
 
 _ATTN_ONLY_2L = dict(
@@ -104,7 +110,14 @@ _ATTN_ONLY_2L = dict(
 _INDUCTION_TRAIN = dict(seq_len=48, d_vocab=64, period=(3, 23))
 _INDUCTION_EVAL = dict(seq_len=33, d_vocab=64, period=16)  # classic: 16 random tokens, repeated once
 _COUNTING_TRAIN = dict(seq_len=48, d_vocab=64)
-_COUNTING_EVAL = dict(seq_len=33, d_vocab=64)
+# rows of 29..33 tokens: 315 distinct rows (full-length rows are fixed by their start: only 63 exist)
+_COUNTING_EVAL = dict(seq_len=33, d_vocab=64, min_len=29)
+
+# the planted model: 2 heads a layer; the one trainable layer-0 head is shared and contested (see planted.py)
+_PLANTED_2L = dict(_ATTN_ONLY_2L, n_heads=2, n_ctx=33)
+_PLANTED_INDUCTION = dict(seq_len=33, d_vocab=64, period=(8, 16))
+_PLANTED_SKIP = dict(seq_len=33, d_vocab=64, period=(22, 28))
+_PLANTED_ROLES = {"induction": [(0, 0), (1, 0)], "skip_induction": [(0, 0), (1, 1)]}
 
 BUNDLED_CONFIGS: dict[str, TrainingConfig] = {
     "induction-2l": TrainingConfig(
@@ -122,6 +135,17 @@ BUNDLED_CONFIGS: dict[str, TrainingConfig] = {
         model=_ATTN_ONLY_2L,
         train_tasks={"induction": _INDUCTION_TRAIN, "counting": _COUNTING_TRAIN},
         eval_tasks={"induction": _INDUCTION_EVAL, "counting": _COUNTING_EVAL},
+    ),
+    "planted-conflict-2l": TrainingConfig(
+        name="planted-conflict-2l",
+        description="2-layer attention-only, 2 heads a layer, trained with per-task head masks: induction and skip "
+                    "induction compete for the one shared layer-0 head (conflict known by construction)",
+        model=_PLANTED_2L,
+        train_tasks={"induction": _PLANTED_INDUCTION, "skip_induction": _PLANTED_SKIP},
+        eval_tasks={"induction": _PLANTED_INDUCTION, "skip_induction": _PLANTED_SKIP},
+        steps=5000,
+        lr=2e-3,
+        head_roles=_PLANTED_ROLES,
     ),
 }
 
@@ -151,15 +175,20 @@ def _new_model(config: TrainingConfig) -> HookedTransformer:
         return HookedTransformer(HookedTransformerConfig(**config.model, device="cpu"))
 
 
-def training_batch(config: TrainingConfig, step: int) -> torch.Tensor:
-    """The tokens of training step ``step``: ``batch_size`` rows, equal parts of each training task."""
+def training_parts(config: TrainingConfig, step: int) -> dict[str, torch.Tensor]:
+    """Task -> its tokens of training step ``step`` (``batch_size // n_tasks`` rows each)."""
     n_tasks = len(config.train_tasks)
     per_task = config.batch_size // n_tasks
-    parts = []
+    parts = {}
     for index, (task, kwargs) in enumerate(config.train_tasks.items()):
         seed = TRAIN_SEED_OFFSET + (config.seed * 10**7 + step) * n_tasks + index
-        parts.append(TASK_GENERATORS[task](per_task, seed=seed, **kwargs).tokens)
-    return torch.cat(parts)
+        parts[task] = TASK_GENERATORS[task](per_task, seed=seed, **kwargs).tokens
+    return parts
+
+
+def training_batch(config: TrainingConfig, step: int) -> torch.Tensor:
+    """The tokens of training step ``step``: ``batch_size`` rows, equal parts of each training task."""
+    return torch.cat(list(training_parts(config, step).values()))
 
 
 def _learning_rate(config: TrainingConfig, step: int) -> float:
@@ -186,15 +215,20 @@ def train_model(
     steps = config.steps if steps is None else steps
     with _deterministic(config.threads):
         model = _new_model(config)
+        if config.head_roles is not None:
+            zero_heads(model, untrained_heads(config))
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
                                       weight_decay=config.weight_decay)
         for step in tqdm(range(steps), desc=f"train {config.name}", disable=not progress):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
-            loss = model(training_batch(config, step), return_type="loss")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if config.head_roles is None:
+                loss = model(training_batch(config, step), return_type="loss")
+                loss.backward()
+            else:
+                loss = masked_backward(model, training_parts(config, step), head_roles(config))
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             if log is not None and (step % 100 == 0 or step == steps - 1):
@@ -205,8 +239,10 @@ def train_model(
 # ----- analysis -----------------------------------------------------------------------------------
 
 def eval_batch(config: TrainingConfig, task: str, n: int = 64, seed: int = 0) -> TaskBatch:
-    """A held-out batch of ``task`` with the settings the model is evaluated with."""
-    return TASK_GENERATORS[task](n, seed=seed, **config.eval_tasks[task])
+    """A held-out batch of ``n`` distinct rows of ``task`` with the settings the model is evaluated with
+    (what :func:`tl_circuits.bundled_tasks` gives for the same ``n`` and ``seed``)."""
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in config.eval_tasks[task].items()}
+    return distinct_batch(task, n, seed=seed, **settings)
 
 
 def _grid(t: torch.Tensor) -> list:
@@ -248,6 +284,10 @@ def analyse(model: HookedTransformer, config: TrainingConfig, *, n: int = 64, de
             effects[replacement] = {c: _grid(e) for c, e in sweep.effect.items()}
         out["freeze_effects"][task] = effects
     rows = eval_batch(config, "induction", detector_rows)
+    n_ctx = model_spec(model).n_ctx
+    if rows.tokens.shape[1] >= n_ctx:  # detect_head wants rows shorter than n_ctx: drop the last tokens
+        tokens = rows.tokens[:, :n_ctx - 1]
+        rows = TaskBatch(tokens, torch.zeros_like(tokens, dtype=torch.bool), rows.name, rows.params)
     for kind in ("previous_token_head", "induction_head"):
         out["head_detector"][kind] = _grid(head_detector_scores(model, rows, kind, **DETECTOR_KWARGS))
     return out
@@ -306,7 +346,7 @@ def bundled_record(model: HookedTransformer, config: TrainingConfig, training: d
 
     with _deterministic(config.threads):
         analysis = analyse(model, config)
-        selection = select_heads(analysis)
+        selection = select_heads(analysis) if config.head_roles is None else construction(config)
         known = selection["known_heads"]
         group_effects = {role: circuit_effects(model, config, heads) for role, heads in known.items() if heads}
     settings = {k: v for k, v in asdict(config).items() if k not in ("name", "description", "model")}

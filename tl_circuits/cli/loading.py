@@ -208,8 +208,9 @@ def load_tasks(loaded: LoadedModel, task_a: Optional[Path] = None, task_b: Optio
                seed: int = 0) -> tuple[TaskInput, TaskInput]:
     """(task A, task B) from files, or the bundled model's two tasks; CommandError on bad input.
 
-    Files: the first ``n_a``/``n_b`` samples (default all). Bundled tasks: ``n_a``/``n_b`` samples (default
-    :data:`DEFAULT_SAMPLES`) drawn with ``seed`` (task A) and ``seed + 1`` (task B).
+    Files: the first ``n_a``/``n_b`` samples (default all). Bundled tasks: ``n_a``/``n_b`` *distinct* samples
+    (default :data:`DEFAULT_SAMPLES`) drawn with ``seed`` (task A) and ``seed + 1`` (task B) by
+    :func:`tl_circuits.bundled_tasks`'s makers; more than a task has is a CommandError naming how many exist.
     """
     if (task_a is None) != (task_b is None):
         raise CommandError("give both --task-a and --task-b, or neither (to use the bundled tasks)")
@@ -231,8 +232,18 @@ def load_tasks(loaded: LoadedModel, task_a: Optional[Path] = None, task_b: Optio
     (name_a, make_a), (name_b, make_b) = list(loaded.bundled_tasks.items())[:2]
     source = f"bundled:{loaded.name}"
     # different seeds so that the two tasks never share random draws
-    return check_sample_counts(task_from_batch(make_a(n_a or DEFAULT_SAMPLES, seed), name_a, source),
-                               task_from_batch(make_b(n_b or DEFAULT_SAMPLES, seed + 1), name_b, source))
+    return check_sample_counts(_bundled_task(make_a, n_a, seed, name_a, "A", source),
+                               _bundled_task(make_b, n_b, seed + 1, name_b, "B", source))
+
+
+def _bundled_task(make: Callable, n: Optional[int], seed: int, name: str, label: str, source: str) -> TaskInput:
+    """``n`` (default :data:`DEFAULT_SAMPLES`) distinct samples of a bundled task; CommandError when the task
+    has fewer distinct samples than asked for."""
+    try:
+        batch = make(n or DEFAULT_SAMPLES, seed)
+    except ValueError as err:
+        raise CommandError(f"task {label} ({name}): {err}; ask for fewer with --n-{label.lower()}") from None
+    return task_from_batch(batch, name, source)
 
 
 def check_sample_counts(task_a: TaskInput, task_b: TaskInput) -> tuple[TaskInput, TaskInput]:

@@ -3,17 +3,28 @@
 Formats (``fmt="auto"`` picks by suffix):
 
 - **text** (any other suffix, e.g. ``.txt``): one sample per line, tokenised by the model's tokenizer
-  (``model.to_tokens``: TransformerLens's BOS convention, truncated to ``n_ctx``). Needs a model with a tokenizer.
+  (``model.to_tokens``). Needs a model with a tokenizer.
 - **ids** (``.tokens``, ``.ids``, or ``fmt="ids"`` for any suffix): one sample per line, whitespace-separated
-  integer token ids; for tokenizer-less models. Lines longer than ``n_ctx`` are truncated.
+  integer token ids; for tokenizer-less models.
 - **tensor** (``.pt``, ``.npy``): an integer array ``[n_samples, pos]`` (a ``.pt`` file may instead hold a dict
   with ``"tokens"`` and optionally ``"attention_mask"``), every position valid unless a mask says otherwise.
 
-Blank lines are skipped; a sample's id is ``"<file stem>:<line number>"`` (``"<file stem>[i]"`` for tensors).
-Samples of different lengths are right-padded (pad id: the tokenizer's, else 0) with a 0/1 attention mask;
-right padding leaves every real position's causal computation unchanged, so the freeze sweep (which runs
-without a mask) and the masked per-sample gradients see the same real tokens. A sample needs at least two
-tokens (one next-token target).
+Rules common to every format:
+
+- **BOS.** Text is tokenised with TransformerLens's convention: ``model.to_tokens(line)`` prepends BOS when the
+  model's ``cfg.default_prepend_bos`` is True (the default). Token ids (ids and tensor files) are the model's
+  input *exactly as given*: nothing is prepended, so a sample that should start with BOS must contain it (the
+  task gets a note when the model prepends BOS to text and some token rows do not start with it). The same
+  sequence written as a text line and as its ``to_tokens`` ids therefore gives the same samples.
+- **Sample ids** say where a sample is in its file: ``"<file stem>:<n>"`` with ``n`` the 1-based line number
+  (text and ids files; blank lines are skipped but counted) or the 1-based row number (tensor files).
+  Bundled tasks have no file: their ids are ``"<task>#<row>"`` (0-based).
+- **Length.** Samples longer than the model's ``n_ctx`` are truncated (with a note); a sample needs at least
+  two tokens (one next-token target); samples of different lengths are right-padded (pad id: the tokenizer's,
+  else 0) with a 0/1 attention mask. Right padding leaves every real position's causal computation unchanged,
+  so the freeze sweep (which runs without a mask) and the masked per-sample gradients see the same real tokens.
+- **Vocabulary.** A token id outside ``[0, d_vocab)`` and a word the tokenizer does not know are errors
+  naming the line.
 
 >>> from tl_circuits.bundled.tasks import induction_batch
 >>> task = task_from_batch(induction_batch(2, seq_len=9), "induction", "bundled")
@@ -198,6 +209,19 @@ def _id_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], l
     return samples, ids, previews, truncated
 
 
+def _missing_bos_note(path: Path, tokens: Int[Tensor, "n pos"], model: Model) -> list[str]:
+    """A note when the model prepends BOS to text but some token rows do not start with it (they are kept as
+    given: a token file is the model's exact input)."""
+    bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+    if not isinstance(bos, int) or not getattr(model.cfg, "default_prepend_bos", True):
+        return []
+    missing = int((tokens[:, 0] != bos).sum())
+    if not missing:
+        return []
+    return [f"{path}: {missing} of {tokens.shape[0]} sample(s) do not start with BOS (id {bos}), which text lines "
+            "get prepended; token ids are used as given"]
+
+
 def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> TaskInput:
     try:
         if path.suffix.lower() == ".npy":
@@ -239,8 +263,9 @@ def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> Ta
     empty = (~scored.any(1)).nonzero().flatten().tolist()
     if empty:
         raise TaskInputError(f"{path}: sample {empty[0]} has fewer than 2 valid tokens (no next-token target)")
-    ids = [f"{path.stem}[{i}]" for i in range(tokens.shape[0])]
+    ids = [f"{path.stem}:{i + 1}" for i in range(tokens.shape[0])]
     previews = [_preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
+    notes += _missing_bos_note(path, tokens, model)
     return TaskInput(name, tokens, mask, scored, ids, previews, str(path), notes)
 
 
@@ -270,6 +295,8 @@ def read_task_file(path: Union[str, Path], model: Model, *, fmt: str = "auto", m
     tokens, mask = _pad(samples, _pad_id(model))
     n_ctx = model_spec(model).n_ctx
     notes = [f"{path}: {truncated} sample(s) truncated to n_ctx = {n_ctx} tokens"] if truncated else []
+    if kind == IDS:
+        notes += _missing_bos_note(path, tokens, model)
     return TaskInput(name, tokens, mask, valid_target_positions(mask), ids, previews, str(path), notes)
 
 
@@ -281,4 +308,5 @@ def task_from_batch(batch: TaskBatch, name: str, source: str) -> TaskInput:
     mask = torch.ones_like(tokens) if mask is None else torch.as_tensor(mask).to(torch.int64).cpu()
     name = getattr(batch, "name", None) or name
     ids = [f"{name}#{i}" for i in range(tokens.shape[0])]
-    return TaskInput(name, tokens, mask, scored, ids, [_preview_ids(row.tolist()) for row in tokens], source)
+    previews = [_preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
+    return TaskInput(name, tokens, mask, scored, ids, previews, source)
