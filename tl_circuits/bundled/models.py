@@ -9,7 +9,7 @@ effects and final metrics, all measured after training by :mod:`tl_circuits.bund
 
 >>> import tl_circuits as tlc
 >>> [info.name for info in tlc.list_bundled_models()]
-['induction-2l', 'induction-counting-2l']
+['induction-2l', 'induction-counting-2l', 'planted-conflict-2l']
 >>> model = tlc.load_bundled_model("induction-2l")
 >>> tasks = tlc.bundled_tasks("induction-2l")
 >>> batch = tasks["induction"](8, seed=0)
