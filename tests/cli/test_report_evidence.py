@@ -131,3 +131,21 @@ def test_mean_replacement_report_compares_qk_ov_and_the_whole_head(tmp_path):
         np.testing.assert_allclose(inter, both - qk - ov, rtol=1e-6, atol=1e-9)
     markdown = (out / "report.md").read_text()
     assert "| task | layer | head | Δ QK | Δ OV | Δ BOTH | interaction |" in markdown
+
+
+def test_duplicate_samples_are_detected_and_reported(checkpoint_inputs, tmp_path):
+    from tests.cli.helpers import SMALL, write_ids
+    from tl_circuits.cli.command import main
+
+    rows_a = [[1, 2, 3, 4], [5, 6, 7], [1, 2, 3, 4], [8, 9, 10, 11, 12], [13, 14, 15]]
+    rows_b = [[20, 21, 22], [5, 6, 7], [23, 24, 25, 26], [27, 28, 29]]
+    write_ids(tmp_path / "a.tokens", rows_a)
+    write_ids(tmp_path / "b.tokens", rows_b)
+    out = tmp_path / "report"
+    assert main([str(a) for a in ["--model", checkpoint_inputs["root"] / "model", "--task-a", tmp_path / "a.tokens",
+                                  "--task-b", tmp_path / "b.tokens", *SMALL, "--out", out]]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["duplicates"] == {"A": [["A:a:1", "A:a:3"]], "B": [], "A+B": [["A:a:2", "B:b:2"]]}
+    markdown = (out / "report.md").read_text()
+    assert "2 samples within task A are duplicates" in markdown
+    assert "2 samples shared by task A and task B are duplicates" in markdown

@@ -38,12 +38,15 @@ Every default is the library's (:mod:`tl_circuits.defaults`):
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
 
 from tl_circuits import defaults
+from tl_circuits.bundled.samples import duplicate_groups
 from tl_circuits.cli.task_files import TaskInput
 from tl_circuits.cli.freeze_stage import CIRCUITS, run_freeze_stage  # noqa: F401 - CIRCUITS: the report's circuits
 from tl_circuits.freezing.sweep import SweepResult
@@ -186,6 +189,7 @@ class Analysis:
     config: AnalysisConfig
     sweep_tests: dict[str, SweepTestResult] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure (the pattern pictures)
+    duplicates: dict[str, list[list[str]]] = field(default_factory=dict)  # "A", "B", "A+B" -> groups of sample ids
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -225,12 +229,38 @@ def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
     return interference, pooled_statistics(pooled, n_a, config)
 
 
+def find_duplicates(task_a: TaskInput, task_b: TaskInput) -> dict[str, list[list[str]]]:
+    """Groups of identical samples (padding ignored) within task A, within task B and shared by both ("A+B"),
+    as sample ids; a warning names them, since every test treats samples as independent draws."""
+    n_pos = max(task_a.tokens.shape[1], task_b.tokens.shape[1])
+
+    def padded(x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, n_pos - x.shape[1]))
+
+    tokens = torch.cat([padded(task_a.tokens), padded(task_b.tokens)])
+    mask = torch.cat([padded(task_a.attention_mask), padded(task_b.attention_mask)])
+    ids = [f"A:{i}" for i in task_a.ids] + [f"B:{j}" for j in task_b.ids]
+    found: dict[str, list[list[str]]] = {"A": [], "B": [], "A+B": []}
+    for group in duplicate_groups(tokens, mask):
+        sides = {ids[i][0] for i in group}
+        found["A+B" if len(sides) == 2 else sides.pop()].append([ids[i] for i in group])
+    for where, groups in found.items():
+        if groups:
+            shown = "; ".join(", ".join(g) for g in groups[:3]) + (" ..." if len(groups) > 3 else "")
+            what = "shared by task A and task B" if where == "A+B" else f"within task {where}"
+            warnings.warn(f"{sum(len(g) for g in groups)} samples {what} are duplicates ({len(groups)} groups: "
+                          f"{shown}); the tests treat every sample as an independent draw, so deduplicate the "
+                          "task", UserWarning, stacklevel=2)
+    return found
+
+
 def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
                  model_info: Optional[dict] = None,
                  announce: Callable[[str], None] = lambda message: None) -> Analysis:
     """Sweeps on both tasks, interference of A × B, and its statistics (module docstring), timed per stage."""
     config = config if config is not None else AnalysisConfig()
     start = time.perf_counter()
+    duplicates = find_duplicates(task_a, task_b)
     timings: dict[str, float] = {}
     sweeps, sweep_tests, figures = {}, {}, {}
     for key, task in (("a", task_a), ("b", task_b)):
@@ -251,4 +281,4 @@ def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Opt
     timings["total_s"] = time.perf_counter() - start
     info = {"d_vocab": model_spec(model).d_vocab, **(model_info or {})}  # the headlines' chance loss needs it
     return Analysis(info, task_a, task_b, sweeps, interference, statistics, evidence, config, sweep_tests, figures,
-                    timings)
+                    duplicates, timings)

@@ -186,6 +186,7 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
         settings=analysis.config.to_dict(n_permutations_used=stats.n_permutations),
         timings_s=analysis.timings,
         warnings=analysis.warnings,
+        duplicates=analysis.duplicates,
         sweep=sweeps,
         interference=dict(variant=result.config.variant, reduction=result.config.reduction,
                           fisher_source=result.config.fisher_source, mean=result.mean,
