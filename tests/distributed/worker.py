@@ -1,0 +1,45 @@
+"""The torchrun worker of the distributed tests: ``worker.py OUT [NAME ...]`` runs every scenario (or the named
+ones) under the gloo process group torchrun describes and writes ``OUT/<name>.rank<r>.pt`` from every rank.
+
+Not collected by pytest (no ``test_`` prefix); started by ``tests/distributed/test_distributed.py``.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests.distributed.scenarios import SCENARIOS
+
+
+def count_forwarded_samples() -> list[int]:
+    """Count the samples this rank runs through the factored engine's forward/backward (a one-item list)."""
+    from tl_circuits.interference import gradients
+
+    real, count = gradients._factor_chunk, [0]
+
+    def counted(model, spec, tokens, mask):
+        count[0] += tokens.shape[0]
+        return real(model, spec, tokens, mask)
+
+    gradients._factor_chunk = counted
+    return count
+
+
+def main(out: Path, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    forwarded = count_forwarded_samples()
+    for name in names or list(SCENARIOS):
+        forwarded[0] = 0
+        result = SCENARIOS[name]()
+        result["forwarded_samples"] = torch.tensor(forwarded[0])
+        torch.save(result, out / f"{name}.rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
