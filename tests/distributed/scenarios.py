@@ -16,6 +16,7 @@ import torch
 from tests import builders
 
 QUIET = dict(progress=False)
+RANKS_ONLY = ("permutation_fresh_seed",)  # compared between the ranks only
 N_PERMUTATIONS = 199
 
 
@@ -111,6 +112,15 @@ def permutation_synthetic() -> dict:
     return _test_fields(res)
 
 
+def permutation_fresh_seed() -> dict:
+    """seed=None: fresh entropy, drawn on rank 0 and shared (compared between the ranks, not with one process)."""
+    from tl_circuits import permutation_test
+
+    m = {"V": torch.randn(8, 8, 1, 3, generator=torch.Generator().manual_seed(1))}
+    res = permutation_test(m, 3, n_permutations=50, n_bootstrap=0, seed=None, progress=False)
+    return {"permutations": res.permutations, "p_value.V": res.p_value["V"]}
+
+
 def interference_permutation() -> dict:
     from tl_circuits import interference_permutation_test
 
@@ -135,6 +145,6 @@ def conflict() -> dict:
 
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (gradients, interference_signed_a, interference_unsigned_b_tiled,
-                            interference_symmetric_loo_tiled, pooled, permutation_synthetic,
+                            interference_symmetric_loo_tiled, pooled, permutation_synthetic, permutation_fresh_seed,
                             interference_permutation, conflict)
 }

@@ -27,15 +27,30 @@ def count_forwarded_samples() -> list[int]:
     return count
 
 
+def count_null_rows() -> list[int]:
+    """Count the relabelings this rank reduces in permutation_test (a one-item list)."""
+    from tl_circuits.stats import permutation
+
+    real, count = permutation.bilinear, [0]
+
+    def counted(left, *args, **kwargs):
+        count[0] += left.shape[0]
+        return real(left, *args, **kwargs)
+
+    permutation.bilinear = counted
+    return count
+
+
 def main(out: Path, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    forwarded = count_forwarded_samples()
+    forwarded, null_rows = count_forwarded_samples(), count_null_rows()
     for name in names or list(SCENARIOS):
-        forwarded[0] = 0
+        forwarded[0] = null_rows[0] = 0
         result = SCENARIOS[name]()
         result["forwarded_samples"] = torch.tensor(forwarded[0])
+        result["null_rows"] = torch.tensor(null_rows[0])
         torch.save(result, out / f"{name}.rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 from jaxtyping import Bool
@@ -143,6 +143,29 @@ def merge_owned(values: Tensor, mine: Bool[Tensor, "..."], world: World) -> Tens
     return all_reduce_sum(values.masked_fill(~mask, 0), world)
 
 
+def split_rows(n_rows: int, tail: tuple[int, ...], dtype: torch.dtype, compute: Callable[[slice], Tensor],
+               world: World) -> Tensor:
+    """``[n_rows, *tail]`` computed ``compute(rows)`` by ``rows`` on the rank owning them (:func:`shard`), on every rank.
+
+    ``compute(slice)`` returns those rows (e.g. the permutation null of some relabelings); one process computes
+    them all at once, exactly as before.
+
+    >>> split_rows(3, (2,), torch.float64, lambda rows: torch.ones(rows.stop - rows.start, 2), World()).shape
+    torch.Size([3, 2])
+    """
+    if not world.active:
+        return compute(slice(0, n_rows))
+    mine = shard(n_rows, world)
+    full = torch.zeros((n_rows, *tail), dtype=dtype)
+    if mine.stop > mine.start:
+        part = compute(mine)
+        full = full.to(part.device)
+        full[mine] = part
+    mask = torch.zeros(n_rows, dtype=torch.bool)
+    mask[mine] = True
+    return merge_owned(full, mask, world)
+
+
 def broadcast_(t: Tensor, source: int, world: World) -> Tensor:
     """``t`` filled in place with rank ``source``'s ``t`` (same shape and dtype on every rank)."""
     if not world.active:
@@ -182,5 +205,5 @@ def barrier(world: World) -> None:
 
 
 __all__ = ["World", "current_world", "launched_by_torchrun", "init_from_environment", "shard", "owned",
-           "all_reduce_sum", "merge_owned", "broadcast_", "agreed_int", "all_succeeded", "barrier",
+           "all_reduce_sum", "merge_owned", "split_rows", "broadcast_", "agreed_int", "all_succeeded", "barrier",
            "DEFAULT_TIMEOUT_S"]
