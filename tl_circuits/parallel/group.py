@@ -145,7 +145,7 @@ def merge_owned(values: Tensor, mine: Bool[Tensor, "..."], world: World) -> Tens
 
 def split_rows(n_rows: int, tail: tuple[int, ...], dtype: torch.dtype, compute: Callable[[slice], Tensor],
                world: World) -> Tensor:
-    """``[n_rows, *tail]`` computed ``compute(rows)`` by ``rows`` on the rank owning them (:func:`shard`), on every rank.
+    """``[n_rows, *tail]``, each share of rows computed by ``compute(rows)`` on its rank (:func:`shard`), on every rank.
 
     ``compute(slice)`` returns those rows (e.g. the permutation null of some relabelings); one process computes
     them all at once, exactly as before.
