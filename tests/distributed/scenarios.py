@@ -58,13 +58,13 @@ def gradients() -> dict:
     return {f"grad.{b}": t for b, t in g.per_block.items()} | {"losses": g.losses, "n_targets": g.n_targets}
 
 
-def _interference(variant: str, source: str, loo: bool = False, tiled: bool = False) -> dict:
+def _interference(variant: str, source: str, loo: bool = False, tiled: bool = False, **changes) -> dict:
     from tl_circuits import compute_interference
 
     a, b = tasks()
     with small_tiles() if tiled else contextlib.nullcontext():
         r = compute_interference(builders.gqa(), a, b, config=config(variant=variant, fisher_source=source,
-                                                                     leave_one_out=loo))
+                                                                     leave_one_out=loo, **changes))
     out = {f"scores.{b}": s for b, s in r.scores.items()}
     assert r.fisher is not None
     return out | {f"fisher.{b}": f for b, f in r.fisher.per_block.items()}
@@ -80,6 +80,14 @@ def interference_unsigned_b_tiled() -> dict:
 
 def interference_symmetric_loo_tiled() -> dict:
     return _interference("symmetric", "pooled", loo=True, tiled=True)
+
+
+CHECKPOINT_DIR: list[str] = []  # the ranks' shard folder: set by the worker, and by the parent test to read it
+
+
+def checkpointed() -> dict:
+    """Ranks keep their shards; a single process started on that folder afterwards computes none."""
+    return _interference("signed", "pooled", checkpoint_dir=CHECKPOINT_DIR[0])
 
 
 def pooled() -> dict:
@@ -145,6 +153,6 @@ def conflict() -> dict:
 
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (gradients, interference_signed_a, interference_unsigned_b_tiled,
-                            interference_symmetric_loo_tiled, pooled, permutation_synthetic, permutation_fresh_seed,
+                            interference_symmetric_loo_tiled, checkpointed, pooled, permutation_synthetic, permutation_fresh_seed,
                             interference_permutation, conflict)
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.distributed import scenarios
 from tests.distributed.launch import REPO, torchrun
 from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 
@@ -23,6 +24,7 @@ def distributed(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     run = torchrun([str(REPO / "tests" / "distributed" / "worker.py"), str(out)])
     assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]  # the single-process run resumes from the ranks' shards
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name in SCENARIOS}
 
 
@@ -52,6 +54,18 @@ def test_samples_are_split_not_repeated(distributed):
     assert sum(counts) == 8 and max(counts) < 8, counts
     counts = [int(r["forwarded_samples"]) for r in distributed["gradients"]]
     assert sorted(counts) == [2, 3], counts  # 3 chunks of 2, 2, 1 over 2 ranks
+
+
+def test_one_process_resumes_from_the_shards_of_the_ranks(distributed, monkeypatch):
+    """The ranks wrote their shards (named by global sample range); one process finds every one of them."""
+    from tl_circuits.interference import gradients
+
+    def no_gradients(*args):
+        raise AssertionError("a gradient was computed although every shard was on disk")
+
+    monkeypatch.setattr(gradients, "_factor_chunk", no_gradients)
+    assert_same(scenarios.checkpointed(), {k: v for k, v in distributed["checkpointed"][0].items()
+                                           if k not in ("forwarded_samples", "null_rows")}, "resumed")
 
 
 def test_relabelings_are_split_not_repeated(distributed):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tests.distributed import scenarios
 from tests.distributed.scenarios import SCENARIOS
 
 
@@ -46,6 +47,7 @@ def main(out: Path, names: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     forwarded, null_rows = count_forwarded_samples(), count_null_rows()
+    scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]
     for name in names or list(SCENARIOS):
         forwarded[0] = null_rows[0] = 0
         result = SCENARIOS[name]()

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from tl_circuits.defaults import GB
 from tl_circuits.interference import memory
+from tl_circuits.interference.checkpoint import task_checkpoint
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
 from tl_circuits.interference.fisher import FISHER_DTYPE, DiagonalFisher
 from tl_circuits.interference.gradients import (
@@ -110,9 +111,17 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
         t0 = time.perf_counter()
         # the sample shards: in a process group each rank computes its own and receives the others'
         chunks = sample_chunks(n, plan.engine_chunk)
+        todo, shards = own_chunks(chunks, world), None
+        if cfg.checkpoint_dir is not None:  # resume: read the finished shards, compute the rest (and keep them)
+            settings = {"include_biases": cfg.include_biases, "method": "factored", "chunk": plan.engine_chunk}
+            shards = task_checkpoint(cfg.checkpoint_dir, model, task.tokens, task.mask, task.what, settings)
+            mine, (todo, bad) = todo, shards.restore(store, todo)
+            bar.update(sum(sl.stop - sl.start for sl in mine) - sum(sl.stop - sl.start for sl in todo))
         for sl, factors, bad_ids in gradient_chunks(model, task.tokens, task.mask, gcfg, task.what, factors=True,
-                                                    chunk=plan.engine_chunk, chunks=own_chunks(chunks, world)):
+                                                    chunk=plan.engine_chunk, chunks=todo):
             store.put(sl.start, factors)  # type: ignore[arg-type]
+            if shards is not None:
+                shards.save(store, sl, bad_ids)
             bad += bad_ids
             bar.update(sl.stop - sl.start)
         bad = bad_samples(bad, n, world)
