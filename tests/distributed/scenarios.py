@@ -153,6 +153,6 @@ def conflict() -> dict:
 
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (gradients, interference_signed_a, interference_unsigned_b_tiled,
-                            interference_symmetric_loo_tiled, checkpointed, pooled, permutation_synthetic, permutation_fresh_seed,
-                            interference_permutation, conflict)
+                            interference_symmetric_loo_tiled, checkpointed, pooled, permutation_synthetic,
+                            permutation_fresh_seed, interference_permutation, conflict)
 }

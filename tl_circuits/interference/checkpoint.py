@@ -1,10 +1,11 @@
 """Resuming a long interference run: finished sample shards are kept on disk and a restarted run skips them.
 
-With ``InterferenceConfig(checkpoint_dir=...)`` the gradient pass (:func:`tl_circuits.interference.engine.gradient_pass`)
-writes the gradient factors of every sample shard it finishes to ``<checkpoint_dir>/<key>/samples_<a>-<b>.safetensors``
-(atomically: a temporary file renamed into place), and a later run with the same key reads them back instead of
-computing them again. Ranks of a process group write their own shards into the same folder, and any rank (or a
-single process) can read any shard: shards are named by their global sample range.
+With ``InterferenceConfig(checkpoint_dir=...)`` the gradient pass
+(:func:`tl_circuits.interference.engine.gradient_pass`) writes the gradient factors of every sample shard it
+finishes to ``<checkpoint_dir>/<key>/samples_<a>-<b>.safetensors`` (atomically: a temporary file renamed into
+place), and a later run with the same key reads them back instead of computing them again. Ranks of a process group
+write their own shards into the same folder, and any rank (or a single process) can read any shard: shards are
+named by their global sample range.
 
 The *key* is a hash of everything the factors depend on: every parameter of the model (names, shapes, dtypes and
 values), the names of the hook points that carry forward hooks (a freeze), the task's tokens and attention mask and
