@@ -151,8 +151,36 @@ def conflict() -> dict:
             for b, t in getattr(res, name).items()}
 
 
+def _sweep(replacement: str) -> dict:
+    from tl_circuits import freeze_sweep
+
+    tokens, _ = tasks(n_a=3)
+    model = builders.mha()
+    reference = None
+    if replacement == "mean":
+        from tl_circuits.freezing.references import compute_mean_activations
+
+        reference = compute_mean_activations(model, tokens, progress=False)
+    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, max_batch_rows=9, seed=3,
+                       progress=False)  # 3 copies per pass: 3 passes per layer, 6 items over 2 ranks
+    return {f"frozen.{c}": t for c, t in res.frozen.items()} | {"clean": torch.tensor(res.clean)}
+
+
+def sweep_zero() -> dict:
+    return _sweep("zero")
+
+
+def sweep_mean() -> dict:
+    return _sweep("mean")
+
+
+def sweep_noise() -> dict:
+    return _sweep("noise")
+
+
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (gradients, interference_signed_a, interference_unsigned_b_tiled,
                             interference_symmetric_loo_tiled, checkpointed, pooled, permutation_synthetic,
-                            permutation_fresh_seed, interference_permutation, conflict)
+                            permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean,
+                            sweep_noise)
 }

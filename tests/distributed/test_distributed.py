@@ -15,6 +15,7 @@ from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 
 pytestmark = pytest.mark.needs_hooked_transformer
 RTOL = 1e-5
+COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards")  # work done per rank, not results
 EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_targets")
 
 
@@ -42,7 +43,7 @@ def assert_same(got: dict, want: dict, where: str) -> None:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_every_rank_gets_the_single_process_result(distributed, name):
-    results = [{k: v for k, v in r.items() if k not in ("forwarded_samples", "null_rows")} for r in distributed[name]]
+    results = [{k: v for k, v in r.items() if k not in COUNTS} for r in distributed[name]]
     single = SCENARIOS[name]() if name not in RANKS_ONLY else results[0]
     for rank, result in enumerate(results):
         assert_same(result, single, f"{name}, rank {rank}")
@@ -56,6 +57,12 @@ def test_samples_are_split_not_repeated(distributed):
     assert sorted(counts) == [2, 3], counts  # 3 chunks of 2, 2, 1 over 2 ranks
 
 
+def test_sweep_variants_are_split_not_repeated(distributed):
+    """2 layers × 3 stacked passes: 3 passes per rank (ZERO); NOISE draws one stream, so every rank runs all 6."""
+    assert [int(r["sweep_forwards"]) for r in distributed["sweep_zero"]] == [3, 3]
+    assert [int(r["sweep_forwards"]) for r in distributed["sweep_noise"]] == [6, 6]
+
+
 def test_one_process_resumes_from_the_shards_of_the_ranks(distributed, monkeypatch):
     """The ranks wrote their shards (named by global sample range); one process finds every one of them."""
     from tl_circuits.interference import gradients
@@ -65,7 +72,7 @@ def test_one_process_resumes_from_the_shards_of_the_ranks(distributed, monkeypat
 
     monkeypatch.setattr(gradients, "_factor_chunk", no_gradients)
     assert_same(scenarios.checkpointed(), {k: v for k, v in distributed["checkpointed"][0].items()
-                                           if k not in ("forwarded_samples", "null_rows")}, "resumed")
+                                           if k not in COUNTS}, "resumed")
 
 
 def test_relabelings_are_split_not_repeated(distributed):
@@ -81,3 +88,6 @@ def test_results_are_not_trivial(distributed):
     assert torch.isfinite(scores).all() and scores.std() > 0
     p = distributed["permutation_synthetic"][0]["p_value.Q"]
     assert float(p.min()) < 0.05 < float(p.max())
+    for circuit in ("qk", "ov"):  # every cell of the merged sweep grid was run by some rank
+        frozen = distributed["sweep_zero"][1][f"frozen.{circuit}"]
+        assert torch.isfinite(frozen).all() and frozen.std() > 0

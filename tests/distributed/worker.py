@@ -42,17 +42,32 @@ def count_null_rows() -> list[int]:
     return count
 
 
+def count_sweep_forwards() -> list[int]:
+    """Count this rank's stacked forwards of the freeze sweep (a one-item list)."""
+    from tl_circuits.freezing import sweep
+
+    real, count = sweep._stacked_hooks, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    sweep._stacked_hooks = counted
+    return count
+
+
 def main(out: Path, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    forwarded, null_rows = count_forwarded_samples(), count_null_rows()
+    forwarded, null_rows, sweep_forwards = count_forwarded_samples(), count_null_rows(), count_sweep_forwards()
     scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]
     for name in names or list(SCENARIOS):
-        forwarded[0] = null_rows[0] = 0
+        forwarded[0] = null_rows[0] = sweep_forwards[0] = 0
         result = SCENARIOS[name]()
         result["forwarded_samples"] = torch.tensor(forwarded[0])
         result["null_rows"] = torch.tensor(null_rows[0])
+        result["sweep_forwards"] = torch.tensor(sweep_forwards[0])
         torch.save(result, out / f"{name}.rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

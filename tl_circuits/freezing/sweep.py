@@ -49,6 +49,7 @@ from tl_circuits.freezing.options import (
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.sweep import SweepShare
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -263,9 +264,12 @@ def freeze_sweep(
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
         clean = float(metric(clean_logits))  # type: ignore[arg-type]  # run_with_cache's return type is loose
         del clean_logits
-        bar = tqdm(total=spec.n_layers * len(passes), desc="freeze sweep", disable=not progress)
+        share = SweepShare(spec.n_layers * len(passes), divisible=replacement != Replacement.NOISE)  # over ranks
+        bar = tqdm(total=share.n_mine, desc="freeze sweep", disable=not progress)
         for layer in range(spec.n_layers):
             for chunk in passes:
+                if not share.take(layer, chunk):
+                    continue
                 hooks = _stacked_hooks(model, spec, layer, chunk, batch, replacement, references, noise_scale,
                                        generator)
                 with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
@@ -278,6 +282,7 @@ def freeze_sweep(
                 del logits
                 bar.update()
         bar.close()
+    frozen = share.merge(frozen)
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch)
     return SweepResult(clean=clean, frozen=frozen, replacement=replacement.value, metric_name=metric_name,
