@@ -54,7 +54,7 @@ def share_factor_chunks(store: FactorStore, chunks: Sequence[slice], world: Worl
         if world.rank == source:
             values = {name: t.contiguous() for name, t in store.read(sl).items()}
         else:
-            values = {name: torch.empty(shape) for name, shape in store.shapes(n).items()}
+            values = {name: torch.empty(shape, device=world.device) for name, shape in store.shapes(n).items()}
         for t in values.values():
             broadcast_(t, source, world)
         if world.rank != source:
