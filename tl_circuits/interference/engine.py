@@ -12,8 +12,10 @@ permutation and conflict tests) both run :func:`run_engine`:
    (or, when the tiles cannot hold all rows at once, from one extra pass over them), and the matrix is
    filled in *score tiles* of ``plan.tile_left × plan.tile_right`` samples, one batched contraction each.
 
-The shards and tiles are the seam where a distributed run splits the work: shards across ranks (the
-Fisher sums all-reduced), tiles across ranks (the score blocks gathered). :mod:`~tl_circuits.interference.memory`
+The shards and tiles are where a distributed run splits the work (:mod:`tl_circuits.parallel`, docs/spec.md
+"Distributed runs"): shards across ranks (the factors broadcast by their owner, the Fisher sums all-reduced), bands
+of tiles across ranks (the score blocks merged exactly). With ``checkpoint_dir`` finished shards are kept and a
+restarted run skips them (:mod:`~tl_circuits.interference.checkpoint`). :mod:`~tl_circuits.interference.memory`
 makes the plan (``result.settings['plan']``).
 
 >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
