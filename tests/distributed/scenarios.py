@@ -82,6 +82,16 @@ def interference_symmetric_loo_tiled() -> dict:
     return _interference("symmetric", "pooled", loo=True, tiled=True)
 
 
+def interference_external_fisher() -> dict:
+    """An external Fisher (itself from split per-sample gradients of task B), unsigned, mean reduction."""
+    from tl_circuits import GradientConfig, compute_interference, fisher_from_gradients, per_sample_gradients
+
+    model, (a, b) = builders.gqa(), tasks()
+    fisher = fisher_from_gradients(per_sample_gradients(model, b, config=GradientConfig(chunk_size=2, **QUIET)))
+    r = compute_interference(model, a, b, config=config(variant="unsigned", reduction="mean"), fisher=fisher)
+    return {f"scores.{k}": s for k, s in r.scores.items()}
+
+
 CHECKPOINT_DIR: list[str] = []  # the ranks' shard folder: set by the worker, and by the parent test to read it
 
 
@@ -179,8 +189,8 @@ def sweep_noise() -> dict:
 
 
 SCENARIOS: dict[str, Callable[[], dict]] = {
-    f.__name__: f for f in (gradients, interference_signed_a, interference_unsigned_b_tiled,
-                            interference_symmetric_loo_tiled, checkpointed, pooled, permutation_synthetic,
-                            permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean,
-                            sweep_noise)
+    f.__name__: f for f in (
+        gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
+        interference_external_fisher, checkpointed, pooled, permutation_synthetic, permutation_fresh_seed,
+        interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise)
 }

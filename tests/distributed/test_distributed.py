@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.distributed import scenarios
-from tests.distributed.launch import REPO, torchrun
+from tests.distributed.launch import REPO, busy_port, torchrun
 from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 
 pytestmark = pytest.mark.needs_hooked_transformer
@@ -23,7 +23,8 @@ EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_t
 def distributed(tmp_path_factory):
     """{scenario: [rank 0's result, rank 1's result]} from one torchrun launch."""
     out = tmp_path_factory.mktemp("distributed")
-    run = torchrun([str(REPO / "tests" / "distributed" / "worker.py"), str(out)])
+    with busy_port(29500):  # torchrun's default port taken: --standalone must find another
+        run = torchrun([str(REPO / "tests" / "distributed" / "worker.py"), str(out)])
     assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]  # the single-process run resumes from the ranks' shards
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name in SCENARIOS}

@@ -86,3 +86,11 @@ def test_a_torn_shard_is_recomputed(tmp_path, forwarded):
     forwarded[0] = 0
     again = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
     assert forwarded[0] == 2 and torch.equal(again.scores["Q"], reference.scores["Q"])
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    model, (a, b) = builders.gqa(), tasks()
+    path = tmp_path / "not_a_folder"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir .*not_a_folder: cannot make the shard folder"):
+        compute_interference(model, a, b, config=config(checkpoint_dir=str(path)))
