@@ -92,6 +92,15 @@ def interference_external_fisher() -> dict:
     return {f"scores.{k}": s for k, s in r.scores.items()}
 
 
+def interference_single_sample_a() -> dict:
+    """Task A of one sample: rank 1 has no chunk of A and no band of tiles, and still takes part (Fisher of B)."""
+    from tl_circuits import compute_interference
+
+    a, b = tasks(n_a=1, n_b=3)
+    r = compute_interference(builders.mha(), a, b, config=config(fisher_source="pooled"))
+    return {f"scores.{k}": s for k, s in r.scores.items()}
+
+
 CHECKPOINT_DIR: list[str] = []  # the ranks' shard folder: set by the worker, and by the parent test to read it
 
 
@@ -191,6 +200,6 @@ def sweep_noise() -> dict:
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
-        interference_external_fisher, checkpointed, pooled, permutation_synthetic, permutation_fresh_seed,
-        interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise)
+        interference_external_fisher, interference_single_sample_a, checkpointed, pooled, permutation_synthetic,
+        permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise)
 }
