@@ -298,9 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if options.list_models:
         print(list_models_text())
         return EXIT_OK
-    where = ""
+    where, joined = "", False
     try:
-        options = _join_ranks(options)
+        options, joined = _join_ranks(options)
         where = f"{current_world().describe()}: " if current_world().active else ""
         run(options)
     except CommandError as err:
@@ -316,22 +316,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {where}{type(err).__name__}: {_one_line(err)}; no report written{hint}",
               file=sys.stderr)
         return EXIT_FAILURE
-    if current_world().active:
+    if joined:  # the group this run made (not one the caller had made)
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return EXIT_OK
 
 
-def _join_ranks(options: CommandOptions) -> CommandOptions:
-    """Under torchrun: join the process group (its device's backend, ``--dist-timeout``); only rank 0 talks."""
+def _join_ranks(options: CommandOptions) -> tuple[CommandOptions, bool]:
+    """Under torchrun: join the process group (its device's backend, ``--dist-timeout``); only rank 0 talks.
+
+    Returns the options of this rank and whether this call made the group (an existing one is used as it is).
+    """
+    import torch.distributed as dist
+
     if not launched_by_torchrun():
-        return options
+        return options, False
+    made = not dist.is_initialized()
     try:
         world = init_from_environment(_device(options.device), options.dist_timeout)
     except (RuntimeError, ValueError) as err:
         raise CommandError(f"cannot join the torchrun process group: {_one_line(err)}") from None
-    return options if world.is_main else dataclasses.replace(options, quiet=True)
+    return (options if world.is_main else dataclasses.replace(options, quiet=True)), made
 
 
 if __name__ == "__main__":
