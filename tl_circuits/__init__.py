@@ -59,6 +59,7 @@ from tl_circuits.interference.gradients import per_sample_gradients
 from tl_circuits.interference.result import Conflict, InterferenceResult
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
+from tl_circuits.parallel import World, current_world, init_from_environment
 from tl_circuits.plotting import plot_blocks, plot_heads
 from tl_circuits.stats import (
     BootstrapCI,
@@ -94,6 +95,7 @@ __all__ = [
     "conflict_test",
     "ConflictTestResult",
     "counting_batch",
+    "current_world",
     "damped",
     "DiagonalFisher",
     "distinct_batch",
@@ -113,6 +115,7 @@ __all__ = [
     "head_detector_scores",
     "in_context_accuracy",
     "in_context_loss",
+    "init_from_environment",
     "induction_batch",
     "interference_conflict_test",
     "interference_permutation_test",
@@ -150,4 +153,5 @@ __all__ = [
     "SweepTestResult",
     "task_tokenizer",
     "TaskBatch",
+    "World",
 ]

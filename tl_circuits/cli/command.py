@@ -27,11 +27,18 @@ Errors in what the user gave (a missing file, an empty task, an unknown model, t
 tokenizer, token ids outside the vocabulary, an occupied output directory) end the run with exit status 2 and
 one line on stderr; any other failure with status 1 and one line (``--traceback`` shows the traceback).
 Nothing is written unless the whole run succeeds.
+
+Under ``torchrun --nproc_per_node=N -m tl_circuits ...`` every rank runs the main job, its heavy calls split over
+the ranks (docs/spec.md, "Distributed runs"): gloo on CPUs, NCCL and GPU ``LOCAL_RANK`` per rank with ``--device
+cuda``. Rank 0 alone prints progress and writes the report, once every rank has reached the end (one collective,
+bounded by ``--dist-timeout``). A rank that fails prints its error with its rank and exits 1; torchrun then stops
+the others, and no report is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -54,6 +61,13 @@ from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: 
 )
 from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, write_report
 from tl_circuits.interference.config import VARIANTS, GradientConfig, InterferenceConfig
+from tl_circuits.parallel.group import (
+    DEFAULT_TIMEOUT_S,
+    all_succeeded,
+    current_world,
+    init_from_environment,
+    launched_by_torchrun,
+)
 
 PROG = "tl-circuits"
 DEFAULT_OUT = "tl_circuits_report"
@@ -84,6 +98,7 @@ class CommandOptions:
     list_models: bool
     traceback: bool
     bridge: bool = False
+    dist_timeout: float = DEFAULT_TIMEOUT_S
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
@@ -181,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the model as a TransformerLens TransformerBridge (bundled models and checkpoints: a native "
              "bridge with the same weights; pretrained names: TransformerBridge.boot_transformers). Always on "
              "with TransformerLens 4.x, which has no HookedTransformer")
+    add("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+        help="under torchrun: seconds a rank waits for the others in a collective before the run fails "
+             f"(default {DEFAULT_TIMEOUT_S:g})")
     add("--list-models", action="store_true", help="list the bundled models and exit")
     add("--traceback", action="store_true", help="on an unexpected failure, print the full traceback")
     return parser
@@ -208,6 +226,8 @@ def _device(requested: Optional[str]) -> str:
         raise CommandError(f"--device {requested!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {requested}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None and launched_by_torchrun():  # one GPU per rank
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return requested
 
 
@@ -247,6 +267,11 @@ def run(options: CommandOptions) -> Path:
     analysis.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
     for message in analysis.warnings:
         _say(options, f"warning: {message}")
+    world = current_world()
+    if not all_succeeded(True, world):  # the commit point: every rank got here (a failed one never does)
+        raise RuntimeError("another rank failed; no report written")
+    if not world.is_main:
+        return options.out
     _say(options, f"writing {options.out}")
     writing = time.perf_counter()
     write_report(analysis, options.out)
@@ -273,10 +298,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if options.list_models:
         print(list_models_text())
         return EXIT_OK
+    where, joined = "", False
     try:
+        options, joined = _join_ranks(options)
+        where = f"{current_world().describe()}: " if current_world().active else ""
         run(options)
     except CommandError as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {where}{_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no report written", file=sys.stderr)
@@ -285,9 +313,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if options.traceback:
             traceback.print_exc()
         hint = "" if options.traceback else " (rerun with --traceback for details)"
-        print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)}; no report written{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {where}{type(err).__name__}: {_one_line(err)}; no report written{hint}",
+              file=sys.stderr)
         return EXIT_FAILURE
+    if joined:  # the group this run made (not one the caller had made)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return EXIT_OK
+
+
+def _join_ranks(options: CommandOptions) -> tuple[CommandOptions, bool]:
+    """Under torchrun: join the process group (its device's backend, ``--dist-timeout``); only rank 0 talks.
+
+    Returns the options of this rank and whether this call made the group (an existing one is used as it is).
+    """
+    import torch.distributed as dist
+
+    if not launched_by_torchrun():
+        return options, False
+    made = not dist.is_initialized()
+    try:
+        world = init_from_environment(_device(options.device), options.dist_timeout)
+    except (RuntimeError, ValueError) as err:
+        raise CommandError(f"cannot join the torchrun process group: {_one_line(err)}") from None
+    return (options if world.is_main else dataclasses.replace(options, quiet=True)), made
 
 
 if __name__ == "__main__":

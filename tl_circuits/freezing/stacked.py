@@ -21,6 +21,7 @@ from tl_circuits.freezing.options import Circuit, GradientMode, Replacement
 from tl_circuits.freezing.references import PreparedReference
 from tl_circuits.models.spec import ModelSpec
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.sweep import SweepShare
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,14 @@ def sweep_draw(
     draw: DrawSettings,
     per_sample: bool,
     bar,
+    share: Optional[SweepShare] = None,
 ) -> dict[str, Tensor]:
     """The frozen metric of every (circuit, layer, head) for one draw: circuit -> [L, H] (or [N, L, H] per sample).
 
     ``cache`` holds the clean run's ``resid_pre`` of every layer (when the model restarts at a layer);
     ``passes``: the (circuit, head) copies stacked in each forward of a layer. Cells not run stay NaN.
+    ``share``: under a process group, which (layer, pass) items this rank runs (:class:`SweepShare`; the caller
+    merges the grids).
     """
     batch = tokens.shape[0]
     circuits = dict.fromkeys(c for chunk in passes for c, _ in chunk)
@@ -79,6 +83,8 @@ def sweep_draw(
               for c in circuits}
     for layer in range(spec.n_layers):
         for chunk in passes:
+            if share is not None and not share.take(layer, chunk):
+                continue
             hooks = _stacked_hooks(model, spec, layer, chunk, batch, draw)
             with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
                 if spec.starts_at_layer:

@@ -60,6 +60,7 @@ from tl_circuits.freezing.sweep_io import (
 )
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.sweep import SweepShare
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -250,10 +251,15 @@ def freeze_sweep(
         clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        with tqdm(total=len(seeds) * spec.n_layers * len(passes), desc="freeze sweep", disable=not progress) as bar:
+        n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks (not NOISE)
+        divisible = replacement != Replacement.NOISE
+        n_mine = SweepShare(n_items, divisible=divisible).n_mine
+        with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
                 draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
-                draws_frozen.append(sweep_draw(model, spec, tokens, cache, metric, passes, draw, per_sample, bar))
+                share = SweepShare(n_items, divisible=divisible)
+                draws_frozen.append(share.merge(sweep_draw(model, spec, tokens, cache, metric, passes, draw,
+                                                           per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, per_sample=per_sample,
                     n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None)

@@ -92,6 +92,9 @@ class InterferenceConfig:
             (the rest is spilled to disk); ``None``: as many as the budget allows.
         spill_dir: folder for the temporary spill file (a fresh sub-folder, removed on every exit path);
             ``None``: the system's temporary folder.
+        checkpoint_dir: keep every finished shard of gradient factors here, and skip the shards already there
+            when a run with the same model, tasks and gradient settings is started again (resume;
+            :mod:`tl_circuits.interference.checkpoint`). ``None`` (default): nothing is kept.
 
     The old flat keywords ``include_biases``, ``memory_budget_gb``, ``chunk_size`` and ``progress`` are
     still accepted (deprecated: they go into ``gradients``) and readable as properties.
@@ -106,11 +109,13 @@ class InterferenceConfig:
     damping_rel: float = DAMPING_REL
     max_held_samples: Optional[int] = None
     spill_dir: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
 
     def __init__(self, gradients: Optional[GradientConfig] = None, variant: str = defaults.VARIANT,
                  reduction: str = defaults.REDUCTION, fisher_source: Optional[str] = None,
                  leave_one_out: bool = False, damping_abs: float = DAMPING_ABS, damping_rel: float = DAMPING_REL,
-                 max_held_samples: Optional[int] = None, spill_dir: Optional[str] = None, **legacy: Any):
+                 max_held_samples: Optional[int] = None, spill_dir: Optional[str] = None,
+                 checkpoint_dir: Optional[str] = None, **legacy: Any):
         unknown = set(legacy) - set(_LEGACY_GRADIENT_FIELDS)
         if unknown:
             raise TypeError(f"InterferenceConfig got unexpected keyword argument(s) {sorted(unknown)}")
@@ -123,7 +128,8 @@ class InterferenceConfig:
             gradients = dataclasses.replace(gradients, **legacy)
         values = dict(gradients=gradients, variant=variant, reduction=reduction, fisher_source=fisher_source,
                       leave_one_out=leave_one_out, damping_abs=damping_abs, damping_rel=damping_rel,
-                      max_held_samples=max_held_samples, spill_dir=spill_dir)
+                      max_held_samples=max_held_samples, spill_dir=spill_dir,
+                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
         for name, value in values.items():
             object.__setattr__(self, name, value)
         self._check()

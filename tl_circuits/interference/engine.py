@@ -12,8 +12,10 @@ permutation and conflict tests) both run :func:`run_engine`:
    (or, when the tiles cannot hold all rows at once, from one extra pass over them), and the matrix is
    filled in *score tiles* of ``plan.tile_left × plan.tile_right`` samples, one batched contraction each.
 
-The shards and tiles are the seam where a distributed run splits the work: shards across ranks (the
-Fisher sums all-reduced), tiles across ranks (the score blocks gathered). :mod:`~tl_circuits.interference.memory`
+The shards and tiles are where a distributed run splits the work (:mod:`tl_circuits.parallel`, docs/spec.md
+"Distributed runs"): shards across ranks (the factors broadcast by their owner, the Fisher sums all-reduced), bands
+of tiles across ranks (the score blocks merged exactly). With ``checkpoint_dir`` finished shards are kept and a
+restarted run skips them (:mod:`~tl_circuits.interference.checkpoint`). :mod:`~tl_circuits.interference.memory`
 makes the plan (``result.settings['plan']``).
 
 >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -34,6 +36,7 @@ makes the plan (``result.settings['plan']``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import ExitStack
@@ -47,15 +50,24 @@ from tqdm.auto import tqdm
 
 from tl_circuits.defaults import GB
 from tl_circuits.interference import memory
+from tl_circuits.interference.checkpoint import task_checkpoint
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
 from tl_circuits.interference.fisher import FISHER_DTYPE, DiagonalFisher
-from tl_circuits.interference.gradients import engine_bytes, gradient_chunks, resolve_method, shared_qkv_input
+from tl_circuits.interference.gradients import (
+    engine_bytes,
+    gradient_chunks,
+    resolve_method,
+    sample_chunks,
+    shared_qkv_input,
+)
 from tl_circuits.interference.inputs import non_finite_error, prepare_inputs
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.interference.scoring import Scorer, Workspace, rows_into, sum_squares
 from tl_circuits.interference.store import FactorStore, SampleSet
 from tl_circuits.models.spec import BLOCKS, Block, ModelSpec, model_spec
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import World, current_world
+from tl_circuits.parallel.shards import bad_samples, own_chunks, share_factor_chunks
 
 
 @dataclass(frozen=True)
@@ -78,13 +90,16 @@ def release_free_memory() -> None:
 
 
 def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg: InterferenceConfig,
-                  plan: memory.MemoryPlan, stack: ExitStack, timings: dict) -> list[FactorStore]:
+                  plan: memory.MemoryPlan, stack: ExitStack, timings: dict,
+                  world: Optional[World] = None) -> list[FactorStore]:
     """Each task's gradient factors, each sample computed once, in shards of ``plan.engine_chunk`` samples.
 
-    Raises ValueError after a task's pass naming every sample with NaN/inf gradients. The stores are
-    closed by ``stack`` (every exit path).
+    In a process group each rank computes its own shards and then receives the others' (every rank ends
+    with every sample's factors). Raises ValueError after a task's pass naming every sample with NaN/inf
+    gradients. The stores are closed by ``stack`` (every exit path).
     """
     device = next(model.parameters()).device
+    world = world or World()
     stores = []
     bar = stack.enter_context(tqdm(total=sum(t.tokens.shape[0] for t in tasks), unit="sample",
                                    desc="interference: per-sample gradients", disable=not cfg.progress))
@@ -96,12 +111,24 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
                                                 directory=cfg.spill_dir, device=device))
         bad: list[int] = []
         t0 = time.perf_counter()
-        # the sample shards: a distributed run gives each rank its share of these and gathers the stores
+        # the sample shards: in a process group each rank computes its own and receives the others'
+        chunks = sample_chunks(n, plan.engine_chunk)
+        todo, shards = own_chunks(chunks, world), None
+        if cfg.checkpoint_dir is not None:  # resume: read the finished shards, compute the rest (and keep them)
+            settings = {"include_biases": cfg.include_biases, "method": "factored", "chunk": plan.engine_chunk}
+            shards = task_checkpoint(cfg.checkpoint_dir, model, task.tokens, task.mask, task.what, settings)
+            mine, (todo, bad) = todo, shards.restore(store, todo)
+            bar.update(sum(sl.stop - sl.start for sl in mine) - sum(sl.stop - sl.start for sl in todo))
         for sl, factors, bad_ids in gradient_chunks(model, task.tokens, task.mask, gcfg, task.what, factors=True,
-                                                    chunk=plan.engine_chunk):
+                                                    chunk=plan.engine_chunk, chunks=todo):
             store.put(sl.start, factors)  # type: ignore[arg-type]
+            if shards is not None:
+                shards.save(store, sl, bad_ids)
             bad += bad_ids
             bar.update(sl.stop - sl.start)
+        bad = bad_samples(bad, n, world)
+        if not bad:
+            share_factor_chunks(store, chunks, world)
         timings["gradients_s"] += time.perf_counter() - t0
         if bad:
             raise non_finite_error(bad, task.what)
@@ -224,24 +251,30 @@ def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: Interfer
                            chunk_size=cfg.chunk_size, max_held_samples=cfg.max_held_samples)
     timings = {"gradients_s": 0.0, "scoring_s": 0.0}
     device = next(model.parameters()).device
+    world = current_world()
+    scoring = score_pass
+    if world.active:  # score tiles split over the ranks, the Fisher all-reduced
+        from tl_circuits.parallel.scores import distributed_score_pass
+
+        scoring = functools.partial(distributed_score_pass, world=world)
     with torch.no_grad(), ExitStack() as stack:
-        stores = gradient_pass(model, spec, [task_a, task_b], cfg, plan, stack, timings)
+        stores = gradient_pass(model, spec, [task_a, task_b], cfg, plan, stack, timings, world)
         release_free_memory()
         if pooled:
             both = SampleSet(stores)
-            scores, used = score_pass(spec, both, both, cfg, plan, fisher_sides=(True, True), external=fisher,
-                                      same_sides=True, device=device, timings=timings, stack=stack)
+            scores, used = scoring(spec, both, both, cfg, plan, fisher_sides=(True, True), external=fisher,
+                                   same_sides=True, device=device, timings=timings, stack=stack)
         else:
             sides = (source in ("a", "pooled"), source in ("b", "pooled"))
-            scores, used = score_pass(spec, SampleSet(stores[:1]), SampleSet(stores[1:]), cfg, plan,
-                                      fisher_sides=sides, external=fisher, same_sides=False, device=device,
-                                      timings=timings, stack=stack)
+            scores, used = scoring(spec, SampleSet(stores[:1]), SampleSet(stores[1:]), cfg, plan,
+                                   fisher_sides=sides, external=fisher, same_sides=False, device=device,
+                                   timings=timings, stack=stack)
     release_free_memory()
     settings = {
         "n_a": n_a, "n_b": n_b, "fisher_n_samples": used.n_samples, "fisher_source": source,
         "n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "grouped": spec.grouped,
         "params_per_head": {b: spec.n_params_per_head(b, cfg.include_biases) for b in BLOCKS},
-        "plan": plan.to_dict(), "timings": timings,
+        "plan": plan.to_dict(), "timings": timings, **({"world_size": world.size} if world.active else {}),
     }
     return scores, used, settings
 

@@ -37,7 +37,7 @@ before.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
@@ -68,6 +68,8 @@ from tl_circuits.models.spec import (
     register_factor_hooks,
 )
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import current_world
+from tl_circuits.parallel.shards import bad_samples, gather_gradient_chunks, own_chunks
 
 Part = Union[PerSampleGradients, GradientFactors]
 
@@ -135,12 +137,18 @@ def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor) -
     return found, losses.detach()
 
 
+def sample_chunks(n: int, chunk: int) -> list[slice]:
+    """The chunks of ``n`` samples, ``chunk`` at a time: the sample shards a distributed run hands out."""
+    return [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+
+
 def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, chunk: int,
-                  include_biases: bool) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
-    """Yield ``(samples, GradientFactors, losses)`` chunk by chunk (the ``"factored"`` engine)."""
+                  include_biases: bool, chunks: Optional[Sequence[slice]] = None,
+                  ) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
+    """Yield ``(samples, GradientFactors, losses)`` chunk by chunk (the ``"factored"`` engine); ``chunks``: only
+    these sample slices (default: all, ``chunk`` at a time)."""
     n, n_pos = tokens.shape
-    for start in range(0, n, chunk):
-        sl = slice(start, min(n, start + chunk))
+    for sl in chunks if chunks is not None else sample_chunks(n, chunk):
         parts, loss_parts = [], []
         for rows, positions in sample_groups(spec, mask[sl]):
             t, m = group_inputs(tokens[sl], mask[sl], rows, positions)
@@ -164,7 +172,8 @@ def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
 
 
 def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, chunk: int,
-                  include_biases: bool) -> Iterator[tuple[slice, PerSampleGradients, Tensor]]:
+                  include_biases: bool, chunks: Optional[Sequence[slice]] = None,
+                  ) -> Iterator[tuple[slice, PerSampleGradients, Tensor]]:
     """Yield ``(samples, PerSampleGradients, losses)``: ``vmap(grad)`` w.r.t. the attention weights themselves."""
     try:
         names = spec.attention_param_names(include_biases)
@@ -181,8 +190,7 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
         return loss, loss.detach()
 
     grad_fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
-    for start in range(0, tokens.shape[0], chunk):
-        sl = slice(start, min(tokens.shape[0], start + chunk))
+    for sl in chunks if chunks is not None else sample_chunks(tokens.shape[0], chunk):
         parts = []
         for rows, positions in sample_groups(spec, mask[sl]):
             with torch.no_grad():  # grad() ignores the outer no_grad; no autograd graph is kept around it
@@ -208,11 +216,13 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
 
 
 def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: GradientConfig, what: str,
-                    factors: bool = False, chunk: Optional[int] = None) -> Iterator[tuple[slice, Part, list[int]]]:
+                    factors: bool = False, chunk: Optional[int] = None,
+                    chunks: Optional[Sequence[slice]] = None) -> Iterator[tuple[slice, Part, list[int]]]:
     """Yield ``(samples, PerSampleGradients or GradientFactors, ids of NaN/inf samples)`` chunk by chunk.
 
     Never raises on NaN/inf (callers decide); ``factors=True`` needs the factored engine. ``chunk``: samples
-    per forward (default: ``config.chunk_size`` or from the budget).
+    per forward (default: ``config.chunk_size`` or from the budget); ``chunks``: compute only these sample
+    slices (a rank's share of :func:`sample_chunks`; default all).
     """
     spec = prepare_inputs(model, tokens, mask, what, config.method)[0]
     method = resolve_method(model, config.method)
@@ -226,10 +236,11 @@ def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: Gradient
         per_sample, config.memory_budget_gb * GB)
     engine = factor_chunks if method == "factored" else direct_chunks
     n_targets = valid_targets(mask).sum(1).long().cpu()
-    bar = tqdm(total=n, desc=f"per-sample gradients ({what})", unit="sample", disable=not config.progress,
+    total = n if chunks is None else sum(sl.stop - sl.start for sl in chunks)
+    bar = tqdm(total=total, desc=f"per-sample gradients ({what})", unit="sample", disable=not config.progress,
                leave=False)
     try:
-        for sl, part, losses in engine(model, spec, tokens, mask, chunk, config.include_biases):
+        for sl, part, losses in engine(model, spec, tokens, mask, chunk, config.include_biases, chunks):
             bad = ~torch.isfinite(losses)
             tensors = (part.per_block.values() if isinstance(part, PerSampleGradients)
                        else [*part.inputs.values(), *part.out_grads.values(), part.z])
@@ -311,11 +322,21 @@ def per_sample_gradients(
             f"memory_budget_gb={config.memory_budget_gb}; raise the budget, or stream with "
             "iter_per_sample_gradients / compute_interference"
         )
-    parts, bad = [], []
-    for _, g, bad_ids in gradient_chunks(model, tokens, mask, config, "tokens", chunk=chunk):
+    world = current_world()
+    chunks = sample_chunks(n, chunk)  # a distributed run: each rank its own chunks, then every chunk everywhere
+    mine = dict(zip(range(world.rank, len(chunks), world.size), own_chunks(chunks, world)))
+    parts, bad, computed = [], [], {}
+    for sl, g, bad_ids in gradient_chunks(model, tokens, mask, config, "tokens", chunk=chunk,
+                                          chunks=list(mine.values()) if world.active else None):
         assert isinstance(g, PerSampleGradients)
         parts.append(g)
+        computed[chunks.index(sl)] = g
         bad += bad_ids
+    if world.active:
+        bad = bad_samples(bad, n, world)
+        if not bad:
+            parts = gather_gradient_chunks(computed, chunks, spec, config.include_biases,
+                                           next(model.parameters()).device, world)
     if bad:
         raise non_finite_error(bad, "tokens")
     return parts[0] if len(parts) == 1 else PerSampleGradients.cat(parts)

@@ -83,9 +83,10 @@ def prepare_inputs(model: Model, tokens: Tensor, attention_mask: Optional[Tensor
         raise ValueError(f"{what} needs at least 2 positions for a next-token loss, got {tokens.shape[1]}")
     mask = check_mask(tokens, attention_mask, what)
     if not spec.masks_under_vmap:  # padding is trimmed (sample_groups): it must be one run of valid positions
-        for i in range(mask.shape[0]):
-            first, stop = valid_span(mask[i])
-            if not bool(mask[i, first:stop].all()):
+        host = mask.cpu()  # one transfer, not one synchronisation per sample on a GPU
+        for i in range(host.shape[0]):
+            first, stop = valid_span(host[i])
+            if not bool(host[i, first:stop].all()):
                 raise ValueError(f"sample {i} of {what} has gaps in its attention mask; on a TransformerBridge "
                                  "only left or right padding is supported")
     check_no_backward_hooks(model)
@@ -106,8 +107,9 @@ def sample_groups(spec: ModelSpec, mask: Int[Tensor, "n pos"]) -> list[tuple[Opt
     if spec.masks_under_vmap:
         return [(None, slice(0, n_pos))]
     groups: dict[tuple[int, int], list[int]] = {}
+    host = mask.cpu()  # one transfer per chunk, not one synchronisation per sample on a GPU
     for i in range(n):
-        groups.setdefault(valid_span(mask[i]), []).append(i)
+        groups.setdefault(valid_span(host[i]), []).append(i)
     if list(groups) == [(0, n_pos)]:
         return [(None, slice(0, n_pos))]
     return [(torch.tensor(rows, device=mask.device), slice(*span)) for span, rows in groups.items()]

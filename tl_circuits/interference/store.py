@@ -94,13 +94,30 @@ class FactorStore:
 
     def put(self, start: int, factors: GradientFactors) -> None:
         """Store the factors of samples ``start .. start + len(factors)``."""
-        rows = slice(start, start + factors.n_samples)
         values = {"grad_" + b: t for b, t in factors.out_grads.items()}
         values["z"] = factors.z
         values["in_Q"] = factors.inputs["Q"]
         if not self.shared_inputs:
             values["in_K"], values["in_V"] = factors.inputs["K"], factors.inputs["V"]
-        for name, t in values.items():
+        self.write(start, values)
+
+    def shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        """``{array name: shape}`` of ``n`` samples' factors as :meth:`read` gives them."""
+        return {name: (n, *a.shape[1:]) for name, a in self.arrays.items()}
+
+    def read(self, samples: slice) -> dict[str, Tensor]:
+        """The stored arrays of some samples, ``{name: tensor}`` (what :meth:`write` takes; shards, resume)."""
+        return {name: source[samples] if isinstance(source, Tensor) else torch.from_numpy(np.array(source[samples]))
+                for name, source in self.arrays.items()}
+
+    def write(self, start: int, values: dict[str, Tensor]) -> None:
+        """Store arrays ``{name: [n, ...]}`` (as :meth:`read` gives them) at samples ``start .. start + n``."""
+        missing = set(self.arrays) - set(values)
+        if missing:
+            raise ValueError(f"factors to store lack the arrays {sorted(missing)}")
+        rows = slice(start, start + next(iter(values.values())).shape[0])
+        for name in self.arrays:
+            t = values[name]
             target = self.arrays[name]
             if isinstance(target, Tensor):
                 target[rows] = t

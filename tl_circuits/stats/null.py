@@ -22,6 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits import defaults
+from tl_circuits.parallel.group import current_world, split_rows
 from tl_circuits.stats.reduction import PreparedBlock, ReductionWorkspace, bilinear, prepare_block
 from tl_circuits.stats.validation import (
     Grid,
@@ -181,11 +182,13 @@ def permutation_null(pooled_scores: Scores, permutations: Bool[Tensor, "n_permut
     perms = torch.as_tensor(permutations)
     k = int(perms[0].sum()) if perms.ndim == 2 and perms.shape[0] else 0
     perms = check_relabelings(perms, n, k)
-    out, workspace = {}, ReductionWorkspace()
+    out, workspace, world = {}, ReductionWorkspace(), current_world()  # relabelings split over a process group
     with progress_bar(len(scores) * perms.shape[0], "permutations", progress) as bar:
         for block, x in scores.items():
             prep = prepare_block(x, dtype)
-            t = bilinear(perms, prep.centered, ~perms, memory_budget_gb, bar, workspace) / (k * (n - k)) + prep.mu
+            t = split_rows(perms.shape[0], (prep.centered.shape[-1],), prep.centered.dtype,
+                           lambda rows: bilinear(perms[rows], prep.centered, ~perms[rows], memory_budget_gb, bar,
+                                                 workspace), world) / (k * (n - k)) + prep.mu
             t = t.masked_fill(prep.missing, float("nan"))
             out[block] = t.reshape(-1, *prep.shape).cpu()
     return out

@@ -29,6 +29,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from tl_circuits import defaults
+from tl_circuits.parallel.group import agreed_int, current_world, split_rows
 from tl_circuits.stats.bootstrap import block_bootstrap_interval, draw_resamples
 from tl_circuits.stats.corrections import (
     cluster_mass_correction,
@@ -97,7 +98,10 @@ def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative:
     n_permutations = perms.shape[0]
     obs_row = labels[None]
     t_obs = bilinear(obs_row, prep.centered, ~obs_row, memory_budget_gb, bar)[0] / (k * (n - k))  # centred
-    t_null = bilinear(perms, prep.centered, ~perms, memory_budget_gb, bar, workspace) / (k * (n - k))  # [P, C]
+    # the relabelings are split over the ranks of a process group (every rank gets every row back)
+    t_null = split_rows(n_permutations, (prep.centered.shape[-1],), prep.centered.dtype,
+                        lambda rows: bilinear(perms[rows], prep.centered, ~perms[rows], memory_budget_gb, bar,
+                                              workspace), current_world()) / (k * (n - k))  # [P, C]
     sd = exact_null_sd(prep, k, n - k)
     observed = t_obs + prep.mu
     eps = torch.finfo(prep.centered.dtype).eps
@@ -136,7 +140,9 @@ def _refine_block(prep: PreparedBlock, labels: Tensor, cells: Dict[str, Tensor],
         return p
     k, n = int(labels.sum()), labels.shape[0]
     sub = prep.centered.index_select(2, index.to(prep.centered.device))
-    t_null = bilinear(more, sub, ~more, memory_budget_gb, None, workspace) / (k * (n - k))  # [P_more, C_refine]
+    t_null = split_rows(more.shape[0], (sub.shape[-1],), sub.dtype,  # split over ranks like the screen
+                        lambda rows: bilinear(more[rows], sub, ~more[rows], memory_budget_gb, None, workspace),
+                        current_world()) / (k * (n - k))                                   # [P_more, C_refine]
     t_obs, gamma = cells["t_obs"][index], cells["gamma"][index]
     hits_greater = cells["hits_greater"][index] + (t_null >= t_obs - gamma).sum(0).double()
     hits_less = cells["hits_less"][index] + (t_null <= t_obs + gamma).sum(0).double()
@@ -226,6 +232,9 @@ def permutation_test(
         raise ValueError(f"bootstrap intervals need at least 2 samples per task, got n_a={k}, n_b={n - k}; "
                          "pass n_bootstrap=0")
     screened = permutations is None and n_permutations is None
+    world = current_world()
+    if world.active and seed is None:  # fresh entropy, drawn once: every rank must draw the same relabelings
+        seed = agreed_int(torch.Generator().seed() % 2**62, world)
     if permutations is None:
         if n_permutations is None:
             n_permutations = defaults.default_n_permutations(count_cells(scores), alpha)

@@ -1,0 +1,96 @@
+"""Resume: a run interrupted after k finished shards, started again with the same settings, computes only the
+missing shards and gives the result of an uninterrupted run; a run with other settings reuses nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import builders
+from tests.distributed.scenarios import config, tasks
+from tl_circuits import compute_interference
+from tl_circuits.interference import checkpoint, gradients
+
+pytestmark = pytest.mark.needs_hooked_transformer
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def forwarded(monkeypatch):
+    """Samples run through the factored engine's forward/backward (a one-item list)."""
+    real, count = gradients._factor_chunk, [0]
+
+    def counted(model, spec, tokens, mask):
+        count[0] += tokens.shape[0]
+        return real(model, spec, tokens, mask)
+
+    monkeypatch.setattr(gradients, "_factor_chunk", counted)
+    return count
+
+
+def interrupt_after(monkeypatch, k: int) -> None:
+    """Shard saves fail after the k-th: the run stops with k shards on disk."""
+    real, saved = checkpoint.ShardCheckpoint.save, [0]
+
+    def save(self, store, samples, bad):
+        if saved[0] == k:
+            raise Interrupted(f"stopped after {k} shards")
+        real(self, store, samples, bad)
+        saved[0] += 1
+
+    monkeypatch.setattr(checkpoint.ShardCheckpoint, "save", save)
+
+
+def test_an_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch, forwarded):
+    model, (a, b) = builders.gqa(), tasks()  # 5 + 3 samples in shards of 2: [0:2], [2:4], [4:5] and [0:2], [2:3]
+    reference = compute_interference(model, a, b, config=config())
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 3)
+        with pytest.raises(Interrupted):
+            compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert len(list(tmp_path.rglob("samples_*.safetensors"))) == 3
+    forwarded[0] = 0
+    resumed = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 8 - 5  # the three finished shards held samples 0-4 of task A
+    for block, scores in reference.scores.items():
+        torch.testing.assert_close(resumed.scores[block], scores, rtol=0, atol=0)
+    forwarded[0] = 0
+    again = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 0 and torch.equal(again.scores["O"], reference.scores["O"])
+
+
+def test_other_settings_do_not_reuse_shards(tmp_path, forwarded):
+    model, (a, b) = builders.gqa(), tasks()
+    compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    forwarded[0] = 0
+    compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path), include_biases=True))
+    assert forwarded[0] == 8
+    forwarded[0] = 0
+    other = a.clone()
+    other[0, 3] = (other[0, 3] + 1) % builders.D_VOCAB
+    compute_interference(model, other, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 5  # task A changed: recomputed; task B's shards reused
+    forwarded[0] = 0
+    compute_interference(builders.gqa(seed=1), a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 8  # other weights
+
+
+def test_a_torn_shard_is_recomputed(tmp_path, forwarded):
+    model, (a, b) = builders.gqa(), tasks()
+    reference = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    shard = sorted(tmp_path.rglob("samples_0-2.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    forwarded[0] = 0
+    again = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 2 and torch.equal(again.scores["Q"], reference.scores["Q"])
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    model, (a, b) = builders.gqa(), tasks()
+    path = tmp_path / "not_a_folder"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir .*not_a_folder: cannot make the shard folder"):
+        compute_interference(model, a, b, config=config(checkpoint_dir=str(path)))

@@ -1,0 +1,77 @@
+"""The torchrun worker of the distributed tests: ``worker.py OUT [NAME ...]`` runs every scenario (or the named
+ones) under the gloo process group torchrun describes and writes ``OUT/<name>.rank<r>.pt`` from every rank.
+
+Not collected by pytest (no ``test_`` prefix); started by ``tests/distributed/test_distributed.py``.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests.distributed import scenarios
+from tests.distributed.scenarios import SCENARIOS
+
+
+def count_forwarded_samples() -> list[int]:
+    """Count the samples this rank runs through the factored engine's forward/backward (a one-item list)."""
+    from tl_circuits.interference import gradients
+
+    real, count = gradients._factor_chunk, [0]
+
+    def counted(model, spec, tokens, mask):
+        count[0] += tokens.shape[0]
+        return real(model, spec, tokens, mask)
+
+    gradients._factor_chunk = counted
+    return count
+
+
+def count_null_rows() -> list[int]:
+    """Count the relabelings this rank reduces in permutation_test (a one-item list)."""
+    from tl_circuits.stats import permutation
+
+    real, count = permutation.bilinear, [0]
+
+    def counted(left, *args, **kwargs):
+        count[0] += left.shape[0]
+        return real(left, *args, **kwargs)
+
+    permutation.bilinear = counted
+    return count
+
+
+def count_sweep_forwards() -> list[int]:
+    """Count this rank's stacked forwards of the freeze sweep (a one-item list)."""
+    from tl_circuits.freezing import sweep
+
+    real, count = sweep._stacked_hooks, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    sweep._stacked_hooks = counted
+    return count
+
+
+def main(out: Path, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    forwarded, null_rows, sweep_forwards = count_forwarded_samples(), count_null_rows(), count_sweep_forwards()
+    scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]
+    for name in names or list(SCENARIOS):
+        forwarded[0] = null_rows[0] = sweep_forwards[0] = 0
+        result = SCENARIOS[name]()
+        result["forwarded_samples"] = torch.tensor(forwarded[0])
+        result["null_rows"] = torch.tensor(null_rows[0])
+        result["sweep_forwards"] = torch.tensor(sweep_forwards[0])
+        torch.save(result, out / f"{name}.rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
