@@ -197,9 +197,45 @@ def sweep_noise() -> dict:
     return _sweep("noise")
 
 
+def sweep_per_sample() -> dict:
+    """The per-sample sweep over QK, OV and BOTH with its test: the [N, L, H] grids are merged exactly."""
+    from tl_circuits import freeze_sweep
+
+    tokens, _ = tasks(n_a=4)
+    res = freeze_sweep(builders.mha(), tokens, circuits=("qk", "ov", "both"), per_sample=True, max_batch_rows=12,
+                       replacement="mean", reference=_mean(tokens), seed=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tested = res.test(n_bootstrap=50, seed=1)
+    return ({f"per_sample.{c}": t for c, t in res.per_sample_effect.items()}
+            | {f"p_value.{c}": t for c, t in tested.p_value.items()} | {"clean": res.clean_per_sample})
+
+
+def _mean(tokens):
+    from tl_circuits.freezing.references import compute_mean_activations
+
+    return compute_mean_activations(builders.mha(), tokens, progress=False)
+
+
+def permutation_screened() -> dict:
+    """The screened default (n_permutations=None) on 192 cells: the screen and its continuation are both split."""
+    from tl_circuits import permutation_test
+
+    gen = torch.Generator().manual_seed(8)
+    m = {"Q": torch.randn(16, 16, 4, 12, generator=gen), "K": torch.randn(16, 16, 4, 12, generator=gen),
+         "V": torch.randn(16, 16, 4, 12, generator=gen), "O": torch.randn(16, 16, 4, 12, generator=gen)}
+    m["Q"][:8, 8:, 0, 0] += 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = permutation_test(m, 8, n_bootstrap=0, seed=4, progress=False)
+    return {f"p_value.{b}": t for b, t in res.p_value.items()} | {
+        f"used.{b}": t for b, t in res.permutations_used.items()}
+
+
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
         interference_external_fisher, interference_single_sample_a, checkpointed, pooled, permutation_synthetic,
-        permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise)
+        permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
+        sweep_per_sample, permutation_screened)
 }

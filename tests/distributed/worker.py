@@ -44,7 +44,7 @@ def count_null_rows() -> list[int]:
 
 def count_sweep_forwards() -> list[int]:
     """Count this rank's stacked forwards of the freeze sweep (a one-item list)."""
-    from tl_circuits.freezing import sweep
+    from tl_circuits.freezing import stacked as sweep  # the stacked passes live in freezing/stacked.py
 
     real, count = sweep._stacked_hooks, [0]
 
