@@ -27,6 +27,7 @@ from tl_circuits.bundled.tasks import (
     random_batch,
     scored_loss,
     scored_loss_metric,
+    skip_induction_batch,
     task_tokenizer,
 )
 from tl_circuits.freezing import (
@@ -135,6 +136,7 @@ __all__ = [
     "Replacement",
     "scored_loss",
     "scored_loss_metric",
+    "skip_induction_batch",
     "SweepResult",
     "task_tokenizer",
     "TaskBatch",
