@@ -27,6 +27,7 @@ from tl_circuits.bundled.tasks import (
     random_batch,
     scored_loss,
     scored_loss_metric,
+    skip_induction_batch,
     task_tokenizer,
 )
 from tl_circuits.freezing import (
@@ -149,6 +150,7 @@ __all__ = [
     "scored_loss_metric",
     "sign_flip_test",
     "SignFlipResult",
+    "skip_induction_batch",
     "SweepResult",
     "SweepTestResult",
     "task_tokenizer",

@@ -110,6 +110,15 @@ def test_planted_model_metadata_lists_its_heads_by_construction():
 N_CONFLICT = 512  # per task: the shared head's opposed task means are ~0.5% of a sample's squared norm
 
 
+def conflict_on_bundled_tasks(seed: int):
+    """The conflict test on N_CONFLICT distinct samples per task (task A ``seed``, task B ``seed + 1``)."""
+    model = tlc.load_bundled_model(NAME)
+    make_a, make_b = tlc.bundled_tasks(NAME).values()
+    batch_a, batch_b = make_a(N_CONFLICT, seed=seed), make_b(N_CONFLICT, seed=seed + 1)
+    return tlc.interference_conflict_test(model, batch_a.tokens, batch_b.tokens,
+                                          config=tlc.InterferenceConfig(gradients=tlc.GradientConfig(progress=False)))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the duration (a tiny model: more threads only contend, 10x slower on a busy CPU)."""
@@ -122,14 +131,12 @@ def one_thread():
 def test_the_conflict_test_finds_the_shared_head_and_not_the_others(one_thread):
     """On held-out distinct samples (task A seed 0, task B seed 1, as the command's --seed 0): the shared head is
     significant in Q, K and O (V is weaker: p ~ 0.07), no cell of a head that one task trains alone is, and the
-    untrained head has no gradient (NaN, not 0). Measured margins: shared Q/K/O p <= 0.006; own heads p >= 0.29."""
-    model = tlc.load_bundled_model(NAME)
+    untrained head has no gradient (NaN, not 0). Measured margins: shared Q/K/O p <= 0.006; own heads p >= 0.29.
+    This exact pattern is for these samples: with other draws a head one task trains alone can be flagged too
+    (seed 7: L1H0 Q, p = 0.014), as the training is near, not at, its optimum (see the test below)."""
+    result = conflict_on_bundled_tasks(seed=0)
     info = tlc.bundled_model_info(NAME)
-    make_a, make_b = tlc.bundled_tasks(NAME).values()
-    batch_a, batch_b = make_a(N_CONFLICT, seed=0), make_b(N_CONFLICT, seed=1)
-    result = tlc.interference_conflict_test(model, batch_a.tokens, batch_b.tokens,
-                                            config=tlc.InterferenceConfig(gradients=tlc.GradientConfig(progress=False)))
-    (shared,), = [info.known_heads["shared"]]
+    (shared,) = info.known_heads["shared"]
     own = info.known_heads["task A only"] + info.known_heads["task B only"]
     (untrained,) = info.known_heads["untrained"]
     for block in "QKO":
@@ -140,6 +147,18 @@ def test_the_conflict_test_finds_the_shared_head_and_not_the_others(one_thread):
         # the shared head is the most conflicted cell of every block
         p = result.pvalue[block].nan_to_num(2.0)
         assert p[shared] == p.min(), block
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2, 7])
+def test_the_shared_head_is_found_with_other_samples(seed, one_thread):
+    """With other draws the shared head is still significant in Q and O and is the most conflicted cell of Q and O;
+    the heads trained by one task alone may show a weaker residual (not asserted: measured in notes/h-inputs.md)."""
+    result = conflict_on_bundled_tasks(seed=seed)
+    (shared,) = tlc.bundled_model_info(NAME).known_heads["shared"]
+    for block in "QO":
+        p = result.pvalue[block].nan_to_num(2.0)
+        assert result.significant[block][shared] and p[shared] == p.min(), block
 
 
 def test_planted_model_shows_the_competition_in_its_freeze_effects():

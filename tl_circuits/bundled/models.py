@@ -6,6 +6,8 @@ models (``scripts/train_bundled.py``, deterministic, CPU, minutes). Each lives i
 processing) and ``<name>.json`` (its ``HookedTransformerConfig`` arguments, the tasks it was trained
 and is evaluated on, its known heads, TransformerLens ``head_detector`` scores, freeze-ablation
 effects and final metrics, all measured after training by :mod:`tl_circuits.bundled.training`).
+``planted-conflict-2l``'s known heads are instead those of its construction: it is trained with per-task head
+masks, so which heads the two tasks fight over is known in advance (:mod:`tl_circuits.bundled.planted`).
 
 >>> import tl_circuits as tlc
 >>> [info.name for info in tlc.list_bundled_models()]
