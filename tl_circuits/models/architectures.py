@@ -57,7 +57,6 @@ def _tl_class(module: str, name: str) -> Optional[type]:
         return None
 
 
-# most specific first: the rotary joint-QKV bridge and BLOOM's subclass the joint-QKV bridge
 _FAMILY_CLASSES: tuple[tuple[Family, str, str], ...] = (
     ("alibi", "bloom_attention", "BloomAttentionBridge"),
     ("joint_qkv_rotary", "joint_qkv_position_embeddings_attention", "JointQKVPositionEmbeddingsAttentionBridge"),
@@ -69,11 +68,8 @@ _FAMILY_CLASSES: tuple[tuple[Family, str, str], ...] = (
 def family_of(attn: Any) -> Optional[Family]:
     """The attention family of an attention bridge (module docstring), or None for one tl_circuits has not checked."""
     for family, module, name in _FAMILY_CLASSES:
-        cls = _tl_class(module, name)
-        if cls is not None and isinstance(attn, cls):
-            # a subclass that overrides forward (e.g. MLA, gated variants) computes its scores its own way
-            if type(attn).forward is not cls.forward and family != "alibi":
-                return None
+        # the exact class: a subclass (MLA, gated or other variants) may compute its scores its own way
+        if type(attn) is _tl_class(module, name):
             return family
     base = _tl_class("attention", "AttentionBridge")
     if base is not None and type(attn) is base:
@@ -108,7 +104,7 @@ def rotary_hooks_fire(family: Family) -> bool:
 
 def attention_scale(model: Model, layer: int, family: Family) -> float:
     """The factor multiplying ``q·k`` in the layer's scores, as the bridge (or, delegating, HF) computes them."""
-    attn = model.blocks[layer].attn
+    attn: Any = model.blocks[layer].attn
     inner = attn.original_component
     d_head = model.cfg.d_head
     if family == "native":
@@ -150,7 +146,8 @@ def attention_scores(
 
 def _hf_rotary_embedding(model: Model) -> Any:
     """The wrapped model's rotary embedding module (HF ``*RotaryEmbedding``, called as ``(x, position_ids)``)."""
-    for name, module in model.original_model.named_modules():
+    wrapped: Any = model.original_model
+    for name, module in wrapped.named_modules():
         if name.endswith("rotary_emb"):  # the bridge wraps it in place: call the HF module, not its hooks
             return getattr(module, "original_component", None) or module
     raise NotImplementedError(f"no rotary embedding module found in this {architecture_name(model)} model")
@@ -169,7 +166,7 @@ def rotate(
     model: Model, layer: int, family: Family, x: Float[Tensor, "batch pos head d_head"]
 ) -> Float[Tensor, "batch pos head d_head"]:
     """Rotary applied to pre-rotary q or k (positions 0..pos-1) exactly as the layer applies it."""
-    attn = model.blocks[layer].attn
+    attn: Any = model.blocks[layer].attn
     if family == "native":
         heads_first = einops.rearrange(x, "batch pos head d -> batch head pos d")
         rotated, _ = attn.original_component.rotary.apply_rope(heads_first, heads_first)

@@ -14,7 +14,7 @@ pattern edits apply, whether an additive position bias is present — from the a
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from tl_circuits.models import architectures, bridge
 from tl_circuits.models.layout import BLOCKS, Block, WeightLayout, check_projection_shape, head_kind
@@ -41,7 +41,7 @@ def _layouts(model: Model, n_kv: int) -> tuple[tuple[Block, WeightLayout], ...]:
         kinds = set()
         heads = n_kv if head_kind(block) == "kv" else cfg.n_heads
         for layer in range(cfg.n_layers):
-            module = bridge.projection(model, layer, block)
+            module: Any = bridge.projection(model, layer, block)
             layout = bridge.weight_layout(module)
             check_projection_shape(module.weight, block, layout, heads, cfg.d_model, cfg.d_head,
                                    f"{bridge.architecture(model)} layer {layer}")

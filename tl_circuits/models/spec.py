@@ -292,7 +292,7 @@ def model_spec(model: object) -> ModelSpec:
     if bridge.is_bridge(model):
         from tl_circuits.models.bridge_spec import bridge_spec  # it builds on ModelSpec
 
-        return bridge_spec(model)
+        return bridge_spec(model)  # type: ignore[arg-type]  # is_bridge checked it
     if HookedTransformer is None or not isinstance(model, HookedTransformer):
         raise TypeError(
             "tl_circuits needs a transformer_lens.HookedTransformer or TransformerBridge, got "
