@@ -106,3 +106,14 @@ def bridge(name: str, seed: int = 0):
 
 def tokens(batch: int = 3, pos: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, D_VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+# One architecture per attention family and per special feature, for the default (fast) suite; every
+# architecture runs under `pytest -m slow` (and in scripts/support_matrix.py).
+REPRESENTATIVES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
+                   "FalconForCausalLM", "BloomForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel")
+
+
+def params(pytest):
+    """Every architecture as pytest params: the representatives in the default suite, the rest marked slow."""
+    return [name if name in REPRESENTATIVES else pytest.param(name, marks=pytest.mark.slow) for name in ARCHS]
