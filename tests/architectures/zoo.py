@@ -110,8 +110,9 @@ def tokens(batch: int = 3, pos: int = 8, seed: int = 0) -> torch.Tensor:
 
 # One architecture per attention family and per special feature, for the default (fast) suite; every
 # architecture runs under `pytest -m slow` (and in scripts/support_matrix.py).
-REPRESENTATIVES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
-                   "FalconForCausalLM", "BloomForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel")
+# (LLaMA and GPT-2 bridges are also in tests/models/test_bridge.py's default tests.)
+REPRESENTATIVES = ("Gemma2ForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM", "BloomForCausalLM",
+                   "GPTJForCausalLM")
 
 
 def params(pytest):
