@@ -82,12 +82,15 @@ def family(model: Model, layer: int = 0) -> Family:
     """The layer's attention family (:mod:`tl_circuits.models.architectures`); NotImplementedError if unknown."""
     found = architectures.family_of(attention(model, layer))
     if found is None:
-        attn = attention(model, layer)
-        raise NotImplementedError(
-            f"tl_circuits does not support the {architecture(model)} TransformerBridge: its attention "
-            f"({type(attn).__name__} around {type(getattr(attn, 'original_component', None)).__name__}) is none of "
-            f"the attention families whose scores it knows ({', '.join(architectures.FAMILIES)})")
+        raise NotImplementedError(f"tl_circuits does not support this TransformerBridge: {_unknown(model, layer)}")
     return found
+
+
+def _unknown(model: Model, layer: int) -> str:
+    attn = attention(model, layer)
+    inner = type(getattr(attn, "original_component", None)).__name__
+    return (f"the attention of {architecture(model)} ({type(attn).__name__} around {inner}) is none of the "
+            f"attention families whose scores tl_circuits knows ({', '.join(architectures.FAMILIES)})")
 
 
 def projection(model: Model, layer: int, block: str) -> nn.Module:
@@ -110,10 +113,10 @@ def problems(model: Model) -> list[str]:
     cfg, out = model.cfg, []
     families = set()
     for layer in range(cfg.n_layers):
-        try:
-            families.add(family(model, layer))
-        except NotImplementedError as error:
-            return [str(error).removeprefix("tl_circuits does not support the ")]
+        found = architectures.family_of(attention(model, layer))
+        if found is None:
+            return [_unknown(model, layer)]
+        families.add(found)
     if len(families) > 1:
         out.append(f"layers of different attention families {sorted(families)}")
     for flag in ("use_attn_result", "use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention"):
