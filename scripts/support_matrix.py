@@ -56,7 +56,7 @@ def bridge_status(name: str) -> str:
 
 def row(name: str) -> list[str]:
     status = bridge_status(name)
-    cells = [f"`{name}`", zoo.ARCHS[name].notes, status]
+    cells = [f"`{name}`", zoo.ARCHS[name].notes.replace("|", "\\|"), status]
     for check in CHECKS.values():
         if status != "✓":
             cells.append("—")
