@@ -10,9 +10,9 @@ SKIP_REASON = "needs transformer_lens.HookedTransformer (TransformerLens < 4)"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under TransformerLens 4.x (no HookedTransformer; the second CI leg) the tests marked
-    ``needs_hooked_transformer`` (whole modules by ``pytestmark``, or single tests) are skipped; the bridge tests
-    and the model-free ones run."""
+    """Under TransformerLens 4.x (no HookedTransformer; the CI leg where every bridged architecture is tested) the
+    tests marked ``needs_hooked_transformer`` (whole modules by ``pytestmark``, or single tests) are skipped;
+    everything else runs, the bridge and architecture tests (tests/architectures) included."""
     if builders.HAS_HOOKED_TRANSFORMER:
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)

@@ -58,8 +58,10 @@ def test_gqa_repeated_weights_are_copies(gqa_model):
 def test_rejects_other_models():
     with pytest.raises(TypeError, match="HookedTransformer"):
         model_spec(torch.nn.Linear(2, 2))
-    with pytest.raises(NotImplementedError, match="alibi"):
-        model_spec(builders.hooked(positional_embedding_type="alibi"))
+    with pytest.raises(NotImplementedError, match="ungroup_grouped_query_attention"):
+        model_spec(builders.hooked(n_key_value_heads=2, ungroup_grouped_query_attention=True))
+    # ALiBi is supported: the position bias is kept by QK freezes (docs/spec.md §1.4)
+    assert model_spec(builders.hooked(positional_embedding_type="alibi")).position_bias
 
 
 @pytest.mark.needs_hooked_transformer

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union, cast
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
@@ -87,12 +88,19 @@ class LayerFreeze:
         """This layer's ``(hook_name, hook_fn)`` pairs, in the order a forward pass reaches them."""
         spec, layer, out = self.spec, self.layer, []
         if self.circuit in (Circuit.QK, Circuit.BOTH):
-            if (self.replacement in (Replacement.ZERO, Replacement.MEAN, Replacement.NOISE)
-                    and spec.qk_mask_source == "scores"):
-                out.append((spec.hook_name(layer, "attn_scores"), self._stash_hook("scores")))
-            if self.replacement == Replacement.NOISE:
+            recomputed = self.replacement in (Replacement.ZERO, Replacement.MEAN, Replacement.NOISE)
+            # live q/k: NOISE draws at their scale, a position bias is the live scores minus their q·k, and
+            # the z route rebuilds the original pattern for straight-through gradients
+            needs_live_qk = self.replacement == Replacement.NOISE or (recomputed and spec.position_bias) or (
+                spec.qk_route == "z" and self.gradient == GradientMode.STRAIGHT_THROUGH)
+            if needs_live_qk:
                 out.append((spec.query_hook(layer), self._stash_hook("q")))
                 out.append((spec.key_hook(layer), self._stash_hook("k")))
+            if spec.qk_route == "z":
+                out.append((spec.hook_name(layer, "v"), self._stash_hook("v")))
+                out.append((spec.hook_name(layer, "z"), self.qk_z_hook))
+            elif recomputed and spec.qk_mask_source == "scores":
+                out.append((spec.hook_name(layer, "attn_scores"), self._stash_hook("scores")))
             out.append((spec.hook_name(layer, "pattern"), self.pattern_hook))
         if self.circuit in (Circuit.OV, Circuit.BOTH):
             out.append((spec.hook_name(layer, "z"), self.z_hook))
@@ -113,13 +121,17 @@ class LayerFreeze:
     def _kv_heads(self) -> list[int]:
         return [self.spec.kv_head(h) for h in self.heads]
 
-    def _write(self, full: Tensor, frozen: Tensor, head_dim: int) -> Tensor:
-        """Write ``frozen`` (the frozen heads' slice) into ``full`` along ``head_dim``, out of place."""
+    def _write(self, full: Tensor, frozen: Tensor, head_dim: int, detach: bool = True) -> Tensor:
+        """Write ``frozen`` (the frozen heads' slice) into ``full`` along ``head_dim``, out of place.
+
+        ``detach=False``: ``frozen`` already carries the gradient it should (the z route of a QK freeze)."""
         index = self._head_index(full.device)
         orig = full.index_select(head_dim, index)
-        frozen = frozen.to(orig.dtype).detach()
-        if self.gradient == GradientMode.STRAIGHT_THROUGH:
-            frozen = frozen + (orig - orig.detach())  # value: frozen; gradient: as if orig
+        frozen = frozen.to(orig.dtype)
+        if detach:
+            frozen = frozen.detach()
+            if self.gradient == GradientMode.STRAIGHT_THROUGH:
+                frozen = frozen + (orig - orig.detach())  # value: frozen; gradient: as if orig
         if self.row_mask is not None:
             shape = [1] * orig.ndim
             shape[0], shape[head_dim] = self.row_mask.shape
@@ -171,37 +183,78 @@ class LayerFreeze:
             k = self._noise(self._stash["k"][:, :, self._kv_heads()])
         return attention_scores(self.model, self.spec, self.layer, q, k)
 
-    def _masked(self, pattern: Tensor) -> Bool[Tensor, "batch n_frozen q k"]:
-        """Causal and padding mask of the frozen heads' scores.
+    def _masked(self, like: Tensor) -> Bool[Tensor, "batch n_frozen q k"]:
+        """Causal, padding and window mask of the frozen heads' scores (``like``: the pattern, [batch, head, q, k]).
 
-        From the scores (``-inf`` in a HookedTransformer, ``finfo.min`` in a Hugging Face bridge), or, where
-        no live scores are hooked (native bridge), from the pattern: an entry every head gives exactly 0.
-        """
+        From the live scores (``-inf`` in a HookedTransformer, ``finfo.min`` in a Hugging Face bridge); where no
+        live scores are hooked, from the pattern (native bridge: an entry every head gives exactly 0), or the
+        causal mask itself (a delegating bridge, whose mask is not hooked before z)."""
+        batch, _, n_pos, n_key = like.shape
         if self.spec.qk_mask_source == "scores":
-            scores = self._stash.pop("scores")[:, self.heads]
+            scores = self._stash["scores"][:, self.heads]
             return scores <= torch.finfo(scores.dtype).min
-        masked = (pattern == 0).all(dim=1, keepdim=True)
+        if self.spec.qk_mask_source == "causal":
+            future = torch.ones(n_pos, n_key, dtype=torch.bool, device=like.device).triu(1 + n_key - n_pos)
+            return future.expand(batch, len(self.heads), n_pos, n_key)
+        masked = (like == 0).all(dim=1, keepdim=True)
         return masked.expand(-1, len(self.heads), -1, -1)
 
-    def pattern_hook(self, pattern: Float[Tensor, "batch head q k"], hook: HookPoint) -> Tensor:
-        batch, _, n_pos, n_key = pattern.shape
+    def _position_bias(self) -> Tensor:
+        """The additive position bias (ALiBi) of the frozen heads: live scores minus the live q·k term."""
+        live_q = self._stash["q"][:, :, self.heads]
+        live_k = self._stash["k"][:, :, self._kv_heads()]
+        qk = attention_scores(self.model, self.spec, self.layer, live_q, live_k)
+        return self._stash["scores"][:, self.heads] - qk.to(self._stash["scores"].dtype)
+
+    def _softmax(self, scores: Tensor, masked: Tensor) -> Tensor:
+        frozen = F.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
+        return torch.where(torch.isnan(frozen), torch.zeros_like(frozen), frozen)  # fully masked rows: 0, as TL
+
+    def _frozen_pattern(self, like: Float[Tensor, "batch head q k"]) -> Tensor:
+        """The frozen heads' pattern [batch, n_frozen, q, k] in a run whose pattern is shaped like ``like``."""
+        batch, _, n_pos, n_key = like.shape
         if self.replacement == Replacement.RESAMPLE:
             name = self.spec.hook_name(self.layer, "pattern")  # not hook.name: a bridge may give its own name
-            frozen = self._reference(name, pattern)[:, self.heads].expand(batch, -1, -1, -1)
-        elif self.replacement == Replacement.IDENTITY:
-            eye = torch.eye(n_pos, n_key, device=pattern.device, dtype=pattern.dtype)
-            frozen = eye.expand(batch, len(self.heads), n_pos, n_key)
+            return self._reference(name, like)[:, self.heads].expand(batch, -1, -1, -1)
+        if self.replacement == Replacement.IDENTITY:
+            eye = torch.eye(n_pos, n_key, device=like.device, dtype=like.dtype)
+            return eye.expand(batch, len(self.heads), n_pos, n_key)
+        masked = self._masked(like)
+        if self.replacement == Replacement.ZERO:  # q = k = 0: every q·k term is 0 (soft-capped: still 0)
+            scores = torch.zeros(masked.shape, device=like.device, dtype=like.dtype)
         else:
-            masked = self._masked(pattern)  # causal + padding mask
-            if self.replacement == Replacement.ZERO:
-                scores = torch.zeros(masked.shape, device=pattern.device, dtype=pattern.dtype)
-            else:
-                scores = self._frozen_scores(batch, n_pos, pattern.device)
-            scores = scores.masked_fill(masked, float("-inf"))
-            frozen = F.softmax(scores, dim=-1)
-            frozen = torch.where(torch.isnan(frozen), torch.zeros_like(frozen), frozen)  # as TL does
-            self._stash.clear()
+            scores = self._frozen_scores(batch, n_pos, like.device)
+        if self.spec.position_bias:  # ALiBi stays: QK-ZERO is the softmax of the position bias (§1.4)
+            scores = scores + self._position_bias().to(scores.dtype)
+        return self._softmax(scores, masked)
+
+    def pattern_hook(self, pattern: Float[Tensor, "batch head q k"], hook: HookPoint) -> Tensor:
+        if self.spec.qk_route == "z":  # after the output: what the cache shows, the pattern z was built from
+            frozen = self._stash.pop("pattern", None)
+            return pattern if frozen is None else self._write(pattern, frozen.to(pattern.dtype), head_dim=1)
+        frozen = self._frozen_pattern(pattern)
+        self._stash.clear()
         return self._write(pattern, frozen, head_dim=1)
+
+    def qk_z_hook(self, z: Float[Tensor, "batch pos head d_head"], hook: HookPoint) -> Tensor:
+        """The z route (delegating bridges, §1.4): the frozen heads' z = frozen pattern · v, written at hook_z.
+
+        stopgrad: the pattern is detached and v keeps its gradient (as a pattern write does); straight-through:
+        the pattern is ``frozen + (orig − orig.detach())`` with ``orig`` rebuilt from the live q and k."""
+        batch, n_pos = z.shape[:2]
+        v = self._stash.pop("v")[:, :, self._kv_heads()]
+        like = torch.empty(batch, self.spec.n_heads, n_pos, v.shape[1], device=z.device)  # the pattern's shape
+        frozen = self._frozen_pattern(like).float().detach()
+        self._stash["pattern"] = frozen
+        if self.gradient == GradientMode.STRAIGHT_THROUGH:
+            live = attention_scores(self.model, self.spec, self.layer, self._stash["q"][:, :, self.heads],
+                                    self._stash["k"][:, :, self._kv_heads()]).float()
+            orig = self._softmax(live, self._masked(like))
+            frozen = frozen + (orig - orig.detach())
+        for key in ("q", "k", "scores"):
+            self._stash.pop(key, None)
+        head_z = einops.einsum(frozen, v.float(), "batch head q k, batch k head d -> batch q head d")
+        return self._write(z, head_z, head_dim=2, detach=False)
 
     # ----- OV ---------------------------------------------------------------------------------
     def z_hook(self, z: Float[Tensor, "batch pos head d_head"], hook: HookPoint) -> Tensor:

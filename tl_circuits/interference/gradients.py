@@ -16,8 +16,10 @@ Two engines (``GradientConfig.method``), equal to each other and to a plain per-
   No ``torch.func`` transform is involved, so it runs with any forward hooks, random ops (a NOISE freeze:
   the noise is drawn per chunk, as a batch forward of that chunk draws it) and custom autograd functions.
 * ``"direct"``: ``functional_call`` + ``vmap(grad(loss))`` with respect to the attention weights themselves
-  (HookedTransformer). Simple, but each sample's full weight gradient lives inside the ``vmap``, random ops
-  and backward hooks cannot run in it, and references of a RESAMPLE freeze must have one row.
+  (HookedTransformer only: a TransformerBridge is refused with a clear error, since TransformerLens warns that
+  ``functional_call`` fails to restore a bridge's parameters). Simple, but each sample's full weight
+  gradient lives inside the ``vmap``, random ops and backward hooks cannot run in it, and references of a
+  RESAMPLE freeze must have one row.
 
 Under a freeze, a per-sample gradient is that of the sample's loss in the batched frozen forward (a RESAMPLE
 reference with one row per sample patches sample ``i`` from row ``i``: :mod:`tl_circuits.freezing.rows`).
@@ -59,6 +61,7 @@ from tl_circuits.interference.inputs import (
     scatter_groups,
     valid_targets,
 )
+from tl_circuits.models.bridge import refuse_functional_call
 from tl_circuits.models.spec import (
     BLOCKS,
     ModelSpec,
@@ -91,8 +94,12 @@ def engine_bytes(model: Model, spec: ModelSpec, n_pos: int, include_biases: bool
 
 
 def resolve_method(model: Model, method: str) -> str:
-    """The engine to use: ``use_attn_result`` models need no special engine unless ``hook_result`` is hooked."""
-    if method == "factored" and model_spec(model).use_attn_result:
+    """The engine to use: ``use_attn_result`` models need no special engine unless ``hook_result`` is hooked; a
+    TransformerBridge only takes the factored one (``functional_call`` corrupts a bridge: a clear ValueError)."""
+    spec = model_spec(model)
+    if method == "direct" and spec.kind == "bridge":
+        refuse_functional_call(model)
+    if method == "factored" and spec.use_attn_result:
         hooked = [name for name, m in model.named_modules() if name.endswith("hook_result") and m._forward_hooks]
         if hooked:
             raise ValueError(f"a forward hook at {hooked[0]} changes each head's output after W_O, which the factored "

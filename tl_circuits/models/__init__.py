@@ -4,7 +4,10 @@
   :func:`model_spec`) — ask it instead of ``model.cfg``;
 - :mod:`~tl_circuits.models.layout`: the per-head Q/K/V/O layout of attention parameters (docs/spec.md §0);
 - :mod:`~tl_circuits.models.hooked`: forward passes and hooks, HookedTransformer or bridge;
-- :mod:`~tl_circuits.models.bridge` / :mod:`~tl_circuits.models.native`: TransformerBridge support;
+- :mod:`~tl_circuits.models.bridge` / :mod:`~tl_circuits.models.bridge_spec` /
+  :mod:`~tl_circuits.models.architectures` / :mod:`~tl_circuits.models.native`: TransformerBridge support (the
+  attention families whose scores tl_circuits knows, read off the bridge's own attention components);
+- :mod:`~tl_circuits.models.bridge_forward`: restarting a bridge at a layer (:func:`run_from_layer`);
 - :mod:`~tl_circuits.models.checkpoint`: saving and loading checkpoint directories.
 
 >>> from tl_circuits.models import BLOCKS, head_kind
@@ -12,6 +15,7 @@
 ['query', 'kv', 'kv', 'query']
 """
 
+from tl_circuits.models.bridge_forward import BridgeRestart, prepare_restart, restart_problem, run_from_layer
 from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
 from tl_circuits.models.hooked import (
     attention_scores,
@@ -40,6 +44,7 @@ from tl_circuits.models.types import Model
 __all__ = [
     "BLOCKS",
     "Block",
+    "BridgeRestart",
     "CheckpointError",
     "HeadKind",
     "Model",
@@ -59,7 +64,10 @@ __all__ = [
     "model_spec",
     "native_bridge_from_tl",
     "post_rotary",
+    "prepare_restart",
     "register_factor_hooks",
+    "restart_problem",
+    "run_from_layer",
     "save_checkpoint",
     "weight_to_heads",
 ]

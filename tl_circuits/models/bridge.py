@@ -14,22 +14,22 @@ but it is a different machine underneath. Facts this module relies on (checked o
   ``[batch, pos, heads, d_head]``; a plain torch forward hook on the same ``HookPoint`` sees the flat
   ``[batch, pos, heads·d_head]`` tensor. Hook functions may be called with the canonical name
   (``hook.name == "blocks.0.attn.o.hook_in"``), so nothing here keys on ``hook.name``.
-- Attention bridges that rebuild attention from q/k/v — GPT-2's ``JointQKVAttentionBridge`` and LLaMA's
-  ``PositionEmbeddingsAttentionBridge`` — fire ``hook_attn_scores`` (pre-softmax, masked with
-  ``finfo(dtype).min``, not ``-inf``) and ``hook_pattern`` before z is formed, and edits to either take
-  effect; LLaMA fires ``hook_rot_q``/``hook_rot_k`` after rotary.
-- A native bridge (``TransformerBridge.boot_native``) is a plain ``AttentionBridge`` that delegates to
-  ``NativeAttention``: ``hook_attn_scores`` fires after the output, holding the *pattern*, and edits are
-  discarded; ``hook_pattern`` edits reach the output only where ``NativeAttention`` accepts the hook as
-  ``pattern_fn`` (TransformerLens 4.x; in 3.x they are discarded); ``hook_rot_q``/``hook_rot_k`` never
-  fire (rotary is applied inside ``NativeAttention``). Masked entries of its pattern are exactly 0.
+- Which attention bridge a layer has decides where its scores, rotary and mask are
+  (:mod:`tl_circuits.models.architectures`, one entry per attention *family*, not per model name). Bridges
+  that rebuild attention from q/k/v fire ``hook_attn_scores`` (pre-softmax, masked with ``finfo(dtype).min``,
+  not ``-inf``) and ``hook_pattern`` before z is formed, and edits to either take effect. A plain
+  ``AttentionBridge`` (GPT-J, OPT, native on TransformerLens 3.x) fires both after the output and discards
+  edits (native on 4.x accepts ``hook_pattern`` as ``pattern_fn``).
 - The trainable parameters are the wrapped modules' own (names like
   ``...q_proj._original_component.weight``): ``nn.Linear`` weights ``[out, in]``, or GPT-2's ``Conv1D``
-  ``[in, out]`` (``c_proj``). GPT-2's fused ``c_attn`` is split into q/k/v ``nn.Linear`` modules whose
-  parameters are views of ``c_attn``'s storage; the forward pass uses the split ones.
-- ``forward(start_at_layer=...)`` raises ``NotImplementedError``; ``forward(attention_mask=...)`` cannot run
-  under ``torch.func.vmap`` (data-dependent control flow in mask handling); ``functional_call`` needs
-  ``tie_weights=False`` (tied-weight re-tying otherwise writes into the model).
+  ``[in, out]`` (``c_proj``). A fused QKV projection (GPT-2's ``c_attn``, GPT-NeoX's and BLOOM's per-head
+  interleaved ``query_key_value``, Falcon's and GPT-BigCode's multi-query ``[Q | K | V]``, Phi-3's
+  ``qkv_proj``) is split by the bridge into q/k/v ``nn.Linear`` modules, head-major like any split
+  projection; the forward pass uses the split ones (views of the fused storage for GPT-2, copies otherwise),
+  so the split ones are the parameters gradients are taken of.
+- ``forward(start_at_layer=...)`` still runs blocks 0..k-1 (:mod:`tl_circuits.models.bridge_forward` restarts
+  at a layer); ``forward(attention_mask=...)`` cannot run under ``torch.func.vmap``; ``functional_call`` is
+  never used on a bridge (TransformerLens: it corrupts the model; :func:`refuse_functional_call`).
 
 >>> from tl_circuits import load_bundled_model
 >>> bridge = load_bundled_model("induction-2l", as_bridge=True)
@@ -41,24 +41,25 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import einops
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.func import functional_call
 
 try:  # TransformerLens >= 3.0
     from transformer_lens.model_bridge import TransformerBridge
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 except ImportError:  # TransformerLens 2.x has no bridge
     TransformerBridge = None  # type: ignore[misc,assignment]
-    AttentionBridge = None  # type: ignore[misc,assignment]
 
-from tl_circuits.models.layout import WeightLayout, bias_to_heads, weight_to_heads  # noqa: F401 (re-exported)
+from tl_circuits.models import architectures
+from tl_circuits.models.architectures import Family
+from tl_circuits.models.layout import (  # noqa: F401 (bias_to_heads, weight_to_heads re-exported)
+    WeightLayout,
+    bias_to_heads,
+    projection_layout,
+    weight_to_heads,
+)
 from tl_circuits.models.types import Model
 
 
-# Architectures whose attention bridges were checked hook by hook and parameter by parameter.
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "TransformerLensNative")
 _PROJECTIONS = {"Q": "q", "K": "k", "V": "v", "O": "o"}
 
 
@@ -68,13 +69,28 @@ def is_bridge(model: object) -> bool:
 
 
 def architecture(model: Model) -> str:
-    return str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None))
+    return architectures.architecture_name(model)
 
 
 def attention(model: Model, layer: int) -> Any:
     """The attention bridge of a layer (``model.blocks[layer].attn``; an ``AttentionBridge`` module, typed ``Any``
     because its submodules ``q``/``o``/``original_component`` are reached by attribute)."""
     return model.blocks[layer].attn
+
+
+def family(model: Model, layer: int = 0) -> Family:
+    """The layer's attention family (:mod:`tl_circuits.models.architectures`); NotImplementedError if unknown."""
+    found = architectures.family_of(attention(model, layer))
+    if found is None:
+        raise NotImplementedError(f"tl_circuits does not support this TransformerBridge: {_unknown(model, layer)}")
+    return found
+
+
+def _unknown(model: Model, layer: int) -> str:
+    attn = attention(model, layer)
+    inner = type(getattr(attn, "original_component", None)).__name__
+    return (f"the attention of {architecture(model)} ({type(attn).__name__} around {inner}) is none of the "
+            f"attention families whose scores tl_circuits knows ({', '.join(architectures.FAMILIES)})")
 
 
 def projection(model: Model, layer: int, block: str) -> nn.Module:
@@ -84,82 +100,44 @@ def projection(model: Model, layer: int, block: str) -> nn.Module:
 
 def weight_layout(module: nn.Module) -> WeightLayout:
     """``"linear"`` for an ``nn.Linear`` (weight ``[out, in]``), ``"conv1d"`` for HF's ``Conv1D`` (``[in, out]``)."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D
-        return "conv1d"
-    raise NotImplementedError(f"tl_circuits cannot read per-head weights from a {type(module).__name__} projection")
+    return projection_layout(module)
 
 
-def _rebuilds_attention(attn: nn.Module) -> bool:
-    # Subclasses that override forward recompute attention from q/k/v and fire the score/pattern hooks
-    # inside the computation; the base AttentionBridge delegates to the wrapped module.
-    return type(attn).forward is not AttentionBridge.forward
-
-
-def pattern_edits_apply(attn: nn.Module) -> bool:
+def pattern_edits_apply(model: Model, layer: int = 0) -> bool:
     """Whether a value returned by a ``hook_pattern`` function reaches the attention output."""
-    return _rebuilds_attention(attn) or bool(getattr(attn.original_component, "accepts_pattern_fn", False))
-
-
-def scores_hook_is_live(attn: nn.Module) -> bool:
-    """Whether ``hook_attn_scores`` holds the masked pre-softmax scores and fires before ``hook_pattern``."""
-    return _rebuilds_attention(attn)
-
-
-def rotary_hooks_fire(attn: nn.Module) -> bool:
-    """Whether ``hook_rot_q``/``hook_rot_k`` fire with the rotated queries/keys."""
-    return _rebuilds_attention(attn)
+    return architectures.pattern_edits_apply(family(model, layer), attention(model, layer))
 
 
 def problems(model: Model) -> list[str]:
     """What makes this bridge unsupported (empty when supported)."""
     cfg, out = model.cfg, []
-    arch = architecture(model)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        out.append(f"architecture {arch} (supported on a TransformerBridge: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        return out
+    families = set()
+    for layer in range(cfg.n_layers):
+        found = architectures.family_of(attention(model, layer))
+        if found is None:
+            return [_unknown(model, layer)]
+        families.add(found)
+    if len(families) > 1:
+        out.append(f"layers of different attention families {sorted(families)}")
     for flag in ("use_attn_result", "use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention"):
         if getattr(cfg, flag, False):
             out.append(f"cfg.{flag}=True")
-    if (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0:
-        out.append("attention score soft-capping")
-    for layer in range(cfg.n_layers):
-        inner = attention(model, layer).original_component
-        if getattr(inner, "scale_attn_by_inverse_layer_idx", False):
-            out.append("GPT-2 scale_attn_by_inverse_layer_idx (scores scaled per layer)")
-            break
-        if getattr(inner, "attn_logit_softcapping", None) is not None:
-            out.append("attention logit soft-capping")
-            break
     return out
-
-
-def attention_scale(model: Model, layer: int) -> float:
-    """Factor multiplying ``q·k`` in the layer's scores, as the bridge computes them."""
-    attn = attention(model, layer)
-    inner = attn.original_component
-    if not _rebuilds_attention(attn):  # NativeAttention divides by its own scale
-        return 1.0 / float(inner.scale)
-    return float(getattr(inner, "scaling", model.cfg.d_head**-0.5))
 
 
 def attention_scores(
     model: Model, layer: int, q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos head d_head"]
 ) -> Float[Tensor, "batch head q_pos k_pos"]:
-    """Unmasked scores of matched query/key heads (no GQA repeat: ``k[..., i, :]`` pairs with ``q[..., i, :]``)."""
-    scores = einops.einsum(q, k, "batch q_pos head d, batch k_pos head d -> batch head q_pos k_pos")
-    return scores * attention_scale(model, layer)
+    """Unmasked scores of matched query/key heads (no GQA repeat: ``k[..., i, :]`` pairs with ``q[..., i, :]``),
+    scaled and soft-capped as the layer does (no position bias)."""
+    return architectures.attention_scores(model, layer, family(model, layer), q, k)
 
 
 def rotate(
     model: Model, layer: int, x: Float[Tensor, "batch pos head d_head"]
 ) -> Float[Tensor, "batch pos head d_head"]:
-    """Rotary applied to pre-rotary q or k the way the layer's ``NativeAttention`` does (positions 0..pos-1)."""
-    rotary = attention(model, layer).original_component.rotary
-    heads_first = einops.rearrange(x, "batch pos head d -> batch head pos d")
-    rotated, _ = rotary.apply_rope(heads_first, heads_first)
-    return einops.rearrange(rotated, "batch head pos d -> batch pos head d")
+    """Rotary applied to pre-rotary q or k the way the layer does (positions 0..pos-1)."""
+    return architectures.rotate(model, layer, family(model, layer), x)
 
 
 def parameter_names(model: Model, include_biases: bool = True) -> dict[tuple[int, str, bool], str]:
@@ -180,9 +158,13 @@ def logits(model: Model, tokens: Tensor) -> Tensor:
     return model(tokens, return_type="logits")
 
 
-def functional_logits(model: Model, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
-    """``functional_call`` of the bridge with some parameters replaced, leaving the bridge's own untouched."""
-    return functional_call(model, params, (tokens,), {"return_type": "logits"}, tie_weights=False)
+def refuse_functional_call(model: Model) -> None:
+    """``torch.func.functional_call`` is never used on a bridge: TransformerLens 4.3's own docstring warns that it
+    "fails to restore parameters" (each component is registered twice) and corrupts the model."""
+    raise ValueError(
+        f"method='direct' runs torch.func.functional_call, which TransformerLens warns corrupts a TransformerBridge "
+        f"(here {architecture(model)}: its components are registered twice and are not restored); use the default "
+        "method='factored', which gives the same gradients through hooks")
 
 
 def register_factor_hooks(

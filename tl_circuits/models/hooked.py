@@ -77,11 +77,9 @@ def functional_logits(
     model: Model, spec: ModelSpec, params: Mapping[str, Tensor], tokens: Tensor, attention_mask: Optional[Tensor] = None
 ) -> Tensor:
     """:func:`model_logits` with the named parameters replaced (``torch.func.functional_call``), the model's
-    own parameters untouched."""
+    own parameters untouched; HookedTransformer only (a bridge is refused: functional_call corrupts it)."""
     if spec.kind == "bridge":
-        if attention_mask is not None:
-            raise ValueError("a TransformerBridge forward with an attention mask cannot run under vmap; trim padding")
-        return bridge.functional_logits(model, dict(params), tokens)
+        bridge.refuse_functional_call(model)
     return functional_call(model, dict(params), (tokens,), {"attention_mask": attention_mask, "return_type": "logits"})
 
 

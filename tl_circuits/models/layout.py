@@ -98,6 +98,32 @@ def _pattern(block: Block, layout: WeightLayout, inverse: bool) -> Optional[str]
     return pattern
 
 
+def projection_layout(module: object) -> WeightLayout:
+    """``"linear"`` for an ``nn.Linear`` (weight ``[out, in]``; Falcon's ``FalconLinear`` is one), ``"conv1d"`` for
+    Hugging Face's ``Conv1D`` (``[in, out]``)."""
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D
+        return "conv1d"
+    raise NotImplementedError(f"tl_circuits cannot read per-head weights from a {type(module).__name__} projection")
+
+
+def check_projection_shape(
+    weight: Tensor, block: Block, layout: WeightLayout, heads: int, d_model: int, d_head: int, where: str
+) -> None:
+    """Raise NotImplementedError naming ``where`` if a projection weight is not ``heads`` heads of ``d_head``
+    over ``d_model`` (e.g. a q_proj twice as wide for a gated query, or a latent-compressed K/V)."""
+    per_head = (heads * d_head, d_model) if block != "O" else (d_model, heads * d_head)
+    expected = per_head if layout == "linear" else per_head[::-1]
+    if tuple(weight.shape) != expected:
+        raise NotImplementedError(
+            f"{where}: the {block} projection weight has shape {tuple(weight.shape)}, not {expected} "
+            f"({heads} heads of d_head={d_head} over d_model={d_model} in the {layout} layout), so its per-head "
+            "layout is unknown")
+
+
 def weight_to_heads(
     weight: Float[Tensor, "... p q"], block: Block, layout: WeightLayout, heads: int
 ) -> Float[Tensor, "... heads a b"]:

@@ -76,8 +76,8 @@ __all__ = [
     "attention_scores", "check_tokens", "functional_logits", "model_logits", "post_rotary", "register_factor_hooks",
 ]
 
-# Architectures whose attention scores are not a plain function of hook_q/hook_k (or their rotary
-# versions): a QK freeze recomputes a head's scores from those hooks, so these would be wrong.
+# HookedTransformer architectures that normalise q/k after hook_rot_q/hook_rot_k: a QK freeze recomputes a
+# head's scores from those hooks, so these would be wrong (their TransformerBridges hook the normalised ones).
 _UNSUPPORTED_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
@@ -100,7 +100,15 @@ class ModelSpec:
     # where a QK freeze finds the causal/padding mask: masked pre-softmax scores at hook_attn_scores
     # ("scores"), or exact zeros of the pattern in every head ("pattern"); None: pattern edits do not
     # reach the output, so QK freezes are impossible
-    qk_mask_source: Optional[Literal["scores", "pattern"]] = "scores"
+    # ("scores"), exact zeros of the pattern in every head ("pattern"), or the causal mask alone where
+    # no mask is hooked before z ("causal": delegating bridges, GPT-J/OPT); None: QK freezes are impossible
+    qk_mask_source: Optional[Literal["scores", "pattern", "causal"]] = "scores"
+    # where a QK freeze writes the frozen head: its slice of hook_pattern ("pattern"), or, where pattern edits
+    # never reach the output (GPT-J, OPT), its z = pattern · v at hook_z ("z"; docs/spec.md §1.4)
+    qk_route: Literal["pattern", "z"] = "pattern"
+    # the live scores carry an additive position bias that q·k does not give (ALiBi), kept by QK freezes
+    position_bias: bool = False
+    architecture: str = ""  # what error messages call the model (the wrapped HF class, or "HookedTransformer")
     starts_at_layer: bool = True  # forward(start_at_layer=...) restarts from a cached resid_pre
     masks_under_vmap: bool = True  # forward(attention_mask=...) runs under torch.func.vmap
     # bridge only: block -> "linear" | "conv1d" weight layout, (layer, block, bias) -> parameter name
@@ -282,7 +290,9 @@ def model_spec(model: object) -> ModelSpec:
     """Read a :class:`ModelSpec` off a HookedTransformer or a TransformerBridge, rejecting what tl_circuits
     cannot handle (``NotImplementedError`` naming the problem)."""
     if bridge.is_bridge(model):
-        return _bridge_spec(model)
+        from tl_circuits.models.bridge_spec import bridge_spec  # it builds on ModelSpec
+
+        return bridge_spec(model)  # type: ignore[arg-type]  # is_bridge checked it
     if HookedTransformer is None or not isinstance(model, HookedTransformer):
         raise TypeError(
             "tl_circuits needs a transformer_lens.HookedTransformer or TransformerBridge, got "
@@ -290,8 +300,8 @@ def model_spec(model: object) -> ModelSpec:
         )
     cfg = model.cfg
     problems = []
-    if cfg.positional_embedding_type in ("alibi", "relative_positional_bias"):
-        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r} adds a bias to the scores")
+    if cfg.positional_embedding_type == "relative_positional_bias":
+        problems.append("positional_embedding_type='relative_positional_bias' (a bias of the scores not yet tested)")
     for flag in ("use_attention_sinks", "use_logn_attn", "load_in_4bit"):
         if getattr(cfg, flag, False):
             problems.append(f"cfg.{flag}=True")
@@ -310,18 +320,20 @@ def model_spec(model: object) -> ModelSpec:
     n_kv = cfg.n_key_value_heads if cfg.n_key_value_heads is not None else cfg.n_heads
     if cfg.n_heads % n_kv:
         raise ValueError(f"n_heads={cfg.n_heads} is not a multiple of n_key_value_heads={n_kv}")
-    return ModelSpec(**_sizes(cfg, n_kv), grouped=cfg.n_key_value_heads is not None,
+    return ModelSpec(**config_sizes(cfg, n_kv), grouped=cfg.n_key_value_heads is not None,
                      use_attn_result=bool(getattr(cfg, "use_attn_result", False)),
-                     dtype=_dtype(model.blocks[0].attn.W_Q))
+                     position_bias=cfg.positional_embedding_type == "alibi",
+                     architecture=str(getattr(cfg, "original_architecture", None) or "HookedTransformer"),
+                     dtype=dtype_of(model.blocks[0].attn.W_Q))
 
 
-def _dtype(parameter: object) -> torch.dtype:
+def dtype_of(parameter: object) -> torch.dtype:
     if not isinstance(parameter, Tensor):
         raise TypeError(f"expected an attention weight tensor, got {type(parameter).__name__}")
     return parameter.dtype
 
 
-def _sizes(cfg, n_kv: int) -> dict:
+def config_sizes(cfg, n_kv: int) -> dict:
     """The :class:`ModelSpec` fields read off a HookedTransformerConfig or TransformerBridgeConfig alike."""
     d_mlp = getattr(cfg, "d_mlp", None)
     return dict(n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_model=cfg.d_model,
@@ -330,39 +342,3 @@ def _sizes(cfg, n_kv: int) -> dict:
                 d_mlp=None if d_mlp is None else int(d_mlp), attn_only=bool(getattr(cfg, "attn_only", False)),
                 # shortformer positions are added to the query and key inputs only
                 shared_qkv_input=cfg.positional_embedding_type != "shortformer")
-
-
-def _bridge_spec(model) -> ModelSpec:
-    """:class:`ModelSpec` of a TransformerBridge: sizes from its cfg, parameters and hook behaviour from
-    its attention bridges (:mod:`tl_circuits.models.bridge`)."""
-    cfg = model.cfg
-    problems = bridge.problems(model)
-    if problems:
-        raise NotImplementedError("tl_circuits does not support this TransformerBridge: " + "; ".join(problems))
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
-    if cfg.n_heads % n_kv:
-        raise ValueError(f"n_heads={cfg.n_heads} is not a multiple of n_key_value_heads={n_kv}")
-    attn = bridge.attention(model, 0)
-    mask_source: Optional[Literal["scores", "pattern"]]
-    if not bridge.pattern_edits_apply(attn):
-        mask_source = None
-    else:
-        mask_source = "scores" if bridge.scores_hook_is_live(attn) else "pattern"
-    layouts: list[tuple[Block, WeightLayout]] = []
-    for block in BLOCKS:
-        kinds = {bridge.weight_layout(bridge.projection(model, layer, block)) for layer in range(cfg.n_layers)}
-        if len(kinds) != 1:
-            raise NotImplementedError(f"{block} projections of this bridge mix weight layouts {sorted(kinds)}")
-        layouts.append((block, kinds.pop()))
-    return ModelSpec(
-        **_sizes(cfg, n_kv),
-        grouped=n_kv != cfg.n_heads,
-        kind="bridge",
-        rotary_hooked=bridge.rotary_hooks_fire(attn),
-        qk_mask_source=mask_source,
-        starts_at_layer=False,
-        masks_under_vmap=False,
-        weight_layouts=tuple(layouts),
-        param_names=tuple(sorted(bridge.parameter_names(model).items())),
-        dtype=_dtype(bridge.projection(model, 0, "Q").weight),
-    )
