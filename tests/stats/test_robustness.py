@@ -131,3 +131,11 @@ def test_highest_order_ranks_the_negated_scores():
         torch.testing.assert_close(high.top_k_frequency[block], low.top_k_frequency[block])
     with pytest.raises(ValueError, match="order"):
         rank_stability(scores, order="largest")
+
+
+def test_a_cell_where_no_sample_moves_the_mean_has_no_drivers():
+    s = torch.zeros(5, 4, 1, 2)
+    s[..., 1] = torch.randn(5, 4, 1)
+    drivers = cell_drivers({"O": s}, top=2)
+    assert drivers.top_a["O"][0, 0].eq(-1).all() and drivers.top_b["O"][0, 0].eq(-1).all()
+    assert drivers.top_a["O"][0, 1].ge(0).all()

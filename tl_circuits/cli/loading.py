@@ -27,7 +27,8 @@ from tl_circuits.cli.task_files import TaskInput, TaskInputError, read_task_file
 from tl_circuits.models.types import Model
 
 DEFAULT_SAMPLES = 64
-"""Samples drawn from each bundled task when ``--n-a``/``--n-b`` are not given."""
+"""Samples drawn from each bundled task when ``--n-a``/``--n-b`` are not given, unless the bundled model's metadata
+names its own ``report_samples`` (the planted model's conflict needs more samples to be seen)."""
 
 
 class CommandError(ValueError):
@@ -44,6 +45,7 @@ class LoadedModel:
     description: str = ""
     known_heads: Optional[dict] = None  # role -> [(layer, head), ...]
     bundled_tasks: Optional[dict] = None  # task name -> generator(n, seed) -> TaskBatch, ordered A, B
+    default_samples: int = DEFAULT_SAMPLES  # per bundled task, when --n-a/--n-b are not given
 
     def info(self) -> dict:
         """The model section of the report (architecture, source, known heads)."""
@@ -121,8 +123,9 @@ def load_model(name: Optional[str], device: str, bridge: bool = False) -> Loaded
     if name in _bundled_names(bundled):
         info = next(i for i in bundled.list_bundled_models() if i.name == name)
         model = bundled.load_bundled_model(name, device, as_bridge=bridge)
+        samples = int((getattr(info, "metadata", None) or {}).get("report_samples", DEFAULT_SAMPLES))
         return LoadedModel(model, name, "bundled", getattr(info, "description", ""),
-                           dict(getattr(info, "known_heads", None) or {}), bundled.bundled_tasks(name))
+                           dict(getattr(info, "known_heads", None) or {}), bundled.bundled_tasks(name), samples)
     path = Path(name)
     if path.exists():
         if not is_checkpoint(path):
@@ -209,8 +212,9 @@ def load_tasks(loaded: LoadedModel, task_a: Optional[Path] = None, task_b: Optio
     """(task A, task B) from files, or the bundled model's two tasks; CommandError on bad input.
 
     Files: the first ``n_a``/``n_b`` samples (default all). Bundled tasks: ``n_a``/``n_b`` *distinct* samples
-    (default :data:`DEFAULT_SAMPLES`) drawn with ``seed`` (task A) and ``seed + 1`` (task B) by
-    :func:`tl_circuits.bundled_tasks`'s makers; more than a task has is a CommandError naming how many exist.
+    (default: the model's ``default_samples``: :data:`DEFAULT_SAMPLES` unless its metadata says) drawn with
+    ``seed`` (task A) and ``seed + 1`` (task B) by :func:`tl_circuits.bundled_tasks`'s makers; more than a task
+    has is a CommandError naming how many exist.
     """
     if (task_a is None) != (task_b is None):
         raise CommandError("give both --task-a and --task-b, or neither (to use the bundled tasks)")
@@ -232,8 +236,9 @@ def load_tasks(loaded: LoadedModel, task_a: Optional[Path] = None, task_b: Optio
     (name_a, make_a), (name_b, make_b) = list(loaded.bundled_tasks.items())[:2]
     source = f"bundled:{loaded.name}"
     # different seeds so that the two tasks never share random draws
-    return check_sample_counts(_bundled_task(make_a, n_a, seed, name_a, "A", source),
-                               _bundled_task(make_b, n_b, seed + 1, name_b, "B", source))
+    n = loaded.default_samples
+    return check_sample_counts(_bundled_task(make_a, n_a or n, seed, name_a, "A", source),
+                               _bundled_task(make_b, n_b or n, seed + 1, name_b, "B", source))
 
 
 def _bundled_task(make: Callable, n: Optional[int], seed: int, name: str, label: str, source: str) -> TaskInput:

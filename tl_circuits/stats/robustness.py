@@ -62,7 +62,7 @@ class CellDrivers:
         influence_a, influence_b: ``{block: [N_A | N_B, L, H]}``, ``Ū − Ū_{−i}``: how much sample i moves the
             mean (negative: it pulls the cell towards conflict).
         top_a, top_b: ``{block: [L, H, top]}`` sample indices (positions in task A / B) with the most negative
-            influence, most negative first.
+            influence, most negative first; -1 where no sample moves the mean (every influence 0).
         estimate: ``Ū``; ``estimate_without_top``: the mean with ``top_a`` and ``top_b`` removed.
         share_left: ``estimate_without_top / estimate`` (NaN where the estimate is 0 or not finite).
         dominated: ``share_left < DOMINANCE_SHARE`` (a few samples make the cell; includes a sign flip).
@@ -106,6 +106,9 @@ def cell_drivers(scores: ScoresAB, *, top: int = 3) -> CellDrivers:
         without = kept / ((n_a - k_a) * (n_b - k_b))
         share = torch.where(estimate != 0, without / estimate, torch.nan)
         nan = float("nan")
+        # a cell whose samples all score the same (e.g. a head with zero gradients) has no drivers
+        flat = (influence_a.abs().amax(0) == 0) & (influence_b.abs().amax(0) == 0)
+        top_a, top_b = top_a.masked_fill(flat[..., None], -1), top_b.masked_fill(flat[..., None], -1)
         out["influence_a"][block] = influence_a.masked_fill(missing, nan)
         out["influence_b"][block] = influence_b.masked_fill(missing, nan)
         out["top_a"][block] = top_a.masked_fill(missing[..., None], -1)
