@@ -77,20 +77,23 @@ class ReportOutputError(ValueError):
 # ----- figures ---------------------------------------------------------------------------------------------
 
 def freeze_figure(analysis: Analysis) -> Figure:
-    """2 × 2 panels (task × circuit) of the sweep effects on one scale centred at 0."""
+    """Task × circuit panels of the sweep effects (the swept circuits only) on one scale centred at 0."""
     from tl_circuits.plotting import plot_blocks
 
     values, titles, masks = {}, {}, {}
+    # only the circuits that were swept (ZERO leaves BOTH out: it equals OV there)
+    shown = [c for c in CIRCUITS if any(bool(torch.isfinite(s.effect[c]).any()) for s in analysis.sweeps.values())]
+    shown = shown or list(CIRCUITS[:1])
     for key, sweep in analysis.sweeps.items():
         test = analysis.sweep_tests.get(key)
-        for circuit in CIRCUITS:
+        for circuit in shown:
             panel = f"{key}:{circuit}"
             values[panel] = sweep.effect[circuit]
             titles[panel] = f"task {key.upper()} ({analysis.tasks[key].name}): {circuit.upper()} frozen"
             masks[panel] = (test.significant[circuit] if test is not None and circuit in test.significant
                             else torch.zeros_like(values[panel], dtype=torch.bool))
     replacement = analysis.config.replacement.upper()
-    return plot_blocks(values, titles=titles, ncols=len(CIRCUITS), shared_scale=True, signed=True, masks=masks,
+    return plot_blocks(values, titles=titles, ncols=len(shown), shared_scale=True, signed=True, masks=masks,
                        colorbar_label="Δ loss on scored positions",
                        title=f"Freeze effect ({replacement}): frozen loss − clean loss\n"
                              "hatched: the paired sign-flip test does not show an effect (q > α)")
