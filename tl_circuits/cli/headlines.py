@@ -15,7 +15,7 @@
    most cells means the model sits at an optimum of both tasks, where opposed task-mean gradients — and so a
    negative map and a conflict test that rejects wherever gradients are not tiny — are forced by construction.
 
->>> joint_optimum_sentence(torch.tensor([-0.99, -0.98, -0.97, 0.1]))[:37]
+>>> joint_optimum_sentence(torch.tensor([-0.99, -0.98, -0.97, 0.1])).split(" (")[0]
 '3 of 4 cells have cos(ḡ_A, ḡ_B) < −0.9'
 """
 
