@@ -1,15 +1,16 @@
 """TransformerBridge vs HookedTransformer on the same weights: prints both times and their ratio.
 
-1. per-sample gradients (the factored engine, ``per_sample_gradients``) of N samples;
-2. the QK+OV freeze sweep (ZERO) on one batch.
+1. the freeze forward overhead: one no-grad forward of N samples with every head's QK and OV frozen (ZERO), and
+   the clean forward beside it (the overhead is their ratio, printed per model);
+2. per-sample gradients (the factored engine, ``per_sample_gradients``) of N samples;
+3. the QK+OV freeze sweep (ZERO) on one batch.
 
 Goal: bridge / HookedTransformer <= 1.5x for both. Models: a Hugging Face GPT-2 (fused Conv1D ``c_attn``) and a
 LLaMA (split q/k/v/o, GQA, rotary) built locally with random weights; the HookedTransformer is converted from
 the same HF model by TransformerLens's own weight conversion (no weight processing), the bridge wraps it
-(TransformerLens 3.x, where both exist). Note: a bridge cannot restart at a layer (docs/spec.md §0.4), so its
-sweep runs the whole model per layer's stacked variants while the HookedTransformer restarts at the cached
-``resid_pre``; that difference is part of the sweep ratio until the sweep uses
-``tl_circuits.models.bridge_forward``.
+(TransformerLens 3.x, where both exist). The HookedTransformer's sweep restarts
+each layer at the cached ``resid_pre`` (``start_at_layer``), the bridge's by calling its blocks directly
+(``tl_circuits.models.bridge_forward``).
 
     python benchmarks/bench_bridge.py            # 6 layers, d_model 512, 8 heads, seq 64, N 16
     python benchmarks/bench_bridge.py --smoke    # tiny models, seconds (CI)
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from tl_circuits import GradientConfig, freeze_sweep, per_sample_gradients
+from tl_circuits import GradientConfig, freeze, freeze_sweep, per_sample_gradients
 
 
 def sizes(smoke: bool) -> dict:
@@ -84,16 +85,29 @@ def bridge_of(hf):
     return build_bridge_from_module(hf, architecture=type(hf).__name__, hf_config=hf.config).eval()
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median wall and CPU (this process) seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    wall, cpu = [], []
+def timed_pair(first, second, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median wall and CPU (this process) seconds of ``repeats`` calls of each, after one warm-up of each, the
+    two alternating so that drift of the machine's speed falls on both alike."""
+    first(), second()
+    times: list[list[tuple[float, float]]] = [[], []]
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+        for side, fn in enumerate((first, second)):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[side].append((time.perf_counter() - start, time.process_time() - start_cpu))
+    return tuple((statistics.median(w for w, _ in t), statistics.median(c for _, c in t))  # type: ignore[return-value]
+                 for t in times)
+
+
+def clean_forward(model, tokens):
+    with torch.no_grad():
+        return model(tokens)
+
+
+def frozen_forward(model, tokens, n_layers: int, n_heads: int):
+    heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    with torch.no_grad(), freeze(model, heads, "qk", "zero"), freeze(model, heads, "ov", "zero"):
+        return model(tokens)
 
 
 def main() -> None:
@@ -114,14 +128,21 @@ def main() -> None:
         hooked, hf = pair(s)
         bridge = bridge_of(hf)
         tasks = {
+            "clean forward": lambda m: clean_forward(m, tokens),
+            "frozen forward (all)": lambda m: frozen_forward(m, tokens, s["n_layers"], s["n_heads"]),
             "per-sample gradients": lambda m: per_sample_gradients(m, tokens, config=config),
             "sweep (qk+ov, zero)": lambda m: freeze_sweep(m, sweep_tokens, progress=False),
         }
+        walls: dict[str, tuple[float, float]] = {}
         for task, fn in tasks.items():
-            (hooked_wall, hooked_cpu), (bridge_wall, bridge_cpu) = (timed(lambda: fn(hooked), repeats),
-                                                                    timed(lambda: fn(bridge), repeats))
+            (hooked_wall, hooked_cpu), (bridge_wall, bridge_cpu) = timed_pair(lambda: fn(hooked), lambda: fn(bridge),
+                                                                              repeats)
+            walls[task] = (hooked_wall, bridge_wall)
             print(f"{name:<8} {task:<22} {hooked_wall:>17.3f}s {bridge_wall:>9.3f}s "
                   f"{bridge_wall / hooked_wall:>12.2f}x {bridge_cpu / hooked_cpu:>11.2f}x", flush=True)
+        overhead = [frozen / clean for clean, frozen in zip(walls["clean forward"], walls["frozen forward (all)"])]
+        print(f"{name:<8} freeze forward overhead (frozen / clean): HookedTransformer {overhead[0]:.2f}x, "
+              f"bridge {overhead[1]:.2f}x", flush=True)
     print("goal: bridge / HookedTransformer <= 1.5x (full size, quiet machine)")
 
 

@@ -1,8 +1,11 @@
 """The stacked forward passes of one sweep draw: every (circuit, head) variant of a layer in one batch.
 
 Freezing a head in layer l cannot change anything before layer l, so a draw restarts each layer's variants
-from the clean run's cached ``resid_pre_l`` (``start_at_layer=l``); a ``TransformerBridge``, which cannot
-restart at a layer, runs the whole model (same numbers, more work). Copy j of the stacked batch freezes one
+from the clean run's ``resid_pre_l`` (:func:`clean_run`): a HookedTransformer by ``start_at_layer=l``, a
+``TransformerBridge`` by calling its blocks l..L-1 directly (:mod:`tl_circuits.models.bridge_forward`; TL 4.3's
+``start_at_layer`` still runs the earlier blocks). A bridge that cannot be restarted (the TransformerLens-native
+bridge, logit post-processing outside ``unembed``: ``restart_problem``) runs the whole model, with the same
+numbers and more work. Copy j of the stacked batch freezes one
 head in its own rows ``[j·batch, (j+1)·batch)`` only, so a layer is one forward pass (or a few, within the
 row budget). The metric is applied to each copy's rows of those same logits, whether it returns a scalar
 (batch metric) or one value per sample (``per_sample``): per-sample values cost no extra forward.
@@ -19,6 +22,7 @@ from torch import Tensor
 from tl_circuits.freezing.hooks import Hook, LayerFreeze
 from tl_circuits.freezing.options import Circuit, GradientMode, Replacement
 from tl_circuits.freezing.references import PreparedReference
+from tl_circuits.models.bridge_forward import prepare_restart, restart_problem
 from tl_circuits.models.spec import ModelSpec
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.sweep import SweepShare
@@ -57,11 +61,41 @@ def evaluate_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, per_samp
     return value.double().cpu().reshape(batch if per_sample else ())
 
 
+LayerRunner = Callable[[int, int], Tensor]
+"""``(layer, copies) -> logits`` of ``copies`` stacked copies of the clean batch, restarted at ``layer``."""
+
+
+def clean_run(model: Model, spec: ModelSpec, tokens: Tensor) -> tuple[Tensor, LayerRunner, str]:
+    """The clean logits of ``tokens``, a :data:`LayerRunner` restarting from each layer's clean ``resid_pre``,
+    and the name of the route it takes (``settings["restart"]`` of a sweep).
+
+    Call under ``torch.no_grad()``; the runner's forwards see whatever hooks are active when it is called.
+    """
+    if spec.starts_at_layer:
+        names = {spec.resid_pre_hook(layer) for layer in range(spec.n_layers)}
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+
+        def from_cache(layer: int, copies: int) -> Tensor:
+            return model(cache[spec.resid_pre_hook(layer)].repeat(copies, 1, 1), start_at_layer=layer)
+        return torch.as_tensor(logits), from_cache, "start_at_layer"
+    if spec.kind == "bridge" and restart_problem(model) is None:
+        restart = prepare_restart(model, tokens)
+        assert restart.logits is not None
+
+        def from_blocks(layer: int, copies: int) -> Tensor:
+            return restart.run_from_layer(restart.resid_pre[layer].repeat(copies, 1, 1), layer)
+        return restart.logits, from_blocks, "blocks"
+
+    def whole_model(layer: int, copies: int) -> Tensor:  # layers before `layer` recompute the clean values
+        return model(tokens.repeat(copies, 1))
+    return model(tokens), whole_model, "full forward"
+
+
 def sweep_draw(
     model: Model,
     spec: ModelSpec,
-    tokens: Tensor,
-    cache,
+    batch: int,
+    run_layer: LayerRunner,
     metric: Callable[[Tensor], Tensor],
     passes: list[list[tuple[Circuit, int]]],
     draw: DrawSettings,
@@ -71,12 +105,11 @@ def sweep_draw(
 ) -> dict[str, Tensor]:
     """The frozen metric of every (circuit, layer, head) for one draw: circuit -> [L, H] (or [N, L, H] per sample).
 
-    ``cache`` holds the clean run's ``resid_pre`` of every layer (when the model restarts at a layer);
-    ``passes``: the (circuit, head) copies stacked in each forward of a layer. Cells not run stay NaN.
+    ``run_layer``: from :func:`clean_run`; ``passes``: the (circuit, head) copies stacked in each forward of a
+    layer. Cells not run stay NaN.
     ``share``: under a process group, which (layer, pass) items this rank runs (:class:`SweepShare`; the caller
     merges the grids).
     """
-    batch = tokens.shape[0]
     circuits = dict.fromkeys(c for chunk in passes for c, _ in chunk)
     lead = (batch,) if per_sample else ()
     frozen = {c.value: torch.full((*lead, spec.n_layers, spec.n_heads), float("nan"), dtype=torch.float64)
@@ -87,10 +120,7 @@ def sweep_draw(
                 continue
             hooks = _stacked_hooks(model, spec, layer, chunk, batch, draw)
             with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
-                if spec.starts_at_layer:
-                    logits = model(cache[spec.resid_pre_hook(layer)].repeat(len(chunk), 1, 1), start_at_layer=layer)
-                else:  # a bridge runs every layer; those before `layer` compute what the cache holds
-                    logits = model(tokens.repeat(len(chunk), 1))
+                logits = run_layer(layer, len(chunk))
             for j, (circuit, head) in enumerate(chunk):
                 frozen[circuit.value][..., layer, head] = evaluate_metric(
                     metric, logits[j * batch:(j + 1) * batch], per_sample)

@@ -50,7 +50,7 @@ from tl_circuits.freezing.options import (
     parse_option,
 )
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
-from tl_circuits.freezing.stacked import DrawSettings, evaluate_metric, sweep_draw
+from tl_circuits.freezing.stacked import DrawSettings, clean_run, evaluate_metric, sweep_draw
 from tl_circuits.freezing.sweep_io import (
     SWEEP_FORMAT,
     SWEEP_FORMAT_VERSION,
@@ -245,10 +245,9 @@ def freeze_sweep(
     copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)]
     per_pass = max(1, min(len(copies), max_batch_rows // batch))
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
-    resid_names = [spec.resid_pre_hook(layer) for layer in range(spec.n_layers)] if spec.starts_at_layer else []
     draws_frozen = []
     with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in resid_names)
+        clean_logits, run_layer, route = clean_run(model, spec, tokens)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
         n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks (not NOISE)
@@ -258,10 +257,10 @@ def freeze_sweep(
             for draw_seed, draw_reference in zip(seeds, draw_references):
                 draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
                 share = SweepShare(n_items, divisible=divisible)
-                draws_frozen.append(share.merge(sweep_draw(model, spec, tokens, cache, metric, passes, draw,
+                draws_frozen.append(share.merge(sweep_draw(model, spec, batch, run_layer, metric, passes, draw,
                                                            per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
-                    batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, per_sample=per_sample,
+                    batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, restart=route, per_sample=per_sample,
                     n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None)
     combine = _combine_per_sample if per_sample else _combine_batch_means
     return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)

@@ -65,6 +65,7 @@ class BridgeRestart:
     batch: int
     block_args: list[tuple[tuple, dict]]  # per layer: (positional args after the residual, keyword args)
     resid_pre: list[Tensor]  # the clean residual stream entering each block
+    logits: Optional[Tensor] = None  # the recording forward's logits (the clean run: callers need not rerun it)
 
     def run_from_layer(
         self, resid_pre: Float[Tensor, "batch pos d_model"], layer: int
@@ -134,7 +135,7 @@ def prepare_restart(
                enumerate(blocks)]
     try:
         with torch.no_grad():
-            model(tokens, attention_mask=attention_mask, return_type="logits")
+            logits = model(tokens, attention_mask=attention_mask, return_type="logits")
     finally:
         for handle in handles:
             handle.remove()
@@ -143,7 +144,7 @@ def prepare_restart(
                                   "by its forward pass")
     recorded = [call for call in calls if call is not None]
     return BridgeRestart(model, tokens.shape[0], [(args, kwargs) for args, kwargs, _ in recorded],
-                         [hidden for _, _, hidden in recorded])
+                         [hidden for _, _, hidden in recorded], logits)
 
 
 def run_from_layer(

@@ -98,8 +98,6 @@ class ModelSpec:
     kind: Literal["hooked", "bridge"] = "hooked"
     rotary_hooked: bool = True  # hook_rot_q/k fire; False: rotate hook_q/hook_k as the model does (post_rotary)
     # where a QK freeze finds the causal/padding mask: masked pre-softmax scores at hook_attn_scores
-    # ("scores"), or exact zeros of the pattern in every head ("pattern"); None: pattern edits do not
-    # reach the output, so QK freezes are impossible
     # ("scores"), exact zeros of the pattern in every head ("pattern"), or the causal mask alone where
     # no mask is hooked before z ("causal": delegating bridges, GPT-J/OPT); None: QK freezes are impossible
     qk_mask_source: Optional[Literal["scores", "pattern", "causal"]] = "scores"
@@ -109,7 +107,9 @@ class ModelSpec:
     # the live scores carry an additive position bias that q·k does not give (ALiBi), kept by QK freezes
     position_bias: bool = False
     architecture: str = ""  # what error messages call the model (the wrapped HF class, or "HookedTransformer")
-    starts_at_layer: bool = True  # forward(start_at_layer=...) restarts from a cached resid_pre
+    # forward(start_at_layer=...) restarts from a cached resid_pre (bridges: False; the sweep restarts them with
+    # models.bridge_forward where restart_problem allows)
+    starts_at_layer: bool = True
     masks_under_vmap: bool = True  # forward(attention_mask=...) runs under torch.func.vmap
     # bridge only: block -> "linear" | "conv1d" weight layout, (layer, block, bias) -> parameter name
     weight_layouts: tuple[tuple[Block, WeightLayout], ...] = field(default=(), repr=False)
