@@ -170,7 +170,7 @@ def conflict() -> dict:
             for b, t in getattr(res, name).items()}
 
 
-def _sweep(replacement: str) -> dict:
+def _sweep(replacement: str, seed=3) -> dict:
     from tl_circuits import freeze_sweep
 
     tokens, _ = tasks(n_a=3)
@@ -180,9 +180,12 @@ def _sweep(replacement: str) -> dict:
         from tl_circuits.freezing.references import compute_mean_activations
 
         reference = compute_mean_activations(model, tokens, progress=False)
-    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, max_batch_rows=9, seed=3,
+    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, max_batch_rows=9, seed=seed,
                        progress=False)  # 3 copies per pass: 3 passes per layer, 6 items over 2 ranks
-    return {f"frozen.{c}": t for c, t in res.frozen.items()} | {"clean": torch.tensor(res.clean)}
+    out = {f"frozen.{c}": t for c, t in res.frozen.items()} | {"clean": torch.tensor(res.clean)}
+    if seed is None and replacement == "noise":  # the seed drawn (on rank 0), to rerun in one process
+        out["draw_seed"] = torch.tensor(res.settings["draw_seeds"][0])
+    return out
 
 
 def sweep_zero() -> dict:
@@ -195,6 +198,11 @@ def sweep_mean() -> dict:
 
 def sweep_noise() -> dict:
     return _sweep("noise")
+
+
+def sweep_noise_fresh_seed() -> dict:
+    """seed=None: the NOISE seed is drawn on rank 0 and shared (test_distributed reruns it in one process)."""
+    return _sweep("noise", seed=None)
 
 
 def sweep_per_sample() -> dict:
@@ -237,5 +245,5 @@ SCENARIOS: dict[str, Callable[[], dict]] = {
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
         interference_external_fisher, interference_single_sample_a, checkpointed, pooled, permutation_synthetic,
         permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
-        sweep_per_sample, permutation_screened)
+        sweep_noise_fresh_seed, sweep_per_sample, permutation_screened)
 }

@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from tl_circuits.freezing.hooks import Hook, LayerFreeze
+from tl_circuits.freezing.hooks import Hook, LayerFreeze, freeze_generator
 from tl_circuits.freezing.options import Circuit, GradientMode, Replacement
 from tl_circuits.freezing.references import PreparedReference
 from tl_circuits.models.bridge_forward import prepare_restart, restart_problem
@@ -31,12 +32,25 @@ from tl_circuits.parallel.sweep import SweepShare
 @dataclass(frozen=True)
 class DrawSettings:
     """What one draw of a sweep freezes with: the replacement, each circuit's prepared reference, the NOISE
-    scale and generator (None unless NOISE)."""
+    scale and the draw's NOISE seed (None unless NOISE; every rank's the same, see :func:`item_noise_seed`)."""
 
     replacement: Replacement
     references: dict[Circuit, PreparedReference]
     noise_scale: float
-    generator: Optional[torch.Generator]
+    noise_seed: Optional[int]
+
+
+def item_noise_seed(draw_seed: int, layer: int, pass_index: int) -> int:
+    """The seed of the NOISE generator of one sweep item (``layer``'s stacked pass ``pass_index``) of a draw.
+
+    Each item has its own stream, so the noise an item draws does not depend on which items ran before it, or
+    on which rank runs it: a sweep split over ranks draws exactly the single-process noise (docs/spec.md §5.x).
+
+    >>> item_noise_seed(0, 1, 0) == item_noise_seed(0, 1, 0), item_noise_seed(0, 1, 0) == item_noise_seed(0, 0, 1)
+    (True, False)
+    """
+    state = np.random.SeedSequence((draw_seed, layer, pass_index)).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])  # < 2**63, a valid torch seed
 
 
 def evaluate_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, per_sample: bool) -> Tensor:
@@ -115,10 +129,12 @@ def sweep_draw(
     frozen = {c.value: torch.full((*lead, spec.n_layers, spec.n_heads), float("nan"), dtype=torch.float64)
               for c in circuits}
     for layer in range(spec.n_layers):
-        for chunk in passes:
+        for pass_index, chunk in enumerate(passes):
             if share is not None and not share.take(layer, chunk):
                 continue
-            hooks = _stacked_hooks(model, spec, layer, chunk, batch, draw)
+            generator = (None if draw.noise_seed is None else
+                         freeze_generator(model, item_noise_seed(draw.noise_seed, layer, pass_index)))
+            hooks = _stacked_hooks(model, spec, layer, chunk, batch, draw, generator)
             with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
                 logits = run_layer(layer, len(chunk))
             for j, (circuit, head) in enumerate(chunk):
@@ -136,7 +152,8 @@ def _tile(reference, copies: int):
     return {name: t if t.shape[0] == 1 else t.repeat(copies, *([1] * (t.ndim - 1))) for name, t in reference.items()}
 
 
-def _stacked_hooks(model, spec, layer, chunk, batch, draw: DrawSettings) -> list[Hook]:
+def _stacked_hooks(model, spec, layer, chunk, batch, draw: DrawSettings,
+                   generator: Optional[torch.Generator]) -> list[Hook]:
     """Hooks freezing head ``chunk[j]`` in rows ``[j*batch, (j+1)*batch)`` of a stacked batch."""
     hooks = []
     for circuit in dict.fromkeys(c for c, _ in chunk):
@@ -147,6 +164,6 @@ def _stacked_hooks(model, spec, layer, chunk, batch, draw: DrawSettings) -> list
                 row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
         layer_freeze = LayerFreeze(model, spec, layer, heads, circuit, draw.replacement, GradientMode.STOPGRAD,
                                    _tile(draw.references[circuit], len(chunk)), float(draw.noise_scale),
-                                   draw.generator, row_mask)
+                                   generator, row_mask)
         hooks.extend(layer_freeze.hooks())
     return hooks

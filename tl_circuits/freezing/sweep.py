@@ -37,7 +37,6 @@ except ImportError:  # TransformerLens 2.x
 
 from tl_circuits import defaults
 from tl_circuits.defaults import GB, SEED
-from tl_circuits.freezing.hooks import freeze_generator
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -60,6 +59,7 @@ from tl_circuits.freezing.sweep_io import (
 )
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import agreed_int, current_world
 from tl_circuits.parallel.sweep import SweepShare
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
@@ -234,7 +234,10 @@ def freeze_sweep(
     if max_batch_rows is not None and max_batch_rows < 1:
         raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
     draw_references = _draw_references(replacement, reference, n_draws)
-    seeds = [None if seed is None else seed + d for d in range(len(draw_references))]
+    first_seed = seed
+    if seed is None and replacement == Replacement.NOISE:  # fresh entropy, drawn on rank 0 and shared; recorded
+        first_seed = agreed_int(torch.Generator().seed() % 2**62, current_world())
+    seeds = [None if first_seed is None else first_seed + d for d in range(len(draw_references))]
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
     if metric is None:
         metric = _default_metric(tokens, per_sample)
@@ -250,13 +253,12 @@ def freeze_sweep(
         clean_logits, run_layer, route = clean_run(model, spec, tokens)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks (not NOISE)
-        divisible = replacement != Replacement.NOISE
-        n_mine = SweepShare(n_items, divisible=divisible).n_mine
+        n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks
+        n_mine = SweepShare(n_items).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
                 draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
-                share = SweepShare(n_items, divisible=divisible)
+                share = SweepShare(n_items)
                 draws_frozen.append(share.merge(sweep_draw(model, spec, batch, run_layer, metric, passes, draw,
                                                            per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
@@ -297,8 +299,8 @@ def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed
         fspec = FreezeSpec(tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)), circuit,
                            replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
         references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
-    generator = freeze_generator(model, seed) if replacement == Replacement.NOISE else None
-    return DrawSettings(replacement, references, float(noise_scale), generator)
+    noise_seed = seed if replacement == Replacement.NOISE else None
+    return DrawSettings(replacement, references, float(noise_scale), noise_seed)
 
 
 def _combine_batch_means(clean: Tensor, draws: list[dict[str, Tensor]], replacement: str, metric_name: str,

@@ -1,11 +1,11 @@
 """The freeze sweep's variants across ranks: its (layer, stacked pass) items are dealt out round robin, each rank
 fills the grid cells of its items, and one exact merge gives every rank the whole grid.
 
-A NOISE sweep draws its noise from one generator, pass after pass, so it is not divided (every rank runs every
-item and gets the single-process grid without a merge).
+A NOISE sweep is divided too: each item draws from its own generator
+(:func:`tl_circuits.freezing.stacked.item_noise_seed`), so the rank that runs it draws the single-process noise.
 
 >>> from tl_circuits.parallel.group import World
->>> share = SweepShare(4, divisible=True, world=World(1, 2))
+>>> share = SweepShare(4, world=World(1, 2))
 >>> [share.take(layer, [("qk", 0)]) for layer in range(4)], share.n_mine
 ([False, True, False, True], 2)
 """
@@ -23,9 +23,9 @@ from tl_circuits.parallel.group import World, current_world, merge_owned
 class SweepShare:
     """Which of ``n_items`` sweep items (taken in the sweep's own order) this rank runs, and the merge of the grids."""
 
-    def __init__(self, n_items: int, divisible: bool = True, world: Optional[World] = None):
+    def __init__(self, n_items: int, world: Optional[World] = None):
         self.world = world or current_world()
-        self.divided = divisible and self.world.active
+        self.divided = self.world.active
         self.n_items, self.next_item = n_items, 0
         self.taken: list[tuple[int, Sequence[tuple[Any, int]]]] = []
 
