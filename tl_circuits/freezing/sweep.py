@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 try:  # TransformerLens >= 3 (and 4.x, which has no transformer_lens.utils)
     from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
 except ImportError:  # TransformerLens 2.x
-    from transformer_lens.utils import lm_cross_entropy_loss
+    from transformer_lens.utils import lm_cross_entropy_loss  # type: ignore[no-redef, unused-ignore]
 
 from tl_circuits import defaults
 from tl_circuits.defaults import GB, SEED

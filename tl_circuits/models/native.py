@@ -150,8 +150,8 @@ def native_bridge_from_tl(config: dict, state_dict: dict[str, Tensor], device: U
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_native(bridge_config(config), tokenizer=tokenizer, device=device, dtype=dtype,
-                                           model_name=model_name)
+    bridge = TransformerBridge.boot_native(  # type: ignore[attr-defined, unused-ignore]  # TL 4.3: set at import
+        bridge_config(config), tokenizer=tokenizer, device=device, dtype=dtype, model_name=model_name)
     try:
         converted = convert_tl_state_dict(state_dict, bridge.cfg)
     except ValueError as err:
