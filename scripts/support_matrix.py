@@ -7,7 +7,8 @@ tests/architectures (references that use nothing of tl_circuits):
 - **gradients**: per-sample gradients equal a per-sample ``loss.backward()`` loop on the HF model, sliced by hand;
 - **interference / sweep / unchanged**: ``compute_interference`` and ``freeze_sweep`` run, a sweep cell equals its
   freeze, and no call changes the bridge's parameters, storage, ``.grad``, hooks, mode or outputs;
-- **restart**: ``run_from_layer`` equals the full forward (the sweep's restart at a layer).
+- **restart**: ``run_from_layer`` equals the full forward, and the sweep, which restarts each layer that way, equals
+  one full frozen forward per cell (ZERO).
 
 Run from the repository root: ``python scripts/support_matrix.py [--only NAME ...] [--out FILE]``. It prints a
 Markdown table (and writes it to ``--out``); a failing check shows the first line of its error.
@@ -27,13 +28,20 @@ import torch  # noqa: E402
 
 from tests.architectures import test_architectures as checks  # noqa: E402
 from tests.architectures import zoo  # noqa: E402
+from tests.freezing import test_sweep_restart as sweep_restart_checks  # noqa: E402
 from tests.models import test_bridge_forward as restart_checks  # noqa: E402
+
+
+def _restart(name: str) -> None:
+    restart_checks.test_restart_equals_the_full_forward(name)
+    sweep_restart_checks.test_restarted_sweep_equals_one_full_frozen_forward_per_cell(name, "zero")
+
 
 CHECKS = {
     "freeze": checks.test_every_freeze_equals_hand_edited_hf_attention,
     "gradients": checks.test_gradients_equal_a_backward_loop_on_the_hf_model,
     "interference, sweep, unchanged": checks.test_interference_and_sweep_run_and_leave_the_bridge_unchanged,
-    "restart": restart_checks.test_restart_equals_the_full_forward,
+    "restart": _restart,
 }
 
 
