@@ -19,14 +19,11 @@ and the effect on each task's scored loss of freezing each head's QK and OV circ
 RESAMPLE from a batch of non-repeating random tokens). The known heads are read off these numbers
 by the rules in :func:`select_heads`.
 
->>> from transformer_lens import HookedTransformer  # training needs one (TransformerLens < 4)
+>>> from transformer_lens import HookedTransformer  # training builds one (TransformerLens < 4)
 >>> config = BUNDLED_CONFIGS["induction-2l"]
->>> a = train_model(config, steps=2)
->>> b = train_model(config, steps=2)
->>> isinstance(a, HookedTransformer)
-True
->>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-True
+>>> a, b = train_model(config, steps=2), train_model(config, steps=2)
+>>> isinstance(a, HookedTransformer), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+(True, True)
 """
 
 from __future__ import annotations
