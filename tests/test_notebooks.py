@@ -1,10 +1,10 @@
-"""Every notebook in notebooks/ runs top to bottom (executed with nbclient on CPU)."""
+"""Every notebook in notebooks/ runs top to bottom (executed with nbclient on CPU), under TransformerLens 3.x and
+4.x alike: they build no HookedTransformer themselves (a bridged Hugging Face model, or the bundled models: a
+HookedTransformer under 3.x, a bridge under 4.x)."""
 
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.needs_hooked_transformer  # the notebooks build HookedTransformers
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 

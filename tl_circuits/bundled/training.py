@@ -16,11 +16,11 @@ distance back: copying needs the previous-token → induction composition.
 After training, :func:`tl_circuits.bundled.analysis.analyse` measures the model on held-out batches and
 :func:`~tl_circuits.bundled.analysis.select_heads` names its known heads (re-exported here).
 
+>>> from transformer_lens import HookedTransformer  # training builds one (TransformerLens < 4)
 >>> config = BUNDLED_CONFIGS["induction-2l"]
->>> a = train_model(config, steps=2)
->>> b = train_model(config, steps=2)
->>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-True
+>>> a, b = train_model(config, steps=2), train_model(config, steps=2)
+>>> isinstance(a, HookedTransformer), all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+(True, True)
 """
 
 from __future__ import annotations

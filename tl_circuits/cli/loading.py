@@ -6,12 +6,15 @@
 or its cache (``HookedTransformer.from_pretrained``, or ``TransformerBridge.boot_transformers`` as a bridge).
 Tasks come from files (:mod:`tl_circuits.cli.task_files`) or, without them, are the bundled model's own two.
 
-Every problem with what the user named is a :class:`CommandError` with a one-line message:
+Every problem with what the user named is a :class:`CommandError` with a one-line message (an unknown name too;
+under TransformerLens 4.x, which has no list of official names, after asking the hub for it):
 
->>> load_model("no-such-model", "cpu")  # doctest: +ELLIPSIS
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as empty:  # doctest: +ELLIPSIS
+...     load_model(empty, "cpu")
 Traceback (most recent call last):
 ...
-tl_circuits.cli.loading.CommandError: unknown model 'no-such-model': ...
+tl_circuits.cli.loading.CommandError: --model ...: not a checkpoint directory (expected a directory with config.json...)
 >>> known_heads_text({"induction": [(1, 3)], "previous token": [(0, 2), (0, 5)]})
 'induction L1H3; previous token L0H2, L0H5'
 """

@@ -40,10 +40,9 @@ frozen slice. ``straight_through`` writes ``frozen + (orig - orig.detach())`` at
 QK-frozen head get the gradient they would get unfrozen at the pattern.
 
 >>> import torch
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8,
-...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
->>> tokens = torch.randint(0, 20, (1, 5))
+>>> from tl_circuits import load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # a HookedTransformer on TransformerLens < 4, a bridge on 4.x
+>>> tokens = torch.randint(0, 64, (1, 5))
 >>> with freeze(model, [(0, 1)], circuit="qk", replacement="zero"):
 ...     _, cache = model.run_with_cache(tokens)
 >>> cache["blocks.0.attn.hook_pattern"][0, 1, 4]
@@ -138,11 +137,10 @@ def freeze(
             once per freeze, so each forward draws fresh noise and the same seed repeats the sequence.
 
     >>> import torch
-    >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-    >>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8,
-    ...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
+    >>> from tl_circuits import load_bundled_model
+    >>> model = load_bundled_model("induction-2l")
     >>> with freeze(model, [(0, 1)], "ov", "zero") as handle:
-    ...     logits = model(torch.randint(0, 20, (1, 5)))
+    ...     logits = model(torch.randint(0, 64, (1, 5)))
     >>> handle
     FreezeHandle(ov, zero, stopgrad, heads=[(0, 1)], removed)
     """

@@ -4,14 +4,13 @@ Where each hook acts (and why there) is described in :mod:`tl_circuits.freezing.
 what one forward pass stashes (its scores, or its q/k under NOISE) and clear it once the pattern is written.
 
 >>> import torch
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8,
-...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
+>>> from tl_circuits import load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # a HookedTransformer on TransformerLens < 4, a bridge on 4.x
 >>> hooks = freeze_hooks(model, [(0, 0)], circuit="ov", replacement="zero")
 >>> [name for name, _ in hooks]
 ['blocks.0.attn.hook_z']
 >>> with model.hooks(fwd_hooks=hooks):
-...     _, cache = model.run_with_cache(torch.randint(0, 20, (1, 5)))
+...     _, cache = model.run_with_cache(torch.randint(0, 64, (1, 5)))
 >>> float(cache["blocks.0.attn.hook_z"][..., 0, :].abs().max())
 0.0
 """

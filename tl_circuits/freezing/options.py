@@ -82,9 +82,8 @@ def normalize_heads(spec: ModelSpec, heads: HeadsLike) -> tuple[tuple[int, int],
     mask; a dict ``{layer: [heads]}``; or per-layer lists ``[[heads of layer 0], [heads of layer 1],
     ...]`` with one entry per layer. Pairs must be tuples; inner lists always mean per-layer lists.
 
-    >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-    >>> spec = model_spec(HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_heads=2, d_head=4,
-    ...                                                             n_ctx=4, d_vocab=10, act_fn="gelu")))
+    >>> from tl_circuits import load_bundled_model
+    >>> spec = model_spec(load_bundled_model("induction-2l"))  # 2 layers of 4 heads
     >>> normalize_heads(spec, {1: [0], 0: [1, 1]})
     ((0, 1), (1, 0))
     >>> normalize_heads(spec, [[], [0, 1]])

@@ -5,11 +5,9 @@
 and noise scale, and reads both patterns from ``run_with_cache``.
 
 >>> import torch
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> from tl_circuits import freeze_sweep
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8,
-...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
->>> tokens = torch.randint(0, 20, (2, 5))
+>>> from tl_circuits import freeze_sweep, load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # a HookedTransformer on TransformerLens < 4, a bridge on 4.x
+>>> tokens = torch.randint(0, 64, (2, 5))
 >>> fig = freeze_sweep(model, tokens, progress=False).plot_patterns(model, tokens, k=1)
 >>> [ax.get_title().split(" ")[1] for ax in fig.axes if ax.images]
 ['clean', 'frozen']

@@ -3,12 +3,11 @@
 Both are computed once, before any hook runs, so that a freeze's forward passes only read them.
 
 >>> import torch
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8,
-...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
->>> means = compute_mean_activations(model, torch.randint(0, 20, (4, 6)), progress=False)
->>> means.q[0].shape, means.n_samples
-(torch.Size([6, 2, 8]), 4)
+>>> from tl_circuits import load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # 4 heads of d_head 16 per layer
+>>> means = compute_mean_activations(model, torch.randint(0, 64, (4, 6)), progress=False)
+>>> means.q[0].shape, means.n_samples  # layer 0's mean queries: [pos, head, d_head]
+(torch.Size([6, 4, 16]), 4)
 """
 
 from __future__ import annotations

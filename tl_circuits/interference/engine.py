@@ -18,10 +18,11 @@ of tiles across ranks (the score blocks merged exactly). With ``checkpoint_dir``
 restarted run skips them (:mod:`~tl_circuits.interference.checkpoint`). :mod:`~tl_circuits.interference.memory`
 makes the plan (``result.settings['plan']``).
 
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, n_ctx=8, d_vocab=20,
-...                               act_fn="gelu", n_key_value_heads=2, positional_embedding_type="rotary")
->>> model = HookedTransformer(cfg)
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+>>> hf = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+...                                   num_attention_heads=4, num_key_value_heads=2))  # GQA, rotary, random weights
+>>> model = build_bridge_from_module(hf, architecture="LlamaForCausalLM", hf_config=hf.config)
 >>> gen = torch.Generator().manual_seed(0)
 >>> tokens_a = torch.randint(0, 10, (3, 8), generator=gen)    # task A: low token ids
 >>> tokens_b = torch.randint(10, 20, (2, 8), generator=gen)   # task B: high token ids

@@ -27,10 +27,11 @@ reference with one row per sample patches sample ``i`` from row ``i``: :mod:`tl_
 The model is not modified: parameters, ``requires_grad`` flags, ``.grad``, train/eval mode and hooks are as
 before.
 
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, n_ctx=8, d_vocab=20,
-...                               act_fn="gelu", n_key_value_heads=2, positional_embedding_type="rotary")
->>> model = HookedTransformer(cfg)
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+>>> hf = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+...                                   num_attention_heads=4, num_key_value_heads=2))  # GQA, rotary, random weights
+>>> model = build_bridge_from_module(hf, architecture="LlamaForCausalLM", hf_config=hf.config)
 >>> tokens = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(0))
 >>> grads = per_sample_gradients(model, tokens, config=GradientConfig(progress=False))
 >>> {block: tuple(g.shape) for block, g in grads.per_block.items()}
@@ -304,10 +305,10 @@ def per_sample_gradients(
             without a valid target), NaN/inf gradients (naming every such sample), or rows that would not
             fit ``config.memory_budget_gb``.
 
-    >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-    >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, n_ctx=6, d_vocab=10,
-    ...                               act_fn="gelu")
-    >>> model = HookedTransformer(cfg)
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    >>> hf = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_positions=6, n_embd=8, n_layer=1, n_head=2))
+    >>> model = build_bridge_from_module(hf, architecture="GPT2LMHeadModel", hf_config=hf.config)
     >>> tokens = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
     >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # left- and right-padded
     >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True, progress=False))

@@ -19,15 +19,17 @@ in behaviour is recorded in :class:`ModelSpec` (``kind``, ``rotary_hooked``, ``q
 The forward passes and hooks (:func:`attention_scores`, :func:`model_logits`, :func:`register_factor_hooks`,
 ...) live in :mod:`tl_circuits.models.hooked` and are re-exported here.
 
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, n_ctx=8,
-...                               d_vocab=10, act_fn="gelu", n_key_value_heads=2,
-...                               positional_embedding_type="rotary")
->>> spec = model_spec(HookedTransformer(cfg))
->>> spec.n_kv_heads, spec.kv_head(3)
-(2, 1)
->>> spec.param_name(1, "K")
-'blocks.1.attn._W_K'
+A LLaMA-style model with GQA (4 query heads over 2 KV heads) and rotary positions, random weights, as a bridge:
+
+>>> from transformers import LlamaConfig, LlamaForCausalLM
+>>> from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+>>> hf = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+...                                   num_attention_heads=4, num_key_value_heads=2))
+>>> spec = model_spec(build_bridge_from_module(hf, architecture="LlamaForCausalLM", hf_config=hf.config))
+>>> spec.kind, spec.n_kv_heads, spec.kv_head(3)
+('bridge', 2, 1)
+>>> spec.param_name(1, "K")  # the wrapped k_proj (a HookedTransformer's would be 'blocks.1.attn._W_K')
+'model.layers.1._original_component.self_attn._original_component.k_proj._original_component.weight'
 >>> spec.query_hook(0)
 'blocks.0.attn.hook_rot_q'
 """

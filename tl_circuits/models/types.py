@@ -3,9 +3,8 @@
 Both are optional imports (TransformerLens 4.x has no HookedTransformer; 2.x has no bridge), so the alias
 is spelled for type checkers and falls back to ``torch.nn.Module`` at run time.
 
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=8,
-...                                                  d_vocab=20, act_fn="gelu"))
+>>> from tl_circuits import load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # a HookedTransformer on TransformerLens < 4, a bridge on 4.x
 >>> isinstance(model, Model)  # at run time, any torch module
 True
 """

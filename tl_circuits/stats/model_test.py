@@ -5,16 +5,15 @@ pooled Fisher, and every permutation of the task labels is a reduction of that o
 
 >>> import torch
 >>> from tl_circuits import GradientConfig, InterferenceConfig
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4,
-...                                                  n_ctx=6, d_vocab=10, act_fn="gelu"))
+>>> from tl_circuits import load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # 2 layers of 4 heads
 >>> gen = torch.Generator().manual_seed(0)
->>> a, b = torch.randint(0, 10, (6, 6), generator=gen), torch.randint(0, 10, (6, 6), generator=gen)
+>>> a, b = torch.randint(0, 64, (6, 6), generator=gen), torch.randint(0, 64, (6, 6), generator=gen)
 >>> quiet = InterferenceConfig(gradients=GradientConfig(progress=False))
 >>> res = interference_permutation_test(model, a, b, n_permutations=99, n_bootstrap=50,
 ...                                     config=quiet, progress=False)
 >>> sorted(res.p_value), tuple(res.p_value["K"].shape)
-(['K', 'O', 'Q', 'V'], (1, 2))
+(['K', 'O', 'Q', 'V'], (2, 4))
 """
 
 from __future__ import annotations
