@@ -7,15 +7,14 @@ With ``per_sample=True`` it keeps each sample's effect (from the same forward pa
 NOISE over several seeds and RESAMPLE over several reference batches are *draws*, averaged.
 
 >>> import torch
->>> from transformer_lens import HookedTransformer, HookedTransformerConfig
->>> model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8,
-...                                                  n_ctx=8, d_vocab=20, act_fn="gelu"))
->>> result = freeze_sweep(model, torch.randint(0, 20, (2, 6)), progress=False)
+>>> from tl_circuits import load_bundled_model
+>>> model = load_bundled_model("induction-2l")  # 2 layers x 4 heads, vocabulary 64
+>>> result = freeze_sweep(model, torch.randint(0, 64, (2, 6)), progress=False)
 >>> result.effect["qk"].shape, result.effect["ov"].shape
-(torch.Size([2, 2]), torch.Size([2, 2]))
->>> result = freeze_sweep(model, torch.randint(0, 20, (3, 6)), per_sample=True, progress=False)
+(torch.Size([2, 4]), torch.Size([2, 4]))
+>>> result = freeze_sweep(model, torch.randint(0, 64, (3, 6)), per_sample=True, progress=False)
 >>> result.per_sample_effect["qk"].shape, result.clean_per_sample.shape
-(torch.Size([3, 2, 2]), torch.Size([3]))
+(torch.Size([3, 2, 4]), torch.Size([3]))
 """
 
 from __future__ import annotations
