@@ -15,6 +15,7 @@ rotary, RMSNorm, no biases). Tests about HookedTransformer itself build it with 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 try:  # TransformerLens 2.x/3.x
@@ -173,6 +174,23 @@ def under_test(which: str, seed: int = 0):
 def is_hooked(model) -> bool:
     """Whether ``model`` is a HookedTransformer (else a TransformerBridge)."""
     return HAS_HOOKED_TRANSFORMER and isinstance(model, HookedTransformer)
+
+
+def embedding_weight(model) -> torch.nn.Parameter:
+    """The token embedding [d_vocab, d_model] of a model under test: W_E, or the wrapped HF model's input embeddings."""
+    return model.embed.W_E if is_hooked(model) else model.original_model.get_input_embeddings().weight
+
+
+def attention_param(model, layer: int, block: str, kv: bool = False) -> torch.nn.Parameter:
+    """A layer's Q/K/V/O weight as a parameter of a model under test (``blocks.{layer}.attn.W_Q`` on a
+    HookedTransformer; under GQA ``_W_K``/``_W_V``), found by the name model_spec gives it."""
+    from tl_circuits import model_spec
+
+    return dict(model.named_parameters())[model_spec(model).param_name(layer, block)]
+
+
+# method="direct" (torch.func.functional_call) is refused on bridges: parametrise engines with these
+METHODS = ["factored", pytest.param("direct", marks=pytest.mark.needs_hooked_transformer)]
 
 
 # ----- TransformerBridges ---------------------------------------------------------------------------
