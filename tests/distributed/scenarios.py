@@ -154,8 +154,8 @@ def interference_permutation() -> dict:
     a, b = tasks(n_a=4, n_b=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = interference_permutation_test(builders.mha_under_test(), a, b, config=config(), n_permutations=N_PERMUTATIONS,
-                                            n_bootstrap=40, seed=2, progress=False)
+        res = interference_permutation_test(builders.mha_under_test(), a, b, config=config(),
+                                            n_permutations=N_PERMUTATIONS, n_bootstrap=40, seed=2, progress=False)
     return _test_fields(res)
 
 
@@ -202,8 +202,8 @@ def sweep_per_sample() -> dict:
     from tl_circuits import freeze_sweep
 
     tokens, _ = tasks(n_a=4)
-    res = freeze_sweep(builders.mha_under_test(), tokens, circuits=("qk", "ov", "both"), per_sample=True, max_batch_rows=12,
-                       replacement="mean", reference=_mean(tokens), seed=3, progress=False)
+    res = freeze_sweep(builders.mha_under_test(), tokens, circuits=("qk", "ov", "both"), per_sample=True,
+                       max_batch_rows=12, replacement="mean", reference=_mean(tokens), seed=3, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tested = res.test(n_bootstrap=50, seed=1)

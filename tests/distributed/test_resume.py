@@ -44,7 +44,8 @@ def interrupt_after(monkeypatch, k: int) -> None:
 
 
 def test_an_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch, forwarded):
-    model, (a, b) = builders.gqa_under_test(), tasks()  # 5 + 3 samples in shards of 2: [0:2], [2:4], [4:5] and [0:2], [2:3]
+    # 5 + 3 samples in shards of 2: [0:2], [2:4], [4:5] and [0:2], [2:3]
+    model, (a, b) = builders.gqa_under_test(), tasks()
     reference = compute_interference(model, a, b, config=config())
     with monkeypatch.context() as patch:
         interrupt_after(patch, 3)

@@ -92,7 +92,7 @@ def test_spill_folder_is_removed_when_the_run_fails(mha_model, tmp_path):
     tokens = builders.random_tokens(3, 8)
     broken = builders.mha_under_test()
     with torch.no_grad():
-        builders.attention_param(broken, 1, "V")[0, 0] = math.nan  # NaN gradients: the run raises after the gradient pass
+        builders.attention_param(broken, 1, "V")[0, 0] = math.nan  # NaN gradients: it raises after the gradient pass
     cfg = InterferenceConfig(max_held_samples=1, spill_dir=str(tmp_path), **QUIET)
     with pytest.raises(ValueError, match="not finite"):
         compute_interference(broken, tokens, tokens, config=cfg)
