@@ -64,8 +64,7 @@ def test_rejects_other_models():
     assert model_spec(builders.hooked(positional_embedding_type="alibi")).position_bias
 
 
-@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
-def test_bad_layer_head(mha_model):
+def test_bad_layer_head(mha_model):  # the model under test
     spec = model_spec(mha_model)
     with pytest.raises(IndexError, match="layer 2 out of range"):
         spec.check_layer_head(2, 0)
