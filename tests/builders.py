@@ -3,10 +3,19 @@ HF GPT-2 / LLaMA models built from their config classes and converted into Hooke
 with TransformerLens's own weight-conversion functions (no weight processing), and TransformerBridges
 around the same HF models (or TransformerLens-native ones) for the bridge parity tests.
 
-Under TransformerLens 4.x (no HookedTransformer) only the HF models and the bridges can be built."""
+Under TransformerLens 4.x (no HookedTransformer) only the HF models and the bridges can be built.
+
+The *model under test* builders (:func:`mha_under_test`, :func:`gqa_under_test`) are what tests use when the
+model is only the thing tl_circuits runs on (freezing, gradients, interference, sweeps, statistics, the
+command), not the subject of the test: a HookedTransformer (:func:`mha`, :func:`gqa`) where TransformerLens
+has one (< 4), and on TransformerLens 4 an equivalent TransformerBridge around a tiny HF model
+(:func:`gpt2_bridge`: MHA, LayerNorm, learned positions, non-zero biases; :func:`llama_bridge`: GQA 4 over 2,
+rotary, RMSNorm, no biases). Tests about HookedTransformer itself build it with :func:`hooked` and carry the
+``needs_hooked_transformer`` marker (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 try:  # TransformerLens 2.x/3.x
@@ -141,6 +150,47 @@ def hf_llama(seed: int = 0):
         center_unembed=False, fold_value_biases=False,
     )
     return hf, model.eval()
+
+
+# ----- the model under test: a HookedTransformer on TL < 4, a TransformerBridge on TL 4 ----------------------
+
+def mha_under_test(seed: int = 0):
+    """MHA with LayerNorm, learned positions and non-zero biases: :func:`mha` on TL < 4, :func:`gpt2_bridge` on
+    TL 4. 2 layers x 4 heads, d_model 32, d_head 8, d_vocab :data:`D_VOCAB` on both."""
+    return mha(seed) if HAS_HOOKED_TRANSFORMER else gpt2_bridge(seed)
+
+
+def gqa_under_test(seed: int = 0):
+    """GQA (4 query heads over 2 KV heads), rotary, RMSNorm, gated SiLU MLP, no biases: :func:`gqa` on TL < 4,
+    :func:`llama_bridge` on TL 4."""
+    return gqa(seed) if HAS_HOOKED_TRANSFORMER else llama_bridge(seed)
+
+
+def under_test(which: str, seed: int = 0):
+    """``"mha"`` or ``"gqa"``: :func:`mha_under_test` or :func:`gqa_under_test`."""
+    return {"mha": mha_under_test, "gqa": gqa_under_test}[which](seed)
+
+
+def is_hooked(model) -> bool:
+    """Whether ``model`` is a HookedTransformer (else a TransformerBridge)."""
+    return HAS_HOOKED_TRANSFORMER and isinstance(model, HookedTransformer)
+
+
+def embedding_weight(model) -> torch.nn.Parameter:
+    """The token embedding [d_vocab, d_model] of a model under test: W_E, or the wrapped HF model's input embeddings."""
+    return model.embed.W_E if is_hooked(model) else model.original_model.get_input_embeddings().weight
+
+
+def attention_param(model, layer: int, block: str, kv: bool = False) -> torch.nn.Parameter:
+    """A layer's Q/K/V/O weight as a parameter of a model under test (``blocks.{layer}.attn.W_Q`` on a
+    HookedTransformer; under GQA ``_W_K``/``_W_V``), found by the name model_spec gives it."""
+    from tl_circuits import model_spec
+
+    return dict(model.named_parameters())[model_spec(model).param_name(layer, block)]
+
+
+# method="direct" (torch.func.functional_call) is refused on bridges: parametrise engines with these
+METHODS = ["factored", pytest.param("direct", marks=pytest.mark.needs_hooked_transformer)]
 
 
 # ----- TransformerBridges ---------------------------------------------------------------------------

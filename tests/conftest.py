@@ -12,7 +12,15 @@ SKIP_REASON = "needs transformer_lens.HookedTransformer (TransformerLens < 4)"
 def pytest_collection_modifyitems(config, items):
     """Under TransformerLens 4.x (no HookedTransformer; the CI leg where every bridged architecture is tested) the
     tests marked ``needs_hooked_transformer`` (whole modules by ``pytestmark``, or single tests) are skipped;
-    everything else runs, the bridge and architecture tests (tests/architectures) included."""
+    everything else runs, the bridge and architecture tests (tests/architectures) included.
+
+    The rule for the marker: a test keeps it only when it is *about* HookedTransformer (its weight conversion,
+    ``method="direct"``, ``start_at_layer``, HookedTransformer-only config such as ``use_attn_result``,
+    shortformer or ALiBi models, comparisons with a HookedTransformer twin, the bundled HookedTransformer
+    weights, HookedTransformer checkpoints), with a comment saying why. A test that only needs *a model to run
+    on* uses the model-under-test fixtures below (``mha_model``, ``gqa_model``, ``model``; built by
+    ``builders.mha_under_test`` / ``gqa_under_test``): a HookedTransformer on TL < 4 and the equivalent
+    TransformerBridge around a tiny HF GPT-2 / LLaMA on TL 4, so it runs on both legs."""
     if builders.HAS_HOOKED_TRANSFORMER:
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
@@ -30,28 +38,31 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def mha_model():
-    return builders.mha()
+    """The MHA model under test: HookedTransformer on TL < 4, GPT-2 bridge on TL 4 (builders.mha_under_test)."""
+    return builders.mha_under_test()
 
 
 @pytest.fixture(scope="session")
 def gqa_model():
-    return builders.gqa()
+    """The GQA model under test: HookedTransformer on TL < 4, LLaMA bridge on TL 4 (builders.gqa_under_test)."""
+    return builders.gqa_under_test()
 
 
 @pytest.fixture(scope="session")
-def attn_only_model():
+def attn_only_model():  # HookedTransformer only: TL 4 bridges no attention-only HF model
     return builders.attn_only()
 
 
 @pytest.fixture(scope="session")
-def nobias_model():
+def nobias_model():  # HookedTransformer only
     return builders.mha(biases=False)
 
 
 @pytest.fixture(params=["mha", "gqa"])
 def model(request):
-    """MHA (LayerNorm, learned positions) and GQA (rotary, RMSNorm): fresh per test."""
-    return builders.mha() if request.param == "mha" else builders.gqa()
+    """The models under test, MHA (LayerNorm, learned positions) and GQA (rotary, RMSNorm), fresh per test:
+    HookedTransformers on TL < 4, GPT-2 / LLaMA bridges on TL 4 (builders.under_test)."""
+    return builders.under_test(request.param)
 
 
 @pytest.fixture(scope="session")

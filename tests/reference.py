@@ -63,11 +63,23 @@ def loop_reference(model, tokens, attention_mask=None, include_biases=False):
 
 
 def hand_rows(spec, raw, block, layer, head, include_biases=False):
-    """[N, P] rows of one head, sliced by hand from raw gradients following SPEC §0's table."""
-    w = raw[spec.param_name(layer, block)][:, head]  # [N, D, d] (Q/K/V) or [N, d, D] (O)
+    """[N, P] rows of one head, sliced by hand from raw gradients following SPEC §0's table.
+
+    HookedTransformer parameters are per head already (``W_Q[h]``); a bridge's wrapped projections are sliced
+    here by hand: nn.Linear weights are [out, in] (Q/K/V: head h is rows h·d..(h+1)·d; O: columns), Conv1D
+    weights [in, out] (the other way round), each head transposed to [D, d] (Q/K/V) or [d, D] (O)."""
+    w = raw[spec.param_name(layer, block)]
+    cols = slice(head * spec.d_head, (head + 1) * spec.d_head)
+    if spec.kind == "hooked":
+        w = w[:, head]  # [N, D, d] (Q/K/V) or [N, d, D] (O)
+    elif spec.weight_layout(block) == "linear":
+        w = w[:, :, cols].transpose(1, 2) if block == "O" else w[:, cols, :].transpose(1, 2)
+    else:  # conv1d
+        w = w[:, cols, :] if block == "O" else w[:, :, cols]
     parts = [w.reshape(w.shape[0], -1)]
     if include_biases and block != "O":
-        parts.append(raw[spec.param_name(layer, block, bias=True)][:, head])
+        bias = raw[spec.param_name(layer, block, bias=True)]
+        parts.append(bias[:, head] if spec.kind == "hooked" else bias[:, cols])
     return torch.cat(parts, dim=1)
 
 
@@ -334,3 +346,17 @@ def cell_stat(m_cell):
         x, y = np.broadcast_arrays(x[..., :, None], y[..., None, :])
         return m_cell[x, y].mean(axis=(-2, -1))
     return statistic
+
+
+def head_slice(spec, tensors, name, layer, head):
+    """One head's slice of a per-parameter tensor (e.g. a ``.grad``) named the HookedTransformer way (``"W_Q"``,
+    ``"b_K"``...), sliced by hand as :func:`hand_rows` does (K/V heads are KV heads); None where the model has
+    no such parameter (a bridge around LLaMA has no biases)."""
+    block, bias = name[-1], name.startswith("b")
+    try:
+        param = spec.param_name(layer, block, bias=bias)
+    except ValueError:
+        return None
+    rows = hand_rows(spec, {spec.param_name(layer, block): tensors[spec.param_name(layer, block)][None],
+                            **({param: tensors[param][None]} if bias else {})}, block, layer, head, bias)[0]
+    return rows[-spec.d_head:] if bias else rows

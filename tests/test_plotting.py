@@ -139,7 +139,6 @@ def test_blocks_grid_layout_masks_and_errors():
         plot_heads(torch.randn(2, 3, 4))
 
 
-@pytest.mark.needs_hooked_transformer
 def test_existing_callers_get_figures(mha_model, tokens):
     from tl_circuits import freeze_sweep
 

@@ -35,7 +35,7 @@ def _causal_softmax(scores: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # an ALiBi HookedTransformer
 def test_alibi_qk_freezes_keep_the_position_bias():
     model = builders.hooked(positional_embedding_type="alibi")
     tokens, ref_tokens = builders.random_tokens(2, 8, seed=1), builders.random_tokens(4, 8, seed=2)

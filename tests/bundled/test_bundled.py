@@ -89,7 +89,7 @@ def test_unknown_name_is_a_clear_error_listing_the_models():
             call("gpt-5")
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # the shipped HookedTransformer weights and config
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_loaded_model_is_the_shipped_weights_and_config(name):
     model = model_named(name)
@@ -346,7 +346,7 @@ def test_task_batch_rows_and_bundled_task_settings():
 
 # ----- training -----------------------------------------------------------------------------------
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # the bundled training builds and trains HookedTransformers
 def test_training_is_deterministic():
     """A few steps twice from the same config give bit-identical weights; another seed does not."""
     config = BUNDLED_CONFIGS["induction-counting-2l"]
@@ -372,7 +372,7 @@ def test_recorded_training_settings_match_the_code():
 
 
 @pytest.mark.slow
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # retrains the shipped HookedTransformer weights
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_retraining_reproduces_the_shipped_model(name):
     """The full training run (minutes) gives the shipped weights: bit for bit on the same torch and CPU

@@ -43,7 +43,7 @@ def test_as_bridge_gives_a_native_bridge_and_the_default_follows_transformer_len
     assert isinstance(default, TransformerBridge) != HAS_HOOKED_TRANSFORMER
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # compares with the bundled model loaded as a HookedTransformer
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_bridge_logits_equal_the_hooked_transformer(name):
     model, bridge = tlc.load_bundled_model(name, as_bridge=False), bridge_named(name)
@@ -108,7 +108,7 @@ def test_checkpoint_loads_as_a_bridge(tmp_path):
                                                         "TransformerBridge")
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # saves a HookedTransformer checkpoint (save_checkpoint)
 def test_saved_hooked_transformer_with_mlp_loads_as_an_equal_bridge(tmp_path):
     """A model with an MLP and non-zero biases (LayerNorm, learned positions): saved, loaded as a bridge, same
     logits."""

@@ -52,7 +52,7 @@ def test_known_heads_by_construction():
         known_heads_by_construction({"a": [(2, 0)], "b": []}, n_layers=2, n_heads=2)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # masked training of a HookedTransformer, W_Q[h] sliced by hand
 def test_masked_backward_equals_separate_backward_passes_sliced_by_hand():
     """Independent reference: each task's loss backpropagated on its own (plain .backward()), the head slices
     picked by indexing W_Q[h] etc. directly, summed as the construction says."""
@@ -81,7 +81,7 @@ def test_masked_backward_equals_separate_backward_passes_sliced_by_hand():
             torch.testing.assert_close(param.grad[head], expected, rtol=0, atol=0, msg=f"{name}[{head}]")
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # the bundled training builds and trains HookedTransformers
 def test_untrained_heads_stay_zero_and_masks_refuse_grouped_models():
     from tests import builders
     from tl_circuits.bundled.training import train_model
@@ -171,7 +171,7 @@ def test_planted_model_shows_the_competition_in_its_freeze_effects():
 
 
 @pytest.mark.slow
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # retrains the shipped HookedTransformer weights
 def test_retraining_reproduces_the_planted_model():
     """The full masked training (about 12 minutes on a shared CPU) gives the shipped weights bit for bit on the
     same torch and CPU kind."""

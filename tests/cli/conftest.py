@@ -13,12 +13,54 @@ from tl_circuits.cli.command import main
 from tl_circuits.models.checkpoint import save_checkpoint
 
 
+def checkpoint_under_test(directory, seed: int):
+    """The model under test as a local checkpoint (tl_circuits.models.checkpoint's format) and that model.
+
+    TL < 4: builders.mha saved by save_checkpoint (the HookedTransformer itself is returned). TL 4, which has no
+    HookedTransformer to save: the same format written by hand (HookedTransformerConfig arguments in config.json,
+    random parameters under HookedTransformer names in model.safetensors; MHA, LayerNorm, learned positions,
+    non-zero biases), and the model is the checkpoint loaded back (a native TransformerBridge), as the command
+    loads it."""
+    if builders.HAS_HOOKED_TRANSFORMER:
+        model = builders.mha(seed=seed)
+        save_checkpoint(model, directory)
+        return model
+    import json
+
+    from safetensors.torch import save_file
+
+    from tl_circuits.models.checkpoint import load_checkpoint
+
+    n_layers, d_model, n_heads, d_head, d_mlp, n_ctx, d_vocab = 2, 32, 4, 8, 64, builders.N_CTX, builders.D_VOCAB
+    config = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp, n_ctx=n_ctx,
+                  d_vocab=d_vocab, act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
+                  dtype="float32")
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape, std=0.3: std * torch.randn(*shape, generator=gen)  # noqa: E731
+    state = {"embed.W_E": randn(d_vocab, d_model), "pos_embed.W_pos": randn(n_ctx, d_model),
+             "ln_final.w": 1 + randn(d_model, std=0.1), "ln_final.b": randn(d_model, std=0.1),
+             "unembed.W_U": randn(d_model, d_vocab), "unembed.b_U": randn(d_vocab, std=0.1)}
+    for layer in range(n_layers):
+        pre = f"blocks.{layer}."
+        for name in ("ln1", "ln2"):
+            state[pre + name + ".w"], state[pre + name + ".b"] = 1 + randn(d_model, std=0.1), randn(d_model, std=0.1)
+        for letter in "QKV":
+            state[pre + f"attn.W_{letter}"] = randn(n_heads, d_model, d_head)
+            state[pre + f"attn.b_{letter}"] = randn(n_heads, d_head, std=0.1)
+        state[pre + "attn.W_O"], state[pre + "attn.b_O"] = randn(n_heads, d_head, d_model), randn(d_model, std=0.1)
+        state[pre + "mlp.W_in"], state[pre + "mlp.b_in"] = randn(d_model, d_mlp), randn(d_mlp, std=0.1)
+        state[pre + "mlp.W_out"], state[pre + "mlp.b_out"] = randn(d_mlp, d_model), randn(d_model, std=0.1)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    return load_checkpoint(directory)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_inputs(tmp_path_factory):
     """A tiny model saved as a local checkpoint, task A as a ragged .tokens file, task B as a .npy array."""
     root = tmp_path_factory.mktemp("inputs")
-    model = builders.mha(seed=3)
-    save_checkpoint(model, root / "model")
+    model = checkpoint_under_test(root / "model", seed=3)
     gen = torch.Generator().manual_seed(5)
     rows_a = [torch.randint(0, 25, (int(n),), generator=gen).tolist() for n in (9, 5, 12, 7, 10, 6)]
     rows_b = torch.randint(25, builders.D_VOCAB, (5, 11), generator=gen)

@@ -150,7 +150,6 @@ def test_one_analysis_time_per_run(bundled_report):
         out / "report.md").read_text()
 
 
-@pytest.mark.needs_hooked_transformer
 def test_default_permutations_are_recorded_as_used(checkpoint_inputs, tmp_path, capsys):
     """Without --n-permutations the report records the number used (2 layers x 4 heads x 4 blocks = 32 cells:
     defaults.default_n_permutations(32) = 1280), and the last message gives report.json's total time."""

@@ -30,11 +30,11 @@ from tl_circuits.cli.loading import CommandError, load_model
 from tl_circuits.cli.task_files import TaskInputError, read_task_file
 from tl_circuits.models.checkpoint import load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.needs_hooked_transformer  # a HookedTransformer saved as a checkpoint, or from_pretrained
 
 
 # ----- local checkpoint, token files and text --------------------------------------------------------
 
+@pytest.mark.needs_hooked_transformer  # the docstring saves a HookedTransformer
 def test_checkpoint_docstring_example_runs():
     import doctest
 
@@ -44,6 +44,7 @@ def test_checkpoint_docstring_example_runs():
     assert tried >= 4 and failures == 0
 
 
+@pytest.mark.needs_hooked_transformer  # save_checkpoint writes HookedTransformers only
 def test_checkpoint_round_trip_is_exact(tmp_path):
     model = builders.gqa(seed=2)
     tokens = builders.random_tokens()
@@ -108,6 +109,7 @@ def test_token_file_formats_agree(checkpoint_inputs, tmp_path):
     assert long.tokens.shape == (2, builders.N_CTX) and "1 sample(s) truncated" in long.notes[0]
 
 
+@pytest.mark.needs_hooked_transformer  # saves a HookedTransformer checkpoint with a tokenizer
 def test_text_tasks_are_tokenised_by_the_checkpoint_tokenizer(tmp_path, capsys):
     tokenizer, d_vocab = word_tokenizer()
     model = builders.hooked(seed=4, d_vocab=d_vocab)
@@ -132,6 +134,7 @@ def test_text_tasks_are_tokenised_by_the_checkpoint_tokenizer(tmp_path, capsys):
     assert samples.preview.tolist()[-3:] == ["blue bird", "small dog sat on a big mat", "the red cat sang far"]
 
 
+@pytest.mark.needs_hooked_transformer  # HookedTransformer.from_pretrained
 def test_pretrained_names_go_to_from_pretrained(monkeypatch):
     from transformer_lens import HookedTransformer
 
@@ -199,8 +202,12 @@ def bad_inputs(root: Path, tmp: Path) -> dict:
 
 @pytest.mark.parametrize("case", ["missing task file", "empty task", "ids outside the vocabulary",
                                   "text for a model without a tokenizer", "words in a token-id file",
-                                  "a one-token sample", "a task of one sample", "float token array", "unknown model",
-                                  "directory that is not a checkpoint", "weights that do not fit the config",
+                                  "a one-token sample", "a task of one sample", "float token array",
+                                  # the messages of a pretrained name and of a HookedTransformer load_state_dict:
+                                  pytest.param("unknown model", marks=pytest.mark.needs_hooked_transformer),
+                                  "directory that is not a checkpoint",
+                                  pytest.param("weights that do not fit the config",
+                                               marks=pytest.mark.needs_hooked_transformer),
                                   "unreadable config.json", "only one task file",
                                   "checkpoint without bundled tasks", "occupied output directory",
                                   "bad option value", "unknown option"])
@@ -232,6 +239,7 @@ def test_python_dash_m_reports_bad_input_in_one_line_without_traceback(checkpoin
 
 
 
+@pytest.mark.needs_hooked_transformer  # saves a HookedTransformer checkpoint with a tokenizer
 def test_unknown_words_in_a_text_task_are_an_error_that_names_them(tmp_path):
     """A word the tokenizer does not know would become its unknown token (here BOS) while samples.csv still showed
     the word: it is an error naming the words and the line."""
@@ -244,6 +252,7 @@ def test_unknown_words_in_a_text_task_are_an_error_that_names_them(tmp_path):
         read_task_file(tmp_path / "a.txt", loaded)
 
 
+@pytest.mark.needs_hooked_transformer  # saves a HookedTransformer checkpoint with a tokenizer
 def test_the_same_sequences_as_text_ids_and_tensor_give_the_same_samples(tmp_path):
     """Text gets BOS from to_tokens; token files are used as given: the same sequences (text, and its ids with
     BOS written out) give the same tokens, mask, scored positions and ids in every format."""
@@ -267,6 +276,7 @@ def test_the_same_sequences_as_text_ids_and_tensor_give_the_same_samples(tmp_pat
         assert task.ids == ["task:1", "task:2", "task:3"] and task.notes == []
 
 
+@pytest.mark.needs_hooked_transformer  # saves a HookedTransformer checkpoint with a tokenizer
 def test_token_rows_without_bos_are_kept_as_given_with_a_note(tmp_path):
     tokenizer, d_vocab = word_tokenizer()
     model = builders.hooked(seed=4, d_vocab=d_vocab)

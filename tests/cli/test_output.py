@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tests.cli.helpers import assert_complete_report, checkpoint_args, run_main
 
-pytestmark = pytest.mark.needs_hooked_transformer  # runs the command on a HookedTransformer checkpoint
 
 
 # ----- all or nothing ----------------------------------------------------------------------------------

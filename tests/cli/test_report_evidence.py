@@ -135,7 +135,6 @@ def test_mean_replacement_report_compares_qk_ov_and_the_whole_head(tmp_path):
     assert "| task | layer | head | Δ QK | Δ OV | Δ BOTH | interaction |" in markdown
 
 
-@pytest.mark.needs_hooked_transformer  # the checkpoint fixture builds a HookedTransformer
 def test_duplicate_samples_are_detected_and_reported(checkpoint_inputs, tmp_path):
     from tests.cli.helpers import SMALL, write_ids
     from tl_circuits.cli.command import main

@@ -54,7 +54,7 @@ def gradients() -> dict:
     from tl_circuits import GradientConfig, per_sample_gradients
 
     a, _ = tasks(n_a=5)
-    g = per_sample_gradients(builders.gqa(), a, config=GradientConfig(chunk_size=2, **QUIET))
+    g = per_sample_gradients(builders.gqa_under_test(), a, config=GradientConfig(chunk_size=2, **QUIET))
     return {f"grad.{b}": t for b, t in g.per_block.items()} | {"losses": g.losses, "n_targets": g.n_targets}
 
 
@@ -63,7 +63,7 @@ def _interference(variant: str, source: str, loo: bool = False, tiled: bool = Fa
 
     a, b = tasks()
     with small_tiles() if tiled else contextlib.nullcontext():
-        r = compute_interference(builders.gqa(), a, b, config=config(variant=variant, fisher_source=source,
+        r = compute_interference(builders.gqa_under_test(), a, b, config=config(variant=variant, fisher_source=source,
                                                                      leave_one_out=loo, **changes))
     out = {f"scores.{b}": s for b, s in r.scores.items()}
     assert r.fisher is not None
@@ -86,7 +86,7 @@ def interference_external_fisher() -> dict:
     """An external Fisher (itself from split per-sample gradients of task B), unsigned, mean reduction."""
     from tl_circuits import GradientConfig, compute_interference, fisher_from_gradients, per_sample_gradients
 
-    model, (a, b) = builders.gqa(), tasks()
+    model, (a, b) = builders.gqa_under_test(), tasks()
     fisher = fisher_from_gradients(per_sample_gradients(model, b, config=GradientConfig(chunk_size=2, **QUIET)))
     r = compute_interference(model, a, b, config=config(variant="unsigned", reduction="mean"), fisher=fisher)
     return {f"scores.{k}": s for k, s in r.scores.items()}
@@ -97,7 +97,7 @@ def interference_single_sample_a() -> dict:
     from tl_circuits import compute_interference
 
     a, b = tasks(n_a=1, n_b=3)
-    r = compute_interference(builders.mha(), a, b, config=config(fisher_source="pooled"))
+    r = compute_interference(builders.mha_under_test(), a, b, config=config(fisher_source="pooled"))
     return {f"scores.{k}": s for k, s in r.scores.items()}
 
 
@@ -113,7 +113,7 @@ def pooled() -> dict:
     from tl_circuits.interference.engine import pooled_scores
 
     a, b = tasks(n_a=4, n_b=3)
-    scores, fisher, _ = pooled_scores(builders.mha(), a, b, config=config())
+    scores, fisher, _ = pooled_scores(builders.mha_under_test(), a, b, config=config())
     return {f"scores.{k}": s for k, s in scores.items()} | {f"fisher.{k}": f for k, f in fisher.per_block.items()}
 
 
@@ -154,8 +154,8 @@ def interference_permutation() -> dict:
     a, b = tasks(n_a=4, n_b=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = interference_permutation_test(builders.mha(), a, b, config=config(), n_permutations=N_PERMUTATIONS,
-                                            n_bootstrap=40, seed=2, progress=False)
+        res = interference_permutation_test(builders.mha_under_test(), a, b, config=config(),
+                                            n_permutations=N_PERMUTATIONS, n_bootstrap=40, seed=2, progress=False)
     return _test_fields(res)
 
 
@@ -165,7 +165,7 @@ def conflict() -> dict:
     a, b = tasks()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = interference_conflict_test(builders.gqa(), a, b, config=config())
+        res = interference_conflict_test(builders.gqa_under_test(), a, b, config=config())
     return {f"{name}.{b}": t for name in ("estimate", "std_error", "pvalue", "ci_low")
             for b, t in getattr(res, name).items()}
 
@@ -174,7 +174,7 @@ def _sweep(replacement: str, seed=3) -> dict:
     from tl_circuits import freeze_sweep
 
     tokens, _ = tasks(n_a=3)
-    model = builders.mha()
+    model = builders.mha_under_test()
     reference = None
     if replacement == "mean":
         from tl_circuits.freezing.references import compute_mean_activations
@@ -210,8 +210,8 @@ def sweep_per_sample() -> dict:
     from tl_circuits import freeze_sweep
 
     tokens, _ = tasks(n_a=4)
-    res = freeze_sweep(builders.mha(), tokens, circuits=("qk", "ov", "both"), per_sample=True, max_batch_rows=12,
-                       replacement="mean", reference=_mean(tokens), seed=3, progress=False)
+    res = freeze_sweep(builders.mha_under_test(), tokens, circuits=("qk", "ov", "both"), per_sample=True,
+                       max_batch_rows=12, replacement="mean", reference=_mean(tokens), seed=3, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tested = res.test(n_bootstrap=50, seed=1)
@@ -222,7 +222,7 @@ def sweep_per_sample() -> dict:
 def _mean(tokens):
     from tl_circuits.freezing.references import compute_mean_activations
 
-    return compute_mean_activations(builders.mha(), tokens, progress=False)
+    return compute_mean_activations(builders.mha_under_test(), tokens, progress=False)
 
 
 def permutation_screened() -> dict:

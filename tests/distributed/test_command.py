@@ -13,7 +13,6 @@ from tests.cli.helpers import SMALL, assert_complete_report
 from tests.distributed.launch import REPO, torchrun
 from tl_circuits.cli.command import main
 
-pytestmark = pytest.mark.needs_hooked_transformer
 ARGS = ["--n-a", "5", "--n-b", "4", *SMALL]
 WORKER = str(REPO / "tests" / "distributed" / "command_worker.py")
 VOLATILE = ("created", "timings_s", "timings", "world_size")  # wall times, dates and the world itself

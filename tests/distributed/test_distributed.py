@@ -13,7 +13,6 @@ from tests.distributed import scenarios
 from tests.distributed.launch import REPO, busy_port, torchrun
 from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 
-pytestmark = pytest.mark.needs_hooked_transformer
 RTOL = 1e-5
 COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards")  # work done per rank, not results
 EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_targets")

@@ -11,7 +11,6 @@ from tests.distributed.scenarios import config, tasks
 from tl_circuits import compute_interference
 from tl_circuits.interference import checkpoint, gradients
 
-pytestmark = pytest.mark.needs_hooked_transformer
 
 
 class Interrupted(Exception):
@@ -45,7 +44,8 @@ def interrupt_after(monkeypatch, k: int) -> None:
 
 
 def test_an_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch, forwarded):
-    model, (a, b) = builders.gqa(), tasks()  # 5 + 3 samples in shards of 2: [0:2], [2:4], [4:5] and [0:2], [2:3]
+    # 5 + 3 samples in shards of 2: [0:2], [2:4], [4:5] and [0:2], [2:3]
+    model, (a, b) = builders.gqa_under_test(), tasks()
     reference = compute_interference(model, a, b, config=config())
     with monkeypatch.context() as patch:
         interrupt_after(patch, 3)
@@ -63,7 +63,7 @@ def test_an_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch, f
 
 
 def test_other_settings_do_not_reuse_shards(tmp_path, forwarded):
-    model, (a, b) = builders.gqa(), tasks()
+    model, (a, b) = builders.gqa_under_test(), tasks()
     compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
     forwarded[0] = 0
     compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path), include_biases=True))
@@ -74,12 +74,12 @@ def test_other_settings_do_not_reuse_shards(tmp_path, forwarded):
     compute_interference(model, other, b, config=config(checkpoint_dir=str(tmp_path)))
     assert forwarded[0] == 5  # task A changed: recomputed; task B's shards reused
     forwarded[0] = 0
-    compute_interference(builders.gqa(seed=1), a, b, config=config(checkpoint_dir=str(tmp_path)))
+    compute_interference(builders.gqa_under_test(seed=1), a, b, config=config(checkpoint_dir=str(tmp_path)))
     assert forwarded[0] == 8  # other weights
 
 
 def test_a_torn_shard_is_recomputed(tmp_path, forwarded):
-    model, (a, b) = builders.gqa(), tasks()
+    model, (a, b) = builders.gqa_under_test(), tasks()
     reference = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
     shard = sorted(tmp_path.rglob("samples_0-2.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
@@ -89,7 +89,7 @@ def test_a_torn_shard_is_recomputed(tmp_path, forwarded):
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_a_clear_error(tmp_path):
-    model, (a, b) = builders.gqa(), tasks()
+    model, (a, b) = builders.gqa_under_test(), tasks()
     path = tmp_path / "not_a_folder"
     path.write_text("x")
     with pytest.raises(ValueError, match="checkpoint_dir .*not_a_folder: cannot make the shard folder"):

@@ -7,7 +7,6 @@ from transformer_lens import patching
 from tests import builders
 from tl_circuits import freeze, freeze_sweep, model_spec
 
-pytestmark = pytest.mark.needs_hooked_transformer  # every test sweeps a HookedTransformer
 
 
 def test_resample_sweep_equals_tl_patching(model):
@@ -41,6 +40,7 @@ def test_sweep_equals_one_frozen_forward_per_head(model, replacement, max_batch_
                 assert result.effect[circuit][layer, head] == pytest.approx(expected - clean, abs=1e-5)
 
 
+@pytest.mark.needs_hooked_transformer  # restarting from a cached resid_pre is start_at_layer, HookedTransformer only
 def test_sweep_reuses_the_clean_prefix(mha_model, tokens):
     """Layer 0 runs once (the clean run): every frozen run restarts from a cached resid_pre."""
     fired = []

@@ -46,7 +46,6 @@ def assert_same_result(loaded: SweepResult, original: SweepResult) -> None:
                                    equal_nan=True)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_round_trip_keeps_every_field(swept, tmp_path):
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
     assert (tensors_file.name, metadata_file.name) == ("sweep.safetensors", "sweep.json")
@@ -57,7 +56,6 @@ def test_round_trip_keeps_every_field(swept, tmp_path):
     assert loaded.top_heads(3, "ov") == swept.top_heads(3, "ov")
 
 
-@pytest.mark.needs_hooked_transformer
 def test_the_files_hold_what_the_docstring_says(swept, tmp_path):
     """Read back without tl_circuits: safetensors for the numbers, json for the rest."""
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
@@ -82,7 +80,6 @@ def test_nan_and_infinite_metrics_survive(tmp_path):
     assert_same_result(SweepResult.load(tmp_path / "odd"), result)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_either_file_name_names_the_pair(swept, tmp_path):
     swept.save(tmp_path / "nested" / "run.json")  # the parent folder is made
     assert_same_result(SweepResult.load(tmp_path / "nested" / "run.safetensors"), swept)
@@ -90,7 +87,6 @@ def test_either_file_name_names_the_pair(swept, tmp_path):
     assert sweep_result_files("a/b.c") == (Path("a/b.c.safetensors"), Path("a/b.c.json"))
 
 
-@pytest.mark.needs_hooked_transformer
 def test_plot_works_on_a_loaded_result(swept, tmp_path):
     swept.save(tmp_path / "sweep")
     loaded = SweepResult.load(tmp_path / "sweep")
@@ -98,7 +94,6 @@ def test_plot_works_on_a_loaded_result(swept, tmp_path):
     assert figure is not None and len(figure.axes) == len(expected.axes)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_missing_files_are_named(swept, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors is missing"):
         SweepResult.load(tmp_path / "nothing")
@@ -108,7 +103,6 @@ def test_missing_files_are_named(swept, tmp_path):
         SweepResult.load(tmp_path / "sweep")
 
 
-@pytest.mark.needs_hooked_transformer
 def test_corrupt_files_are_a_clear_error(swept, tmp_path):
     tensors_file, metadata_file = swept.save(tmp_path / "sweep")
     good_tensors, good_metadata = tensors_file.read_bytes(), metadata_file.read_text()
@@ -141,7 +135,6 @@ def test_corrupt_files_are_a_clear_error(swept, tmp_path):
         SweepResult.load(tmp_path / "sweep")
 
 
-@pytest.mark.needs_hooked_transformer
 def test_bad_save_targets(swept, tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         swept.save(tmp_path)
@@ -152,7 +145,6 @@ def test_bad_save_targets(swept, tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
-@pytest.mark.needs_hooked_transformer
 def test_per_sample_round_trip_keeps_the_new_tensors(mha_model, tmp_path):
     tokens = builders.random_tokens(4, 10, seed=3)
     result = freeze_sweep(mha_model, tokens, circuits=("qk", "ov", "both"), replacement="noise", n_draws=2,

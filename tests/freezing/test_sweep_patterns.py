@@ -7,7 +7,6 @@ import torch
 from tests import builders
 from tl_circuits import freeze_sweep, model_spec, task_tokenizer
 
-pytestmark = pytest.mark.needs_hooked_transformer
 
 
 def _hook_counts(model):

@@ -10,7 +10,6 @@ from transformer_lens import patching
 from tests import builders
 from tl_circuits import TaskBatch, freeze, freeze_sweep, model_spec, scored_loss
 
-pytestmark = pytest.mark.needs_hooked_transformer  # every test sweeps a HookedTransformer
 
 
 def _hook_counts(model):

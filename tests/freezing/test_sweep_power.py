@@ -4,7 +4,7 @@ import pytest
 
 import tl_circuits as tlc
 
-pytestmark = [pytest.mark.slow, pytest.mark.needs_hooked_transformer]
+pytestmark = [pytest.mark.slow, pytest.mark.needs_hooked_transformer]  # the bundled HookedTransformer models
 
 
 @pytest.mark.parametrize("name", ["induction-2l", "induction-counting-2l"])

@@ -32,7 +32,6 @@ def tested(swept):
         return swept.test(n_bootstrap=999, seed=5)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_p_values_and_intervals_equal_scipy(swept, tested):
     assert tested.exact and tested.n_permutations == 2 ** N
     assert tested.circuits == ["qk", "ov", "both", INTERACTION]
@@ -49,7 +48,6 @@ def test_p_values_and_intervals_equal_scipy(swept, tested):
             swept.effect[circuit][layer, head].item(), abs=1e-6)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_q_values_run_over_every_tested_cell(tested):
     p = np.concatenate([tested.p_value[c].flatten().numpy() for c in tested.circuits])
     for method, q in (("bh", tested.q_value_bh), ("by", tested.q_value_by)):
@@ -59,7 +57,6 @@ def test_q_values_run_over_every_tested_cell(tested):
         assert torch.equal(tested.significant[c], tested.q_value_bh[c] <= 0.05)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_interaction_is_both_minus_qk_plus_ov_of_three_separate_sweeps(mha_model, swept, tested):
     tokens = builders.random_tokens(N, 10, seed=31)
     separate = {c: freeze_sweep(mha_model, tokens, circuits=(c,), per_sample=True, progress=False)
@@ -71,7 +68,6 @@ def test_interaction_is_both_minus_qk_plus_ov_of_three_separate_sweeps(mha_model
     assert tested.p_value[INTERACTION][1, 2].item() == pytest.approx(perm.pvalue, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.needs_hooked_transformer
 def test_dataframe_plot_and_null_hypothesis(tested):
     frame = tested.to_dataframe()
     assert len(frame) == 4 * 2 * 4
@@ -125,7 +121,6 @@ def test_monte_carlo_floor_warns_and_one_sided_tests():
     assert torch.isnan(res.std_between_draws["qk"]).all()  # one draw: no between-draw spread
 
 
-@pytest.mark.needs_hooked_transformer
 def test_between_draw_spread_is_the_std_of_the_draws(mha_model):
     tokens = builders.random_tokens(N, 10, seed=32)
     result = freeze_sweep(mha_model, tokens, replacement="noise", n_draws=3, per_sample=True, progress=False)
@@ -138,7 +133,6 @@ def test_between_draw_spread_is_the_std_of_the_draws(mha_model):
 
 
 @pytest.mark.slow
-@pytest.mark.needs_hooked_transformer
 def test_noise_seed_difference_null_is_calibrated(mha_model):
     """A freeze 'effect' with no effect: the per-sample difference of two NOISE draws with different seeds is
     symmetric (the seeds are exchangeable), so the p-values are uniform: rejection rate at alpha and KS."""

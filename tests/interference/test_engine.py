@@ -17,7 +17,6 @@ from tl_circuits.models.spec import model_spec
 QUIET = dict(progress=False)
 
 
-@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
 def test_gradients_under_a_noise_freeze_equal_the_frozen_batch_loop(model, circuit):
     """Defect: per_sample_gradients under a NOISE freeze failed inside vmap. The factored engine runs the batch
@@ -29,7 +28,6 @@ def test_gradients_under_a_noise_freeze_equal_the_frozen_batch_loop(model, circu
     assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
 
 
-@pytest.mark.needs_hooked_transformer
 def test_direct_engine_under_a_noise_freeze_is_a_clear_error(mha_model):
     tokens = builders.random_tokens(2, 8)
     with freeze(mha_model, [(0, 0)], "ov", "noise"):
@@ -37,7 +35,6 @@ def test_direct_engine_under_a_noise_freeze_is_a_clear_error(mha_model):
             per_sample_gradients(mha_model, tokens, config=GradientConfig(method="direct", **QUIET))
 
 
-@pytest.mark.needs_hooked_transformer
 @pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
 def test_gradients_under_a_per_sample_resample_freeze(model, circuit):
     """Defect: a RESAMPLE reference with the run's batch size was refused in chunks. Each chunk now takes its
@@ -50,7 +47,7 @@ def test_gradients_under_a_per_sample_resample_freeze(model, circuit):
     assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # use_attn_result is a HookedTransformerConfig flag
 @pytest.mark.parametrize("variant", ["signed", "unsigned"])
 def test_compute_interference_on_a_use_attn_result_model(variant):
     """Defect: compute_interference refused use_attn_result=True naming an engine the user never chose."""
@@ -63,7 +60,7 @@ def test_compute_interference_on_a_use_attn_result_model(variant):
     assert_scores_close(result.scores, expected)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # hook_result exists with use_attn_result (HookedTransformer)
 def test_a_hook_at_hook_result_is_a_clear_error():
     model = builders.hooked(use_attn_result=True)
     tokens = builders.random_tokens(2, 8)
@@ -79,7 +76,6 @@ def spill_folders(path):
     return [p for p in path.iterdir() if p.name.startswith("tl_circuits_spill_")]
 
 
-@pytest.mark.needs_hooked_transformer
 def test_spilled_run_equals_held_run_and_leaves_no_files(mha_model, tmp_path):
     tokens_a, tokens_b = builders.random_tokens(4, 9, seed=1), builders.random_tokens(3, 9, seed=2)
     cfg = InterferenceConfig(fisher_source="pooled", chunk_size=2, spill_dir=str(tmp_path), **DAMP, **QUIET)
@@ -92,19 +88,17 @@ def test_spilled_run_equals_held_run_and_leaves_no_files(mha_model, tmp_path):
     assert spill_folders(tmp_path) == []
 
 
-@pytest.mark.needs_hooked_transformer
 def test_spill_folder_is_removed_when_the_run_fails(mha_model, tmp_path):
     tokens = builders.random_tokens(3, 8)
-    broken = builders.mha()
+    broken = builders.mha_under_test()
     with torch.no_grad():
-        broken.blocks[1].attn.W_V[0, 0, 0] = math.nan  # NaN gradients: the run raises after the gradient pass
+        builders.attention_param(broken, 1, "V")[0, 0] = math.nan  # NaN gradients: it raises after the gradient pass
     cfg = InterferenceConfig(max_held_samples=1, spill_dir=str(tmp_path), **QUIET)
     with pytest.raises(ValueError, match="not finite"):
         compute_interference(broken, tokens, tokens, config=cfg)
     assert spill_folders(tmp_path) == []
 
 
-@pytest.mark.needs_hooked_transformer
 def test_result_save_load_round_trip(mha_model, tmp_path):
     tokens_a, tokens_b = builders.random_tokens(3, 8, seed=3), builders.random_tokens(2, 8, seed=4)
     result = compute_interference(mha_model, tokens_a, tokens_b, ids_a=["x", "y", "z"], ids_b=[10, 11],

@@ -27,7 +27,6 @@ from tl_circuits.interference.result import Conflict
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, model_spec
 
-pytestmark = pytest.mark.needs_hooked_transformer  # every test scores a HookedTransformer
 
 QUIET = dict(progress=False)
 
@@ -53,7 +52,7 @@ def task_b():
 @pytest.fixture(scope="module", params=["mha", "gqa"])
 def setup(request):
     """(model, raw loop gradients of A, raw loop gradients of B) — computed once per model."""
-    model = builders.mha() if request.param == "mha" else builders.gqa()
+    model = builders.under_test(request.param)
     tokens_b, mask_b = task_b()
     return model, loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
 
@@ -195,6 +194,7 @@ def test_scale_law(mha_model):
 
 # ----- layout against HF's own parameter gradients ----------------------------------------------------------
 
+@pytest.mark.needs_hooked_transformer  # HF models converted to HookedTransformers by TL's weight conversion
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_layout_against_hf_parameter_gradients(which, hf_gpt2, hf_llama):
     hf, model = hf_gpt2 if which == "gpt2" else hf_llama
@@ -240,6 +240,7 @@ def planted_model(gqa: bool):
     return model, alive
 
 
+@pytest.mark.needs_hooked_transformer  # the planted model is an attention-only HookedTransformer
 @pytest.mark.parametrize("gqa", [False, True])
 def test_planted_heads(gqa):
     """Task B (2-token sequences: one key per query, so softmax has no Q/K gradient) reaches only the
@@ -325,6 +326,7 @@ def test_signed_conventions(mha_model):
     assert result.most_conflicted_block == min(means, key=means.get)
 
 
+@pytest.mark.needs_hooked_transformer  # the planted model is an attention-only HookedTransformer
 def test_missing_data_is_nan_not_zero():
     """With no damping floor, a head with zero Fisher has no normaliser: its scores are NaN, not 0."""
     model, _ = planted_model(gqa=False)
@@ -346,7 +348,7 @@ def test_missing_data_is_nan_not_zero():
 
 def test_bf16_model_is_scored_in_high_precision():
     """Scores of a bf16 model equal a float64 computation on its own per-sample gradients (no bf16 accumulation)."""
-    model = builders.gqa().to(torch.bfloat16)
+    model = builders.gqa_under_test().to(torch.bfloat16)
     tokens_a, tokens_b = task_a(), builders.random_tokens(2, 8, seed=12)
     result = compute_interference(model, tokens_a, tokens_b, config=Config(**DAMP, **QUIET))
     grads_a = per_sample_gradients(model, tokens_a, config=GradientConfig(**QUIET))
@@ -398,9 +400,9 @@ def test_bad_tasks(mha_model):
 
 
 def test_non_finite_gradients_name_the_samples():
-    model = builders.mha()
+    model = builders.gqa_under_test()  # untied embeddings: a NaN row of W_E reaches only samples holding token 7
     with torch.no_grad():
-        model.embed.W_E[7] = float("nan")
+        builders.embedding_weight(model)[7] = float("nan")
     tokens_a = torch.randint(8, builders.D_VOCAB, (3, 6), generator=torch.Generator().manual_seed(0))
     tokens_b = torch.randint(8, builders.D_VOCAB, (4, 6), generator=torch.Generator().manual_seed(1))
     tokens_b[0, 3] = 7
@@ -463,6 +465,7 @@ def test_whole_fisher_set_with_streamed_other_task(mha_model):
         torch.testing.assert_close(streamed.scores[block], held.scores[block], rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.needs_hooked_transformer  # a shortformer HookedTransformer
 def test_shortformer_model_equals_brute_force():
     """Unshared attention inputs (shortformer: positions on queries and keys only), factors held in chunks."""
     model = builders.hooked(positional_embedding_type="shortformer")

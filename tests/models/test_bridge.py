@@ -421,7 +421,7 @@ def _freeze_run(model, tokens, circuit, replacement, reference):
         return model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_pattern", "hook_z")))
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # parity with the HookedTransformer twin
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native", "native_rotary"])
 def test_parity_freeze_every_circuit_and_replacement(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -449,7 +449,7 @@ def test_parity_freeze_every_circuit_and_replacement(bridges, hooked_twins, name
                     torch.testing.assert_close(ours_cache[key], theirs_cache[key], rtol=1e-4, atol=1e-5, msg=what)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # parity with the HookedTransformer twin
 @pytest.mark.parametrize("name", ["gpt2", "llama", "native"])
 def test_parity_sweep(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -463,7 +463,7 @@ def test_parity_sweep(bridges, hooked_twins, name):
             torch.testing.assert_close(ours.frozen[circuit], theirs.frozen[circuit], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # parity with the HookedTransformer twin (method='direct' included)
 @pytest.mark.parametrize("name, include_biases", [("gpt2", True), ("llama", True), ("native_rotary", True)])
 @pytest.mark.parametrize("method", ["factored", "direct"])
 def test_parity_gradients(bridges, hooked_twins, name, include_biases, method):
@@ -481,7 +481,7 @@ def test_parity_gradients(bridges, hooked_twins, name, include_biases, method):
     torch.testing.assert_close(ours.losses, theirs.losses, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # parity with the HookedTransformer twin
 def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins):
     model, twin = bridges["llama"], hooked_twins["llama"]
     tokens = builders.random_tokens(3, 10, seed=4)
@@ -494,7 +494,7 @@ def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins)
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # parity with the HookedTransformer twin
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
@@ -514,7 +514,7 @@ def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
         torch.testing.assert_close(ours_test.p_value[block], theirs_test.p_value[block])
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # compatibility mode against the processed HookedTransformer
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_parity_compatibility_mode(name):
     """enable_compatibility_mode() folds LayerNorm, centres weights and renames what hook functions see: the

@@ -149,7 +149,7 @@ def test_hf_parameters_match_hand_slices(name):
             assert torch.equal(layout.heads_to_weight(torch.stack(by_hand), block, layout_name), weight)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # TransformerLens's HF -> HookedTransformer weight conversion
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
 def test_transformer_lens_parameters_are_the_hf_slices(name):
     """TransformerLens's own weight conversion puts each HF head where the layout says it is, and the

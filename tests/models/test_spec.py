@@ -7,7 +7,7 @@ from tests import builders
 from tl_circuits.models.spec import BLOCKS, model_spec
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_spec_mha(mha_model):
     spec = model_spec(mha_model)
     assert (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.d_head) == (2, 4, 4, 8)
@@ -16,7 +16,7 @@ def test_spec_mha(mha_model):
     assert spec.query_hook(0) == "blocks.0.attn.hook_q"
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_spec_gqa(gqa_model):
     spec = model_spec(gqa_model)
     assert (spec.n_heads, spec.n_kv_heads, spec.group_size) == (4, 2, 2)
@@ -29,7 +29,7 @@ def test_spec_gqa(gqa_model):
         assert name in names, name
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 @pytest.mark.parametrize("which", ["mha", "gqa"])
 def test_per_head_matches_parameter_slices(which):
     model = builders.mha() if which == "mha" else builders.gqa()
@@ -47,14 +47,14 @@ def test_per_head_matches_parameter_slices(which):
                 torch.testing.assert_close(rows[layer, head], torch.cat(expect), rtol=0, atol=0)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_gqa_repeated_weights_are_copies(gqa_model):
     attn = gqa_model.blocks[0].attn
     torch.testing.assert_close(attn.W_K[1], attn._W_K[0], rtol=0, atol=0)  # heads 0,1 read KV head 0
     torch.testing.assert_close(attn.W_K[2], attn._W_K[1], rtol=0, atol=0)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_rejects_other_models():
     with pytest.raises(TypeError, match="HookedTransformer"):
         model_spec(torch.nn.Linear(2, 2))
@@ -64,8 +64,7 @@ def test_rejects_other_models():
     assert model_spec(builders.hooked(positional_embedding_type="alibi")).position_bias
 
 
-@pytest.mark.needs_hooked_transformer
-def test_bad_layer_head(mha_model):
+def test_bad_layer_head(mha_model):  # the model under test
     spec = model_spec(mha_model)
     with pytest.raises(IndexError, match="layer 2 out of range"):
         spec.check_layer_head(2, 0)
@@ -75,13 +74,13 @@ def test_bad_layer_head(mha_model):
         spec.param_name(0, "X")
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_fixtures_cover_the_configs(attn_only_model, nobias_model):
     assert attn_only_model.cfg.attn_only
     assert all(float(p.abs().sum()) == 0 for n, p in nobias_model.named_parameters() if ".b_" in n)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_hf_gpt2_logits_match(hf_gpt2):
     hf, model = hf_gpt2
     tokens = builders.random_tokens()
@@ -89,7 +88,7 @@ def test_hf_gpt2_logits_match(hf_gpt2):
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_hf_llama_logits_match(hf_llama):
     hf, model = hf_llama
     assert model_spec(model).grouped
@@ -100,7 +99,7 @@ def test_hf_llama_logits_match(hf_llama):
 
 # ----- the size/kind questions callers outside models/ ask instead of model.cfg ----------------------------
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_spec_answers_what_callers_read_off_cfg(mha_model, gqa_model, attn_only_model):
     for model in (mha_model, gqa_model, attn_only_model):
         spec, cfg = model_spec(model), model.cfg
@@ -110,19 +109,19 @@ def test_spec_answers_what_callers_read_off_cfg(mha_model, gqa_model, attn_only_
     assert model_spec(attn_only_model).attn_only and not model_spec(mha_model).attn_only
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_shortformer_inputs_are_not_shared_and_flags_are_read():
     assert not model_spec(builders.hooked(positional_embedding_type="shortformer")).shared_qkv_input
     assert model_spec(builders.hooked(use_attn_result=True)).use_attn_result
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_dtype_is_the_parameters_dtype():
     model = builders.hooked(dtype=torch.float64)
     assert model_spec(model).dtype == torch.float64 == model.blocks[0].attn.W_Q.dtype
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_head_kind_factor_shapes_and_parameter_count(gqa_model):
     spec = model_spec(gqa_model)
     assert [spec.head_kind(b) for b in BLOCKS] == ["query", "kv", "kv", "query"]
@@ -136,7 +135,7 @@ def test_head_kind_factor_shapes_and_parameter_count(gqa_model):
         assert spec.n_attention_params(include_biases) == by_hand
 
 
-@pytest.mark.needs_hooked_transformer
+@pytest.mark.needs_hooked_transformer  # ModelSpec read off a HookedTransformer (its parameter names, hooks, config)
 def test_params_from_per_head_round_trips_hooked_parameters(model):
     spec = model_spec(model)
     params = dict(model.named_parameters())

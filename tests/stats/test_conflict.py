@@ -143,7 +143,6 @@ def test_bad_input_is_named():
         conflict_test(torch.zeros(3, 5, 1, 1))
 
 
-@pytest.mark.needs_hooked_transformer
 def test_model_level_form_streams_through_the_engine(mha_model):
     from tests import builders
     from tl_circuits import GradientConfig, InterferenceConfig, compute_interference, interference_conflict_test

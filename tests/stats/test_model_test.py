@@ -7,7 +7,6 @@ from tests import builders
 from tl_circuits import InterferenceConfig, compute_interference
 from tl_circuits.stats.model_test import interference_permutation_test
 
-pytestmark = pytest.mark.needs_hooked_transformer  # runs the test on a HookedTransformer
 
 
 @pytest.mark.parametrize("variant", ["unsigned", "signed"])
