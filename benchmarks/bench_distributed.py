@@ -69,7 +69,8 @@ def child(shape: dict, n: int, batch: int, out: Path) -> None:
     if dist.get_rank() == 0:
         torch.save({"scores": result.scores, "frozen": sweep.frozen}, out / "results.pt")  # type: ignore[union-attr]
         (out / "timings.json").write_text(json.dumps({"interference_s": interference_s, "sweep_s": sweep_s,
-                                                      "world_size": dist.get_world_size()}))
+                                                      "world_size": dist.get_world_size(),
+                                                      "stages": result.settings["timings"]}))
     dist.destroy_process_group()
 
 
@@ -113,6 +114,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as one_dir, tempfile.TemporaryDirectory() as two_dir:
         one, two = launch(1, args, Path(one_dir)), launch(2, args, Path(two_dir))
     assert one["world_size"] == 1 and two["world_size"] == 2
+    print("  interference stages (rank 0): " + "; ".join(
+        f"{stage} {one['stages'][stage]:.2f} s vs {two['stages'][stage]:.2f} s" for stage in one["stages"]))
     for name, key, what in (("interference", "interference_s", "scores"), ("freeze sweep", "sweep_s", "frozen")):
         ratio = one[key] / two[key]
         diff = max_relative_difference(two[what], one[what])
