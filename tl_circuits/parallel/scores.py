@@ -9,11 +9,14 @@ group of layers:
    float32 squares, as in one process; only their order differs (relative differences ~1e-16).
 2. **Tiles.** The left samples (task A, or A ∪ B for the pooled matrix) are split into contiguous bands, one
    per rank (each band tiled by the memory plan); a rank scores its band against every right sample, so its left
-   rows serve both its share of the Fisher and its tiles. The score grids are merged exactly at the end
-   (:func:`~tl_circuits.parallel.group.merge_owned`).
+   rows serve both its share of the Fisher and its tiles. Where the right samples are one tile (their rows held
+   through the group), each rank builds the rows of its own share of them and the shares are broadcast
+   (:func:`gathered_rows`): building rows from factors costs more than moving them. The score grids are merged
+   exactly at the end (:func:`~tl_circuits.parallel.group.merge_owned`).
 
-Per rank this is ``n_left / size + n_right`` samples' rows built and ``n_left · n_right / size`` pairs
-contracted (one process: ``n_left + n_right`` and ``n_left · n_right``).
+Per rank this is ``n_left / size + n_right / size`` samples' rows built (``n_left / size + n_right`` where the
+right side is tiled) and ``n_left · n_right / size`` pairs contracted (one process: ``n_left + n_right`` and
+``n_left · n_right``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tl_circuits.interference.fisher import FISHER_DTYPE, DiagonalFisher
 from tl_circuits.interference.scoring import Scorer, Workspace, sum_squares
 from tl_circuits.interference.store import SampleSet
 from tl_circuits.models.spec import BLOCKS, Block, ModelSpec
-from tl_circuits.parallel.group import World, all_reduce_sum, merge_owned, shard
+from tl_circuits.parallel.group import World, all_reduce_sum, broadcast_, merge_owned, shard
 
 
 def pieces(samples: slice, size: int) -> list[slice]:
@@ -44,6 +47,26 @@ def pieces(samples: slice, size: int) -> list[slice]:
     [slice(3, 5, None), slice(5, 7, None), slice(7, 8, None)]
     """
     return [slice(a, min(samples.stop, a + size)) for a in range(samples.start, samples.stop, size)]
+
+
+def gathered_rows(rows, samples: SampleSet, block: Block, layers: slice, include_biases: bool,
+                  world: World) -> Tensor:
+    """The rows ``[Lg, H, n, P]`` of all ``n`` samples on every rank: each rank builds its contiguous share
+    (:func:`~tl_circuits.parallel.group.shard`) and broadcasts it; the result is the one-process buffer ``"r"``."""
+    spec, n = rows.spec, len(samples)
+    n_layers = len(range(*layers.indices(spec.n_layers)))
+    heads, width = spec.n_block_heads(block), spec.n_params_per_head(block, include_biases)
+    full = rows.ws.get("r", (n_layers, heads, n, width))
+    for source in range(world.size):
+        part = shard(n, World(source, world.size))
+        if part.stop == part.start:
+            continue
+        if source == world.rank:
+            piece = rows(samples, block, layers, part, "r_share", include_biases)
+        else:
+            piece = rows.ws.get("r_share", (n_layers, heads, part.stop - part.start, width))
+        full[:, :, part] = broadcast_(piece, source, world)
+    return full
 
 
 class _Group:
@@ -127,7 +150,8 @@ def distributed_score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, c
         for layers in groups:
             # rows held through the group when the band (or all right samples) is one tile
             held_l = rows(left, block, layers, work.band[0], "l", biases) if len(work.band) == 1 else None
-            held_r = rows(right, block, layers, slice(0, n_r), "r", biases) if len(work.right_tiles) == 1 else None
+            held_r = (gathered_rows(rows, right, block, layers, biases, world) if len(work.right_tiles) == 1
+                      else None)
             if external is not None:
                 f_group = external.per_block[block][layers].to(device)
             else:
