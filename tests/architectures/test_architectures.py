@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.architectures import references, zoo
+from tests.reference import assert_same_state, model_state
 from tl_circuits import (
     GradientConfig,
     InterferenceConfig,
@@ -105,25 +106,6 @@ def test_gradients_equal_a_backward_loop_on_the_hf_model(name):
             assert (expected[block][:, :, 0] - expected[block][:, :, 1]).abs().amax() > 1e-3
 
 
-def _state(model, tokens):
-    with torch.no_grad():
-        logits = model(tokens)
-    params = {n: (p.detach().clone(), p.requires_grad, p.grad, p.data_ptr()) for n, p in model.named_parameters()}
-    torch_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                      for m in model.modules())
-    lens_hooks = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
-    return logits, params, torch_hooks, lens_hooks, model.training
-
-
-def _assert_same_state(before, after, what):
-    assert torch.equal(before[0], after[0]), f"{what}: outputs changed"
-    assert before[2:] == after[2:], f"{what}: hooks or train/eval mode changed"
-    for name, (value, requires_grad, grad, ptr) in before[1].items():
-        new_value, new_requires_grad, new_grad, new_ptr = after[1][name]
-        assert torch.equal(value, new_value) and requires_grad == new_requires_grad, f"{what}: {name} changed"
-        assert new_grad is grad and new_ptr == ptr, f"{what}: {name}'s .grad or storage changed"
-
-
 @pytest.mark.parametrize("name", zoo.params(pytest))
 def test_interference_and_sweep_run_and_leave_the_bridge_unchanged(name):
     model = zoo.bridge(name)
@@ -142,9 +124,9 @@ def test_interference_and_sweep_run_and_leave_the_bridge_unchanged(name):
     }
     model.run_with_cache(tokens)  # TransformerLens adds some hooks lazily, at the first forward and run_with_cache
     for what, call in calls.items():
-        before = _state(model, tokens)
+        before = model_state(model, tokens)
         call()
-        _assert_same_state(before, _state(model, tokens), f"{name} {what}")
+        assert_same_state(before, model_state(model, tokens), f"{name} {what}")
     for block in "QKVO":
         assert torch.isfinite(results["interference"].scores[block]).all()
     sweep = results["sweep"]

@@ -23,10 +23,12 @@ import torch
 
 from tests import builders
 from tests.reference import (
+    assert_same_state,
     bridge_reference_gradients,
     capture_module_output,
     head_cols,
     hf_logits_with_edits,
+    model_state,
     output_with_edits,
     set_cols,
 )
@@ -359,25 +361,6 @@ def test_interference_on_a_bridge_equals_scores_of_reference_gradients(bridges):
 
 # ----- the bridge is left as it was --------------------------------------------------------------------
 
-def _state(model, tokens):
-    with torch.no_grad():
-        logits = model(tokens)
-    params = {n: (p.detach().clone(), p.requires_grad, p.grad, p.data_ptr()) for n, p in model.named_parameters()}
-    torch_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                      for m in model.modules())
-    lens_hooks = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
-    return logits, params, torch_hooks, lens_hooks, model.training
-
-
-def _assert_same_state(before, after, what):
-    assert torch.equal(before[0], after[0]), f"{what}: outputs changed"
-    assert before[2:] == after[2:], f"{what}: hooks or train/eval mode changed"
-    for name, (value, requires_grad, grad, ptr) in before[1].items():
-        new_value, new_requires_grad, new_grad, new_ptr = after[1][name]
-        assert torch.equal(value, new_value) and requires_grad == new_requires_grad, f"{what}: {name} changed"
-        assert new_grad is grad and new_ptr == ptr, f"{what}: {name}'s .grad or storage changed"
-
-
 def test_every_call_leaves_the_bridge_unchanged():
     model = builders.gpt2_bridge(0)  # fused c_attn: the split q/k/v parameters are views of its storage
     tokens, ref_tokens = builders.random_tokens(seed=1), builders.random_tokens(seed=2)
@@ -396,9 +379,9 @@ def test_every_call_leaves_the_bridge_unchanged():
     }
     model.run_with_cache(tokens)  # the bridge installs its own torch hooks lazily, on first use; count after that
     for what, call in calls.items():
-        before = _state(model, tokens)
+        before = model_state(model, tokens)
         call()
-        _assert_same_state(before, _state(model, tokens), what)
+        assert_same_state(before, model_state(model, tokens), what)
     # gradients still reach the attention parameters through an ordinary backward pass
     spec = model_spec(model)
     params = dict(model.named_parameters())
