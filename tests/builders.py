@@ -220,14 +220,20 @@ def native_bridge(seed: int = 0, rotary: bool = False):
     cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=N_CTX, d_vocab=D_VOCAB, act_fn="gelu",
                normalization_type="LN", positional_embedding_type="rotary" if rotary else "standard", seed=seed)
     bridge = TransformerBridge.boot_native(cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
+    widen(bridge, seed + 1)
+    return bridge
+
+
+def widen(module: torch.nn.Module, seed: int) -> None:
+    """Matrices drawn with std 0.3, biases with std 0.1 (seeded, in parameter order): HF's and TransformerLens's
+    std-0.02 init leaves heads nearly inert and alike, so equivalence tests could not tell heads apart."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in bridge.named_parameters():
+        for name, param in module.named_parameters():
             if param.ndim == 2:
                 param.copy_(0.3 * torch.randn(param.shape, generator=gen))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-    return bridge
 
 
 def hooked_from_native(bridge):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tests import builders
+
 D_VOCAB, N_CTX, D_MODEL, N_HEADS, D_HEAD = 50, 16, 32, 4, 8
 _SPLIT = dict(hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=2, num_attention_heads=N_HEADS,
               max_position_embeddings=N_CTX)
@@ -86,13 +88,7 @@ def build(name: str, seed: int = 0):
             setattr(config, dropout, 0.0)
     config._attn_implementation = "eager"
     hf = getattr(transformers, name)(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # HF's std-0.02 init leaves heads nearly inert and alike; widen them, give biases values
-        for param_name, param in hf.named_parameters():
-            if param.ndim == 2:
-                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
-            elif param_name.endswith("bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    builders.widen(hf, seed + 1)
     return hf
 
 
