@@ -14,7 +14,7 @@ from tests.distributed.launch import REPO, busy_port, torchrun
 from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 
 RTOL = 1e-5
-COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards")  # work done per rank, not results
+COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards", "built_rows")  # work done per rank, not results
 EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_targets")
 
 
@@ -57,6 +57,24 @@ def test_samples_are_split_not_repeated(distributed):
     assert sum(counts) == 8 and max(counts) < 8, counts
     counts = [int(r["forwarded_samples"]) for r in distributed["gradients"]]
     assert sorted(counts) == [2, 3], counts  # 3 chunks of 2, 2, 1 over 2 ranks
+
+
+@pytest.mark.parametrize("name", ["interference_signed_a", "pooled"])
+def test_score_rows_are_built_once_across_ranks(distributed, monkeypatch, name):
+    """Where the right side is one tile, each sample's rows are built on one rank only: the ranks' counts add up to
+    one process's (its left and right rows per (block, layer group)), and each rank builds fewer."""
+    from tl_circuits.interference import engine
+
+    real, single = engine._Rows.__call__, [0]
+
+    def counted(self, samples, block, layers, rows, *args, **kwargs):
+        single[0] += rows.stop - rows.start
+        return real(self, samples, block, layers, rows, *args, **kwargs)
+
+    monkeypatch.setattr(engine._Rows, "__call__", counted)
+    SCENARIOS[name]()
+    counts = [int(r["built_rows"]) for r in distributed[name]]
+    assert sum(counts) == single[0] and max(counts) < single[0], (counts, single[0])
 
 
 def test_sweep_variants_are_split_not_repeated(distributed):

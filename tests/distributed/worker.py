@@ -56,18 +56,34 @@ def count_sweep_forwards() -> list[int]:
     return count
 
 
+def count_built_rows() -> list[int]:
+    """Count the samples whose per-head rows this rank builds from factors, over every (block, layer group)."""
+    from tl_circuits.interference import engine
+
+    real, count = engine._Rows.__call__, [0]
+
+    def counted(self, samples, block, layers, rows, *args, **kwargs):
+        count[0] += rows.stop - rows.start
+        return real(self, samples, block, layers, rows, *args, **kwargs)
+
+    engine._Rows.__call__ = counted
+    return count
+
+
 def main(out: Path, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     forwarded, null_rows, sweep_forwards = count_forwarded_samples(), count_null_rows(), count_sweep_forwards()
+    built_rows = count_built_rows()
     scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]
     for name in names or list(SCENARIOS):
-        forwarded[0] = null_rows[0] = sweep_forwards[0] = 0
+        forwarded[0] = null_rows[0] = sweep_forwards[0] = built_rows[0] = 0
         result = SCENARIOS[name]()
         result["forwarded_samples"] = torch.tensor(forwarded[0])
         result["null_rows"] = torch.tensor(null_rows[0])
         result["sweep_forwards"] = torch.tensor(sweep_forwards[0])
+        result["built_rows"] = torch.tensor(built_rows[0])
         torch.save(result, out / f"{name}.rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

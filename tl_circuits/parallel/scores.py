@@ -11,11 +11,11 @@ group of layers:
    per rank (each band tiled by the memory plan); a rank scores its band against every right sample, so its left
    rows serve both its share of the Fisher and its tiles. Where the right samples are one tile (their rows held
    through the group), each rank builds the rows of its own share of them and the shares are broadcast
-   (:func:`gathered_rows`): building rows from factors costs more than moving them. The score grids are merged
+   (:func:`gathered_rows`); for the pooled matrix the band's rows are then copied from those, not built again. The score grids are merged
    exactly at the end (:func:`~tl_circuits.parallel.group.merge_owned`).
 
-Per rank this is ``n_left / size + n_right / size`` samples' rows built (``n_left / size + n_right`` where the
-right side is tiled) and ``n_left · n_right / size`` pairs contracted (one process: ``n_left + n_right`` and
+Per rank this is ``(n_left + n_right) / size`` samples' rows built (pooled ``n / size``; ``n_left / size +
+n_right`` where the right side is tiled) and ``n_left · n_right / size`` pairs contracted (one process: ``n_left + n_right`` and
 ``n_left · n_right``).
 """
 
@@ -149,9 +149,15 @@ def distributed_score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, c
     for block in BLOCKS:
         for layers in groups:
             # rows held through the group when the band (or all right samples) is one tile
-            held_l = rows(left, block, layers, work.band[0], "l", biases) if len(work.band) == 1 else None
             held_r = (gathered_rows(rows, right, block, layers, biases, world) if len(work.right_tiles) == 1
                       else None)
+            held_l = None
+            if len(work.band) == 1 and same_sides and held_r is not None:  # the band's rows are among the right's
+                band = work.band[0]
+                held_l = rows.ws.get("l", (*held_r.shape[:2], band.stop - band.start, held_r.shape[3]))
+                held_l.copy_(held_r[:, :, band])  # a copy: the scorer works on its left operand in place
+            elif len(work.band) == 1:
+                held_l = rows(left, block, layers, work.band[0], "l", biases)
             if external is not None:
                 f_group = external.per_block[block][layers].to(device)
             else:
