@@ -68,6 +68,7 @@ from tl_circuits.interference.store import FactorStore, SampleSet
 from tl_circuits.models.spec import BLOCKS, Block, ModelSpec, model_spec
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import World, current_world
+from tl_circuits.parallel import scores as parallel_scores
 from tl_circuits.parallel.shards import bad_samples, own_chunks, share_factor_chunks
 
 
@@ -161,72 +162,76 @@ class _Rows:
 
 def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: InterferenceConfig, plan: memory.MemoryPlan,
                *, fisher_sides: tuple[bool, bool], external: Optional[DiagonalFisher], same_sides: bool,
-               device: torch.device, timings: dict, stack: ExitStack) -> tuple[dict[str, Tensor], DiagonalFisher]:
+               device: torch.device, timings: dict, stack: ExitStack, world: Optional[World] = None,
+               ) -> tuple[dict[str, Tensor], DiagonalFisher]:
     """Scores ``{block: [n_left, n_right, L, H_B]}`` and the undamped Fisher used (docstring of the module).
 
     ``fisher_sides``: whether the left / right samples make up the Fisher set (ignored with ``external``).
+    ``world``: under a process group each rank runs its share of the (block, layer group) items and every rank
+    gets every item's result (:mod:`tl_circuits.parallel.scores`).
     """
+    world = world or World()
     n_l, n_r = len(left), len(right)
     ws = Workspace(device)
     rows = _Rows(spec, ws, memory.SCRATCH_SHARE * cfg.memory_budget_gb * GB, device)
     scores: dict[str, Tensor] = {b: torch.full((n_l, n_r, spec.n_layers, spec.n_block_heads(b)), math.nan)
                                  for b in BLOCKS}
-    fisher_full: dict[str, Tensor] = {}
+    fisher_full: dict[str, Tensor] = {} if external is not None else {
+        b: torch.full((spec.n_layers, spec.n_block_heads(b), spec.n_params_per_head(b, cfg.include_biases)),
+                      math.nan, dtype=FISHER_DTYPE) for b in BLOCKS}
     n_fisher = external.n_samples if external is not None else (n_l if fisher_sides[0] else 0) + (
         0 if same_sides else (n_r if fisher_sides[1] else 0))
     groups = [slice(l0, min(spec.n_layers, l0 + plan.layer_group)) for l0 in range(0, spec.n_layers, plan.layer_group)]
+    items = parallel_scores.my_items([(block, layers) for block in BLOCKS for layers in groups], world)
     tiles_l = [slice(a, min(n_l, a + plan.tile_left)) for a in range(0, n_l, plan.tile_left)]
     tiles_r = [slice(b, min(n_r, b + plan.tile_right)) for b in range(0, n_r, plan.tile_right)]
     symmetric, biases = cfg.variant == "symmetric", cfg.include_biases
     whole = len(tiles_l) == 1 and len(tiles_r) == 1
-    bar = stack.enter_context(tqdm(total=len(BLOCKS) * len(groups) * len(tiles_l) * len(tiles_r), unit="tile",
-                                   desc="interference: scores", disable=not cfg.progress))
+    where = f" ({world.describe()})" if world.active else ""
+    bar = stack.enter_context(tqdm(total=len(items) * len(tiles_l) * len(tiles_r), unit="tile",
+                                   desc=f"interference: scores{where}", disable=not cfg.progress))
     t0 = time.perf_counter()
-    for block in BLOCKS:
-        for layers in groups:
-            raw_l = raw_r = None
-            if external is not None:
-                f_group = external.per_block[block][layers].to(device)
-            else:
-                sides = [(left, "l")] if same_sides else [(s, tag) for s, tag, use in
-                                                         ((left, "l", fisher_sides[0]), (right, "r", fisher_sides[1]))
-                                                         if use]
-                sums: Tensor | float = 0.0
-                if whole:  # the group's Fisher from the very rows that are scored
-                    raw_l = rows(left, block, layers, slice(0, n_l), "l", biases)
-                    raw_r = raw_l if same_sides else rows(right, block, layers, slice(0, n_r), "r", biases)
-                    for _side, tag in sides:
-                        sums = sums + sum_squares(raw_l if tag == "l" else raw_r)
-                else:  # one extra pass over the Fisher set's rows of this group
-                    for side, _tag in sides:
-                        for a in range(0, len(side), plan.tile_left):
-                            part = slice(a, min(len(side), a + plan.tile_left))
-                            sums = sums + sum_squares(rows(side, block, layers, part, "l", biases))
-                f_group = sums / n_fisher  # type: ignore[assignment]
-                if block not in fisher_full:
-                    heads, width = spec.n_block_heads(block), spec.n_params_per_head(block, biases)
-                    fisher_full[block] = torch.full((spec.n_layers, heads, width), math.nan, dtype=FISHER_DTYPE)
-                fisher_full[block][layers] = f_group.cpu()  # type: ignore[union-attr]
-            scorer = Scorer(DiagonalFisher({block: f_group}, n_fisher), cfg.variant, cfg.reduction,  # type: ignore
-                            cfg.leave_one_out, cfg.damping_abs, cfg.damping_rel, sub_chunk=4,
-                            float32_squares=external is None)
-            right_ops = None
-            for ta in tiles_l:
-                x = raw_l if raw_l is not None else rows(left, block, layers, ta, "l", biases)
-                if same_sides and raw_l is not None:  # both operands come from one buffer: copy the left one
-                    x = ws.get("l_copy", tuple(raw_l.shape)).copy_(raw_l)
-                extra_l: Optional[dict[str, Tensor]] = {block: ws.get("l2", tuple(x.shape))} if symmetric else None
-                left_ops = scorer.left({block: x}, extra_l)
-                for tb in tiles_r:
-                    if right_ops is None or len(tiles_r) > 1:
-                        y = raw_r if raw_r is not None else rows(right, block, layers, tb, "r", biases)
-                        extra_r: Optional[dict[str, Tensor]] = (
-                            {block: ws.get("r2", tuple(y.shape))} if symmetric else None)
-                        right_ops = scorer.right({block: y}, extra_r)
-                    # the score tiles: a distributed run hands these out and gathers the blocks
-                    out = scorer.contract(left_ops, right_ops)[block]
-                    scores[block][ta, tb, layers] = out.cpu()
-                    bar.update(1)
+    for block, layers in items:
+        raw_l = raw_r = None
+        if external is not None:
+            f_group = external.per_block[block][layers].to(device)
+        else:
+            sides = [(left, "l")] if same_sides else [(s, tag) for s, tag, use in
+                                                     ((left, "l", fisher_sides[0]), (right, "r", fisher_sides[1]))
+                                                     if use]
+            sums: Tensor | float = 0.0
+            if whole:  # the group's Fisher from the very rows that are scored
+                raw_l = rows(left, block, layers, slice(0, n_l), "l", biases)
+                raw_r = raw_l if same_sides else rows(right, block, layers, slice(0, n_r), "r", biases)
+                for _side, tag in sides:
+                    sums = sums + sum_squares(raw_l if tag == "l" else raw_r)
+            else:  # one extra pass over the Fisher set's rows of this group
+                for side, _tag in sides:
+                    for a in range(0, len(side), plan.tile_left):
+                        part = slice(a, min(len(side), a + plan.tile_left))
+                        sums = sums + sum_squares(rows(side, block, layers, part, "l", biases))
+            f_group = sums / n_fisher  # type: ignore[assignment]
+            fisher_full[block][layers] = f_group.cpu()  # type: ignore[union-attr]
+        scorer = Scorer(DiagonalFisher({block: f_group}, n_fisher), cfg.variant, cfg.reduction,  # type: ignore
+                        cfg.leave_one_out, cfg.damping_abs, cfg.damping_rel, sub_chunk=4,
+                        float32_squares=external is None)
+        right_ops = None
+        for ta in tiles_l:
+            x = raw_l if raw_l is not None else rows(left, block, layers, ta, "l", biases)
+            if same_sides and raw_l is not None:  # both operands come from one buffer: copy the left one
+                x = ws.get("l_copy", tuple(raw_l.shape)).copy_(raw_l)
+            extra_l: Optional[dict[str, Tensor]] = {block: ws.get("l2", tuple(x.shape))} if symmetric else None
+            left_ops = scorer.left({block: x}, extra_l)
+            for tb in tiles_r:
+                if right_ops is None or len(tiles_r) > 1:
+                    y = raw_r if raw_r is not None else rows(right, block, layers, tb, "r", biases)
+                    extra_r: Optional[dict[str, Tensor]] = (
+                        {block: ws.get("r2", tuple(y.shape))} if symmetric else None)
+                    right_ops = scorer.right({block: y}, extra_r)
+                out = scorer.contract(left_ops, right_ops)[block]
+                scores[block][ta, tb, layers] = out.cpu()
+                bar.update(1)
+    scores, fisher_full = parallel_scores.merge_items(scores, fisher_full, items, spec.n_layers, world)
     timings["scoring_s"] += time.perf_counter() - t0
     fisher = external if external is not None else DiagonalFisher(fisher_full, n_fisher, spec, biases, cfg.fisher_source
                                                                   or "")
@@ -253,11 +258,7 @@ def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: Interfer
     timings = {"gradients_s": 0.0, "scoring_s": 0.0}
     device = next(model.parameters()).device
     world = current_world()
-    scoring = score_pass
-    if world.active:  # score tiles split over the ranks, the Fisher all-reduced
-        from tl_circuits.parallel.scores import distributed_score_pass
-
-        scoring = functools.partial(distributed_score_pass, world=world)
+    scoring = functools.partial(score_pass, world=world)  # under a process group: items split over the ranks
     with torch.no_grad(), ExitStack() as stack:
         stores = gradient_pass(model, spec, [task_a, task_b], cfg, plan, stack, timings, world)
         release_free_memory()

@@ -1,8 +1,8 @@
 """Past one process: the heavy calls split their work over an initialised ``torch.distributed`` process group.
 
 See docs/spec.md ("Distributed runs"): :mod:`~tl_circuits.parallel.group` (ranks, shares, exact merges),
-:mod:`~tl_circuits.parallel.shards` (sample shards), :mod:`~tl_circuits.parallel.scores` (score tiles and the
-all-reduced Fisher).
+:mod:`~tl_circuits.parallel.shards` (sample shards), :mod:`~tl_circuits.parallel.scores` (the score pass's
+(block, layer group) items).
 """
 
 from tl_circuits.parallel.group import (
