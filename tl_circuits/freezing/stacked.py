@@ -44,7 +44,7 @@ def item_noise_seed(draw_seed: int, layer: int, pass_index: int) -> int:
     """The seed of the NOISE generator of one sweep item (``layer``'s stacked pass ``pass_index``) of a draw.
 
     Each item has its own stream, so the noise an item draws does not depend on which items ran before it, or
-    on which rank runs it: a sweep split over ranks draws exactly the single-process noise (docs/spec.md §5.x).
+    on which rank runs it: a sweep split over ranks draws exactly the single-process noise (docs/spec.md §1.7).
 
     >>> item_noise_seed(0, 1, 0) == item_noise_seed(0, 1, 0), item_noise_seed(0, 1, 0) == item_noise_seed(0, 0, 1)
     (True, False)
