@@ -7,9 +7,11 @@ of each side, the speed-up (goal >= 1.6x) and the largest difference between the
 the largest score (goal <= 1e-5). Timings on a shared machine mean nothing: run the full size on a quiet one.
 
 Model: GPT-2-small shape (12 layers, 12 heads, d_model 768, d_mlp 3072, 64 positions, vocab 1000, random weights),
-N_A = N_B = 64 random token samples (``--samples``); the sweep: QK and OV of every head on a batch of 8.
+N_A = N_B = 64 random token samples (``--samples``); the sweep: QK and OV of every head on a batch of 8. The memory
+budget (``--budget-gb``, per process) decides whether the factors are spilled to disk; it is printed for each side.
 
     python benchmarks/bench_distributed.py            # full size (~10 min on 2 free cores)
+    python benchmarks/bench_distributed.py --budget-gb 16 --sweep-batch 1   # neither side spills
     python benchmarks/bench_distributed.py --smoke    # tiny model, seconds (CI)
 """
 
@@ -50,7 +52,7 @@ def timed(call, barrier) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def child(shape: dict, n: int, batch: int, out: Path) -> None:
+def child(shape: dict, n: int, batch: int, out: Path, budget_gb: float) -> None:
     """One rank: the interference map and the sweep, each timed between barriers; rank 0 writes the results."""
     import torch.distributed as dist
 
@@ -63,13 +65,14 @@ def child(shape: dict, n: int, batch: int, out: Path) -> None:
     a = torch.randint(0, shape["d_vocab"] // 2, (n, shape["n_pos"]), generator=gen)
     b = torch.randint(shape["d_vocab"] // 2, shape["d_vocab"], (n, shape["n_pos"]), generator=gen)
     model = build(shape)
-    cfg = InterferenceConfig(gradients=GradientConfig(memory_budget_gb=6.0, progress=False))
+    cfg = InterferenceConfig(gradients=GradientConfig(memory_budget_gb=budget_gb, progress=False))
     interference_s, result = timed(lambda: compute_interference(model, a, b, config=cfg), dist.barrier)
     sweep_s, sweep = timed(lambda: freeze_sweep(model, a[:batch], progress=False), dist.barrier)
     if dist.get_rank() == 0:
         torch.save({"scores": result.scores, "frozen": sweep.frozen}, out / "results.pt")  # type: ignore[union-attr]
         (out / "timings.json").write_text(json.dumps({"interference_s": interference_s, "sweep_s": sweep_s,
                                                       "world_size": dist.get_world_size(),
+                                                      "spill": result.settings["plan"]["spill"],
                                                       "stages": result.settings["timings"]}))
     dist.destroy_process_group()
 
@@ -78,7 +81,8 @@ def launch(n_ranks: int, args: argparse.Namespace, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_ranks}",
-               __file__, "--child", str(out), "--samples", str(args.n), "--sweep-batch", str(args.batch)]
+               __file__, "--child", str(out), "--samples", str(args.n), "--sweep-batch", str(args.batch),
+               "--budget-gb", str(args.budget_gb)]
     if args.smoke:
         command.append("--smoke")
     run = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -100,20 +104,24 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model and tasks (CI)")
     parser.add_argument("--samples", dest="n", type=int, default=None, help="samples per task (default 64; smoke 5)")
     parser.add_argument("--sweep-batch", dest="batch", type=int, default=None, help="sweep batch (default 8; smoke 3)")
+    parser.add_argument("--budget-gb", dest="budget_gb", type=float, default=6.0,
+                        help="memory budget per process (default 6 GB: at N = 64 one process spills its factors "
+                             "to disk and a rank of two, holding half the layers, does not; 16 GB: neither)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.n = args.n or (5 if args.smoke else 64)
     args.batch = args.batch or (3 if args.smoke else 8)
     shape = SMOKE if args.smoke else FULL
     if args.child is not None:
-        child(shape, args.n, args.batch, args.child)
+        child(shape, args.n, args.batch, args.child, args.budget_gb)
         return
     print(f"tl_circuits distributed benchmark: {shape['n_layers']} layers x {shape['n_heads']} heads, d_model "
           f"{shape['d_model']}, {shape['n_pos']} positions, N_A = N_B = {args.n}, sweep batch {args.batch}; "
-          f"torch {torch.__version__}, 1 thread per process, gloo")
+          f"torch {torch.__version__}, 1 thread per process, gloo, budget {args.budget_gb} GB per process")
     with tempfile.TemporaryDirectory() as one_dir, tempfile.TemporaryDirectory() as two_dir:
         one, two = launch(1, args, Path(one_dir)), launch(2, args, Path(two_dir))
     assert one["world_size"] == 1 and two["world_size"] == 2
+    print(f"  factors spilled to disk: 1 process {one['spill']}, 2 ranks {two['spill']}")
     print("  interference stages (rank 0): " + "; ".join(
         f"{stage} {one['stages'][stage]:.2f} s vs {two['stages'][stage]:.2f} s" for stage in one["stages"]))
     for name, key, what in (("interference", "interference_s", "scores"), ("freeze sweep", "sweep_s", "frozen")):

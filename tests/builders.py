@@ -53,9 +53,9 @@ def hooked(seed: int = 0, biases: bool = True, **overrides) -> HookedTransformer
     return model
 
 
-def mha(seed: int = 0, biases: bool = True) -> HookedTransformer:
+def mha(seed: int = 0, biases: bool = True, n_layers: int = 2) -> HookedTransformer:
     """MHA, LayerNorm, learned positions, GELU MLP."""
-    return hooked(seed, biases)
+    return hooked(seed, biases, n_layers=n_layers)
 
 
 def gqa(seed: int = 0, biases: bool = False) -> HookedTransformer:
@@ -83,12 +83,12 @@ def _spread_weights(hf, std: float = 0.3) -> None:
 
 # ----- HF models converted by TransformerLens's own functions -----------------------------------
 
-def hf_gpt2_model(seed: int = 0):
+def hf_gpt2_model(seed: int = 0, n_layers: int = 2):
     """HF GPT2LMHeadModel (fused Conv1D c_attn, Conv1D c_proj) with random weights and biases."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    hf_cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=N_CTX, n_embd=32, n_layer=2, n_head=4,
+    hf_cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=N_CTX, n_embd=32, n_layer=n_layers, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf_cfg._attn_implementation = "eager"
     hf = GPT2LMHeadModel(hf_cfg).eval()
@@ -154,10 +154,10 @@ def hf_llama(seed: int = 0):
 
 # ----- the model under test: a HookedTransformer on TL < 4, a TransformerBridge on TL 4 ----------------------
 
-def mha_under_test(seed: int = 0):
+def mha_under_test(seed: int = 0, n_layers: int = 2):
     """MHA with LayerNorm, learned positions and non-zero biases: :func:`mha` on TL < 4, :func:`gpt2_bridge` on
-    TL 4. 2 layers x 4 heads, d_model 32, d_head 8, d_vocab :data:`D_VOCAB` on both."""
-    return mha(seed) if HAS_HOOKED_TRANSFORMER else gpt2_bridge(seed)
+    TL 4. ``n_layers`` (2) x 4 heads, d_model 32, d_head 8, d_vocab :data:`D_VOCAB` on both."""
+    return mha(seed, n_layers=n_layers) if HAS_HOOKED_TRANSFORMER else gpt2_bridge(seed, n_layers)
 
 
 def gqa_under_test(seed: int = 0):
@@ -202,9 +202,9 @@ def bridge_of(hf):
     return build_bridge_from_module(hf, architecture=type(hf).__name__, hf_config=hf.config).eval()
 
 
-def gpt2_bridge(seed: int = 0):
+def gpt2_bridge(seed: int = 0, n_layers: int = 2):
     """TransformerBridge around a fresh :func:`hf_gpt2_model` (the weights of :func:`hf_gpt2` with the same seed)."""
-    return bridge_of(hf_gpt2_model(seed))
+    return bridge_of(hf_gpt2_model(seed, n_layers))
 
 
 def llama_bridge(seed: int = 0):

@@ -101,6 +101,30 @@ def interference_single_sample_a() -> dict:
     return {f"scores.{k}": s for k, s in r.scores.items()}
 
 
+def interference_three_layers_spilled() -> dict:
+    """3 layers over 2 ranks (rank 0 holds layers 0-1, rank 1 layer 2), the factors spilled to disk (received
+    chunks go to the memory map), pooled Fisher."""
+    from tl_circuits import compute_interference
+
+    a, b = tasks()
+    r = compute_interference(builders.mha_under_test(n_layers=3), a, b,
+                             config=config(fisher_source="pooled", max_held_samples=1))
+    assert r.settings["plan"]["spill"]
+    assert r.fisher is not None
+    return {f"scores.{k}": s for k, s in r.scores.items()} | {f"fisher.{k}": f for k, f in r.fisher.per_block.items()}
+
+
+def interference_one_layer() -> dict:
+    """A 1-layer model over 2 ranks: rank 1 holds and scores no layer, and still sends its chunks and gets the
+    result."""
+    from tl_circuits import compute_interference
+
+    a, b = tasks()
+    r = compute_interference(builders.mha_under_test(n_layers=1), a, b, config=config(variant="symmetric"))
+    assert r.fisher is not None
+    return {f"scores.{k}": s for k, s in r.scores.items()} | {f"fisher.{k}": f for k, f in r.fisher.per_block.items()}
+
+
 CHECKPOINT_DIR: list[str] = []  # the ranks' shard folder: set by the worker, and by the parent test to read it
 
 
@@ -243,7 +267,8 @@ def permutation_screened() -> dict:
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
-        interference_external_fisher, interference_single_sample_a, checkpointed, pooled, permutation_synthetic,
+        interference_external_fisher, interference_single_sample_a, interference_three_layers_spilled,
+        interference_one_layer, checkpointed, pooled, permutation_synthetic,
         permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
         sweep_noise_fresh_seed, sweep_per_sample, permutation_screened)
 }

@@ -14,7 +14,8 @@ from tests.distributed.launch import REPO, busy_port, torchrun
 from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 
 RTOL = 1e-5
-COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards", "built_rows")  # work done per rank, not results
+# work done per rank, not results
+COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards", "built_rows", "factor_bytes")
 EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_targets")
 
 
@@ -61,19 +62,38 @@ def test_samples_are_split_not_repeated(distributed):
 
 @pytest.mark.parametrize("name", ["interference_signed_a", "pooled"])
 def test_score_rows_are_built_once_across_ranks(distributed, monkeypatch, name):
-    """Where the right side is one tile, each sample's rows are built on one rank only: the ranks' counts add up to
-    one process's (its left and right rows per (block, layer group)), and each rank builds fewer."""
+    """Where the right side is one tile, each sample's rows of each layer are built on one rank only: the ranks'
+    counts of (sample, layer) rows add up to one process's (its left and right rows per block and layer), and
+    each rank builds fewer."""
     from tl_circuits.interference import engine
 
     real, single = engine._Rows.__call__, [0]
 
     def counted(self, samples, block, layers, rows, *args, **kwargs):
-        single[0] += rows.stop - rows.start
+        single[0] += (rows.stop - rows.start) * (layers.stop - layers.start)
         return real(self, samples, block, layers, rows, *args, **kwargs)
 
     monkeypatch.setattr(engine._Rows, "__call__", counted)
     SCENARIOS[name]()
     counts = [int(r["built_rows"]) for r in distributed[name]]
+    assert sum(counts) == single[0] and max(counts) < single[0], (counts, single[0])
+
+
+@pytest.mark.parametrize("name", ["interference_signed_a", "interference_three_layers_spilled", "pooled"])
+def test_factors_are_held_once_across_ranks(distributed, monkeypatch, name):
+    """Each rank holds (or spills) the factors of its own layers only: the ranks' factor bytes add up to one
+    process's, and each rank holds fewer (2 layers: 1 + 1; 3 layers: 2 + 1)."""
+    from tl_circuits.interference import store
+
+    real, single = store.FactorStore.__init__, [0]
+
+    def counted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        single[0] += self.nbytes
+
+    monkeypatch.setattr(store.FactorStore, "__init__", counted)
+    SCENARIOS[name]()
+    counts = [int(r["factor_bytes"]) for r in distributed[name]]
     assert sum(counts) == single[0] and max(counts) < single[0], (counts, single[0])
 
 

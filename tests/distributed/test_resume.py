@@ -34,10 +34,10 @@ def interrupt_after(monkeypatch, k: int) -> None:
     """Shard saves fail after the k-th: the run stops with k shards on disk."""
     real, saved = checkpoint.ShardCheckpoint.save, [0]
 
-    def save(self, store, samples, bad):
+    def save(self, arrays, samples, bad):
         if saved[0] == k:
             raise Interrupted(f"stopped after {k} shards")
-        real(self, store, samples, bad)
+        real(self, arrays, samples, bad)
         saved[0] += 1
 
     monkeypatch.setattr(checkpoint.ShardCheckpoint, "save", save)

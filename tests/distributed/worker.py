@@ -56,14 +56,28 @@ def count_sweep_forwards() -> list[int]:
     return count
 
 
+def count_held_factor_bytes() -> list[int]:
+    """Count the bytes of gradient factors this rank's factor stores hold (or spill) (a one-item list)."""
+    from tl_circuits.interference import store
+
+    real, count = store.FactorStore.__init__, [0]
+
+    def counted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        count[0] += self.nbytes
+
+    store.FactorStore.__init__ = counted
+    return count
+
+
 def count_built_rows() -> list[int]:
-    """Count the samples whose per-head rows this rank builds from factors, over every (block, layer group)."""
+    """Count the (sample, layer) rows this rank builds from factors, over every (block, layer group)."""
     from tl_circuits.interference import engine
 
     real, count = engine._Rows.__call__, [0]
 
     def counted(self, samples, block, layers, rows, *args, **kwargs):
-        count[0] += rows.stop - rows.start
+        count[0] += (rows.stop - rows.start) * (layers.stop - layers.start)
         return real(self, samples, block, layers, rows, *args, **kwargs)
 
     engine._Rows.__call__ = counted
@@ -75,15 +89,16 @@ def main(out: Path, names: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     forwarded, null_rows, sweep_forwards = count_forwarded_samples(), count_null_rows(), count_sweep_forwards()
-    built_rows = count_built_rows()
+    built_rows, factor_bytes = count_built_rows(), count_held_factor_bytes()
     scenarios.CHECKPOINT_DIR[:] = [str(out / "checkpoints")]
     for name in names or list(SCENARIOS):
-        forwarded[0] = null_rows[0] = sweep_forwards[0] = built_rows[0] = 0
+        forwarded[0] = null_rows[0] = sweep_forwards[0] = built_rows[0] = factor_bytes[0] = 0
         result = SCENARIOS[name]()
         result["forwarded_samples"] = torch.tensor(forwarded[0])
         result["null_rows"] = torch.tensor(null_rows[0])
         result["sweep_forwards"] = torch.tensor(sweep_forwards[0])
         result["built_rows"] = torch.tensor(built_rows[0])
+        result["factor_bytes"] = torch.tensor(factor_bytes[0])
         torch.save(result, out / f"{name}.rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -121,3 +121,45 @@ def test_load_names_what_is_missing(tmp_path):
     (tmp_path / "settings.json").write_text("{}")
     with pytest.raises(ValueError, match="damaged|not an InterferenceResult"):
         InterferenceResult.load(tmp_path)
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_store_of_some_layers_keeps_exactly_those(spill, tmp_path):
+    """A store of layers 1-2 of 3 (a rank's share) gives back, for those layers, what a store of every layer gives,
+    and refuses the layers it does not hold by name."""
+    from tl_circuits.interference.factors import GradientFactors
+    from tl_circuits.interference.store import FactorStore
+    from tl_circuits.models.spec import ModelSpec
+
+    spec = ModelSpec(3, 2, 1, 4, 2, 10, 8, True, False)
+    factors = GradientFactors.zeros(spec, 2, 5)
+    gen = torch.Generator().manual_seed(0)
+    for t in [*factors.out_grads.values(), factors.inputs["Q"], factors.z]:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    with FactorStore(spec, 4, 5) as every, FactorStore(spec, 4, 5, layers=slice(1, 3), spill=spill,
+                                                       directory=str(tmp_path)) as some:
+        every.put(2, factors)
+        some.put(2, factors)
+        assert some.spilled == spill and some.nbytes * 3 == every.nbytes * 2
+        for block in "QKVO":
+            want, got = every.get(slice(0, 4), slice(2, 3), block=block), some.get(slice(0, 4), slice(2, 3), block=block)
+            torch.testing.assert_close(got.rows(block), want.rows(block), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="layers 0..1 are not all held by this store .it holds 1..2"):
+            some.get(slice(0, 4), slice(0, 2))
+
+
+def test_the_plan_of_a_rank_is_made_for_its_layers():
+    """A rank that scores 6 of 12 layers gets at most 6 layers per contraction, and holds factors that one process
+    of the same budget would spill."""
+    from tl_circuits.interference import memory
+    from tl_circuits.models.spec import ModelSpec
+
+    spec = ModelSpec(12, 12, 12, 768, 64, 1000, 64, False, False)
+    total = 128 * memory.factor_bytes_per_sample(spec, 64)
+    kwargs = dict(n_left=64, n_right=64, n_samples=128, engine_per_sample=10**8, budget_gb=6.0)
+    one = memory.plan_run(spec, factor_bytes=total, **kwargs)
+    rank = memory.plan_run(spec, factor_bytes=total // 2, n_layers_held=6, **kwargs)
+    assert one.spill and not rank.spill
+    few = dict(kwargs, n_left=4, n_right=4, n_samples=8)  # small operands: many layers per contraction
+    assert memory.plan_run(spec, factor_bytes=total // 16, **few).layer_group == 10
+    assert memory.plan_run(spec, factor_bytes=total // 32, n_layers_held=6, **few).layer_group == 6

@@ -14,17 +14,12 @@ never reuses a shard; what a hook *does* is not visible to the key, so use a fre
 a freeze's options but not its hook points.
 
 >>> import torch, tempfile
->>> from tl_circuits.models.spec import ModelSpec
->>> from tl_circuits.interference.store import FactorStore
->>> spec = ModelSpec(1, 2, 2, 4, 2, 10, 8, False, False)
->>> with tempfile.TemporaryDirectory() as folder, FactorStore(spec, n=3, n_pos=5) as store:
+>>> with tempfile.TemporaryDirectory() as folder:
 ...     shards = ShardCheckpoint(folder, "k")
-...     store.arrays["z"] += 1.0
-...     shards.save(store, slice(0, 2), bad=[])
-...     with FactorStore(spec, n=3, n_pos=5) as fresh:
-...         todo, bad = shards.restore(fresh, [slice(0, 2), slice(2, 3)])
-...         todo, bad, float(fresh.arrays["z"][:2].sum())
-([slice(2, 3, None)], [], 40.0)
+...     shards.save({"z": torch.ones(2, 1, 5, 2, 2)}, slice(0, 2), bad=[1])
+...     z, bad = shards.load(slice(0, 2), {"z": (2, 1, 5, 2, 2)})
+...     float(z["z"].sum()), bad, shards.load(slice(2, 3), {"z": (1, 1, 5, 2, 2)})
+(40.0, [1], None)
 """
 
 from __future__ import annotations
@@ -33,13 +28,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from tl_circuits import _version
-from tl_circuits.interference.store import FactorStore
 from tl_circuits.models.types import Model
 
 FORMAT = "tl_circuits.FactorShards/1"
@@ -78,40 +72,35 @@ class ShardCheckpoint:
     def path(self, samples: slice) -> Path:
         return self.folder / f"samples_{samples.start}-{samples.stop}.safetensors"
 
-    def save(self, store: FactorStore, samples: slice, bad: Sequence[int]) -> None:
-        """Write the shard ``samples`` of ``store`` (and its NaN/inf samples), atomically."""
+    def save(self, arrays: dict[str, Tensor], samples: slice, bad: Sequence[int]) -> None:
+        """Write the shard ``samples`` (its arrays over every layer,
+        :func:`~tl_circuits.interference.store.factor_arrays`, and its NaN/inf samples), atomically."""
         from safetensors.torch import save_file
 
-        tensors = {name: t.detach().cpu().contiguous() for name, t in store.read(samples).items()}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in arrays.items()}
         tensors[BAD] = torch.tensor(list(bad), dtype=torch.int64)
         target = self.path(samples)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         save_file(tensors, str(partial), metadata={"format": FORMAT})
         os.replace(partial, target)
 
-    def restore(self, store: FactorStore, chunks: Sequence[slice]) -> tuple[list[slice], list[int]]:
-        """Read the saved shards among ``chunks`` into ``store``; returns ``(chunks still to compute, bad samples
-        of the restored ones)``. A shard that cannot be read is recomputed (and overwritten)."""
+    def load(self, samples: slice, shapes: dict[str, tuple[int, ...]]) -> Optional[tuple[dict[str, Tensor], list[int]]]:
+        """The saved shard ``samples`` as ``(arrays, bad samples)``, or ``None`` when there is none, or when it
+        cannot be read or its arrays do not have ``shapes`` (a torn or foreign file: the shard is computed
+        again and overwritten)."""
         from safetensors.torch import load_file
 
-        todo, bad = [], []
-        for samples in chunks:
-            path = self.path(samples)
-            if not path.is_file():
-                todo.append(samples)
-                continue
-            try:
-                tensors = load_file(str(path))
-                bad_ids = tensors.pop(BAD).tolist()
-                expected = store.shapes(samples.stop - samples.start)
-                if {k: tuple(t.shape) for k, t in tensors.items()} != expected:
-                    raise ValueError(f"arrays {sorted(tensors)} do not match {sorted(expected)}")
-            except Exception:  # a torn or foreign file: compute the shard again
-                todo.append(samples)
-                continue
-            store.write(samples.start, tensors)
-            bad += bad_ids
-        return todo, bad
+        path = self.path(samples)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            bad = tensors.pop(BAD).tolist()
+        except Exception:
+            return None
+        if {k: tuple(t.shape) for k, t in tensors.items()} != shapes:
+            return None
+        return tensors, bad
 
 
 def task_checkpoint(directory: Union[str, Path], model: Model, tokens: Tensor, mask: Tensor, what: str,

@@ -12,11 +12,12 @@ permutation and conflict tests) both run :func:`run_engine`:
    (or, when the tiles cannot hold all rows at once, from one extra pass over them), and the matrix is
    filled in *score tiles* of ``plan.tile_left × plan.tile_right`` samples, one batched contraction each.
 
-The shards and tiles are where a distributed run splits the work (:mod:`tl_circuits.parallel`, docs/spec.md
-"Distributed runs"): shards across ranks (the factors broadcast by their owner, the Fisher sums all-reduced), bands
-of tiles across ranks (the score blocks merged exactly). With ``checkpoint_dir`` finished shards are kept and a
-restarted run skips them (:mod:`~tl_circuits.interference.checkpoint`). :mod:`~tl_circuits.interference.memory`
-makes the plan (``result.settings['plan']``).
+The shards and the layers are where a distributed run splits the work (:mod:`tl_circuits.parallel`,
+docs/spec.md "Distributed runs"): sample shards across ranks, and each rank holds and scores its own layers (the
+owner of a shard sends every other rank that rank's layers of it; the scores and Fisher merged exactly). With
+``checkpoint_dir`` finished shards are kept and a restarted run skips them
+(:mod:`~tl_circuits.interference.checkpoint`). :mod:`~tl_circuits.interference.memory` makes the plan
+(``result.settings['plan']``).
 
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
@@ -64,12 +65,12 @@ from tl_circuits.interference.gradients import (
 from tl_circuits.interference.inputs import non_finite_error, prepare_inputs
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.interference.scoring import Scorer, Workspace, rows_into, sum_squares
-from tl_circuits.interference.store import FactorStore, SampleSet
+from tl_circuits.interference.store import FactorStore, SampleSet, array_shapes, factor_arrays
 from tl_circuits.models.spec import BLOCKS, Block, ModelSpec, model_spec
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import World, current_world
 from tl_circuits.parallel import scores as parallel_scores
-from tl_circuits.parallel.shards import bad_samples, own_chunks, share_factor_chunks
+from tl_circuits.parallel.shards import FactorExchange, held_layers
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
                   world: Optional[World] = None) -> list[FactorStore]:
     """Each task's gradient factors, each sample computed once, in shards of ``plan.engine_chunk`` samples.
 
-    In a process group each rank computes its own shards and then receives the others' (every rank ends
-    with every sample's factors). Raises ValueError after a task's pass naming every sample with NaN/inf
-    gradients. The stores are closed by ``stack`` (every exit path).
+    In a process group each rank computes its own shards and ends with its held layers' factors of every sample
+    (:class:`~tl_circuits.parallel.shards.FactorExchange`). Raises ValueError after a task's pass naming every
+    sample with NaN/inf gradients. The stores are closed by ``stack`` (every exit path).
     """
     device = next(model.parameters()).device
     world = world or World()
@@ -106,31 +107,33 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
     bar = stack.enter_context(tqdm(total=sum(t.tokens.shape[0] for t in tasks), unit="sample",
                                    desc="interference: per-sample gradients", disable=not cfg.progress))
     gcfg = cfg.gradients.replace(progress=False)
+    shared = shared_qkv_input(model)
     for task in tasks:
         n, n_pos = task.tokens.shape
-        store = stack.enter_context(FactorStore(spec, n, n_pos, shared_inputs=shared_qkv_input(model),
-                                                include_biases=cfg.include_biases, spill=plan.spill,
-                                                directory=cfg.spill_dir, device=device))
-        bad: list[int] = []
+        store = stack.enter_context(FactorStore(spec, n, n_pos, shared_inputs=shared, include_biases=cfg.include_biases,
+                                                spill=plan.spill, directory=cfg.spill_dir, device=device,
+                                                layers=held_layers(spec.n_layers, world)))
         t0 = time.perf_counter()
-        # the sample shards: in a process group each rank computes its own and receives the others'
         chunks = sample_chunks(n, plan.engine_chunk)
-        todo, shards = own_chunks(chunks, world), None
+        exchange = FactorExchange(store, chunks, world)
+        shards = None
         if cfg.checkpoint_dir is not None:  # resume: read the finished shards, compute the rest (and keep them)
             settings = {"include_biases": cfg.include_biases, "method": "factored", "chunk": plan.engine_chunk}
             shards = task_checkpoint(cfg.checkpoint_dir, model, task.tokens, task.mask, task.what, settings)
-            mine, (todo, bad) = todo, shards.restore(store, todo)
-            bar.update(sum(sl.stop - sl.start for sl in mine) - sum(sl.stop - sl.start for sl in todo))
-        for sl, factors, bad_ids in gradient_chunks(model, task.tokens, task.mask, gcfg, task.what, factors=True,
-                                                    chunk=plan.engine_chunk, chunks=todo):
-            store.put(sl.start, factors)  # type: ignore[arg-type]
-            if shards is not None:
-                shards.save(store, sl, bad_ids)
-            bad += bad_ids
+        for index in range(world.rank, len(chunks), world.size):  # this rank's shards, in order
+            sl = chunks[index]
+            shapes = array_shapes(spec, sl.stop - sl.start, n_pos, shared)  # every layer
+            found = shards.load(sl, shapes) if shards is not None else None
+            if found is None:
+                (_, factors, bad_ids), = gradient_chunks(model, task.tokens, task.mask, gcfg, task.what,
+                                                          factors=True, chunk=plan.engine_chunk, chunks=[sl])
+                found = factor_arrays(factors, shared), bad_ids  # type: ignore[arg-type]
+                if shards is not None:
+                    shards.save(found[0], sl, bad_ids)
+            arrays, bad_ids = found
+            exchange.deliver(index, arrays, bad_ids)
             bar.update(sl.stop - sl.start)
-        bad = bad_samples(bad, n, world)
-        if not bad:
-            share_factor_chunks(store, chunks, world)
+        bad = exchange.finish()
         timings["gradients_s"] += time.perf_counter() - t0
         if bad:
             raise non_finite_error(bad, task.what)
@@ -181,8 +184,7 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
                       math.nan, dtype=FISHER_DTYPE) for b in BLOCKS}
     n_fisher = external.n_samples if external is not None else (n_l if fisher_sides[0] else 0) + (
         0 if same_sides else (n_r if fisher_sides[1] else 0))
-    groups = [slice(l0, min(spec.n_layers, l0 + plan.layer_group)) for l0 in range(0, spec.n_layers, plan.layer_group)]
-    items = parallel_scores.my_items([(block, layers) for block in BLOCKS for layers in groups], world)
+    items = parallel_scores.my_items(spec.n_layers, plan.layer_group, world)  # this rank's layers
     tiles_l = [slice(a, min(n_l, a + plan.tile_left)) for a in range(0, n_l, plan.tile_left)]
     tiles_r = [slice(b, min(n_r, b + plan.tile_right)) for b in range(0, n_r, plan.tile_right)]
     symmetric, biases = cfg.variant == "symmetric", cfg.include_biases
@@ -247,17 +249,18 @@ def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: Interfer
     n_a, n_b = task_a.tokens.shape[0], task_b.tokens.shape[0]
     source = cfg.fisher_source
     n_left, n_right = (n_a + n_b, n_a + n_b) if pooled else (n_a, n_b)
+    world = current_world()
+    n_held = held_layers(spec.n_layers, World(0, world.size)).stop  # rank 0 holds the most layers
     factor_bytes = sum(memory.factor_bytes_per_sample(spec, t.tokens.shape[1], shared_qkv_input(model))
-                       * t.tokens.shape[0] for t in (task_a, task_b))
+                       * t.tokens.shape[0] for t in (task_a, task_b)) * n_held // spec.n_layers
     pos = max(task_a.tokens.shape[1], task_b.tokens.shape[1])
     plan = memory.plan_run(spec, n_left=n_left, n_right=n_right, n_samples=n_a + n_b, factor_bytes=factor_bytes,
                            engine_per_sample=engine_bytes(model, spec, pos, cfg.include_biases, "factored"),
                            budget_gb=cfg.memory_budget_gb, include_biases=cfg.include_biases,
                            symmetric_variant=cfg.variant == "symmetric", same_sides=pooled,
-                           chunk_size=cfg.chunk_size, max_held_samples=cfg.max_held_samples)
+                           chunk_size=cfg.chunk_size, max_held_samples=cfg.max_held_samples, n_layers_held=n_held)
     timings = {"gradients_s": 0.0, "scoring_s": 0.0}
     device = next(model.parameters()).device
-    world = current_world()
     scoring = functools.partial(score_pass, world=world)  # under a process group: items split over the ranks
     with torch.no_grad(), ExitStack() as stack:
         stores = gradient_pass(model, spec, [task_a, task_b], cfg, plan, stack, timings, world)

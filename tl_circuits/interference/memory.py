@@ -152,23 +152,27 @@ def pairwise_chunks(row_bytes: int, n_a: int, n_b: int, budget_gb: float,
     return chunk_a, chunk_b
 
 
-def _layer_group(spec: ModelSpec, room: float, per_layer: float) -> int:
+def _layer_group(n_layers: int, room: float, per_layer: float) -> int:
     """Layers per contraction: as many as fit, but no more than make the operands efficiently large."""
     fits = int(room // per_layer)
     efficient = max(1, math.ceil(EFFICIENT_OPERAND_BYTES / per_layer))
-    return max(1, min(spec.n_layers, fits, efficient))
+    return max(1, min(n_layers, fits, efficient))
 
 
 def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, factor_bytes: int, engine_per_sample: int,
              budget_gb: float, include_biases: bool = False, symmetric_variant: bool = False, same_sides: bool = False,
-             chunk_size: int | None = None, max_held_samples: int | None = None) -> MemoryPlan:
+             chunk_size: int | None = None, max_held_samples: int | None = None,
+             n_layers_held: int | None = None) -> MemoryPlan:
     """The memory plan of a run scoring ``n_left × n_right`` pairs from the factors of ``n_samples`` samples.
 
-    ``factor_bytes``: all samples' factors together; ``engine_per_sample``: one sample's forward/backward
-    workspace plus its factors; ``same_sides``: the pooled matrix (both sides are the same samples).
+    ``factor_bytes``: all samples' factors together (the process's share of them: its held layers);
+    ``engine_per_sample``: one sample's forward/backward workspace plus its factors; ``same_sides``: the pooled
+    matrix (both sides are the same samples); ``n_layers_held``: the most layers one process scores (a rank of a
+    process group; default all), which bounds the layers per contraction.
     Raises ValueError when the budget cannot hold even one sample's operands.
     """
     budget = budget_gb * GB
+    n_held = max(1, min(spec.n_layers, n_layers_held or spec.n_layers))
     s = gradient_bytes_per_sample(spec, include_biases)
     s_layer = max(layer_row_bytes(spec, b, include_biases) for b in BLOCKS)
     n_block_heads = sum(spec.n_block_heads(b) for b in BLOCKS)
@@ -198,7 +202,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     if same_sides:
         whole = n_left * per_op_shared <= room
         if whole:
-            layer_group = _layer_group(spec, room, n_left * per_op_shared)
+            layer_group = _layer_group(n_held, room, n_left * per_op_shared)
             tile_left = tile_right = n_left
         else:
             layer_group = 1
@@ -206,7 +210,7 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     else:
         whole = (n_left + n_right) * per_op <= room
         if whole:
-            layer_group = _layer_group(spec, room, (n_left + n_right) * per_op)
+            layer_group = _layer_group(n_held, room, (n_left + n_right) * per_op)
             tile_left, tile_right = n_left, n_right
         else:
             layer_group = 1

@@ -1,37 +1,44 @@
-"""The score pass across ranks: its (block, layer group) items are dealt out round robin.
+"""The score pass across ranks: each rank scores the (block, layer group) items of its own layers.
 
-Every rank holds every sample's gradient factors (:mod:`~tl_circuits.parallel.shards`). The score pass
-(:func:`tl_circuits.interference.engine.score_pass`) works one (block, group of layers) item at a time: it builds
-the per-head rows of every left and right sample for that item from their factors, sums the item's Fisher from
-them, and contracts every pair. Under a process group each rank runs the items ``rank, rank + size, ...`` of
-that list, exactly as one process runs them, and one exact merge per block
-(:func:`~tl_circuits.parallel.group.merge_owned`) gives every rank every score and every Fisher row.
+Every rank holds its share of the layers' gradient factors, for every sample (:mod:`~tl_circuits.parallel.shards`,
+:func:`~tl_circuits.parallel.shards.held_layers`). The score pass (:func:`tl_circuits.interference.engine.score_pass`)
+works one (block, group of layers) item at a time: it builds the per-head rows of every left and right sample for
+that item from their factors, sums the item's Fisher from them, and contracts every pair. Under a process group
+each rank runs the items of every block over its own layers (:func:`my_items`), exactly as one process runs them,
+and one exact merge per block (:func:`~tl_circuits.parallel.group.merge_owned`) gives every rank every score and
+every Fisher row.
 
-So each rank builds ``1 / size`` of the rows and contracts ``1 / size`` of the pairs, and nothing is built
-twice; the scores and the Fisher are the single-process numbers bit for bit (the same computation per item, and
-merges that add zeros). An earlier form split the left samples into bands and rebuilt every right sample's rows
-on every rank (1.0–1.4× at 2 ranks, measured); broadcasting the right rows instead was slower still over gloo.
+So each rank builds ``1 / size`` of the rows and contracts ``1 / size`` of the pairs (as the layers divide), and
+nothing is built twice; the scores and the Fisher are the single-process numbers (the same computation per layer,
+and merges that add zeros). Earlier forms split the left samples into bands and rebuilt every right sample's rows
+on every rank (1.0–1.4× at 2 ranks, measured), or dealt the items out round robin over ranks that held every
+layer's factors (so every rank received every sample's factors).
 
 >>> from tl_circuits.parallel.group import World
->>> my_items([("Q", slice(0, 2)), ("Q", slice(2, 4)), ("K", slice(0, 2))], World(1, 2))
-[('Q', slice(2, 4, None))]
+>>> my_items(5, 2, World(1, 2))   # 5 layers over 2 ranks: rank 1 holds layers 3-4
+[('Q', slice(3, 5, None)), ('K', slice(3, 5, None)), ('V', slice(3, 5, None)), ('O', slice(3, 5, None))]
+>>> [layers for block, layers in my_items(5, 2, World()) if block == "Q"]
+[slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
 """
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from tl_circuits.parallel.group import World, merge_owned, owned
+from tl_circuits.models.spec import BLOCKS, Block
+from tl_circuits.parallel.group import World, merge_owned
+from tl_circuits.parallel.shards import held_layers
 
-Item = TypeVar("Item")
 
-
-def my_items(items: Sequence[Item], world: World) -> list[Item]:
-    """This rank's (block, layer group) items of the score pass (all of them without a process group)."""
-    return owned(items, world) if world.active else list(items)
+def my_items(n_layers: int, layer_group: int, world: World) -> list[tuple[Block, slice]]:
+    """This rank's (block, layer group) items of the score pass: every block over groups of ``layer_group`` of its
+    held layers (all layers without a process group; none on a rank that holds no layer)."""
+    held = held_layers(n_layers, world)
+    groups = [slice(lo, min(held.stop, lo + layer_group)) for lo in range(held.start, held.stop, layer_group)]
+    return [(block, layers) for block in BLOCKS for layers in groups]
 
 
 def merge_items(scores: dict[str, Tensor], fisher: dict[str, Tensor], mine: Sequence[tuple[str, slice]],
