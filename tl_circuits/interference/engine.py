@@ -233,7 +233,7 @@ def score_pass(spec: ModelSpec, left: SampleSet, right: SampleSet, cfg: Interfer
                 out = scorer.contract(left_ops, right_ops)[block]
                 scores[block][ta, tb, layers] = out.cpu()
                 bar.update(1)
-    scores, fisher_full = parallel_scores.merge_items(scores, fisher_full, items, spec.n_layers, world)
+    scores, fisher_full = parallel_scores.merge_items(scores, fisher_full, spec.n_layers, world)
     timings["scoring_s"] += time.perf_counter() - t0
     fisher = external if external is not None else DiagonalFisher(fisher_full, n_fisher, spec, biases, cfg.fisher_source
                                                                   or "")
