@@ -111,7 +111,7 @@ class MemoryPlan:
         budget_gb: the budget planned for.
         engine_chunk: samples per forward/backward pass.
         spill: the gradient factors go to a temporary memory-mapped file (else they are held in memory).
-        factor_gb: the factors' total size, held or spilled.
+        factor_gb: the size of the factors this process holds or spills (a rank's: its share of the layers).
         layer_group: layers per score contraction.
         tile_left, tile_right: samples per operand tile of the left (A, or pooled) and right (B, or pooled) side.
         fisher_pass: the Fisher of each (block, layer group) needs its own pass over the rows (tiles too small
