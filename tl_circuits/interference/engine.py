@@ -122,15 +122,15 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
             shards = task_checkpoint(cfg.checkpoint_dir, model, task.tokens, task.mask, task.what, settings)
         for index in range(world.rank, len(chunks), world.size):  # this rank's shards, in order
             sl = chunks[index]
-            shapes = array_shapes(spec, sl.stop - sl.start, n_pos, shared)  # every layer
-            found = shards.load(sl, shapes) if shards is not None else None
-            if found is None:
+            saved = shards.load(sl, array_shapes(spec, sl.stop - sl.start, n_pos, shared)) if shards else None
+            if saved is not None:
+                arrays, bad_ids = saved
+            else:
                 (_, factors, bad_ids), = gradient_chunks(model, task.tokens, task.mask, gcfg, task.what,
                                                           factors=True, chunk=plan.engine_chunk, chunks=[sl])
-                found = factor_arrays(factors, shared), bad_ids  # type: ignore[arg-type]
+                arrays = factor_arrays(factors, shared)  # type: ignore[arg-type]  # factors=True: GradientFactors
                 if shards is not None:
-                    shards.save(found[0], sl, bad_ids)
-            arrays, bad_ids = found
+                    shards.save(arrays, sl, bad_ids)
             exchange.deliver(index, arrays, bad_ids)
             bar.update(sl.stop - sl.start)
         bad = exchange.finish()
