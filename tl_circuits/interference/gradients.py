@@ -290,6 +290,8 @@ def per_sample_gradients(
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     config: Optional[GradientConfig] = None,
+    *,
+    progress: Optional[bool] = None,
 ) -> PerSampleGradients:
     """Per-sample gradients of every attention parameter, as float32 per-head rows per block.
 
@@ -298,6 +300,7 @@ def per_sample_gradients(
         tokens: ``[N, pos]`` token ids.
         attention_mask: ``[N, pos]`` of 0/1 (left or right padding); ``None``: every position valid.
         config: :class:`GradientConfig` (default: ``GradientConfig()``).
+        progress: tqdm progress bars; ``None`` (default): ``config.progress``.
     Returns:
         :class:`PerSampleGradients` with ``per_block[B]`` of shape ``[N, n_layers, heads_B, P_B]``.
     Raises:
@@ -311,11 +314,11 @@ def per_sample_gradients(
     >>> model = build_bridge_from_module(hf, architecture="GPT2LMHeadModel", hf_config=hf.config)
     >>> tokens = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
     >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # left- and right-padded
-    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True, progress=False))
+    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True), progress=False)
     >>> g.per_block["Q"].shape, g.per_block["O"].shape  # Q rows: 8·4 weights + 4 biases; O: no bias
     (torch.Size([2, 1, 2, 36]), torch.Size([2, 1, 2, 32]))
     """
-    config = config or GradientConfig()
+    config = (config or GradientConfig()).with_progress(progress)
     spec, mask = prepare_inputs(model, tokens, attention_mask, "tokens", config.method)
     n, n_pos = tokens.shape
     method = resolve_method(model, config.method)
