@@ -80,16 +80,6 @@ def test_other_settings_do_not_reuse_shards(tmp_path, forwarded):
     assert forwarded[0] == 8  # other weights
 
 
-def test_a_torn_shard_is_recomputed(tmp_path, forwarded):
-    model, (a, b) = builders.gqa_under_test(), tasks()
-    reference = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
-    shard = sorted(tmp_path.rglob("samples_0-2.safetensors"))[0]
-    shard.write_bytes(shard.read_bytes()[:100])
-    forwarded[0] = 0
-    again = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
-    assert forwarded[0] == 2 and torch.equal(again.scores["Q"], reference.scores["Q"])
-
-
 def test_a_checkpoint_dir_that_is_a_file_is_a_clear_error(tmp_path):
     model, (a, b) = builders.gqa_under_test(), tasks()
     path = tmp_path / "not_a_folder"
