@@ -75,7 +75,8 @@ def main():
         rows.append((f"permutation_test ({str(dtype).split('.')[-1]}; null + BH/BY + max-T + cluster)", times))
         if dtype == torch.float64:
             ours = res
-    _, times = timed(lambda: S.bootstrap_ci(scores, n_a, n_resamples=n_boot, method="bca", progress=False), max(1, repeats - 1))
+    _, times = timed(lambda: S.bootstrap_ci(scores, n_a, n_resamples=n_boot, method="bca", progress=False),
+                     max(1, repeats - 1))
     rows.append((f"bootstrap_ci (BCa, {n_boot} resamples, float64)", times))
     # the default of every entry point: enough permutations for BH to flag a single cell of the grid
     n_default = defaults.default_n_permutations(n_cells, defaults.ALPHA)

@@ -69,8 +69,9 @@ def write_sweep_pair(result, stem: Path, version: int = 2) -> tuple[Path, Path]:
     metadata = dict(format="tl_circuits.SweepResult", version=version, replacement=result.replacement,
                     metric_name=result.metric_name, circuits=list(result.frozen), settings=result.settings)
     if version >= 2:
-        metadata.update(per_sample_circuits=None if result.per_sample_effect is None else list(result.per_sample_effect),
-                        per_draw_circuits=None if result.per_draw_effect is None else list(result.per_draw_effect))
+        per_sample, per_draw = result.per_sample_effect, result.per_draw_effect
+        metadata.update(per_sample_circuits=None if per_sample is None else list(per_sample),
+                        per_draw_circuits=None if per_draw is None else list(per_draw))
         if result.per_sample_effect is not None:
             tensors["clean_per_sample"] = _own(result.clean_per_sample)
             tensors.update({f"per_sample_effect.{c}": _own(v) for c, v in result.per_sample_effect.items()})

@@ -116,19 +116,19 @@ def read_kind(path: Union[str, Path]) -> Optional[str]:
     meta_file = Path(path) / META_FILE
     if not meta_file.is_file():
         return None
-    try:
-        record = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{meta_file} is not valid JSON (damaged?): {error}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{meta_file} is not a saved tl_circuits result (no format {FORMAT!r})")
-    if record.get("version") != VERSION:
-        raise ValueError(f"{meta_file} has result format version {record.get('version')!r}; this tl_circuits "
-                         f"({_version.__version__}) reads version {VERSION}")
+    record = check_record(read_json(meta_file), meta_file, FORMAT, (VERSION,), "tl_circuits result")
     kind = record.get("kind")
     if kind not in KINDS or not isinstance(record.get("fields"), dict):
         raise ValueError(f"{meta_file} names an unknown kind of result {kind!r} (known: {', '.join(KINDS)})")
     return kind
+
+
+def read_json(file: Path) -> Any:
+    """The JSON value in ``file``; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON (damaged?): {error}") from None
 
 
 def read_fields(path: Union[str, Path], kind: str) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def read_fields(path: Union[str, Path], kind: str) -> dict[str, Any]:
         raise not_a_result(folder, kind)
     if found != kind:
         raise ValueError(f"{folder} holds a saved {found}, not a {kind}: read it with tl_circuits.load")
-    record = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    record = read_json(folder / META_FILE)
     try:
         tensors = load_file(str(folder / TENSORS_FILE))
     except Exception as error:  # safetensors raises its own error type for a damaged header; OSError when missing
@@ -177,17 +177,50 @@ def result_class(kind: str) -> type[SavedResult]:
     return getattr(importlib.import_module(KINDS[kind]), kind)
 
 
+def pair_paths(path: Union[str, Path]) -> tuple[Path, Path]:
+    """``(<stem>.safetensors, <stem>.json)``, the file pair of earlier versions, for the stem or either file.
+
+    >>> [p.name for p in pair_paths("out/run.json")]
+    ['run.safetensors', 'run.json']
+    """
+    stem = Path(path)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def legacy_files_present(files: tuple[Path, ...], kind: str) -> bool:
+    """Whether the files of an earlier format are there: False when none is; FileNotFoundError naming the one that
+    is missing when only some are."""
+    present = [file.is_file() for file in files]
+    if not any(present):
+        return False
+    for file, here in zip(files, present):
+        if not here:
+            raise FileNotFoundError(f"cannot load the {kind} saved at {file.parent}: {file} is missing")
+    return True
+
+
+def check_record(record: Any, file: Path, format_name: str, versions: tuple, kind: str) -> dict:
+    """``record`` (the JSON of ``file``) when it is a ``format_name`` record of one of ``versions``; else ValueError."""
+    if not isinstance(record, dict) or record.get("format") != format_name:
+        raise ValueError(f"{file} is not a saved {kind} (no format {format_name!r})")
+    if record.get("version") not in versions:
+        raise ValueError(f"{file} has {kind} format version {record.get('version')!r}; this tl_circuits "
+                         f"({_version.__version__}) reads version {', '.join(map(str, versions))}")
+    return record
+
+
 def legacy_kind(path: Union[str, Path]) -> Optional[str]:
     """The kind of a result written by an earlier version at ``path``, or ``None``."""
     path = Path(path)
     candidates = [path / "settings.json"] if path.is_dir() else []
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    candidates.append(stem.with_name(stem.name + ".json"))
+    candidates.append(pair_paths(path)[1])
     for meta_file in candidates:
         if meta_file.is_file():
             try:
-                record = json.loads(meta_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = read_json(meta_file)
+            except ValueError:
                 continue
             if isinstance(record, dict) and record.get("format") in LEGACY_FORMATS:
                 return LEGACY_FORMATS[record["format"]]
@@ -258,5 +291,6 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-__all__ = ["FORMAT", "KINDS", "META_FILE", "TENSORS_FILE", "VERSION", "SavedResult", "json_ready", "legacy_kind",
-           "load", "read_fields", "read_kind", "result_class", "write_fields"]
+__all__ = ["FORMAT", "KINDS", "META_FILE", "TENSORS_FILE", "VERSION", "SavedResult", "check_record", "json_ready",
+           "legacy_files_present", "legacy_kind", "load", "pair_paths", "read_fields", "read_json", "read_kind",
+           "result_class", "write_fields"]

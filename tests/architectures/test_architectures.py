@@ -21,7 +21,6 @@ from tests.architectures import references, zoo
 from tests.reference import assert_same_state, model_state
 from tl_circuits import (
     GradientConfig,
-    InterferenceConfig,
     compute_interference,
     compute_mean_activations,
     freeze,

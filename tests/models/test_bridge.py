@@ -483,8 +483,8 @@ def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
     a, b = builders.random_tokens(4, 10, seed=6), builders.random_tokens(3, 10, seed=7)
     config = InterferenceConfig(variant="unsigned", fisher_source="pooled")
-    ours, theirs = compute_interference(model, a, b, config=config, **QUIET), compute_interference(twin, a, b, config=config,
-                                                                                                  **QUIET)
+    ours = compute_interference(model, a, b, config=config, **QUIET)
+    theirs = compute_interference(twin, a, b, config=config, **QUIET)
     for block in "QKVO":
         scale = float(theirs.scores[block].abs().max())
         torch.testing.assert_close(ours.scores[block], theirs.scores[block], rtol=1e-3, atol=1e-4 * scale)

@@ -10,11 +10,12 @@ pair, ``<stem>.safetensors`` (the numbers) and ``<stem>.json`` (the rest), forma
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 from torch import Tensor
+
+from tl_circuits.results_io import check_record, legacy_files_present, pair_paths, read_json
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from tl_circuits.freezing.sweep import SweepResult
@@ -26,30 +27,13 @@ SWEEP_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-def sweep_result_files(path: Union[str, Path]) -> tuple[Path, Path]:
-    """The (tensors, metadata) files of a saved :class:`SweepResult`: ``<stem>.safetensors`` and ``<stem>.json``.
-
-    ``path`` is the stem, or either file (its suffix is dropped).
-
-    >>> [f.name for f in sweep_result_files("out/ioi_sweep")]
-    ['ioi_sweep.safetensors', 'ioi_sweep.json']
-    """
-    stem = Path(path)
-    if stem.suffix in (".safetensors", ".json"):
-        stem = stem.with_suffix("")
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+sweep_result_files = pair_paths
+"""The (tensors, metadata) files of a saved :class:`SweepResult` of earlier versions: ``<stem>.safetensors`` and
+``<stem>.json``, for the stem or either file (:func:`tl_circuits.results_io.pair_paths`)."""
 
 
 def _read_metadata(metadata_file: Path) -> dict:
-    try:
-        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{metadata_file} is not valid JSON (corrupt?): {error}") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != SWEEP_FORMAT:
-        raise ValueError(f"{metadata_file} is not a saved SweepResult (no format {SWEEP_FORMAT!r})")
-    if metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{metadata_file} has SweepResult format version {metadata.get('version')!r}; "
-                         f"this tl_circuits reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    metadata = check_record(read_json(metadata_file), metadata_file, SWEEP_FORMAT, READABLE_VERSIONS, "SweepResult")
     missing = [k for k in ("replacement", "metric_name", "circuits", "settings") if k not in metadata]
     if missing:
         raise ValueError(f"{metadata_file} lacks {', '.join(missing)} (corrupt?)")
@@ -60,13 +44,9 @@ def load_sweep(cls: type[SweepResult], path: Union[str, Path]) -> Optional[Sweep
     """Read a file pair written by an earlier version (format version 1 or 2); ``None`` when neither file is there."""
     from safetensors.torch import load_file
 
-    tensors_file, metadata_file = sweep_result_files(path)
-    present = [file for file in (tensors_file, metadata_file) if file.is_file()]
-    if not present:
+    tensors_file, metadata_file = pair_paths(path)
+    if not legacy_files_present((tensors_file, metadata_file), "SweepResult"):
         return None
-    for file in (tensors_file, metadata_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"cannot load a SweepResult from {path}: {file} is missing")
     metadata = _read_metadata(metadata_file)
     try:
         tensors = load_file(str(tensors_file))

@@ -26,7 +26,7 @@ from torch import Tensor
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.fisher import DiagonalFisher
 from tl_circuits.models.spec import BLOCKS
-from tl_circuits.results_io import SavedResult, json_ready
+from tl_circuits.results_io import SavedResult, json_ready, legacy_files_present
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -208,12 +208,8 @@ class InterferenceResult(SavedResult):
         from safetensors.torch import load_file
 
         folder = Path(path)
-        present = [name for name in (LEGACY_SCORES_FILE, LEGACY_SETTINGS_FILE) if (folder / name).is_file()]
-        if not present:
+        if not legacy_files_present((folder / LEGACY_SCORES_FILE, folder / LEGACY_SETTINGS_FILE), "InterferenceResult"):
             return None
-        if len(present) == 1:
-            missing = LEGACY_SETTINGS_FILE if present[0] == LEGACY_SCORES_FILE else LEGACY_SCORES_FILE
-            raise FileNotFoundError(f"{folder} is not a saved InterferenceResult: {missing} is missing")
         try:
             meta = json.loads((folder / LEGACY_SETTINGS_FILE).read_text())
         except (json.JSONDecodeError, OSError) as error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from tl_circuits.deprecation import deprecated_alias
-from tl_circuits.results_io import SavedResult
+from tl_circuits.results_io import SavedResult, check_record, legacy_files_present, pair_paths, read_json
 from tl_circuits.stats.pvalues import significant_cells
 from tl_circuits.stats.validation import Grid
 
@@ -194,19 +194,11 @@ class InterferenceTestResult(SavedResult):
         ``tl_circuits.InterferenceTestResult``, version 1; ``path`` the stem or either file), or ``None``."""
         from safetensors.torch import load_file
 
-        tensor_path, json_path = result_paths(path)
-        present = [p for p in (tensor_path, json_path) if p.is_file()]
-        if not present:
+        tensor_path, json_path = pair_paths(path)
+        if not legacy_files_present((tensor_path, json_path), "InterferenceTestResult"):
             return None
-        if len(present) == 1:
-            missing = json_path if present[0] == tensor_path else tensor_path
-            raise FileNotFoundError(f"no saved InterferenceTestResult at {str(path)!r}: {missing} is missing")
-        record = json.loads(json_path.read_text())
-        if not isinstance(record, dict) or record.get("format") != LEGACY_FORMAT:
-            raise ValueError(f"{json_path} is not a saved InterferenceTestResult (no format {LEGACY_FORMAT!r})")
-        if record.get("version") != LEGACY_VERSION:
-            raise ValueError(f"{json_path} has file version {record.get('version')!r}; this tl_circuits reads "
-                             f"version {LEGACY_VERSION}")
+        record = check_record(read_json(json_path), json_path, LEGACY_FORMAT, (LEGACY_VERSION,),
+                              "InterferenceTestResult")
         tensors = load_file(str(tensor_path))
         blocks, absent = record["blocks"], set(record["absent"])
 
@@ -228,13 +220,4 @@ class InterferenceTestResult(SavedResult):
                    permutations=permutations)
 
 
-def result_paths(path: Union[str, Path]) -> Tuple[Path, Path]:
-    """``(<stem>.safetensors, <stem>.json)`` of the earlier file pair, for a path with or without those suffixes.
-
-    >>> [p.name for p in result_paths("out/run.json")]
-    ['run.safetensors', 'run.json']
-    """
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+result_paths = pair_paths  # the file pair of earlier versions (tl_circuits.results_io.pair_paths)
