@@ -157,10 +157,16 @@ def permutation_synthetic() -> dict:
     gen = torch.Generator().manual_seed(5)
     m = {"Q": torch.randn(9, 9, 2, 3, generator=gen), "O": torch.randn(9, 9, 2, 2, generator=gen)}
     m["Q"][:4, 4:, 0, 0] -= 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = permutation_test(m, 4, n_permutations=N_PERMUTATIONS, n_bootstrap=60, seed=11, progress=False,
-                               alternative="less", memory_budget_gb=1e-5)  # tiny budget: many null chunks
+    from tl_circuits.interference import memory
+
+    cap, memory.STATS_SCRATCH_CAP_GB = memory.STATS_SCRATCH_CAP_GB, 1e-5  # tiny chunk scratch: many null chunks
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = permutation_test(m, 4, n_permutations=N_PERMUTATIONS, n_bootstrap=60, seed=11, progress=False,
+                                   alternative="less")
+    finally:
+        memory.STATS_SCRATCH_CAP_GB = cap
     return _test_fields(res)
 
 
@@ -260,7 +266,7 @@ def permutation_screened() -> dict:
     m["Q"][:8, 8:, 0, 0] += 2.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = permutation_test(m, 8, n_bootstrap=0, seed=4, progress=False)
+        res = permutation_test(m, 8, n_bootstrap=0, seed=4, alternative="greater", progress=False)
     return {f"p_value.{b}": t for b, t in res.p_value.items()} | {
         f"used.{b}": t for b, t in res.permutations_used.items()}
 

@@ -270,13 +270,14 @@ def iter_per_sample_gradients(
     config: Optional[GradientConfig] = None,
     *,
     what: str = "tokens",
+    progress: Optional[bool] = None,
 ) -> Iterator[tuple[slice, PerSampleGradients]]:
     """Yield ``(sample slice, gradients of those samples)`` chunk by chunk; memory stays at one chunk.
 
     Raises ValueError at the first chunk with NaN/inf gradients, naming its samples (``what`` names the
-    tensor in messages).
+    tensor in messages). ``progress``: ``None`` (default) is ``config.progress``.
     """
-    config = config or GradientConfig()
+    config = (config or GradientConfig()).with_progress(progress)
     mask = prepare_inputs(model, tokens, attention_mask, what, config.method)[1]
     for sl, grads, bad in gradient_chunks(model, tokens, mask, config, what):
         if bad:
