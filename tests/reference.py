@@ -22,17 +22,27 @@ gradients sliced by hand) are in ``tests/architectures/references.py``, their mo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from tests import builders
-from tl_circuits import freeze
+from tl_circuits import GradientConfig, InterferenceConfig, freeze
 from tl_circuits.interference.factors import PerSampleGradients
 from tl_circuits.models.spec import BLOCKS, model_spec
 
 D, D_HEAD = 32, 8  # d_model and d_head of the builders' models
 DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping matters in every check
+
+
+def quiet_config(**settings) -> InterferenceConfig:
+    """An InterferenceConfig without progress bars, for the tests: the gradient settings among ``settings``
+    (``chunk_size``, ``include_biases``, ``memory_budget_gb``) go into its GradientConfig."""
+    gradient_fields = {f.name for f in dataclasses.fields(GradientConfig)}
+    gradients = {"progress": False, **{k: settings.pop(k) for k in list(settings) if k in gradient_fields}}
+    return InterferenceConfig(gradients=GradientConfig(**gradients), **settings)
 
 
 # ----- per-sample gradients: a plain per-sample backward loop, heads sliced by hand ----------------------------

@@ -21,7 +21,6 @@ from tests.architectures import references, zoo
 from tests.reference import assert_same_state, model_state
 from tl_circuits import (
     GradientConfig,
-    InterferenceConfig,
     compute_interference,
     compute_mean_activations,
     freeze,
@@ -119,7 +118,7 @@ def test_interference_and_sweep_run_and_leave_the_bridge_unchanged(name):
         "direct refused": lambda: pytest.raises(ValueError, per_sample_gradients, model, a,
                                                 config=GradientConfig(method="direct", **QUIET)),
         "interference": lambda: results.setdefault("interference", compute_interference(
-            model, a, b, config=InterferenceConfig(**QUIET))),
+            model, a, b, **QUIET)),
         "sweep": lambda: results.setdefault("sweep", freeze_sweep(model, tokens, **QUIET)),
     }
     model.run_with_cache(tokens)  # TransformerLens adds some hooks lazily, at the first forward and run_with_cache

@@ -143,9 +143,9 @@ def test_the_conflict_test_finds_the_shared_head_and_not_the_others(one_thread):
         assert result.significant[block][shared] and result.estimate[block][shared] < 0, block
     for block in "QKVO":
         assert not any(bool(result.significant[block][head]) for head in own), block
-        assert torch.isnan(result.pvalue[block][untrained]), block
+        assert torch.isnan(result.p_value[block][untrained]), block
         # the shared head is the most conflicted cell of every block
-        p = result.pvalue[block].nan_to_num(2.0)
+        p = result.p_value[block].nan_to_num(2.0)
         assert p[shared] == p.min(), block
 
 
@@ -157,7 +157,7 @@ def test_the_shared_head_is_found_with_other_samples(seed, one_thread):
     result = conflict_on_bundled_tasks(seed=seed)
     (shared,) = tlc.bundled_model_info(NAME).known_heads["shared"]
     for block in "QO":
-        p = result.pvalue[block].nan_to_num(2.0)
+        p = result.p_value[block].nan_to_num(2.0)
         assert result.significant[block][shared] and p[shared] == p.min(), block
 
 

@@ -15,7 +15,7 @@ from tests.cli.helpers import REPO, assert_complete_report, grid_from_csv, json_
 from tl_circuits import freeze_sweep
 from tl_circuits.bundled import tasks
 from tl_circuits.cli.command import main
-from tl_circuits.stats.permutation import fdr_correction
+from tl_circuits.stats.corrections import fdr_correction
 
 
 # ----- the main job on the bundled default model -------------------------------------------------------

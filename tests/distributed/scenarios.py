@@ -27,10 +27,10 @@ def tasks(n_a: int = 5, n_b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def config(**changes):
-    from tl_circuits import GradientConfig, InterferenceConfig
+    """No progress bars, shards of 2 samples; gradient settings (e.g. include_biases) nested."""
+    from tests.reference import quiet_config
 
-    gradients = GradientConfig(progress=False, chunk_size=2)
-    return InterferenceConfig(gradients=gradients, **changes)
+    return quiet_config(**{"chunk_size": 2, **changes})
 
 
 @contextlib.contextmanager
@@ -137,12 +137,13 @@ def pooled() -> dict:
     from tl_circuits.interference.engine import pooled_scores
 
     a, b = tasks(n_a=4, n_b=3)
-    scores, fisher, _ = pooled_scores(builders.mha_under_test(), a, b, config=config())
-    return {f"scores.{k}": s for k, s in scores.items()} | {f"fisher.{k}": f for k, f in fisher.per_block.items()}
+    pooled = pooled_scores(builders.mha_under_test(), a, b, config=config())
+    return {f"scores.{k}": s for k, s in pooled.scores.items()} | {f"fisher.{k}": f
+                                                                   for k, f in pooled.fisher.per_block.items()}
 
 
 def _test_fields(res) -> dict:
-    names = ("observed", "null_std", "z", "p_value", "q_value_bh", "p_maxstat", "p_cluster")
+    names = ("observed", "null_std", "z", "p_value", "q_value_bh", "p_value_maxstat", "p_value_cluster")
     out = {f"{name}.{b}": t for name in names for b, t in getattr(res, name).items()}
     if res.ci_low is not None:
         out |= {f"ci_low.{b}": t for b, t in res.ci_low.items()} | {f"ci_high.{b}": t for b, t in res.ci_high.items()}
@@ -156,10 +157,16 @@ def permutation_synthetic() -> dict:
     gen = torch.Generator().manual_seed(5)
     m = {"Q": torch.randn(9, 9, 2, 3, generator=gen), "O": torch.randn(9, 9, 2, 2, generator=gen)}
     m["Q"][:4, 4:, 0, 0] -= 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = permutation_test(m, 4, n_permutations=N_PERMUTATIONS, n_bootstrap=60, seed=11, progress=False,
-                               alternative="less", memory_budget_gb=1e-5)  # tiny budget: many null chunks
+    from tl_circuits.interference import memory
+
+    cap, memory.STATS_SCRATCH_CAP_GB = memory.STATS_SCRATCH_CAP_GB, 1e-5  # tiny chunk scratch: many null chunks
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = permutation_test(m, 4, n_permutations=N_PERMUTATIONS, n_bootstrap=60, seed=11, progress=False,
+                                   alternative="less")
+    finally:
+        memory.STATS_SCRATCH_CAP_GB = cap
     return _test_fields(res)
 
 
@@ -204,7 +211,7 @@ def _sweep(replacement: str, seed=3) -> dict:
         from tl_circuits.freezing.references import compute_mean_activations
 
         reference = compute_mean_activations(model, tokens, progress=False)
-    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, max_batch_rows=9, seed=seed,
+    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, chunk_size=9, seed=seed,
                        progress=False)  # 3 copies per pass: 3 passes per layer, 6 items over 2 ranks
     out = {f"frozen.{c}": t for c, t in res.frozen.items()} | {"clean": torch.tensor(res.clean)}
     if seed is None and replacement == "noise":  # the seed drawn (on rank 0), to rerun in one process
@@ -235,7 +242,7 @@ def sweep_per_sample() -> dict:
 
     tokens, _ = tasks(n_a=4)
     res = freeze_sweep(builders.mha_under_test(), tokens, circuits=("qk", "ov", "both"), per_sample=True,
-                       max_batch_rows=12, replacement="mean", reference=_mean(tokens), seed=3, progress=False)
+                       chunk_size=12, replacement="mean", reference=_mean(tokens), seed=3, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tested = res.test(n_bootstrap=50, seed=1)
@@ -259,7 +266,7 @@ def permutation_screened() -> dict:
     m["Q"][:8, 8:, 0, 0] += 2.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = permutation_test(m, 8, n_bootstrap=0, seed=4, progress=False)
+        res = permutation_test(m, 8, n_bootstrap=0, seed=4, alternative="greater", progress=False)
     return {f"p_value.{b}": t for b, t in res.p_value.items()} | {
         f"used.{b}": t for b, t in res.permutations_used.items()}
 

@@ -16,7 +16,7 @@ from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 RTOL = 1e-5
 # work done per rank, not results
 COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards", "built_rows", "factor_bytes")
-EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_targets")
+EXACT = ("p_value", "q_value_bh", "p_value_maxstat", "p_value_cluster", "permutations", "n_targets")
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,17 @@ def count_forwarded_samples() -> list[int]:
 
 
 def count_null_rows() -> list[int]:
-    """Count the relabelings this rank reduces in permutation_test (a one-item list)."""
-    from tl_circuits.stats import permutation
+    """Count the relabelings this rank reduces in permutation_test (a one-item list): every relabeling, the observed
+    labels included, is reduced by stats/null.py's relabeled_statistic."""
+    from tl_circuits.stats import null
 
-    real, count = permutation.bilinear, [0]
+    real, count = null.bilinear, [0]
 
     def counted(left, *args, **kwargs):
         count[0] += left.shape[0]
         return real(left, *args, **kwargs)
 
-    permutation.bilinear = counted
+    null.bilinear = counted
     return count
 
 

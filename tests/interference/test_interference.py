@@ -16,6 +16,7 @@ from tests.reference import (
     hf_loop,
     llama_rows,
     loop_reference,
+    quiet_config,
     scores_from_rows,
 )
 from tl_circuits.interference.fisher import EMAFisher, fisher_from_gradients
@@ -32,9 +33,10 @@ QUIET = dict(progress=False)
 
 
 def Config(**kwargs) -> InterferenceConfig:
-    """These tests were written for the unsigned variant (the default until the signed one became it)."""
+    """These tests were written for the unsigned variant (the default until the signed one became it); no progress
+    bars, the gradient settings nested (:func:`tests.reference.quiet_config`)."""
     kwargs.setdefault("variant", "unsigned")
-    return InterferenceConfig(**kwargs)
+    return quiet_config(**kwargs)
 
 # ----- tasks and the brute-force reference -------------------------------------------------------------
 

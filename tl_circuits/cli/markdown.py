@@ -219,7 +219,7 @@ def _permutation_subsection(analysis: Analysis, role: dict[str, str], conflict: 
         "",
         markdown_table(top_heads_by_interference(analysis, cfg.top_k),
                        {"block": "block", "layer": "layer", "head": "head", "mean": "mean score", "z": "z",
-                        "p_value": "p", "q_value_bh": "q (BH)", "p_maxstat": "p (max-stat)",
+                        "p_value": "p", "q_value_bh": "q (BH)", "p_value_maxstat": "p (max-stat)",
                         "significant": "differs", **role}),
     ]
 

@@ -175,8 +175,8 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                                    replacement=sweep.replacement, frozen=sweep.frozen, effect=effect,
                                    settings=sweep.settings, test=tested)
     grids = {name: getattr(stats, name) for name in ("observed", "null_mean", "null_std", "z", "effect_size",
-                                                      "p_value", "q_value_bh", "q_value_by", "p_maxstat",
-                                                      "p_cluster", "ci_low", "ci_high", "significant")
+                                                      "p_value", "q_value_bh", "q_value_by", "p_value_maxstat",
+                                                      "p_value_cluster", "ci_low", "ci_high", "significant")
              if getattr(stats, name) is not None}
     tasks = {key.upper(): dict(name=t.name, source=t.source, n_samples=t.n_samples, n_positions=int(t.tokens.shape[1]),
                                n_scored=int(t.scored.sum()), ids=t.ids, notes=t.notes)
@@ -218,7 +218,7 @@ def _evidence_data(analysis: Analysis) -> dict[str, Any]:
         data["test"] = dict(null_hypothesis=test.null_hypothesis, alternative=test.alternative, alpha=test.alpha,
                             correction=test.correction, confidence_level=test.confidence_level,
                             **{name: getattr(test, name) for name in ("estimate", "std_error", "statistic", "df",
-                                                                      "pvalue", "q_value_bh", "q_value_by",
+                                                                      "p_value", "q_value_bh", "q_value_by",
                                                                       "significant", "ci_low", "ci_high")})
     if evidence.cosines is not None:
         cos = evidence.cosines

@@ -36,6 +36,7 @@ except ImportError:  # TransformerLens 2.x
 
 from tl_circuits import defaults
 from tl_circuits.defaults import GB, SEED
+from tl_circuits.deprecation import renamed_argument
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -49,17 +50,13 @@ from tl_circuits.freezing.options import (
 )
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.freezing.stacked import DrawSettings, clean_run, evaluate_metric, sweep_draw
-from tl_circuits.freezing.sweep_io import (
-    SWEEP_FORMAT,
-    SWEEP_FORMAT_VERSION,
-    load_sweep,
-    save_sweep,
-    sweep_result_files,
-)
+from tl_circuits.interference import memory
+from tl_circuits.freezing.sweep_io import SWEEP_FORMAT, SWEEP_FORMAT_VERSION, load_sweep, sweep_result_files
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import agreed_int, current_world
 from tl_circuits.parallel.sweep import SweepShare
+from tl_circuits.results_io import SavedResult
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -76,7 +73,7 @@ PerSampleMetric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, "
 
 
 @dataclass
-class SweepResult:
+class SweepResult(SavedResult):
     """Metric of the model with each head's circuit frozen in turn.
 
     ``frozen[circuit][layer, head]``: the batch-mean metric with that head's circuit frozen (NaN where not
@@ -85,7 +82,16 @@ class SweepResult:
     (sample i's frozen minus clean metric, averaged over draws; NaN for a sample with a NaN metric), and then
     ``clean`` and ``effect`` are means over the finite samples (``effect`` = the nan-mean of
     ``per_sample_effect``). ``per_draw_effect[circuit]`` [n_draws, n_layers, n_heads]: each draw's batch-mean effect.
-    :meth:`save` / :meth:`load` keep it on disk as a file pair (see :meth:`save`).
+    ``save(folder)`` / :func:`tl_circuits.load` keep it on disk, every number bit for bit, NaN included
+    (:mod:`tl_circuits.results_io`; settings must be JSON values, and tuples come back as lists).
+
+    >>> import tempfile
+    >>> result = SweepResult(clean=2.5, frozen={"qk": torch.tensor([[2.0, float("nan")]])},
+    ...                      replacement="zero", metric_name="loss", settings={"seed": 0})
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     loaded = SweepResult.load(result.save(f"{folder}/sweep"))
+    >>> loaded.clean, loaded.frozen["qk"], loaded.settings
+    (2.5, tensor([[2., nan]]), {'seed': 0})
     """
 
     clean: float
@@ -121,49 +127,19 @@ class SweepResult:
     def test(self, alpha: float = defaults.ALPHA, alternative: str = "two-sided",
              n_permutations: Optional[int] = None, n_bootstrap: int = defaults.N_BOOTSTRAP,
              confidence_level: float = defaults.CONFIDENCE_LEVEL, ci_method: str = "bca", correction: str = "bh",
-             seed: Optional[int] = defaults.SEED) -> SweepTestResult:
+             seed: Optional[int] = defaults.SEED, progress: bool = True) -> SweepTestResult:
         """Intervals and paired sign-flip tests of every head's per-sample effect; see
-        :func:`tl_circuits.freezing.sweep_stats.test_sweep` (needs ``freeze_sweep(..., per_sample=True)``)."""
-        from tl_circuits.freezing.sweep_stats import test_sweep
+        :func:`tl_circuits.freezing.sweep_stats.sweep_test` (needs ``freeze_sweep(..., per_sample=True)``)."""
+        from tl_circuits.freezing.sweep_stats import sweep_test
 
-        return test_sweep(self, alpha=alpha, alternative=alternative, n_permutations=n_permutations,
+        return sweep_test(self, alpha=alpha, alternative=alternative, n_permutations=n_permutations,
                           n_bootstrap=n_bootstrap, confidence_level=confidence_level, ci_method=ci_method,
-                          correction=correction, seed=seed)
-
-    def save(self, path: Union[str, Path]) -> tuple[Path, Path]:
-        """Write the result as a file pair; returns ``(tensors_file, metadata_file)``.
-
-        ``path`` is the common stem (or either file name; see :func:`sweep_result_files`):
-
-        - ``<stem>.safetensors``: ``"clean"`` (float64, shape [1]) and ``"frozen.<circuit>"``
-          ([n_layers, n_heads], dtype as held), and when present ``"clean_per_sample"`` [N],
-          ``"per_sample_effect.<circuit>"`` [N, n_layers, n_heads] and ``"per_draw_effect.<circuit>"``
-          [n_draws, n_layers, n_heads] — every number, NaN included, bit for bit;
-        - ``<stem>.json``: ``format``, ``version`` (2; version 1 files still load), ``replacement``,
-          ``metric_name``, ``circuits`` (the order of ``frozen``), ``settings``, ``per_sample_circuits`` and
-          ``per_draw_circuits`` (the keys of those tensors, or null).
-          Settings must be JSON values (tuples come back as lists).
-
-        Existing files are overwritten; missing parent folders are made.
-
-        >>> import tempfile, torch
-        >>> result = SweepResult(clean=2.5, frozen={"qk": torch.tensor([[2.0, float("nan")]])},
-        ...                      replacement="zero", metric_name="loss", settings={"seed": 0})
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     _ = result.save(f"{folder}/sweep")
-        ...     loaded = SweepResult.load(f"{folder}/sweep")
-        >>> loaded.clean, loaded.frozen["qk"], loaded.settings
-        (2.5, tensor([[2., nan]]), {'seed': 0})
-        """
-        return save_sweep(self, path)
+                          correction=correction, seed=seed, progress=progress)
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "SweepResult":
-        """Read a result written by :meth:`save` (``path``: the stem or either file; format version 1 or 2).
-
-        Raises ``FileNotFoundError`` naming a missing file and ``ValueError`` for a file that is corrupt
-        or not a saved ``SweepResult``.
-        """
+    def load_legacy(cls, path: Path) -> Optional["SweepResult"]:
+        """The file pair ``<stem>.safetensors`` + ``<stem>.json`` of earlier versions (format 1 or 2;
+        :mod:`tl_circuits.freezing.sweep_io`), or ``None`` when there is none."""
         return load_sweep(cls, path)
 
     def plot_patterns(self, model: Model, tokens: Int[Tensor, "batch pos"],
@@ -197,8 +173,10 @@ def freeze_sweep(
     seed: Optional[int] = SEED,
     per_sample: bool = False,
     n_draws: Optional[int] = None,
-    max_batch_rows: Optional[int] = None,
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
+    chunk_size: Optional[int] = None,
     progress: bool = True,
+    max_batch_rows: Optional[int] = None,
 ) -> SweepResult:
     """Freeze every head's circuit in turn and evaluate ``metric`` on the logits.
 
@@ -218,8 +196,16 @@ def freeze_sweep(
         n_draws: NOISE only: k draws with seeds ``seed, seed + 1, ..., seed + k - 1`` (each the sweep of that
             seed); effects are averaged over draws and each draw's kept in ``per_draw_effect``. Default 1 (or
             the length of a RESAMPLE reference list).
-        max_batch_rows: most rows in one stacked forward (default: about 1 GB of logits).
+        memory_budget_gb: what the call may allocate, in GB (:data:`tl_circuits.defaults.MEMORY_BUDGET_GB`); it
+            sets the rows of one stacked forward (:func:`tl_circuits.interference.memory.forward_row_bytes`: the
+            default 4 GB is about 1 GB of float32 logits). One pass always holds the whole batch for one variant: a
+            batch larger than the budget allows is run anyway, with a warning.
+        chunk_size: most rows (copies of a sample) in one stacked forward, instead of the budget's
+            (``max_batch_rows``, its old name, is deprecated).
+        progress: a tqdm progress bar.
     """
+    chunk_size = renamed_argument("max_batch_rows", "chunk_size", max_batch_rows, chunk_size, default=None,
+                                  note="most rows in one stacked forward")
     spec = model_spec(model)
     check_tokens(spec, tokens)
     swept: list[Circuit] = [parse_option(Circuit, c, "circuit") for c in circuits]
@@ -230,8 +216,10 @@ def freeze_sweep(
         check_replacement_fits(replacement, circuit)
         check_qk_freezable(spec, circuit)
     check_noise_scale(noise_scale)
-    if max_batch_rows is not None and max_batch_rows < 1:
-        raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 (rows of one stacked forward), got {chunk_size!r}")
+    if not memory_budget_gb > 0:
+        raise ValueError(f"memory_budget_gb must be positive (GB the call may allocate), got {memory_budget_gb!r}")
     draw_references = _draw_references(replacement, reference, n_draws)
     first_seed = seed
     if seed is None and replacement == Replacement.NOISE:  # fresh entropy, drawn on rank 0 and shared; recorded
@@ -242,10 +230,14 @@ def freeze_sweep(
         metric = _default_metric(tokens, per_sample)
 
     batch, n_pos = tokens.shape
-    if max_batch_rows is None:
-        max_batch_rows = max(batch, GB // (n_pos * spec.d_vocab * 4))  # ~1 GB of float32 logits
+    max_rows = chunk_size or memory.rows_for_budget(memory.forward_row_bytes(spec, n_pos), memory_budget_gb)
+    if chunk_size is None and max_rows < batch:
+        warnings.warn(f"a stacked pass holds the whole batch ({batch} samples) for one variant: about "
+                      f"{batch * memory.forward_row_bytes(spec, n_pos) / GB:.3g} GB, above memory_budget_gb="
+                      f"{memory_budget_gb:g}; run the sweep on fewer samples at a time to stay within it",
+                      UserWarning, stacklevel=2)
     copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)]
-    per_pass = max(1, min(len(copies), max_batch_rows // batch))
+    per_pass = max(1, min(len(copies), max_rows // batch))
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
     draws_frozen = []
     with torch.no_grad():

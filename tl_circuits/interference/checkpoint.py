@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -85,9 +86,9 @@ class ShardCheckpoint:
         os.replace(partial, target)
 
     def load(self, samples: slice, shapes: dict[str, tuple[int, ...]]) -> Optional[tuple[dict[str, Tensor], list[int]]]:
-        """The saved shard ``samples`` as ``(arrays, bad samples)``, or ``None`` when there is none, or when it
-        cannot be read or its arrays do not have ``shapes`` (a torn or foreign file: the shard is computed
-        again and overwritten)."""
+        """The saved shard ``samples`` as ``(arrays, bad samples)``, or ``None`` when there is none. A shard that
+        cannot be read, or whose arrays do not have ``shapes`` (a torn or foreign file), is ``None`` too, with a
+        warning naming its path and why: the shard is then computed again and overwritten."""
         from safetensors.torch import load_file
 
         path = self.path(samples)
@@ -96,11 +97,19 @@ class ShardCheckpoint:
         try:
             tensors = load_file(str(path))
             bad = tensors.pop(BAD).tolist()
-        except Exception:
+        except Exception as error:  # safetensors raises its own error type for a damaged file; KeyError without BAD
+            _warn_unreadable(path, f"{type(error).__name__}: {error}")
             return None
-        if {k: tuple(t.shape) for k, t in tensors.items()} != shapes:
+        found = {k: tuple(t.shape) for k, t in tensors.items()}
+        if found != shapes:
+            _warn_unreadable(path, f"its arrays are {found}, this run's shard has {shapes}")
             return None
         return tensors, bad
+
+
+def _warn_unreadable(path: Path, reason: str) -> None:
+    warnings.warn(f"checkpoint shard {path} cannot be used ({reason}); computing it again", RuntimeWarning,
+                  stacklevel=3)
 
 
 def task_checkpoint(directory: Union[str, Path], model: Model, tokens: Tensor, mask: Tensor, what: str,

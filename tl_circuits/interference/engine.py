@@ -27,8 +27,7 @@ owner of a shard sends every other rank that rank's layers of it; the scores and
 >>> gen = torch.Generator().manual_seed(0)
 >>> tokens_a = torch.randint(0, 10, (3, 8), generator=gen)    # task A: low token ids
 >>> tokens_b = torch.randint(10, 20, (2, 8), generator=gen)   # task B: high token ids
->>> quiet = InterferenceConfig(gradients=GradientConfig(progress=False))
->>> result = compute_interference(model, tokens_a, tokens_b, ids_b=["x", "y"], config=quiet)
+>>> result = compute_interference(model, tokens_a, tokens_b, ids_b=["x", "y"], progress=False)
 >>> {block: tuple(s.shape) for block, s in result.scores.items()}
 {'Q': (3, 2, 2, 4), 'K': (3, 2, 2, 2), 'V': (3, 2, 2, 2), 'O': (3, 2, 2, 4)}
 >>> top = result.top_conflicts(1)[0]
@@ -63,7 +62,7 @@ from tl_circuits.interference.gradients import (
     shared_qkv_input,
 )
 from tl_circuits.interference.inputs import non_finite_error, prepare_inputs
-from tl_circuits.interference.result import InterferenceResult
+from tl_circuits.interference.result import InterferenceResult, PooledScores
 from tl_circuits.interference.scoring import Scorer, Workspace, rows_into, sum_squares
 from tl_circuits.interference.store import FactorStore, SampleSet, array_shapes, factor_arrays
 from tl_circuits.models.spec import BLOCKS, Block, ModelSpec, model_spec
@@ -311,6 +310,7 @@ def compute_interference(
     ids_b: Optional[Sequence[Hashable]] = None,
     config: Optional[InterferenceConfig] = None,
     fisher: Optional[DiagonalFisher] = None,
+    progress: Optional[bool] = None,
 ) -> InterferenceResult:
     """QK-OV interference of every pair (i ∈ A, j ∈ B), block, layer and head, end to end (:func:`run_engine`).
 
@@ -321,6 +321,7 @@ def compute_interference(
         ids_a, ids_b: the caller's sample ids (unique); default ``0..N-1``.
         config: :class:`InterferenceConfig` (default: ``InterferenceConfig()``, the signed variant, task-A Fisher).
         fisher: an external undamped Fisher to normalise with, instead of estimating one.
+        progress: tqdm progress bars; ``None`` (default): ``config.progress``.
     Returns:
         :class:`InterferenceResult` (with ``result.fisher``, the undamped Fisher used, and
         ``result.settings['plan']``, the memory plan).
@@ -328,7 +329,7 @@ def compute_interference(
         ValueError: an empty task, ids outside the vocabulary, sequences longer than ``n_ctx``, bad masks or
             ids, NaN/inf gradients (naming the samples), a budget too small for one sample's operands.
     """
-    cfg = (config or InterferenceConfig()).resolved(external_fisher=fisher is not None)
+    cfg = (config or InterferenceConfig()).with_progress(progress).resolved(external_fisher=fisher is not None)
     task_a = _task(model, tokens_a, attention_mask_a, "tokens_a")
     task_b = _task(model, tokens_b, attention_mask_b, "tokens_b")
     ids_a, ids_b = check_ids(ids_a, tokens_a.shape[0], "ids_a"), check_ids(ids_b, tokens_b.shape[0], "ids_b")
@@ -351,17 +352,21 @@ def pooled_scores(
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
     config: Optional[InterferenceConfig] = None,
-) -> tuple[dict[str, Tensor], DiagonalFisher, dict]:
-    """A ∪ B scored against itself under the pooled Fisher: ``({block: [N, N, L, H_B]}, Fisher, settings)``.
+    progress: Optional[bool] = None,
+) -> PooledScores:
+    """A ∪ B scored against itself under the pooled Fisher: a :class:`~tl_circuits.interference.result.PooledScores`
+    (``scores`` ``{block: [N, N, L, H_B]}``, ``n_a``, the resolved ``config``, ``fisher``, ``settings``).
 
     The matrix of the label-permutation and conflict tests (rows and columns: A's samples, then B's). Uses
     ``config``'s variant, reduction, damping, leave-one-out and budget; its ``fisher_source`` is ignored.
+    ``progress``: ``None`` (default) is ``config.progress``.
     """
-    cfg = (config or InterferenceConfig()).replace(fisher_source="pooled").resolved()
+    cfg = (config or InterferenceConfig()).with_progress(progress).replace(fisher_source="pooled").resolved()
     task_a = _task(model, tokens_a, attention_mask_a, "tokens_a")
     task_b = _task(model, tokens_b, attention_mask_b, "tokens_b")
-    return run_engine(model, task_a, task_b, cfg, pooled=True)
+    scores, fisher, settings = run_engine(model, task_a, task_b, cfg, pooled=True)
+    return PooledScores(scores, tokens_a.shape[0], cfg, fisher, settings)
 
 
-__all__ = ["GradientConfig", "InterferenceConfig", "InterferenceResult", "compute_interference", "pooled_scores",
-           "run_engine"]
+__all__ = ["GradientConfig", "InterferenceConfig", "InterferenceResult", "PooledScores", "compute_interference",
+           "pooled_scores", "run_engine"]

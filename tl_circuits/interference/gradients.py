@@ -270,13 +270,14 @@ def iter_per_sample_gradients(
     config: Optional[GradientConfig] = None,
     *,
     what: str = "tokens",
+    progress: Optional[bool] = None,
 ) -> Iterator[tuple[slice, PerSampleGradients]]:
     """Yield ``(sample slice, gradients of those samples)`` chunk by chunk; memory stays at one chunk.
 
     Raises ValueError at the first chunk with NaN/inf gradients, naming its samples (``what`` names the
-    tensor in messages).
+    tensor in messages). ``progress``: ``None`` (default) is ``config.progress``.
     """
-    config = config or GradientConfig()
+    config = (config or GradientConfig()).with_progress(progress)
     mask = prepare_inputs(model, tokens, attention_mask, what, config.method)[1]
     for sl, grads, bad in gradient_chunks(model, tokens, mask, config, what):
         if bad:
@@ -290,6 +291,8 @@ def per_sample_gradients(
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     config: Optional[GradientConfig] = None,
+    *,
+    progress: Optional[bool] = None,
 ) -> PerSampleGradients:
     """Per-sample gradients of every attention parameter, as float32 per-head rows per block.
 
@@ -298,6 +301,7 @@ def per_sample_gradients(
         tokens: ``[N, pos]`` token ids.
         attention_mask: ``[N, pos]`` of 0/1 (left or right padding); ``None``: every position valid.
         config: :class:`GradientConfig` (default: ``GradientConfig()``).
+        progress: tqdm progress bars; ``None`` (default): ``config.progress``.
     Returns:
         :class:`PerSampleGradients` with ``per_block[B]`` of shape ``[N, n_layers, heads_B, P_B]``.
     Raises:
@@ -311,11 +315,11 @@ def per_sample_gradients(
     >>> model = build_bridge_from_module(hf, architecture="GPT2LMHeadModel", hf_config=hf.config)
     >>> tokens = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
     >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # left- and right-padded
-    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True, progress=False))
+    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True), progress=False)
     >>> g.per_block["Q"].shape, g.per_block["O"].shape  # Q rows: 8·4 weights + 4 biases; O: no bias
     (torch.Size([2, 1, 2, 36]), torch.Size([2, 1, 2, 32]))
     """
-    config = config or GradientConfig()
+    config = (config or GradientConfig()).with_progress(progress)
     spec, mask = prepare_inputs(model, tokens, attention_mask, "tokens", config.method)
     n, n_pos = tokens.shape
     method = resolve_method(model, config.method)

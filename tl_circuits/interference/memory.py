@@ -1,4 +1,5 @@
-"""Every byte rule of the interference path, and the memory plan of a run, in GB.
+"""Every byte rule of the package (the interference path, and at the end the sweep and the statistics), and the
+memory plan of an interference run, in GB.
 
 Nothing else in the package estimates memory. The rules (calibrated by peak RSS on a GPT-2-small-shaped
 model at 64 positions):
@@ -30,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from tl_circuits.defaults import GB
+from tl_circuits.defaults import GB, STATS_WORKSPACE_GB
 from tl_circuits.models.spec import BLOCKS, ModelSpec
 
 SCRATCH_SHARE = 0.05  # of the budget: rows built from factors before their copy into operand layout
@@ -226,3 +227,55 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     return MemoryPlan(budget_gb=budget_gb, engine_chunk=chunk, spill=spill, factor_gb=factor_bytes / GB,
                       layer_group=layer_group, tile_left=tile_left, tile_right=tile_right, fisher_pass=not whole,
                       n_gradient_evaluations=n_samples, n_tiles=n_tiles, estimated_peak_gb=peak / GB)
+
+
+# ----- the byte rules of the freeze sweep, the MEAN reference and the statistics ---------------------------------
+LOGIT_COPIES = 4
+"""A no-grad forward row's float32 logits are held about this many times (the logits, their log-softmax and the
+metric's temporaries); they dominate a freeze sweep's and a MEAN reference's memory at any real vocabulary."""
+STATS_SCRATCH_CAP_GB = STATS_WORKSPACE_GB
+"""The largest scratch product of one chunk of relabelings or resamples: once a chunk is a large GEMM, bigger chunks
+buy nothing, while every fresh GB costs page faults (:data:`tl_circuits.defaults.STATS_WORKSPACE_GB`)."""
+
+
+def forward_row_bytes(spec: ModelSpec, n_pos: int, cached_heads: int = 0) -> int:
+    """Memory of one row (one sample, or one stacked copy of it) of a no-grad forward: its logits
+    (:data:`LOGIT_COPIES` float32 copies) and ``cached_heads`` per-head activations per layer kept from the pass."""
+    cache = cached_heads * spec.n_layers * spec.n_heads * spec.d_head
+    return 4 * n_pos * (LOGIT_COPIES * spec.d_vocab + 2 * cache)
+
+
+def rows_for_budget(row_bytes: int, budget_gb: float) -> int:
+    """Rows of ``row_bytes`` that fit ``budget_gb`` (at least one).
+
+    >>> rows_for_budget(2**20, 0.5)
+    512
+    """
+    return max(1, int(budget_gb * GB) // max(1, row_bytes))
+
+
+def statistics_held_bytes(n: int, block_cells: list[int], itemsize: int, *, n_relabelings: int = 0,
+                          n_resamples: int = 0) -> int:
+    """What a statistics call holds besides its scratch: one prepared block at a time (its centred copy and the A × B
+    sub-block, ``[N, N, cells]`` each), the null distribution and its standardised copy of every cell (float64,
+    ``[P, cells]`` each, kept for the result) and a block's transient null and bootstrap arrays."""
+    largest, total = max(block_cells), sum(block_cells)
+    prepared = 2 * n * n * largest * itemsize
+    kept = 2 * 8 * n_relabelings * total
+    transient = 4 * 8 * (n_relabelings + n_resamples) * largest
+    return prepared + kept + transient
+
+
+def statistics_scratch_gb(budget_gb: float, held_bytes: int, row_bytes: int) -> float:
+    """The scratch of one chunk of a statistics call that may allocate ``budget_gb`` and holds ``held_bytes``:
+    what is left, at most :data:`STATS_SCRATCH_CAP_GB`. ValueError when not even one row of ``row_bytes`` fits.
+
+    >>> statistics_scratch_gb(4.0, 2**30, 2**20)
+    0.25
+    """
+    room = budget_gb * GB - held_bytes
+    if room < row_bytes:
+        raise ValueError(f"memory_budget_gb={budget_gb:g} is below what this call must hold: {held_bytes / GB:.3g} GB "
+                         f"(the prepared scores and the null distribution) plus {row_bytes / GB:.3g} GB of scratch; "
+                         "raise memory_budget_gb (it is what the call may allocate, in GB)")
+    return min(STATS_SCRATCH_CAP_GB, room / GB)
