@@ -89,16 +89,42 @@ def test_batched_equals_brute_force(setup, variant, reduction, source, loo):
         assert s.dtype == torch.float32 and not bool(torch.isnan(s).any())
 
 
-def test_pairwise_scores_stage_with_tiny_chunks_equals_brute_force(setup):
-    """The pure scoring stage, forced to one pair per contraction by a tiny budget."""
+def test_pairwise_scores_stage_with_tiny_tiles_equals_brute_force(setup, monkeypatch):
+    """The engine's score pass on gradient rows, forced to one pair and one layer per contraction by its plan."""
+    import dataclasses
+
+    from tl_circuits.interference import memory
+
+    real_plan = memory.plan_run
+    monkeypatch.setattr(memory, "plan_run", lambda *args, **kwargs: dataclasses.replace(
+        real_plan(*args, **kwargs), layer_group=1, tile_left=1, tile_right=1))
     model, raw_a, raw_b = setup
     tokens_b, mask_b = task_b()
     ga = per_sample_gradients(model, task_a(), config=GradientConfig(**QUIET))
     gb = per_sample_gradients(model, tokens_b, mask_b, GradientConfig(**QUIET))
     fisher = fisher_from_gradients(PerSampleGradients.cat([ga, gb]))
     for variant in ("unsigned", "signed", "symmetric"):
-        got = pairwise_scores(ga, gb, fisher, variant, "sum", leave_one_out=True, memory_budget_gb=1e-9, **DAMP)
+        got = pairwise_scores(ga, gb, fisher, variant, "sum", leave_one_out=True, **DAMP)
         assert_scores_close(got, brute_force(model_spec(model), raw_a, raw_b, variant, "sum", "pooled", True))
+
+
+def test_pairwise_scores_and_the_engine_are_one_scoring_path(setup):
+    """The same gradients and the same Fisher give the same scores through pairwise_scores and
+    compute_interference, leave-one-out included (the Fisher's squares and the removed C_i are both exact
+    float64 squares: one precision rule, docs/spec.md §3.1)."""
+    model, _, _ = setup
+    tokens_b, mask_b = task_b()
+    ga = per_sample_gradients(model, task_a(), config=GradientConfig(**QUIET))
+    gb = per_sample_gradients(model, tokens_b, mask_b, GradientConfig(**QUIET))
+    for variant, source, loo in (("signed", "a", True), ("unsigned", "b", False), ("symmetric", "pooled", True)):
+        members = {"a": ga, "b": gb, "pooled": PerSampleGradients.cat([ga, gb])}[source]
+        expect = pairwise_scores(ga, gb, fisher_from_gradients(members), variant, leave_one_out=loo, **DAMP)
+        got = run(model, Config(variant=variant, fisher_source=source, leave_one_out=loo, **DAMP, **QUIET))
+        for b in BLOCKS:
+            torch.testing.assert_close(got.fisher.per_block[b], fisher_from_gradients(members).per_block[b],
+                                       rtol=1e-12, atol=0)
+            scale = float(expect[b].abs().max())
+            torch.testing.assert_close(got.scores[b], expect[b], rtol=1e-6, atol=1e-7 * scale)
 
 
 # ----- streaming --------------------------------------------------------------------------------------------

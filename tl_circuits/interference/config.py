@@ -25,10 +25,12 @@ Method = Literal["factored", "direct"]
 Variant = Literal["unsigned", "signed", "symmetric"]
 Reduction = Literal["sum", "mean"]
 FisherSource = Literal["a", "b", "pooled"]
+Normalization = Literal["diagonal", "head", "hybrid"]
 METHODS = ("factored", "direct")
 VARIANTS = ("unsigned", "signed", "symmetric")
 REDUCTIONS = ("sum", "mean")
 FISHER_SOURCES = ("a", "b", "pooled")
+NORMALIZATIONS = ("diagonal", "head", "hybrid")
 
 DAMPING_ABS = 1e-30
 DAMPING_REL = 1e-3
@@ -95,6 +97,10 @@ class InterferenceConfig:
         checkpoint_dir: keep every finished shard of gradient factors here, and skip the shards already there
             when a run with the same model, tasks and gradient settings is started again (resume;
             :mod:`tl_circuits.interference.checkpoint`). ``None`` (default): nothing is kept.
+        normalization: the Fisher normaliser of a score (docs/spec.md §3.4): ``"diagonal"`` (default; each
+            parameter's own damped Fisher, the seeds' "behavioral"), ``"head"`` (one damped mean Fisher per
+            (block, layer, head) slice: Fisher-scaled dot products, the seeds' "structural") or ``"hybrid"``
+            (their geometric mean per parameter).
 
     The old flat keywords ``include_biases``, ``memory_budget_gb``, ``chunk_size`` and ``progress`` are
     still accepted (deprecated: they go into ``gradients``) and readable as properties.
@@ -110,12 +116,13 @@ class InterferenceConfig:
     max_held_samples: Optional[int] = None
     spill_dir: Optional[str] = None
     checkpoint_dir: Optional[str] = None
+    normalization: Normalization = defaults.NORMALIZATION  # type: ignore[assignment]
 
     def __init__(self, gradients: Optional[GradientConfig] = None, variant: str = defaults.VARIANT,
                  reduction: str = defaults.REDUCTION, fisher_source: Optional[str] = None,
                  leave_one_out: bool = False, damping_abs: float = DAMPING_ABS, damping_rel: float = DAMPING_REL,
                  max_held_samples: Optional[int] = None, spill_dir: Optional[str] = None,
-                 checkpoint_dir: Optional[str] = None, **legacy: Any):
+                 checkpoint_dir: Optional[str] = None, normalization: str = defaults.NORMALIZATION, **legacy: Any):
         unknown = set(legacy) - set(_LEGACY_GRADIENT_FIELDS)
         if unknown:
             raise TypeError(f"InterferenceConfig got unexpected keyword argument(s) {sorted(unknown)}")
@@ -129,7 +136,8 @@ class InterferenceConfig:
         values = dict(gradients=gradients, variant=variant, reduction=reduction, fisher_source=fisher_source,
                       leave_one_out=leave_one_out, damping_abs=damping_abs, damping_rel=damping_rel,
                       max_held_samples=max_held_samples, spill_dir=spill_dir,
-                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
+                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                      normalization=normalization)
         for name, value in values.items():
             object.__setattr__(self, name, value)
         self._check()
@@ -139,6 +147,8 @@ class InterferenceConfig:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}")
         if self.fisher_source is not None and self.fisher_source not in (*FISHER_SOURCES, "external"):
             raise ValueError(f"unknown fisher_source {self.fisher_source!r}; expected one of {FISHER_SOURCES}")
         if self.damping_abs < 0 or self.damping_rel < 0:
