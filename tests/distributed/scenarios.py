@@ -282,7 +282,8 @@ def permutation_screened() -> dict:
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
-        interference_hybrid_loo_tiled, pooled_head, interference_external_fisher, interference_single_sample_a, interference_three_layers_spilled,
+        interference_hybrid_loo_tiled, pooled_head, interference_external_fisher, interference_single_sample_a,
+        interference_three_layers_spilled,
         interference_one_layer, checkpointed, pooled, permutation_synthetic,
         permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
         sweep_noise_fresh_seed, sweep_per_sample, permutation_screened)

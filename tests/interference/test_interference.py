@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests import builders
+from tests.interference.tasks import task_a, task_b
 from tests.reference import (
     DAMP,
     assert_scores_close,
@@ -36,26 +37,7 @@ def Config(**kwargs) -> InterferenceConfig:
     kwargs.setdefault("variant", "unsigned")
     return InterferenceConfig(**kwargs)
 
-# ----- tasks and the brute-force reference -------------------------------------------------------------
-
-def task_a():
-    return builders.random_tokens(3, 10, seed=11)
-
-
-def task_b():
-    tokens = builders.random_tokens(2, 8, seed=12)
-    mask = torch.ones_like(tokens)
-    mask[1, 6:] = 0  # right padding
-    return tokens, mask
-
-
-@pytest.fixture(scope="module", params=["mha", "gqa"])
-def setup(request):
-    """(model, raw loop gradients of A, raw loop gradients of B) — computed once per model."""
-    model = builders.under_test(request.param)
-    tokens_b, mask_b = task_b()
-    return model, loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
-
+# ----- tasks (tests/interference/tasks.py) and the brute-force reference --------------------------------
 
 def run(model, config, **kwargs):
     tokens_b, mask_b = task_b()
@@ -76,15 +58,20 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("normalization", ["diagonal", "head", "hybrid"])  # docs/spec.md §3.4
 @pytest.mark.parametrize("variant,reduction,source,loo", CONFIGS)
-def test_batched_equals_brute_force(setup, variant, reduction, source, loo):
+def test_batched_equals_brute_force(setup, variant, reduction, source, loo, normalization):
     model, raw_a, raw_b = setup
     cfg = Config(variant=variant, reduction=reduction, fisher_source=source, leave_one_out=loo,
-                             **DAMP, **QUIET)
+                 normalization=normalization, **DAMP, **QUIET)
     result = run(model, cfg)
-    expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
+    expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo, normalization=normalization)
     assert_scores_close(result.scores, expect)
     assert result.config.fisher_source == source and result.config.variant == variant
+    assert result.config.normalization == result.settings["normalization"] == normalization
+    if normalization != "diagonal":  # the modes really differ (else this test could not tell them apart)
+        diagonal = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
+        assert not torch.allclose(expect["Q"], diagonal["Q"], rtol=1e-2)
     for s in result.scores.values():
         assert s.dtype == torch.float32 and not bool(torch.isnan(s).any())
 

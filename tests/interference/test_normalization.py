@@ -1,14 +1,14 @@
 """Fisher normalisation modes (docs/spec.md §3.4) against explicit float64 loops (tests/reference.py
-``brute_force``) over per-sample gradients from a plain ``loss.backward()`` loop: each mode with damping,
-leave-one-out, the three Fisher sources, an external Fisher, the three variants, the pooled matrix, spilling and
-small tiles."""
+``brute_force``) over per-sample gradients from a plain ``loss.backward()`` loop: each mode with damping, an external
+Fisher, pairwise_scores, the pooled matrix, the smallest budget (spilled, tiled); properties. Each mode with every
+variant, reduction, Fisher source and leave-one-out: ``test_interference.py::test_batched_equals_brute_force``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests import builders
+from tests.interference.tasks import task_a, task_b
 from tests.reference import DAMP, assert_scores_close, brute_force, hand_rows, loop_reference
 from tl_circuits import defaults
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
@@ -25,25 +25,6 @@ QUIET = GradientConfig(progress=False)
 MODES = ("head", "hybrid")
 
 
-def task_a():
-    return builders.random_tokens(3, 10, seed=11)
-
-
-def task_b():
-    tokens = builders.random_tokens(2, 8, seed=12)
-    mask = torch.ones_like(tokens)
-    mask[1, 6:] = 0  # right padding
-    return tokens, mask
-
-
-@pytest.fixture(scope="module", params=["mha", "gqa"])
-def setup(request):
-    """(model, raw loop gradients of A, raw loop gradients of B)."""
-    model = builders.under_test(request.param)
-    tokens_b, mask_b = task_b()
-    return model, loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
-
-
 def run(model, gradients=QUIET, fisher=None, **config):
     tokens_b, mask_b = task_b()
     return compute_interference(model, task_a(), tokens_b, attention_mask_b=mask_b, fisher=fisher,
@@ -51,30 +32,6 @@ def run(model, gradients=QUIET, fisher=None, **config):
 
 
 # ----- each mode, each composition, against brute force -------------------------------------------------------
-
-COMPOSITIONS = [  # variant, reduction, Fisher source, leave-one-out
-    ("signed", "sum", "a", False),
-    ("signed", "sum", "a", True),
-    ("unsigned", "mean", "b", False),
-    ("unsigned", "sum", "pooled", True),
-    ("symmetric", "sum", "pooled", False),
-    ("symmetric", "mean", "pooled", True),
-]
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant,reduction,source,loo", COMPOSITIONS)
-def test_mode_equals_brute_force(setup, mode, variant, reduction, source, loo):
-    model, raw_a, raw_b = setup
-    result = run(model, variant=variant, reduction=reduction, fisher_source=source, leave_one_out=loo,
-                 normalization=mode, **DAMP)
-    expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo, normalization=mode)
-    assert_scores_close(result.scores, expect)
-    # the modes really differ from the diagonal one (else this test could not tell them apart)
-    diagonal = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
-    assert not torch.allclose(expect["Q"], diagonal["Q"], rtol=1e-2)
-    assert result.config.normalization == mode and result.settings["normalization"] == mode
-
 
 def test_default_is_the_diagonal_mode(setup):
     model, raw_a, raw_b = setup

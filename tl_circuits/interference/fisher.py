@@ -238,8 +238,11 @@ def leave_one_out(fisher: DiagonalFisher, x: Union[PerSampleGradients, Contribut
     return {b: loo_block(fisher.per_block[b], n, c[b]) for b in c}
 
 
-def loo_block(fisher_block: Tensor, n: int, c: Tensor) -> Tensor:
-    """One block of :func:`leave_one_out`: ``(n·F − C)/(n − 1)``, float64, clamped at 0."""
+def loo_block(fisher_block: Tensor, n: int, c: Tensor, *, in_place: bool = False) -> Tensor:
+    """One block of :func:`leave_one_out`: ``(n·F − C)/(n − 1)``, float64, clamped at 0 (``in_place``: written over
+    ``c``, a float64 temporary)."""
+    if in_place:
+        return c.neg_().add_(n * fisher_block.to(FISHER_DTYPE)).div_(n - 1).clamp_min_(0.0)
     return ((n * fisher_block.to(FISHER_DTYPE) - c.to(FISHER_DTYPE)) / (n - 1)).clamp_min_(0.0)
 
 
@@ -258,9 +261,12 @@ def normaliser(
     normalization: str = NORMALIZATION,
     damping_abs: float = DAMPING_ABS,
     damping_rel: float = DAMPING_REL,
+    *,
+    in_place: bool = False,
 ) -> Float[Tensor, "... per_head"]:
     """The damped normaliser ``N`` of an undamped diagonal ``D`` whose last dim is one (block, layer, head) slice
-    (docs/spec.md §3.4), a new float64 tensor of ``D``'s shape. With ``λ = max(λ_abs, λ_rel · mean_slice D)``:
+    (docs/spec.md §3.4): a new float64 tensor of ``D``'s shape, or ``D`` itself overwritten with ``in_place`` (a
+    float64 temporary). With ``λ = max(λ_abs, λ_rel · mean_slice D)``:
 
     - ``"diagonal"``: ``N[p] = D[p] + λ`` (:func:`damped`);
     - ``"head"``: ``N[p] = mean_slice D + λ``, one value per slice (the mean of the damped diagonal);
@@ -277,12 +283,14 @@ def normaliser(
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
     d = fisher_block.to(FISHER_DTYPE)
     lam = damping_lambda(d, damping_abs, damping_rel)
+    if not in_place:
+        d = d.clone() if d is fisher_block else d
     if normalization == "diagonal":
-        return d + lam
+        return d.add_(lam)
     head = d.mean(-1, keepdim=True) + lam
     if normalization == "head":
-        return head.expand_as(d).contiguous()
-    return (d + lam).mul_(head).sqrt_()
+        return d.copy_(head.expand_as(d))
+    return d.add_(lam).mul_(head).sqrt_()
 
 
 def damped(

@@ -35,7 +35,7 @@ from tl_circuits.defaults import GB
 from tl_circuits.models.spec import BLOCKS, ModelSpec
 
 SCRATCH_SHARE = 0.05  # of the budget: rows built from factors (half), float64 steps of the score pass (half)
-FLOAT64_COPIES = 6  # float64 copies of a step's rows alive at once: g, C, F_{-i}, its normaliser, 1/N, the product
+FLOAT64_COPIES = 2  # float64 copies of a step's rows alive at once: C_i -> F_{-i} -> N -> 1/N in place, + masks
 SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimation error
 MAX_ENGINE_CHUNK = 16  # samples per forward/backward: larger batches gain nothing on a CPU and cost memory
 # Factors are held in the process only when they are small next to the budget; larger sets go to the spill file,
@@ -145,14 +145,14 @@ def rows_scratch_bytes(budget_gb: float) -> float:
 
 
 def float64_step(row_bytes: int, budget_gb: float) -> int:
-    """Samples per float64 step of the score pass (a Fisher sum, an operand's normalisation: docs/spec.md §3.1),
+    """Samples per float64 step of the score pass (leave-one-out normalisers: docs/spec.md §3.1),
     ``row_bytes`` float32 bytes of one sample's rows of the (block, layer group): its ``FLOAT64_COPIES`` float64
     temporaries within the other half of the scratch share; at least 1.
 
-    >>> float64_step(row_bytes=2**20, budget_gb=1.0)   # 1 MiB of rows a sample, 1 GB: two samples a step
-    2
+    >>> float64_step(row_bytes=2**20, budget_gb=1.0)   # 1 MiB of rows a sample, 1 GB: six samples a step
+    6
     >>> float64_step(row_bytes=2**10, budget_gb=1.0)
-    2184
+    6553
     """
     return max(1, int(0.5 * SCRATCH_SHARE * budget_gb * GB // (2 * FLOAT64_COPIES * max(1, row_bytes))))
 

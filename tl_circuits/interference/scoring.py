@@ -16,11 +16,12 @@ from them (unless one is given), and the matrix is filled in tiles that
 :func:`~tl_circuits.interference.memory.plan_run` sizes, one batched contraction ``einsum("lhip,lhjp->ijlh")``
 per tile over rows laid out ``[layer, head, sample, param]``: no Python loop over pairs, layers or heads.
 
-**Precision** (one rule, docs/spec.md §3.1): rows are float32; every square ``g²``, Fisher sum, leave-one-out
-subtraction, damping and normaliser is float64 (a float32 value squared is exact in float64, so the ``C_i`` a
-leave-one-out Fisher removes are exactly those its sum added); each operand value ``g/N`` or ``C/N`` is computed
-in float64 and rounded once to float32; the contraction and the scores are float32. Where ``N`` is 0 (only with
-``damping_abs=0``) the normalised value is NaN, and so are the scores of that head: missing data, never 0.
+**Precision** (one rule, docs/spec.md §3.1): rows are float32. The squares that make a Fisher — ``C_i`` in ``F``
+and in every leave-one-out ``F_{−i}`` — are float64 squares of the float32 rows (exact), summed and subtracted in
+float64, so the ``C_i`` a leave-one-out Fisher removes are exactly those its sum added; ``λ``, ``N`` and ``1/N`` are
+float64. An operand is float32: ``g`` or its float32 square times ``1/N`` rounded to float32. The contraction and
+the scores are float32. Where ``N`` is 0 (only with ``damping_abs=0``) the normalised value is NaN, and so are the
+scores of that head: missing data, never 0.
 """
 
 from __future__ import annotations
@@ -59,19 +60,24 @@ Side = Union[SampleSet, PerSampleGradients]
 """The samples of one side of the matrix: gradient factors in stores (a run), or gradient rows in memory."""
 
 
-def inverse_normaliser(d: Tensor, normalization: str, damping_abs: float, damping_rel: float) -> Tensor:
-    """``1/N`` of an undamped diagonal ``d`` (float64, a new tensor), NaN where ``N`` is 0 (no Fisher
-    information: missing data, not 0)."""
-    n = normaliser(d, normalization, damping_abs, damping_rel)
+def inverse_normaliser(d: Tensor, normalization: str, damping_abs: float, damping_rel: float, *,
+                       in_place: bool = False) -> Tensor:
+    """``1/N`` of an undamped diagonal ``d``, computed in float64 and rounded to float32 (``in_place``: ``d``, a
+    float64 temporary, is overwritten on the way), NaN where ``N`` is 0 (no Fisher information: missing, not 0)."""
+    n = normaliser(d, normalization, damping_abs, damping_rel, in_place=in_place)
     zero = n <= 0
-    return n.reciprocal_().masked_fill_(zero, math.nan)
+    n.reciprocal_()
+    if bool(zero.any()):
+        n.masked_fill_(zero, math.nan)
+    return n.to(torch.float32)
 
 
 class Scorer:
     """Turns raw per-head gradient rows into the two operands of the per-block contraction.
 
     Operands are ``[L, H, n, P]`` float32 (contiguous, so the contraction is a batched matmul without
-    copies); transforms are done in place on buffers the caller owns, ``step`` samples at a time in float64.
+    copies); transforms are done in place on buffers the caller owns (leave-one-out normalisers ``step`` samples at
+    a time in float64).
     """
 
     def __init__(self, fisher: DiagonalFisher, variant: str, reduction: str, leave_one_out: bool,
@@ -87,20 +93,18 @@ class Scorer:
                             for b, f in fisher.per_block.items()}
 
     def _normalise_(self, block: str, x: Tensor, power: int) -> Tensor:
-        """In place: x (raw g, [L, H, n, P]) -> g^power / N (N of F_{−i} per sample with leave-one-out)."""
+        """In place: x (raw g, [L, H, n, P] float32) -> g^power · 1/N, with 1/N from float64 and rounded to float32
+        (N of each sample's F_{−i} with leave-one-out, from its exact float64 C_i, ``step`` samples at a time)."""
+        if not self.loo:
+            assert self.inverse is not None  # made in __init__ whenever leave-one-out is off
+            return (x.square_() if power == 2 else x).mul_(self.inverse[block])
         f, n = self.fisher.per_block[block][:, :, None, :], self.fisher.n_samples
         for start in range(0, x.shape[2], self.step):
             part = x[:, :, start:start + self.step]
-            g = part.to(FISHER_DTYPE)
-            if self.loo:
-                c = g.square()
-                inverse = inverse_normaliser(loo_block(f, n, c), self.normalization, self.damping_abs,
-                                             self.damping_rel)
-                value = (c if power == 2 else g).mul_(inverse)
-            else:
-                assert self.inverse is not None  # made in __init__ whenever leave-one-out is off
-                value = (g.square_() if power == 2 else g).mul_(self.inverse[block])
-            part.copy_(value)
+            f_loo = loo_block(f, n, part.to(FISHER_DTYPE).square_(), in_place=True)  # one float64 temporary
+            inverse = inverse_normaliser(f_loo, self.normalization, self.damping_abs, self.damping_rel, in_place=True)
+            del f_loo
+            (part.square_() if power == 2 else part).mul_(inverse)
         return x
 
     @staticmethod
@@ -187,12 +191,15 @@ class RowBuilder:
         return out
 
 
-def sum_squares(rows: Tensor, step: int) -> Tensor:
-    """Σ over samples (dim 2 of [Lg, H, n, P]) of rows², squared and summed in float64 (exact squares, as
-    :class:`~tl_circuits.interference.fisher.FisherAccumulator`), ``step`` samples at a time."""
+def sum_squares(rows: Tensor) -> Tensor:
+    """Σ over samples (dim 2 of [Lg, H, n, P]) of rows², each float32 value squared exactly in float64 and summed in
+    float64, one sample at a time through one float64 buffer (as
+    :class:`~tl_circuits.interference.fisher.FisherAccumulator`)."""
     total = torch.zeros(rows.shape[0], rows.shape[1], rows.shape[3], dtype=FISHER_DTYPE, device=rows.device)
-    for start in range(0, rows.shape[2], step):
-        total += rows[:, :, start:start + step].to(FISHER_DTYPE).square_().sum(2)
+    sample = torch.empty_like(total)
+    for i in range(rows.shape[2]):
+        sample.copy_(rows[:, :, i])
+        total.addcmul_(sample, sample)
     return total
 
 
@@ -241,12 +248,12 @@ def score_pass(spec: ModelSpec, left: Side, right: Side, cfg: InterferenceConfig
                 raw_l = rows(left, block, layers, slice(0, n_l), "l", biases)
                 raw_r = raw_l if same_sides else rows(right, block, layers, slice(0, n_r), "r", biases)
                 for _side, tag in sides:
-                    sums = sums + sum_squares(raw_l if tag == "l" else raw_r, step)
+                    sums = sums + sum_squares(raw_l if tag == "l" else raw_r)
             else:  # one extra pass over the Fisher set's rows of this group
                 for side, _tag in sides:
                     for a in range(0, len(side), plan.tile_left):
                         part = slice(a, min(len(side), a + plan.tile_left))
-                        sums = sums + sum_squares(rows(side, block, layers, part, "l", biases), step)
+                        sums = sums + sum_squares(rows(side, block, layers, part, "l", biases))
             f_group = sums / n_fisher  # type: ignore[assignment]
             fisher_full[block][layers] = f_group.cpu()  # type: ignore[union-attr]
         scorer = Scorer(DiagonalFisher({block: f_group}, n_fisher), cfg.variant, cfg.reduction,  # type: ignore
