@@ -123,8 +123,13 @@ def frozen_batch_loop(model, tokens, **freeze_kwargs):
 # ----- interference scores by brute force ----------------------------------------------------------------------
 
 def brute_force(spec, raw_a, raw_b, variant="unsigned", reduction="sum", source="a", loo=False,
-                damping_abs=1e-6, damping_rel=0.05):
-    """SPEC §3 with explicit Python loops over blocks, layers, heads and pairs, in float64."""
+                damping_abs=1e-6, damping_rel=0.05, normalization="diagonal", fisher=None):
+    """SPEC §3 with explicit Python loops over blocks, layers, heads and pairs, in float64.
+
+    ``normalization`` (SPEC §3.4): the damped normaliser of a slice's undamped diagonal f is f + λ ("diagonal"),
+    mean(f) + λ for every parameter ("head") or √((f + λ)(mean(f) + λ)) ("hybrid"), λ = max(λ_abs, λ_rel·mean(f)),
+    applied to the Fisher or, with ``loo``, to the sample's own leave-one-out Fisher. ``fisher``: an external
+    undamped Fisher ``{block: [L, H, P]}`` used instead of the source's."""
     n_a = next(iter(raw_a.values())).shape[0]
     n_b = next(iter(raw_b.values())).shape[0]
     out = {}
@@ -136,11 +141,16 @@ def brute_force(spec, raw_a, raw_b, variant="unsigned", reduction="sum", source=
                 gb = hand_rows(spec, raw_b, block, layer, head).double()
                 members = {"a": ga, "b": gb, "pooled": torch.cat([ga, gb])}[source]
                 n_f = members.shape[0]
-                fisher = (members**2).mean(0)
+                f_slice = (members**2).mean(0) if fisher is None else fisher[block][layer, head].double()
 
-                def normaliser(g_own):
-                    f = (n_f * fisher - g_own**2) / (n_f - 1) if loo else fisher
-                    return f + max(damping_abs, damping_rel * float(f.mean()))
+                def normaliser(g_own, f_slice=f_slice, n_f=n_f):
+                    f = (n_f * f_slice - g_own**2) / (n_f - 1) if loo else f_slice
+                    lam = max(damping_abs, damping_rel * float(f.mean()))
+                    if normalization == "diagonal":
+                        return f + lam
+                    if normalization == "head":
+                        return torch.full_like(f, float(f.mean()) + lam)
+                    return torch.sqrt((f + lam) * (float(f.mean()) + lam))
 
                 for i in range(n_a):
                     for j in range(n_b):

@@ -16,6 +16,8 @@ the same call gives the same numbers whichever way it is made (README, "Defaults
   quantity the statistics test and the one kronfluence computes; ``"unsigned"`` (the original design's
   formula) is kept as an explicit choice. :func:`conflict_alternative` is the tail of the label-permutation test
   that points towards conflict for a variant (its default ``alternative``).
+- ``NORMALIZATION``: ``"diagonal"``, the Fisher normaliser of every parameter on its own (docs/spec.md §3.4);
+  ``"head"`` and ``"hybrid"`` are explicit choices.
 - ``N_BOOTSTRAP``: bootstrap resamples for intervals. 2000 keeps the BCa end points' Monte-Carlo error
   small at a 95% level while costing about a second on a 576-cell grid.
 - ``ALPHA``, ``CONFIDENCE_LEVEL``, ``SEED``: the test level, interval level and the seed of every random
@@ -34,6 +36,7 @@ MEMORY_BUDGET_GB = 4.0
 STATS_WORKSPACE_GB = 0.25
 VARIANT = "signed"
 REDUCTION = "sum"
+NORMALIZATION = "diagonal"
 N_BOOTSTRAP = 2000
 ALPHA = 0.05
 CONFIDENCE_LEVEL = 0.95

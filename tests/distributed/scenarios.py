@@ -82,6 +82,22 @@ def interference_symmetric_loo_tiled() -> dict:
     return _interference("symmetric", "pooled", loo=True, tiled=True)
 
 
+def interference_hybrid_loo_tiled() -> dict:
+    """A non-default Fisher normalisation (docs/spec.md §3.4) with leave-one-out, tiled."""
+    return _interference("signed", "pooled", loo=True, tiled=True, normalization="hybrid")
+
+
+def pooled_head() -> dict:
+    """The statistics' pooled matrix under the head normalisation."""
+    from tl_circuits.interference.engine import pooled_scores
+
+    a, b = tasks(n_a=4, n_b=3)
+    pooled = pooled_scores(builders.gqa_under_test(), a, b, config=config(normalization="head"))
+    scores, settings = pooled.scores, pooled.settings
+    assert settings["normalization"] == "head"
+    return {f"scores.{k}": s for k, s in scores.items()}
+
+
 def interference_external_fisher() -> dict:
     """An external Fisher (itself from split per-sample gradients of task B), unsigned, mean reduction."""
     from tl_circuits import GradientConfig, compute_interference, fisher_from_gradients, per_sample_gradients
@@ -274,7 +290,8 @@ def permutation_screened() -> dict:
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
-        interference_external_fisher, interference_single_sample_a, interference_three_layers_spilled,
+        interference_hybrid_loo_tiled, pooled_head, interference_external_fisher, interference_single_sample_a,
+        interference_three_layers_spilled,
         interference_one_layer, checkpointed, pooled, permutation_synthetic,
         permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
         sweep_noise_fresh_seed, sweep_per_sample, permutation_screened)

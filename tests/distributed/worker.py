@@ -73,15 +73,15 @@ def count_held_factor_bytes() -> list[int]:
 
 def count_built_rows() -> list[int]:
     """Count the (sample, layer) rows this rank builds from factors, over every (block, layer group)."""
-    from tl_circuits.interference import engine
+    from tl_circuits.interference import scoring
 
-    real, count = engine._Rows.__call__, [0]
+    real, count = scoring.RowBuilder.__call__, [0]
 
     def counted(self, samples, block, layers, rows, *args, **kwargs):
         count[0] += (rows.stop - rows.start) * (layers.stop - layers.start)
         return real(self, samples, block, layers, rows, *args, **kwargs)
 
-    engine._Rows.__call__ = counted
+    scoring.RowBuilder.__call__ = counted
     return count
 
 

@@ -62,7 +62,8 @@ def _header(analysis: Analysis) -> list[str]:
         f"**Task B:** {b.name} — {b.n_samples} samples × {b.tokens.shape[1]} positions ({b.source}).",
         "",
         f"Settings: freeze replacement {cfg.replacement.upper()}; interference variant `{cfg.variant}` with the pooled "
-        f"Fisher; {_permutations_text(stats)} (one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
+        f"Fisher, `{cfg.interference.normalization}` normalisation; {_permutations_text(stats)} "
+        f"(one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
         f"at α = {cfg.alpha}; {cfg.n_bootstrap} bootstrap resamples; seed {cfg.seed}. "
         f"Analysis time {total:.1f} s ({_stage_text(analysis.timings)}).",
     ]

@@ -28,10 +28,12 @@ Method = Literal["factored", "direct"]
 Variant = Literal["unsigned", "signed", "symmetric"]
 Reduction = Literal["sum", "mean"]
 FisherSource = Literal["a", "b", "pooled"]
+Normalization = Literal["diagonal", "head", "hybrid"]
 METHODS = ("factored", "direct")
 VARIANTS = ("unsigned", "signed", "symmetric")
 REDUCTIONS = ("sum", "mean")
 FISHER_SOURCES = ("a", "b", "pooled")
+NORMALIZATIONS = ("diagonal", "head", "hybrid")
 
 DAMPING_ABS = 1e-30
 DAMPING_REL = 1e-3
@@ -126,6 +128,10 @@ class InterferenceConfig:
         checkpoint_dir: keep every finished shard of gradient factors here, and skip the shards already there
             when a run with the same model, tasks and gradient settings is started again (resume;
             :mod:`tl_circuits.interference.checkpoint`). ``None`` (default): nothing is kept.
+        normalization: the Fisher normaliser of a score (docs/spec.md §3.4): ``"diagonal"`` (default; each
+            parameter's own damped Fisher, the seeds' "behavioral"), ``"head"`` (one damped mean Fisher per
+            (block, layer, head) slice: Fisher-scaled dot products, the seeds' "structural") or ``"hybrid"``
+            (their geometric mean per parameter).
 
     The ``GradientConfig``'s fields are readable here as properties (``config.progress``, ...). The old flat
     keywords ``InterferenceConfig(include_biases=..., memory_budget_gb=..., chunk_size=..., progress=...)`` still
@@ -142,6 +148,7 @@ class InterferenceConfig:
     max_held_samples: Optional[int] = None
     spill_dir: Optional[str] = None
     checkpoint_dir: Optional[str] = None
+    normalization: str = defaults.NORMALIZATION  # one of NORMALIZATIONS (checked)
 
     def __post_init__(self) -> None:
         if not isinstance(self.gradients, GradientConfig):
@@ -152,6 +159,8 @@ class InterferenceConfig:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}")
         if self.fisher_source is not None and self.fisher_source not in (*FISHER_SOURCES, "external"):
             raise ValueError(f"unknown fisher_source {self.fisher_source!r}; expected one of {FISHER_SOURCES}")
         if self.damping_abs < 0 or self.damping_rel < 0:

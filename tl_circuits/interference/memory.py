@@ -13,9 +13,10 @@ model at 64 positions):
 
 :func:`plan_run` splits a budget into: the scores and the Fisher; 10% slack for the allocator; the held
 factors (or none, when they are spilled to disk); and what is left, used first by the gradient chunks
-(larger chunks are faster, up to 16 samples) and then, once the gradients are done, by 5% scratch for
-building rows from factors and the contraction operands, whose size decides the tiles. Gradients are never
-recomputed because of the budget: what does not fit is spilled (:mod:`tl_circuits.interference.store`).
+(larger chunks are faster, up to 16 samples) and then, once the gradients are done, by 5% scratch (half for
+building rows from factors, half for the score pass's float64 steps) and the contraction operands, whose size
+decides the tiles. Gradients are never recomputed because of the budget: what does not fit is spilled
+(:mod:`tl_circuits.interference.store`).
 
 >>> from tl_circuits.models.spec import ModelSpec
 >>> spec = ModelSpec(n_layers=12, n_heads=12, n_kv_heads=12, d_model=768, d_head=64, d_vocab=1000,
@@ -34,7 +35,8 @@ from dataclasses import asdict, dataclass
 from tl_circuits.defaults import GB, STATS_WORKSPACE_GB
 from tl_circuits.models.spec import BLOCKS, ModelSpec
 
-SCRATCH_SHARE = 0.05  # of the budget: rows built from factors before their copy into operand layout
+SCRATCH_SHARE = 0.05  # of the budget: rows built from factors (half), float64 steps of the score pass (half)
+FLOAT64_COPIES = 2  # float64 copies of a step's rows alive at once: C_i -> F_{-i} -> N -> 1/N in place, + masks
 SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimation error
 MAX_ENGINE_CHUNK = 16  # samples per forward/backward: larger batches gain nothing on a CPU and cost memory
 # Factors are held in the process only when they are small next to the budget; larger sets go to the spill file,
@@ -138,19 +140,22 @@ class MemoryPlan:
         return asdict(self)
 
 
-def pairwise_chunks(row_bytes: int, n_a: int, n_b: int, budget_gb: float,
-                    symmetric_variant: bool = False) -> tuple[int, int]:
-    """Samples of A and of B per contraction of :func:`~tl_circuits.interference.scoring.pairwise_scores`, so that
-    the transformed operands (``row_bytes`` per sample, all blocks) fit ``budget_gb``: half for A, the rest for B.
+def rows_scratch_bytes(budget_gb: float) -> float:
+    """Scratch for building rows from factors (half of the scratch share of the budget)."""
+    return 0.5 * SCRATCH_SHARE * budget_gb * GB
 
-    >>> pairwise_chunks(row_bytes=2**20, n_a=100, n_b=100, budget_gb=0.1)
-    (34, 34)
+
+def float64_step(row_bytes: int, budget_gb: float) -> int:
+    """Samples per float64 step of the score pass (leave-one-out normalisers: docs/spec.md §3.1),
+    ``row_bytes`` float32 bytes of one sample's rows of the (block, layer group): its ``FLOAT64_COPIES`` float64
+    temporaries within the other half of the scratch share; at least 1.
+
+    >>> float64_step(row_bytes=2**20, budget_gb=1.0)   # 1 MiB of rows a sample, 1 GB: six samples a step
+    6
+    >>> float64_step(row_bytes=2**10, budget_gb=1.0)
+    6553
     """
-    per = (2.5 if symmetric_variant else 1.5) * row_bytes  # operand(s) + transients, per sample
-    budget = budget_gb * GB
-    chunk_a = min(n_a, max(1, int(0.5 * budget // per)))
-    chunk_b = min(n_b, max(1, int((budget - chunk_a * per) // per)))
-    return chunk_a, chunk_b
+    return max(1, int(0.5 * SCRATCH_SHARE * budget_gb * GB // (2 * FLOAT64_COPIES * max(1, row_bytes))))
 
 
 def _layer_group(n_layers: int, room: float, per_layer: float) -> int:

@@ -164,7 +164,8 @@ class InterferenceResult(SavedResult):
         from tl_circuits.plotting import plot_blocks
 
         if title is None:
-            title = f"{self.config.variant} interference ({self.config.reduction}, Fisher {self.config.fisher_source})"
+            cfg = self.config
+            title = f"{cfg.variant} interference ({cfg.reduction}, Fisher {cfg.fisher_source}, {cfg.normalization})"
         kwargs.setdefault("signed", True if self.config.variant == "signed" else None)
         return plot_blocks(self.mean, title=title, **kwargs)
 
