@@ -56,7 +56,8 @@ from tl_circuits.interference.fisher import (
     leave_one_out,
     pooled,
 )
-from tl_circuits.interference.gradients import per_sample_gradients
+from tl_circuits.interference.gradients import iter_per_sample_gradients, per_sample_gradients
+from tl_circuits.interference.inputs import loss_mask_from_labels
 from tl_circuits.interference.result import Conflict, InterferenceResult
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
@@ -120,12 +121,14 @@ __all__ = [
     "induction_batch",
     "interference_conflict_test",
     "interference_permutation_test",
+    "iter_per_sample_gradients",
     "InterferenceConfig",
     "InterferenceResult",
     "InterferenceTestResult",
     "leave_one_out",
     "list_bundled_models",
     "load_bundled_model",
+    "loss_mask_from_labels",
     "maxstat_correction",
     "MeanActivations",
     "model_spec",

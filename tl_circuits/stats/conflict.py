@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ class ConflictTestResult:
         significant: the ``correction``'s adjusted p-value ≤ ``alpha``.
         ci_low, ci_high: the two-sided ``confidence_level`` interval of E[s_ij].
         null_hypothesis: what is tested, in words.
+        loss: what each task's per-sample loss scored (``settings["loss"]`` of the engine, docs/spec.md §2.1) when
+            the scores came from :func:`interference_conflict_test` or an ``InterferenceResult`` that records it.
     """
 
     estimate: Grid
@@ -84,6 +86,7 @@ class ConflictTestResult:
     n_a: int
     n_b: int
     null_hypothesis: str = NULL_HYPOTHESIS
+    loss: Optional[dict] = None
 
     @property
     def blocks(self) -> list[str]:
@@ -193,7 +196,7 @@ def conflict_test(
                               df=out["df"], pvalue=out["pvalue"], q_value_bh=q_bh, q_value_by=q_by,
                               significant=significant, ci_low=out["ci_low"], ci_high=out["ci_high"], alpha=alpha,
                               alternative=alternative, correction=correction, confidence_level=confidence_level,
-                              n_a=n_a, n_b=n_b)
+                              n_a=n_a, n_b=n_b, loss=getattr(scores, "settings", {}).get("loss"))
 
 
 def interference_conflict_test(
@@ -203,16 +206,22 @@ def interference_conflict_test(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[Callable[..., Tensor]] = None,
+    loss_fn_b: Optional[Callable[..., Tensor]] = None,
     config: Optional[Any] = None,
     **test_kwargs: Any,
 ) -> ConflictTestResult:
     """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
-    (:func:`tl_circuits.compute_interference`), then :func:`conflict_test` (``test_kwargs``: alternative, alpha,
-    correction, confidence_level). ``config``'s variant and Fisher source are set to signed / pooled."""
+    (:func:`tl_circuits.compute_interference`, whose ``loss_mask_*``/``loss_fn_*`` say what each task scores),
+    then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
+    variant and Fisher source are set to signed / pooled."""
     from tl_circuits.interference.config import InterferenceConfig
     from tl_circuits.interference.engine import compute_interference
 
     cfg = (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
-                                  attention_mask_b=attention_mask_b, config=cfg)
+                                  attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
+                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=cfg)
     return conflict_test(result, **test_kwargs)

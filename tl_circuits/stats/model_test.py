@@ -18,6 +18,7 @@ pooled Fisher, and every permutation of the task labels is a reduction of that o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from jaxtyping import Int
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.engine import pooled_scores
+from tl_circuits.interference.loss_fn import LossFn
 from tl_circuits.models.types import Model
 from tl_circuits.stats.permutation import InterferenceTestResult, permutation_test
 
@@ -36,6 +38,10 @@ def pooled_pairwise_scores(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[LossFn] = None,
+    loss_fn_b: Optional[LossFn] = None,
     config: Optional[InterferenceConfig] = None,
 ) -> tuple[dict[str, Tensor], int]:
     """``({block: [N, N, L, H_B]}, n_a)``: A ∪ B scored against itself under the pooled Fisher.
@@ -43,10 +49,12 @@ def pooled_pairwise_scores(
     Streamed through the one engine (:func:`tl_circuits.interference.engine.pooled_scores`): the memory it
     needs is the pooled matrix and one tile of rows, not the gradients. Uses ``config``'s variant, reduction,
     damping, leave-one-out and memory budget; its ``fisher_source`` is ignored (the permutation null needs a
-    label-free, pooled normaliser).
+    label-free, pooled normaliser). The tasks' losses (``loss_mask_*``, ``loss_fn_*``) as
+    :func:`tl_circuits.compute_interference`.
     """
     scores, _, _ = pooled_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
-                                 attention_mask_b=attention_mask_b, config=config)
+                                 attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
+                                 loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=config)
     return scores, tokens_a.shape[0]
 
 
@@ -57,6 +65,10 @@ def interference_permutation_test(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[LossFn] = None,
+    loss_fn_b: Optional[LossFn] = None,
     config: Optional[InterferenceConfig] = None,
     alternative: Optional[str] = None,
     **test_kwargs: Any,
@@ -66,12 +78,17 @@ def interference_permutation_test(
     seed, n_bootstrap, ci_method, ...).
 
     ``alternative`` defaults to ``"less"`` for the signed variant (negative = conflict) and to
-    ``"greater"`` otherwise (more interference than exchangeable task labels predict).
+    ``"greater"`` otherwise (more interference than exchangeable task labels predict). The tasks' losses
+    (``loss_mask_*``, ``loss_fn_*``) as :func:`tl_circuits.compute_interference`; the result's ``loss`` (and
+    ``settings["loss"]``) says what each task scored.
     """
-    scores, n_a = pooled_pairwise_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
-                                         attention_mask_b=attention_mask_b, config=config)
+    scores, _, settings = pooled_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
+                                        attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a,
+                                        loss_mask_b=loss_mask_b, loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b,
+                                        config=config)
     config = config or InterferenceConfig()
     if alternative is None:
         alternative = "less" if config.variant == "signed" else "greater"
     test_kwargs.setdefault("progress", config.progress)
-    return permutation_test(scores, n_a, alternative=alternative, **test_kwargs)
+    result = permutation_test(scores, tokens_a.shape[0], alternative=alternative, **test_kwargs)
+    return dataclasses.replace(result, loss=settings["loss"])

@@ -29,7 +29,7 @@ __all__ = ["InterferenceTestResult", "GRID_FIELDS"]
 GRID_FIELDS = ("observed", "null_mean", "null_std", "z", "effect_size", "p_value", "q_value_bh", "q_value_by",
                "p_maxstat", "p_cluster", "ci_low", "ci_high", "significant", "permutations_used")
 SETTING_FIELDS = ("alpha", "n_permutations", "alternative", "correction", "n_a", "n_b", "n_bootstrap", "ci_method",
-                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen")
+                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen", "loss")
 OPTIONAL_GRIDS = ("permutations_used",)  # absent from files written before they existed
 FILE_FORMAT = "tl_circuits.InterferenceTestResult"
 FILE_VERSION = 1
@@ -57,6 +57,9 @@ class InterferenceTestResult:
         n_permutations_screen: ``None``, or with the default number of permutations the screen size (every cell
             is tested on these; cells with screen p ≤ alpha on all ``n_permutations``).
         permutations_used: ``None``, or per cell the number of relabelings its ``p_value`` is over.
+        loss: what each task's per-sample loss scored (``settings["loss"]`` of the engine, docs/spec.md §2.1) when
+            the pooled matrix came from a model (:func:`~tl_circuits.stats.model_test.interference_permutation_test`);
+            ``None`` for a matrix given as tensors.
     """
 
     observed: Grid
@@ -88,6 +91,7 @@ class InterferenceTestResult:
     permutations: Optional[Tensor] = None
     n_permutations_screen: Optional[int] = None
     permutations_used: Optional[Grid] = None
+    loss: Optional[dict] = None
 
     @property
     def blocks(self) -> Tuple[str, ...]:
