@@ -37,25 +37,30 @@ DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping mat
 
 # ----- per-sample gradients: a plain per-sample backward loop, heads sliced by hand ----------------------------
 
-def loop_reference(model, tokens, attention_mask=None, include_biases=False):
+def loop_reference(model, tokens, attention_mask=None, include_biases=False, loss_of=None):
     """Per-sample raw parameter gradients {name: [N, *param.shape]} by a plain loss.backward() loop.
 
     Padding is handled by *trimming* each sample to its (contiguous) valid tokens and using TL's own
-    loss (``return_type="loss"``), so this reference shares no masking code with the library.
+    loss (``return_type="loss"``), so this reference shares no masking code with the library. ``loss_of``:
+    another loss, ``loss_of(logits [pos, vocab], sample [pos], i, kept) -> scalar`` of the trimmed sample ``i``
+    (``kept``: the positions of the untrimmed row it keeps), written by the test.
     """
     spec = model_spec(model)
     names = spec.attention_param_names(include_biases)
     params = dict(model.named_parameters())
     out = {name: [] for name in names}
     for i in range(tokens.shape[0]):
-        sample = tokens[i]
+        sample, kept = tokens[i], torch.arange(tokens.shape[1])
         if attention_mask is not None:
             valid = attention_mask[i].bool()
             idx = valid.nonzero().flatten()
             assert bool(valid[idx[0]: idx[-1] + 1].all()), "reference needs left or right padding"
-            sample = sample[valid]
+            sample, kept = sample[valid], idx
         model.zero_grad(set_to_none=True)
-        model(sample[None], return_type="loss").backward()
+        if loss_of is None:
+            model(sample[None], return_type="loss").backward()
+        else:
+            loss_of(model(sample[None], return_type="logits")[0], sample, i, kept).backward()
         for name in names:
             out[name].append(params[name].grad.detach().clone())
     model.zero_grad(set_to_none=True)
