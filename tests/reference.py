@@ -4,7 +4,8 @@
   sliced by hand per head (:func:`loop_reference`, :func:`hand_rows`); one batched forward under a freeze with
   each sample's loss differentiated separately (:func:`frozen_batch_loop`); HF models' own loss and parameter
   gradients sliced by hand from the fused / split projections (:func:`hf_loop`, :func:`gpt2_rows`,
-  :func:`llama_rows`, :func:`slice_hf_gradient`, :func:`bridge_reference_gradients`).
+  :func:`llama_rows`, :func:`slice_hf_gradient`, :func:`bridge_reference_gradients`); a loss mask's loss by a
+  Python loop over a trimmed sample's positions (:func:`hand_masked_nll`, a ``loss_of`` of :func:`loop_reference`).
 - Interference scores: SPEC §3 by explicit Python loops in float64 (:func:`brute_force`) and a vectorised
   float64 version over hand-made rows (:func:`scores_from_rows`); the EMA Fisher in closed form
   (:func:`ema_closed_form`).
@@ -65,6 +66,19 @@ def loop_reference(model, tokens, attention_mask=None, include_biases=False, los
             out[name].append(params[name].grad.detach().clone())
     model.zero_grad(set_to_none=True)
     return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def hand_masked_nll(loss_mask, shift: int = 0):
+    """Sample i's mean of −log p(token j+1 | ≤ j) over its positions j with ``loss_mask[i, j]`` set (the
+    prediction of the next token), ``shift`` positions off for the deliberately wrong convention."""
+    def loss_of(logits, sample, i, kept):
+        terms = []
+        for j in range(len(sample) - 1):  # j predicts sample[j + 1]; both are real tokens
+            col = int(kept[j]) + shift
+            if 0 <= col < loss_mask.shape[1] and loss_mask[i, col]:
+                terms.append(-torch.log_softmax(logits[j].float(), -1)[sample[j + 1]])
+        return torch.stack(terms).mean()
+    return loss_of
 
 
 def hand_rows(spec, raw, block, layer, head, include_biases=False):

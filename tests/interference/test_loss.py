@@ -21,6 +21,7 @@ from tests.reference import (
     assert_scores_close,
     brute_force,
     gpt2_rows,
+    hand_masked_nll,
     hand_rows,
     loop_reference,
 )
@@ -59,19 +60,6 @@ def padded_task(n: int = 5, pos: int = 10, seed: int = 3):
 
 
 # ----- the losses by hand: Python loops over a trimmed sample's positions ------------------------------------
-
-def hand_masked_nll(loss_mask, shift: int = 0):
-    """Sample i's mean of −log p(token j+1 | ≤ j) over its positions j with ``loss_mask[i, j]`` set (the
-    prediction of the next token), ``shift`` positions off for the deliberately wrong convention."""
-    def loss_of(logits, sample, i, kept):
-        terms = []
-        for j in range(len(sample) - 1):  # j predicts sample[j + 1]; both are real tokens
-            col = int(kept[j]) + shift
-            if 0 <= col < loss_mask.shape[1] and loss_mask[i, col]:
-                terms.append(-torch.log_softmax(logits[j].float(), -1)[sample[j + 1]])
-        return torch.stack(terms).mean()
-    return loss_of
-
 
 def hand_logit_difference(loss_mask):
     """Sample i's mean over its counted positions j of logit(wrong answer FOILS[i]) − logit(right next token)."""
