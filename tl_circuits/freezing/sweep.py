@@ -15,6 +15,16 @@ NOISE over several seeds and RESAMPLE over several reference batches are *draws*
 >>> result = freeze_sweep(model, torch.randint(0, 64, (3, 6)), per_sample=True, progress=False)
 >>> result.per_sample_effect["qk"].shape, result.clean_per_sample.shape
 (torch.Size([3, 2, 4]), torch.Size([3]))
+
+A padded batch whose loss counts only the predictions of the last two tokens of each sample:
+
+>>> tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+>>> attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # sample 0 left-padded
+>>> loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0]])      # predictions of tokens 4 and 5
+>>> result = freeze_sweep(model, tokens, per_sample=True, attention_mask=attention_mask, loss_mask=loss_mask,
+...                       progress=False)
+>>> result.settings["loss"]["counted_predictions"]
+{'min': 2, 'median': 2.0, 'max': 2, 'total': 4}
 """
 
 from __future__ import annotations
@@ -232,8 +242,9 @@ def freeze_sweep(
         attention_mask: ``[batch, pos]`` 0/1 padding mask, given to every forward of the sweep (clean, frozen and
             restarted); ``None``: every position real.
         loss_mask: ``[batch, pos]`` 0/1 or bool, the predictions the default metric scores, in the ``scored``
-            convention (``loss_mask[i, p]``: the prediction of token ``p + 1``; as :func:`tl_circuits.
-            per_sample_gradients`); a sample with no counted prediction is a ValueError naming it.
+            convention (``loss_mask[i, p]``: the prediction of token ``p + 1``; as
+            :func:`~tl_circuits.per_sample_gradients`); a sample with no counted prediction is a ValueError
+            naming it.
         reference_attention_mask: the padding of RESAMPLE reference tokens (default: ``attention_mask``). With an
             attention mask, RESAMPLE reference tokens are a per-sample corrupted batch of the same shape (sample
             ``i`` patched from row ``i``), padded the same way: a sample whose corrupted row has another number
