@@ -17,10 +17,7 @@ QUIET = dict(progress=False)
 
 
 def padded_task(n: int = 4, pos: int = 10, seed: int = 1):
-    tokens = builders.random_tokens(n, pos, seed=seed)
-    mask = torch.ones_like(tokens)
-    mask[1, :3] = 0  # left padding
-    mask[2, 7:] = 0  # right padding
+    tokens, mask = builders.padded_tokens(n, pos, seed, right_from=7)
     loss_mask = torch.zeros_like(tokens)
     loss_mask[:, 4:7] = 1
     loss_mask[0, 2] = 1

@@ -46,10 +46,7 @@ FOILS = torch.tensor([3, 7, 11, 2, 5, 9])  # each sample's wrong answer, for the
 def padded_task(n: int = 5, pos: int = 10, seed: int = 3):
     """Tokens, an attention mask (left and right padding) and a loss mask that also marks padded positions and
     positions whose target is padding (which must not count)."""
-    tokens = builders.random_tokens(n, pos, seed=seed)
-    mask = torch.ones_like(tokens)
-    mask[1, :3] = 0  # left padding
-    mask[2, 6:] = 0  # right padding
+    tokens, mask = builders.padded_tokens(n, pos, seed, right_from=6)
     loss_mask = torch.zeros_like(tokens)
     loss_mask[:, 4:7] = 1
     loss_mask[0, 1] = 1
@@ -224,19 +221,20 @@ def two_tasks():
     return tokens_a, mask_a, loss_mask_a, tokens_b, mask_b
 
 
-@pytest.mark.parametrize("variant,source", [("signed", "a"), ("unsigned", "pooled"), ("symmetric", "pooled")])
-def test_interference_with_a_masked_task_and_a_custom_task_equals_brute_force(model, variant, source):
+@pytest.mark.parametrize("variant,source,loo", [("signed", "a", False), ("signed", "pooled", True),
+                                                ("unsigned", "pooled", False), ("symmetric", "pooled", False)])
+def test_interference_with_a_masked_task_and_a_custom_task_equals_brute_force(model, variant, source, loo):
     """Task A masked, task B a logit difference: the scores and the engine's own Fisher equal brute force over the
     backward loop's gradients, and the settings say what each task scored."""
     tokens_a, mask_a, loss_mask_a, tokens_b, mask_b = two_tasks()
     cfg = InterferenceConfig(gradients=GradientConfig(chunk_size=2, **QUIET), variant=variant, fisher_source=source,
-                             **DAMP)
+                             leave_one_out=loo, **DAMP)
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=mask_a, attention_mask_b=mask_b,
                                   loss_mask_a=loss_mask_a, loss_fn_b=logit_difference, config=cfg)
     raw_a = loop_reference(model, tokens_a, mask_a, loss_of=hand_masked_nll(loss_mask_a))
     raw_b = loop_reference(model, tokens_b, mask_b, loss_of=hand_logit_difference(None))
     spec = model_spec(model)
-    assert_scores_close(result.scores, brute_force(spec, raw_a, raw_b, variant, "sum", source, False, **DAMP))
+    assert_scores_close(result.scores, brute_force(spec, raw_a, raw_b, variant, "sum", source, loo, **DAMP))
     members = [raw_a] if source == "a" else [raw_a, raw_b]
     for block in BLOCKS:
         for layer in range(spec.n_layers):

@@ -85,19 +85,25 @@ def loss_mask_from_labels(labels: Int[Tensor, "batch pos"],
     return torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
 
 
+def check_zero_one(tokens: Tensor, value: object, name: str, what: str, hint: str = "") -> Int[Tensor, "batch pos"]:
+    """``value`` as int64, checked to be a tensor of the tokens' shape holding only 0 and 1 (or bool);
+    TypeError/ValueError naming ``name`` of ``what``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} of {what} must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(tokens.shape):
+        raise ValueError(f"{name} of {what} has shape {tuple(value.shape)}, but {what} has shape "
+                         f"{tuple(tokens.shape)}")
+    values = torch.unique(value)
+    if value.dtype != torch.bool and not bool(((values == 0) | (values == 1)).all()):
+        raise ValueError(f"{name} of {what} must hold only 0 and 1 (or bool), got values {values.tolist()[:10]}{hint}")
+    return value.to(torch.int64)
+
+
 def check_mask(tokens: Tensor, attention_mask: Optional[Tensor], what: str) -> Int[Tensor, "batch pos"]:
     """The 0/1 int64 mask (all ones for ``None``); ValueError/TypeError naming what is wrong."""
     if attention_mask is None:
         return torch.ones_like(tokens, dtype=torch.int64)
-    if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"attention mask of {what} must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != tuple(tokens.shape):
-        raise ValueError(f"attention mask of {what} has shape {tuple(attention_mask.shape)}, "
-                         f"but {what} has shape {tuple(tokens.shape)}")
-    values = torch.unique(attention_mask)
-    if not bool(((values == 0) | (values == 1)).all()):
-        raise ValueError(f"attention mask of {what} must hold only 0 and 1, got values {values.tolist()}")
-    mask = attention_mask.to(torch.int64)
+    mask = check_zero_one(tokens, attention_mask, "attention mask", what)
     empty = (valid_targets(mask).sum(1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"samples {empty} of {what} have no valid target position (a target needs it and "
@@ -118,16 +124,8 @@ def check_loss_mask(tokens: Tensor, mask: Int[Tensor, "batch pos"], loss_mask: O
     (:func:`prediction_mask`) per sample; ValueError/TypeError naming what is wrong and the samples."""
     if loss_mask is None:
         return None
-    if not isinstance(loss_mask, Tensor):
-        raise TypeError(f"loss mask of {what} must be a torch.Tensor, got {type(loss_mask).__name__}")
-    if tuple(loss_mask.shape) != tuple(tokens.shape):
-        raise ValueError(f"loss mask of {what} has shape {tuple(loss_mask.shape)}, but {what} has shape "
-                         f"{tuple(tokens.shape)}")
-    values = torch.unique(loss_mask)
-    if loss_mask.dtype != torch.bool and not bool(((values == 0) | (values == 1)).all()):
-        raise ValueError(f"loss mask of {what} must hold only 0 and 1 (or bool), got values {values.tolist()[:10]}; "
-                         "for Hugging Face labels (-100 = no loss) use loss_mask_from_labels")
-    loss_mask = loss_mask.to(device=mask.device, dtype=torch.int64)
+    loss_mask = check_zero_one(tokens, loss_mask, "loss mask", what, "; for Hugging Face labels (-100 = no "
+                               "loss) use loss_mask_from_labels").to(mask.device)
     last = loss_mask[:, -1].nonzero().flatten().tolist()
     if last:
         raise ValueError(f"{named_samples(last)} of {what} set the last position of the loss mask: loss_mask[:, p] "
