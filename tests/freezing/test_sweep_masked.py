@@ -162,6 +162,8 @@ def test_sweep_loss_mask_errors(mha_model):
         freeze_sweep(mha_model, tokens, attention_mask=mask, loss_mask=loss_mask, **QUIET)
     with pytest.raises(ValueError, match="attention mask of tokens has shape"):
         freeze_sweep(mha_model, tokens, attention_mask=mask[:, :5], **QUIET)
+    with pytest.raises(ValueError, match="a metric of your own gets the logits only"):
+        freeze_sweep(mha_model, tokens, lambda logits: logits.mean(), loss_mask=loss_mask, **QUIET)
 
 
 def test_padded_qk_sweep_on_a_delegating_bridge_is_refused():

@@ -82,8 +82,8 @@ def per_token(logits, tokens):
 
 @pytest.mark.parametrize("loss_fn,error,message", [
     (lambda logits, tokens: per_token(logits, tokens).mean(), ValueError,
-     r"one value per sample, shape \(4,\); it returned shape \(\) \(a batch mean\?\)"),
-    (lambda logits, tokens: per_token(logits, tokens), ValueError, r"shape \(4,\); it returned shape \(4, 7\)"),
+     r"one value per sample, shape \(2,\); it returned shape \(\) \(a batch mean\?\)"),
+    (lambda logits, tokens: per_token(logits, tokens), ValueError, r"shape \(2,\); it returned shape \(2, 7\)"),
     (lambda logits, tokens: per_token(logits, tokens).mean(1).long(), TypeError, "floating-point values"),
     (lambda logits, tokens: [0.0] * 4, TypeError, "must return a torch.Tensor"),
     (lambda logits, tokens: per_token(logits, tokens).mean(1).detach(), ValueError, "do not depend on the logits"),

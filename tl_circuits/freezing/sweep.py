@@ -226,7 +226,8 @@ def freeze_sweep(
             (docs/spec.md §2.1): each sample's token-mean cross-entropy over its counted predictions (valid
             targets, and those set in ``loss_mask``); its batch metric is the mean over samples of these
             per-sample means (so ``per_sample=False`` gives the nan-mean of the ``per_sample=True`` effects). A
-            metric of your own gets the logits only: it must ignore padding itself.
+            metric of your own gets the logits only: it must ignore padding itself (and a ``loss_mask`` with it
+            is refused).
         circuits: which circuits to sweep, each giving an [n_layers, n_heads] tensor.
         replacement, reference, noise_scale, seed: as :func:`tl_circuits.freeze`. A RESAMPLE sweep
             with ``reference=clean_cache`` on corrupted ``tokens`` equals TransformerLens's
@@ -252,6 +253,9 @@ def freeze_sweep(
     """
     spec = model_spec(model)
     check_tokens(spec, tokens)
+    if metric is not None and loss_mask is not None:
+        raise ValueError("loss_mask says what the default metric scores; a metric of your own gets the logits only "
+                         "and would ignore it: score the predictions you want inside your metric, or drop the metric")
     mask = None if attention_mask is None else check_mask(tokens, attention_mask, "tokens")
     scored = prepare_loss(tokens, check_mask(tokens, attention_mask, "tokens"), loss_mask, None, "tokens")
     swept: list[Circuit] = [parse_option(Circuit, c, "circuit") for c in circuits]
