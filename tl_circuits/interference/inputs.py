@@ -44,7 +44,7 @@ def prediction_mask(attention_mask: Int[Tensor, "batch pos"],
     is never counted."""
     counted = valid_targets(attention_mask).bool()
     if loss_mask is not None:
-        counted = counted & loss_mask[:, :-1].bool()
+        counted = counted & loss_mask[:, :-1].to(counted.device).bool()
     return torch.cat([counted, torch.zeros_like(counted[:, :1])], dim=1)
 
 
@@ -157,7 +157,7 @@ class TaskLoss:
         """The counted predictions of rows ``samples`` (indices into the task) at ``positions``, ``mask`` being
         their attention mask there."""
         loss_mask = None if self.loss_mask is None else self.loss_mask[samples.to(self.loss_mask.device)][:, positions]
-        return prediction_mask(mask, None if loss_mask is None else loss_mask.to(mask.device))
+        return prediction_mask(mask, loss_mask)
 
     def losses(self, logits: Float[Tensor, "n pos vocab"], tokens: Int[Tensor, "n pos"], mask: Int[Tensor, "n pos"],
                counted: Bool[Tensor, "n pos"], samples: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
