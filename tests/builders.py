@@ -278,3 +278,13 @@ def hooked_from_native(bridge):
 
 def random_tokens(batch: int = 3, pos: int = 12, seed: int = 0, d_vocab: int = D_VOCAB) -> torch.Tensor:
     return torch.randint(0, d_vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def padded_tokens(batch: int, pos: int, seed: int, right_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and an attention mask: sample 1 left-padded by 3 positions, sample 2 right-padded from
+    position ``right_from`` on, the others unpadded."""
+    tokens = random_tokens(batch, pos, seed=seed)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    mask[2, right_from:] = 0
+    return tokens, mask

@@ -57,6 +57,7 @@ from tl_circuits.interference.fisher import (
     pooled,
 )
 from tl_circuits.interference.gradients import per_sample_gradients
+from tl_circuits.interference.inputs import loss_mask_from_labels
 from tl_circuits.interference.result import Conflict, InterferenceResult, PooledScores
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
@@ -128,6 +129,7 @@ __all__ = [
     "list_bundled_models",
     "load",
     "load_bundled_model",
+    "loss_mask_from_labels",
     "maxstat_correction",
     "MeanActivations",
     "model_spec",

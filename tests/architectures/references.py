@@ -351,14 +351,19 @@ def _bias_parameter(name: str, hf):
     return getattr(attn, fused).bias
 
 
-def gradient_loop(name: str, hf, samples: list[torch.Tensor], include_biases: bool) -> dict[str, torch.Tensor]:
-    """{block: [N, L, heads, row]}: one (unpadded) sample at a time, HF's own loss (labels = tokens),
-    ``.backward()``, rows sliced by hand from the parameters' ``.grad``."""
+def gradient_loop(name: str, hf, samples: list[torch.Tensor], include_biases: bool,
+                  loss_of=None) -> dict[str, torch.Tensor]:
+    """{block: [N, L, heads, row]}: one (unpadded) sample at a time, HF's own loss (labels = tokens) or
+    ``loss_of(logits [pos, vocab], sample, i) -> scalar`` (a test's own loss), ``.backward()``, rows sliced by hand
+    from the parameters' ``.grad``."""
     n_layers = hf.config.num_hidden_layers
     rows: dict[str, list] = {b: [] for b in "QKVO"}
-    for sample in samples:
+    for i, sample in enumerate(samples):
         hf.zero_grad(set_to_none=True)
-        hf(sample[None], labels=sample[None]).loss.backward()
+        if loss_of is None:
+            hf(sample[None], labels=sample[None]).loss.backward()
+        else:
+            loss_of(hf(sample[None]).logits[0], sample, i).backward()
         for block in "QKVO":
             rows[block].append(torch.stack([hand_rows(name, hf, layer, block, include_biases)
                                             for layer in range(n_layers)]))

@@ -141,6 +141,56 @@ def interference_one_layer() -> dict:
     return {f"scores.{k}": s for k, s in r.scores.items()} | {f"fisher.{k}": f for k, f in r.fisher.per_block.items()}
 
 
+def loss_tasks() -> tuple[torch.Tensor, ...]:
+    """Task A padded (left and right) with a loss mask, task B unpadded: (a, b, attention mask of a, loss mask of a)."""
+    a, b = tasks()
+    mask_a = torch.ones_like(a)
+    mask_a[1, :3] = 0
+    mask_a[3, 9:] = 0
+    loss_mask_a = torch.zeros_like(a)
+    loss_mask_a[:, 4:9] = 1
+    loss_mask_a[0, 2] = 1
+    return a, b, mask_a, loss_mask_a
+
+
+def last_token_margin(logits, tokens, *, samples):
+    """A custom per-sample loss: the last token's logit minus the logit of token ``samples % 7`` there."""
+    last = logits[:, -2].gather(-1, tokens[:, -1:])[:, 0]
+    other = logits[:, -2].gather(-1, (samples % 7)[:, None])[:, 0]
+    return other - last
+
+
+def gradients_loss_mask() -> dict:
+    from tl_circuits import GradientConfig, per_sample_gradients
+
+    a, _, mask_a, loss_mask_a = loss_tasks()
+    g = per_sample_gradients(builders.gqa_under_test(), a, mask_a, GradientConfig(chunk_size=2, **QUIET),
+                             loss_mask=loss_mask_a)
+    return {f"grad.{b}": t for b, t in g.per_block.items()} | {"losses": g.losses, "n_targets": g.n_targets}
+
+
+def interference_loss_mask() -> dict:
+    """A masked, padded task A and a custom-loss task B, pooled Fisher, tiled."""
+    from tl_circuits import compute_interference
+
+    a, b, mask_a, loss_mask_a = loss_tasks()
+    with small_tiles():
+        r = compute_interference(builders.gqa_under_test(), a, b, attention_mask_a=mask_a, loss_mask_a=loss_mask_a,
+                                 loss_fn_b=last_token_margin, config=config(fisher_source="pooled"))
+    assert r.fisher is not None
+    return {f"scores.{k}": s for k, s in r.scores.items()} | {f"fisher.{k}": f for k, f in r.fisher.per_block.items()}
+
+
+def pooled_loss_mask() -> dict:
+    from tl_circuits.interference.engine import pooled_scores
+
+    a, b, mask_a, loss_mask_a = loss_tasks()
+    pooled = pooled_scores(builders.mha_under_test(), a, b, attention_mask_a=mask_a, loss_mask_a=loss_mask_a,
+                           loss_fn_b=last_token_margin, config=config())
+    scores, fisher = pooled.scores, pooled.fisher
+    return {f"scores.{k}": s for k, s in scores.items()} | {f"fisher.{k}": f for k, f in fisher.per_block.items()}
+
+
 CHECKPOINT_DIR: list[str] = []  # the ranks' shard folder: set by the worker, and by the parent test to read it
 
 
@@ -294,5 +344,6 @@ SCENARIOS: dict[str, Callable[[], dict]] = {
         interference_three_layers_spilled,
         interference_one_layer, checkpointed, pooled, permutation_synthetic,
         permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
-        sweep_noise_fresh_seed, sweep_per_sample, permutation_screened)
+        sweep_noise_fresh_seed, sweep_per_sample, permutation_screened, gradients_loss_mask,
+        interference_loss_mask, pooled_loss_mask)
 }

@@ -39,7 +39,8 @@ def test_pooled_scores_is_one_result_with_both_tests(gqa_model):
         torch.testing.assert_close(cross.scores[block], direct.scores[block], rtol=1e-4, atol=1e-6)
     ours = pooled.permutation_test(n_permutations=19, n_bootstrap=0, seed=1)
     theirs = permutation_test(pooled.scores, 4, n_permutations=19, n_bootstrap=0, seed=1, progress=False)
-    assert ours.alternative == "less" and ours.settings == theirs.settings
+    assert ours.alternative == "less" and ours.loss == pooled.settings["loss"] is not None
+    assert ours.settings == {**theirs.settings, "loss": pooled.settings["loss"]}
     mine, reference = pooled.conflict_test(), conflict_test(cross.scores)
     for block in "QKVO":
         torch.testing.assert_close(ours.p_value[block], theirs.p_value[block], rtol=0, atol=0)

@@ -13,7 +13,7 @@ Both are computed once, before any hook runs, so that a freeze's forward passes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -119,8 +119,10 @@ def resample_reference(
     layers: Iterable[int],
     circuit: Circuit,
     reference: Union[Int[Tensor, "batch pos"], ActivationCache, Mapping[str, Tensor]],
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> ResampleReference:
-    """The RESAMPLE reference: ``reference`` tokens run once now (no grad), or read from a cache."""
+    """The RESAMPLE reference: ``reference`` tokens run once now (no grad; with ``attention_mask``, their
+    padding), or read from a cache."""
     names = []
     for layer in layers:
         if circuit in (Circuit.QK, Circuit.BOTH):
@@ -130,7 +132,8 @@ def resample_reference(
     if isinstance(reference, Tensor):
         check_tokens(spec, reference, "reference tokens")
         with torch.no_grad():
-            _, reference = model.run_with_cache(reference, names_filter=lambda nm: nm in names)
+            masked: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+            _, reference = model.run_with_cache(reference, names_filter=lambda nm: nm in names, **masked)
     if not isinstance(reference, (ActivationCache, Mapping)):
         raise TypeError(
             f"RESAMPLE needs reference tokens [batch, pos] or an ActivationCache, got {type(reference).__name__}"
@@ -147,12 +150,14 @@ def resample_reference(
 
 
 def prepare_reference(
-    model: Model, spec: ModelSpec, freeze_spec: FreezeSpec, reference: Optional[ReferenceLike], layers: Iterable[int]
+    model: Model, spec: ModelSpec, freeze_spec: FreezeSpec, reference: Optional[ReferenceLike], layers: Iterable[int],
+    reference_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> PreparedReference:
     """The reference the hooks read for ``freeze_spec.replacement``: checked, and computed from tokens if needed.
 
     MEAN: a :class:`MeanActivations` (reference tokens are averaged per position); RESAMPLE: a
-    :data:`ResampleReference`; every other replacement: ``None`` (and a given reference is an error).
+    :data:`ResampleReference` (``reference_mask``: the attention mask of RESAMPLE reference tokens); every other
+    replacement: ``None`` (and a given reference is an error).
     """
     replacement = freeze_spec.replacement
     if replacement == Replacement.MEAN:
@@ -166,7 +171,8 @@ def prepare_reference(
         if reference is None:
             raise ValueError("RESAMPLE needs reference=tokens or an ActivationCache")
         # a MeanActivations here is resample_reference's TypeError, at run time
-        return resample_reference(model, spec, layers, freeze_spec.circuit, reference)  # type: ignore[arg-type]
+        return resample_reference(model, spec, layers, freeze_spec.circuit, reference,  # type: ignore[arg-type]
+                                  reference_mask)
     if reference is not None:
         raise ValueError(f"{replacement.value.upper()} takes no reference")
     return None

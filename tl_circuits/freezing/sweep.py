@@ -15,6 +15,16 @@ NOISE over several seeds and RESAMPLE over several reference batches are *draws*
 >>> result = freeze_sweep(model, torch.randint(0, 64, (3, 6)), per_sample=True, progress=False)
 >>> result.per_sample_effect["qk"].shape, result.clean_per_sample.shape
 (torch.Size([3, 2, 4]), torch.Size([3]))
+
+A padded batch whose loss counts only the predictions of the last two tokens of each sample:
+
+>>> tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+>>> attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # sample 0 left-padded
+>>> loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0]])      # predictions of tokens 4 and 5
+>>> result = freeze_sweep(model, tokens, per_sample=True, attention_mask=attention_mask, loss_mask=loss_mask,
+...                       progress=False)
+>>> result.settings["loss"]["counted_predictions"]
+{'min': 2, 'median': 2.0, 'max': 2, 'total': 4}
 """
 
 from __future__ import annotations
@@ -50,8 +60,10 @@ from tl_circuits.freezing.options import (
 )
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.freezing.stacked import DrawSettings, clean_run, evaluate_metric, sweep_draw
+from tl_circuits.freezing.sweep_inputs import check_padded_qk, check_resample_masks
 from tl_circuits.interference import memory
 from tl_circuits.freezing.sweep_io import SWEEP_FORMAT, SWEEP_FORMAT_VERSION, load_sweep, sweep_result_files
+from tl_circuits.interference.inputs import check_mask, next_token_losses, prepare_loss
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import agreed_int, current_world
@@ -177,6 +189,9 @@ def freeze_sweep(
     chunk_size: Optional[int] = None,
     progress: bool = True,
     max_batch_rows: Optional[int] = None,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    reference_attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> SweepResult:
     """Freeze every head's circuit in turn and evaluate ``metric`` on the logits.
 
@@ -185,6 +200,12 @@ def freeze_sweep(
         metric: ``logits -> scalar`` (TransformerLens's patching-metric convention); default: the
             mean next-token cross-entropy on ``tokens``. With ``per_sample=True``: ``logits -> [batch]``, one
             value per sample (NaN = missing); default: each sample's mean next-token loss over its positions.
+            With an ``attention_mask`` or a ``loss_mask`` the default is the per-sample loss of the gradients
+            (docs/spec.md §2.1): each sample's token-mean cross-entropy over its counted predictions (valid
+            targets, and those set in ``loss_mask``); its batch metric is the mean over samples of these
+            per-sample means (so ``per_sample=False`` gives the nan-mean of the ``per_sample=True`` effects). A
+            metric of your own gets the logits only: it must ignore padding itself (and a ``loss_mask`` with it
+            is refused).
         circuits: which circuits to sweep, each giving an [n_layers, n_heads] tensor.
         replacement, reference, noise_scale, seed: as :func:`tl_circuits.freeze`. A RESAMPLE sweep
             with ``reference=clean_cache`` on corrupted ``tokens`` equals TransformerLens's
@@ -196,6 +217,16 @@ def freeze_sweep(
         n_draws: NOISE only: k draws with seeds ``seed, seed + 1, ..., seed + k - 1`` (each the sweep of that
             seed); effects are averaged over draws and each draw's kept in ``per_draw_effect``. Default 1 (or
             the length of a RESAMPLE reference list).
+        attention_mask: ``[batch, pos]`` 0/1 padding mask, given to every forward of the sweep (clean, frozen and
+            restarted); ``None``: every position real.
+        loss_mask: ``[batch, pos]`` 0/1 or bool, the predictions the default metric scores, in the ``scored``
+            convention (``loss_mask[i, p]``: the prediction of token ``p + 1``; as
+            :func:`~tl_circuits.per_sample_gradients`); a sample with no counted prediction is a ValueError
+            naming it.
+        reference_attention_mask: the padding of RESAMPLE reference tokens (default: ``attention_mask``). With an
+            attention mask, RESAMPLE reference tokens are a per-sample corrupted batch of the same shape (sample
+            ``i`` patched from row ``i``), padded the same way: a sample whose corrupted row has another number
+            of valid tokens (or other positions) is a ValueError naming it.
         memory_budget_gb: what the call may allocate, in GB (:data:`tl_circuits.defaults.MEMORY_BUDGET_GB`); it
             sets the rows of one stacked forward (:func:`tl_circuits.interference.memory.forward_row_bytes`: the
             default 4 GB is about 1 GB of float32 logits). One pass always holds the whole batch for one variant: a
@@ -208,6 +239,11 @@ def freeze_sweep(
                                   note="most rows in one stacked forward")
     spec = model_spec(model)
     check_tokens(spec, tokens)
+    if metric is not None and loss_mask is not None:
+        raise ValueError("loss_mask says what the default metric scores; a metric of your own gets the logits only "
+                         "and would ignore it: score the predictions you want inside your metric, or drop the metric")
+    mask = None if attention_mask is None else check_mask(tokens, attention_mask, "tokens")
+    scored = prepare_loss(tokens, check_mask(tokens, attention_mask, "tokens"), loss_mask, None, "tokens")
     swept: list[Circuit] = [parse_option(Circuit, c, "circuit") for c in circuits]
     if not swept:
         raise ValueError("circuits is empty: name at least one of 'qk', 'ov', 'both'")
@@ -221,13 +257,16 @@ def freeze_sweep(
     if not memory_budget_gb > 0:
         raise ValueError(f"memory_budget_gb must be positive (GB the call may allocate), got {memory_budget_gb!r}")
     draw_references = _draw_references(replacement, reference, n_draws)
+    reference_mask = check_resample_masks(tokens, mask, draw_references, reference_attention_mask, replacement)
+    check_padded_qk(spec, mask, swept, replacement)
     first_seed = seed
     if seed is None and replacement == Replacement.NOISE:  # fresh entropy, drawn on rank 0 and shared; recorded
         first_seed = agreed_int(torch.Generator().seed() % 2**62, current_world())
     seeds = [None if first_seed is None else first_seed + d for d in range(len(draw_references))]
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
+    loss_settings = scored.describe() if metric is None else {"scored": f"metric {metric_name}"}
     if metric is None:
-        metric = _default_metric(tokens, per_sample)
+        metric = default_metric(tokens, per_sample, mask, scored.loss_mask)
 
     batch, n_pos = tokens.shape
     max_rows = chunk_size or memory.rows_for_budget(memory.forward_row_bytes(spec, n_pos), memory_budget_gb)
@@ -241,28 +280,42 @@ def freeze_sweep(
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
     draws_frozen = []
     with torch.no_grad():
-        clean_logits, run_layer, route = clean_run(model, spec, tokens)
+        clean_logits, run_layer, route = clean_run(model, spec, tokens, mask)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
         n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks
         n_mine = SweepShare(n_items).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
-                draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
+                draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed,
+                                      reference_mask)
                 share = SweepShare(n_items)
                 draws_frozen.append(share.merge(sweep_draw(model, spec, batch, run_layer, metric, passes, draw,
                                                            per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, restart=route, per_sample=per_sample,
-                    n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None)
+                    n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None,
+                    attention_mask=mask is not None, loss=loss_settings)
     combine = _combine_per_sample if per_sample else _combine_batch_means
     return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)
 
 
-def _default_metric(tokens: Tensor, per_sample: bool) -> Callable[[Tensor], Tensor]:
-    if per_sample:  # each sample's mean over its pos - 1 next-token predictions
-        return lambda logits: lm_cross_entropy_loss(logits, tokens, per_token=True).mean(-1)
-    return lambda logits: lm_cross_entropy_loss(logits, tokens)
+def default_metric(tokens: Tensor, per_sample: bool, mask: Optional[Tensor] = None,
+                   loss_mask: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
+    """The sweep's default metric: TransformerLens's next-token loss of every position, or, with a padding or
+    loss mask, the per-sample loss of docs/spec.md §2.1 (the batch metric: the mean of the per-sample means)."""
+    if mask is None and loss_mask is None:
+        if per_sample:  # each sample's mean over its pos - 1 next-token predictions
+            return lambda logits: lm_cross_entropy_loss(logits, tokens, per_token=True).mean(-1)
+        return lambda logits: lm_cross_entropy_loss(logits, tokens)
+    full = torch.ones_like(tokens) if mask is None else mask
+
+    def losses(logits: Tensor) -> Tensor:
+        device = logits.device
+        return next_token_losses(logits, tokens.to(device), full.to(device),
+                                 None if loss_mask is None else loss_mask.to(device))
+
+    return losses if per_sample else (lambda logits: losses(logits).mean())
 
 
 def _draw_references(replacement: Replacement, reference, n_draws: Optional[int]) -> list:
@@ -284,12 +337,13 @@ def _draw_references(replacement: Replacement, reference, n_draws: Optional[int]
     return [reference] * (n_draws or 1)
 
 
-def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed) -> DrawSettings:
+def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed, reference_mask) -> DrawSettings:
     references = {}
     for circuit in swept:
         fspec = FreezeSpec(tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)), circuit,
                            replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
-        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
+        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers),
+                                                reference_mask if isinstance(reference, Tensor) else None)
     noise_seed = seed if replacement == Replacement.NOISE else None
     return DrawSettings(replacement, references, float(noise_scale), noise_seed)
 

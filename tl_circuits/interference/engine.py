@@ -59,7 +59,8 @@ from tl_circuits.interference.gradients import (
     sample_chunks,
     shared_qkv_input,
 )
-from tl_circuits.interference.inputs import non_finite_error, prepare_inputs
+from tl_circuits.interference.inputs import TaskLoss, non_finite_error, prepare_inputs, prepare_loss
+from tl_circuits.interference.loss_fn import LossFn
 from tl_circuits.interference.result import InterferenceResult, PooledScores
 from tl_circuits.interference.scoring import score_pass
 from tl_circuits.interference.store import FactorStore, SampleSet, array_shapes, factor_arrays
@@ -71,11 +72,13 @@ from tl_circuits.parallel.shards import FactorExchange, held_layers
 
 @dataclass(frozen=True)
 class TaskInput:
-    """One task's tokens and 0/1 mask, with the name used in messages."""
+    """One task's tokens, 0/1 attention mask and loss (:class:`~tl_circuits.interference.inputs.TaskLoss`), with
+    the name used in messages."""
 
     tokens: Tensor
     mask: Tensor
     what: str
+    loss: TaskLoss
 
 
 def release_free_memory() -> None:
@@ -115,7 +118,8 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
         shards = None
         if cfg.checkpoint_dir is not None:  # resume: read the finished shards, compute the rest (and keep them)
             settings = {"include_biases": cfg.include_biases, "method": "factored", "chunk": plan.engine_chunk}
-            shards = task_checkpoint(cfg.checkpoint_dir, model, task.tokens, task.mask, task.what, settings)
+            shards = task_checkpoint(cfg.checkpoint_dir, model, task.tokens, task.mask, task.what, settings,
+                                     task.loss)
         for index in range(world.rank, len(chunks), world.size):  # this rank's shards, in order
             sl = chunks[index]
             saved = shards.load(sl, array_shapes(spec, sl.stop - sl.start, n_pos, shared)) if shards else None
@@ -123,7 +127,8 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
                 arrays, bad_ids = saved
             else:
                 (_, factors, bad_ids), = gradient_chunks(model, task.tokens, task.mask, gcfg, task.what,
-                                                          factors=True, chunk=plan.engine_chunk, chunks=[sl])
+                                                          factors=True, chunk=plan.engine_chunk, chunks=[sl],
+                                                          loss=task.loss)
                 arrays = factor_arrays(factors, shared)  # type: ignore[arg-type]  # factors=True: GradientFactors
                 if shards is not None:
                     shards.save(arrays, sl, bad_ids)
@@ -177,6 +182,7 @@ def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: Interfer
         "normalization": cfg.normalization,
         "n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "grouped": spec.grouped,
         "params_per_head": {b: spec.n_params_per_head(b, cfg.include_biases) for b in BLOCKS},
+        "loss": {"a": task_a.loss.describe(), "b": task_b.loss.describe()},
         "plan": plan.to_dict(), "timings": timings, **({"world_size": world.size} if world.active else {}),
     }
     return scores, used, settings
@@ -194,8 +200,10 @@ def check_ids(ids: Optional[Sequence[Hashable]], n: int, what: str) -> list:
     return ids
 
 
-def _task(model: Model, tokens: Tensor, mask: Optional[Tensor], what: str) -> TaskInput:
-    return TaskInput(tokens, prepare_inputs(model, tokens, mask, what)[1], what)
+def _task(model: Model, tokens: Tensor, mask: Optional[Tensor], what: str, loss_mask: Optional[Tensor] = None,
+          loss_fn: Optional[LossFn] = None) -> TaskInput:
+    checked = prepare_inputs(model, tokens, mask, what)[1]
+    return TaskInput(tokens, checked, what, prepare_loss(tokens, checked, loss_mask, loss_fn, what))
 
 
 def compute_interference(
@@ -205,6 +213,10 @@ def compute_interference(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[LossFn] = None,
+    loss_fn_b: Optional[LossFn] = None,
     ids_a: Optional[Sequence[Hashable]] = None,
     ids_b: Optional[Sequence[Hashable]] = None,
     config: Optional[InterferenceConfig] = None,
@@ -217,20 +229,25 @@ def compute_interference(
         model: a HookedTransformer or TransformerBridge (not modified).
         tokens_a, tokens_b: ``[N, pos]`` token ids of task A and task B (lengths may differ).
         attention_mask_a, attention_mask_b: 0/1 masks (left or right padding); ``None``: all valid.
+        loss_mask_a, loss_mask_b: the predictions each task's loss counts (``loss_mask[i, p]``: the prediction
+            of token ``p + 1``); ``None``: every valid target. See :func:`tl_circuits.per_sample_gradients`.
+        loss_fn_a, loss_fn_b: each task's own per-sample loss ``loss_fn(logits, tokens) -> [N]`` (they may
+            differ); see :mod:`tl_circuits.interference.loss_fn` for the contract.
         ids_a, ids_b: the caller's sample ids (unique); default ``0..N-1``.
         config: :class:`InterferenceConfig` (default: ``InterferenceConfig()``, the signed variant, task-A Fisher).
         fisher: an external undamped Fisher to normalise with, instead of estimating one.
         progress: tqdm progress bars; ``None`` (default): ``config.progress``.
     Returns:
-        :class:`InterferenceResult` (with ``result.fisher``, the undamped Fisher used, and
-        ``result.settings['plan']``, the memory plan).
+        :class:`InterferenceResult` (with ``result.fisher``, the undamped Fisher used,
+        ``result.settings['plan']``, the memory plan, and ``result.settings['loss']``, what each task scored).
     Raises:
         ValueError: an empty task, ids outside the vocabulary, sequences longer than ``n_ctx``, bad masks or
-            ids, NaN/inf gradients (naming the samples), a budget too small for one sample's operands.
+            ids, bad loss masks or a loss_fn that breaks its contract, NaN/inf gradients (naming the samples), a
+            budget too small for one sample's operands.
     """
     cfg = (config or InterferenceConfig()).with_progress(progress).resolved(external_fisher=fisher is not None)
-    task_a = _task(model, tokens_a, attention_mask_a, "tokens_a")
-    task_b = _task(model, tokens_b, attention_mask_b, "tokens_b")
+    task_a = _task(model, tokens_a, attention_mask_a, "tokens_a", loss_mask_a, loss_fn_a)
+    task_b = _task(model, tokens_b, attention_mask_b, "tokens_b", loss_mask_b, loss_fn_b)
     ids_a, ids_b = check_ids(ids_a, tokens_a.shape[0], "ids_a"), check_ids(ids_b, tokens_b.shape[0], "ids_b")
     if fisher is not None:
         spec = model_spec(model)
@@ -250,6 +267,10 @@ def pooled_scores(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[LossFn] = None,
+    loss_fn_b: Optional[LossFn] = None,
     config: Optional[InterferenceConfig] = None,
     progress: Optional[bool] = None,
 ) -> PooledScores:
@@ -257,12 +278,12 @@ def pooled_scores(
     (``scores`` ``{block: [N, N, L, H_B]}``, ``n_a``, the resolved ``config``, ``fisher``, ``settings``).
 
     The matrix of the label-permutation and conflict tests (rows and columns: A's samples, then B's). Uses
-    ``config``'s variant, reduction, damping, leave-one-out and budget; its ``fisher_source`` is ignored.
-    ``progress``: ``None`` (default) is ``config.progress``.
+    ``config``'s variant, reduction, damping, leave-one-out and budget; its ``fisher_source`` is ignored. The
+    tasks' losses as :func:`compute_interference`. ``progress``: ``None`` (default) is ``config.progress``.
     """
     cfg = (config or InterferenceConfig()).with_progress(progress).replace(fisher_source="pooled").resolved()
-    task_a = _task(model, tokens_a, attention_mask_a, "tokens_a")
-    task_b = _task(model, tokens_b, attention_mask_b, "tokens_b")
+    task_a = _task(model, tokens_a, attention_mask_a, "tokens_a", loss_mask_a, loss_fn_a)
+    task_b = _task(model, tokens_b, attention_mask_b, "tokens_b", loss_mask_b, loss_fn_b)
     scores, fisher, settings = run_engine(model, task_a, task_b, cfg, pooled=True)
     return PooledScores(scores, tokens_a.shape[0], cfg, fisher, settings)
 

@@ -264,13 +264,17 @@ class PooledScores:
 
     def permutation_test(self, **test_kwargs: Any) -> "InterferenceTestResult":
         """The label-permutation test of this matrix: :func:`tl_circuits.permutation_test` with this variant's
-        default alternative (``test_kwargs``: n_permutations, alternative, alpha, correction, seed, ...)."""
+        default alternative (``test_kwargs``: n_permutations, alternative, alpha, correction, seed, ...); the
+        result's ``loss`` is what each task scored (``settings["loss"]``)."""
+        import dataclasses
+
         from tl_circuits.stats.permutation import permutation_test
 
         test_kwargs.setdefault("variant", self.config.variant)
         test_kwargs.setdefault("memory_budget_gb", self.config.memory_budget_gb)
         test_kwargs.setdefault("progress", self.config.progress)
-        return permutation_test(self.scores, self.n_a, **test_kwargs)
+        result = permutation_test(self.scores, self.n_a, **test_kwargs)
+        return dataclasses.replace(result, loss=self.settings.get("loss"))
 
     def conflict_test(self, **test_kwargs: Any) -> "ConflictTestResult":
         """The conflict test of the A × B block: :meth:`InterferenceResult.conflict_test`."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -78,6 +78,8 @@ class ConflictTestResult(SavedResult):
         significant: the ``correction``'s adjusted p-value ≤ ``alpha``.
         ci_low, ci_high: the two-sided ``confidence_level`` interval of E[s_ij].
         null_hypothesis: what is tested (H0 and the alternative), in words.
+        loss: what each task's per-sample loss scored (``settings["loss"]`` of the engine, docs/spec.md §2.1) when
+            the scores came from :func:`interference_conflict_test` or an ``InterferenceResult`` that records it.
 
     ``save(folder)`` / :func:`tl_circuits.load` keep it on disk (:mod:`tl_circuits.results_io`).
     """
@@ -98,6 +100,7 @@ class ConflictTestResult(SavedResult):
     confidence_level: float
     n_a: int
     n_b: int
+    loss: Optional[dict] = None
 
     pvalue = deprecated_alias("pvalue", "p_value")
 
@@ -217,7 +220,7 @@ def conflict_test(
                               q_value_by=decisions.q_value_by, significant=decisions.significant,
                               ci_low=out["ci_low"], ci_high=out["ci_high"], alpha=alpha,
                               alternative=alternative, correction=correction, confidence_level=confidence_level,
-                              n_a=n_a, n_b=n_b)
+                              n_a=n_a, n_b=n_b, loss=getattr(scores, "settings", {}).get("loss"))
 
 
 def interference_conflict_test(
@@ -227,18 +230,23 @@ def interference_conflict_test(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[Callable[..., Tensor]] = None,
+    loss_fn_b: Optional[Callable[..., Tensor]] = None,
     config: Optional[Any] = None,
     progress: Optional[bool] = None,
     **test_kwargs: Any,
 ) -> ConflictTestResult:
     """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
-    (:func:`tl_circuits.compute_interference`), then :func:`conflict_test` (``test_kwargs``: alternative, alpha,
-    correction, confidence_level). ``config``'s variant and Fisher source are set to signed / pooled;
-    ``progress``: ``None`` (default) is ``config.progress``."""
+    (:func:`tl_circuits.compute_interference`, whose ``loss_mask_*``/``loss_fn_*`` say what each task scores),
+    then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
+    variant and Fisher source are set to signed / pooled; ``progress``: ``None`` (default) is ``config.progress``."""
     from tl_circuits.interference.config import InterferenceConfig
     from tl_circuits.interference.engine import compute_interference
 
     cfg = (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
-                                  attention_mask_b=attention_mask_b, config=cfg, progress=progress)
+                                  attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
+                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=cfg, progress=progress)
     return result.conflict_test(**test_kwargs)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.engine import pooled_scores
+from tl_circuits.interference.loss_fn import LossFn
 from tl_circuits.interference.result import PooledScores
 from tl_circuits.models.types import Model
 from tl_circuits.stats.result import InterferenceTestResult
@@ -41,6 +42,10 @@ def interference_permutation_test(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[LossFn] = None,
+    loss_fn_b: Optional[LossFn] = None,
     config: Optional[InterferenceConfig] = None,
     alternative: Optional[str] = None,
     progress: Optional[bool] = None,
@@ -53,10 +58,14 @@ def interference_permutation_test(
     ``alternative`` defaults to the direction of conflict of ``config``'s variant
     (:func:`tl_circuits.defaults.conflict_alternative`): ``"less"`` for signed scores (negative = conflict),
     ``"greater"`` otherwise (more interference than exchangeable task labels predict). ``progress`` (``None``:
-    ``config.progress``) and ``config.memory_budget_gb`` hold for the whole call, the test included.
+    ``config.progress``) and ``config.memory_budget_gb`` hold for the whole call, the test included. The tasks'
+    losses (``loss_mask_*``, ``loss_fn_*``) as :func:`tl_circuits.compute_interference`; the result's ``loss``
+    (and the pooled matrix's ``settings["loss"]``) says what each task scored.
     """
     pooled: PooledScores = pooled_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
-                                         attention_mask_b=attention_mask_b, config=config, progress=progress)
+                                         attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a,
+                                         loss_mask_b=loss_mask_b, loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b,
+                                         config=config, progress=progress)
     return pooled.permutation_test(alternative=alternative, **test_kwargs)
 
 

@@ -32,7 +32,8 @@ __all__ = ["InterferenceTestResult", "GRID_FIELDS", "NULL_HYPOTHESIS", "P_FIELDS
 GRID_FIELDS = ("observed", "null_mean", "null_std", "z", "effect_size", "p_value", "q_value_bh", "q_value_by",
                "p_value_maxstat", "p_value_cluster", "ci_low", "ci_high", "significant", "permutations_used")
 SETTING_FIELDS = ("alpha", "n_permutations", "alternative", "correction", "n_a", "n_b", "n_bootstrap", "ci_method",
-                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen", "screen")
+                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen", "screen",
+                  "loss")
 P_FIELDS = ("p_value", "q_value_bh", "q_value_by", "p_value_maxstat", "p_value_cluster")
 """The p- and q-value fields, each of which can decide ``significant`` (:meth:`InterferenceTestResult.plot`)."""
 NULL_HYPOTHESIS = ("the task labels are exchangeable: the joint distribution of the pooled pairwise scores does not "
@@ -72,6 +73,10 @@ class InterferenceTestResult(SavedResult):
         permutations_used: ``None``, or per cell the number of relabelings its ``p_value`` is over.
         screen: whether screening was asked for (``n_permutations_screen`` says whether it happened).
         null_hypothesis: what each cell's p-value tests, with the alternative, in words.
+        loss: what each task's per-sample loss scored (``settings["loss"]`` of the engine, docs/spec.md §2.1) when
+            the pooled matrix came from a model
+            (:func:`~tl_circuits.stats.interference_tests.interference_permutation_test`); ``None`` for a matrix
+            given as tensors.
     """
 
     observed: Grid
@@ -104,6 +109,7 @@ class InterferenceTestResult(SavedResult):
     n_permutations_screen: Optional[int] = None
     permutations_used: Optional[Grid] = None
     screen: bool = True
+    loss: Optional[dict] = None
 
     p_maxstat = deprecated_alias("p_maxstat", "p_value_maxstat")
     p_cluster = deprecated_alias("p_cluster", "p_value_cluster")
