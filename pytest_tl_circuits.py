@@ -16,8 +16,8 @@ Fixtures (function scope unless said):
   ``tl_circuits.DEFAULT_BUNDLED_MODEL``; ``tlc_bundled_model``: a fresh copy of it
   (``tl_circuits.load_bundled_model``); ``tlc_bundled_info``: its ``BundledModelInfo`` (known heads, tasks).
 - ``tlc_task_batch``: ``make(task, n=16, *, seed=None, **settings) -> TaskBatch``: ``n`` distinct rows of the task,
-  seeded with ``tlc_seed`` (or ``seed``), with the settings the bundled model in use was evaluated with for that
-  task (override or add any with ``settings``, e.g. ``d_vocab=50, seq_len=12`` for a tiny model).
+  seeded with ``tlc_seed`` (or ``seed``): as the bundled model in use was evaluated on it, or, given ``settings``,
+  with exactly those generator settings (e.g. ``d_vocab=50, seq_len=12`` for a tiny model).
 - ``tlc_architecture``: an architecture name; tests that take it (or ``tlc_tiny_model``) run once per architecture
   of ``--tlc-architectures`` (``all``, the default; ``representative``; or names, comma-separated), narrowed by the
   ``tlc_architectures(*names, features=(...))`` mark. Parametrize ``tlc_architecture`` yourself to choose outright.
@@ -116,15 +116,19 @@ def tlc_bundled_info(tlc_bundled_name: str) -> Any:
 @pytest.fixture
 def tlc_task_batch(tlc_bundled_name: str, tlc_seed: int) -> Callable[..., Any]:
     """``make(task, n=16, *, seed=None, **settings)``: n distinct rows of ``task`` (``tl_circuits.distinct_batch``),
-    seeded with ``tlc_seed`` unless ``seed`` is given, with the bundled model's settings for that task (if it was
-    evaluated on it) updated by ``settings``."""
-    from tl_circuits import bundled_model_info, distinct_batch
-
-    evaluated = bundled_model_info(tlc_bundled_name).metadata.get("task_settings", {})
+    seeded with ``tlc_seed`` unless ``seed`` is given. Without ``settings``, the task as the bundled model in use
+    was evaluated on it (``tl_circuits.bundled_tasks``); with them, exactly those generator settings."""
+    from tl_circuits import bundled_tasks, distinct_batch
 
     def make(task: str, n: int = 16, *, seed: Optional[int] = None, **settings: Any) -> Any:
-        known = {k: tuple(v) if isinstance(v, list) else v for k, v in evaluated.get(task, {}).items()}
-        return distinct_batch(task, n, seed=tlc_seed if seed is None else seed, **{**known, **settings})
+        seed = tlc_seed if seed is None else seed
+        if settings:
+            return distinct_batch(task, n, seed=seed, **settings)
+        makers = bundled_tasks(tlc_bundled_name)
+        if task not in makers:
+            raise ValueError(f"the bundled model {tlc_bundled_name!r} was evaluated on {list(makers)}, not {task!r}: "
+                             "give the task's settings (e.g. seq_len=..., d_vocab=...)")
+        return makers[task](n, seed=seed)
 
     return make
 

@@ -3,7 +3,8 @@ and the context manager :func:`assert_model_unchanged`.
 
 A record holds every parameter (values, ``requires_grad``, its ``.grad`` object and values, its storage, dtype,
 device), every buffer (values), every hook (torch module hooks of every kind, which is where TransformerLens hook points
-keep theirs, and torch's global module hooks), each module's train/eval mode, and optionally the outputs on some tokens.
+keep theirs, and torch's global module hooks; not the output-capturing hooks transformers installs on its modules
+for itself, once), each module's train/eval mode, and optionally the outputs on some tokens.
 It copies every parameter and buffer, so it costs one model's memory.
 
 >>> import torch
@@ -37,6 +38,7 @@ __all__ = ["ModelState", "assert_model_unchanged", "model_state", "state_differe
 
 _HOOK_DICTS = {"_forward_hooks": "forward hook", "_forward_pre_hooks": "forward pre-hook",
                "_backward_hooks": "backward hook", "_backward_pre_hooks": "backward pre-hook"}
+_TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
 _GLOBAL_HOOKS = {"_global_forward_hooks": "forward hook", "_global_forward_pre_hooks": "forward pre-hook",
                  "_global_backward_hooks": "backward hook", "_global_backward_pre_hooks": "backward pre-hook"}
 
@@ -69,10 +71,17 @@ def _modules(model: Model) -> dict[str, torch.nn.Module]:
     """Every submodule once, under its shortest name (a bridge reaches the HF modules by two paths, e.g.
     ``blocks.0.attn`` and ``blocks.0._original_component.attn``)."""
     names: dict[int, tuple[str, torch.nn.Module]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    aliases = getattr(model, "hook_dict", {}).items()  # a bridge's hook points also go by their HookedTransformer names
+    for name, module in [*model.named_modules(remove_duplicate=False), *aliases]:
         if id(module) not in names or len(name) < len(names[id(module)][0]):
             names[id(module)] = (name, module)
     return dict(names.values())
+
+
+def _library_machinery(hook: object) -> bool:
+    """Hooks transformers installs on its own modules the first time outputs are captured (attention weights,
+    hidden states), once, and keeps: part of the HF model, whoever triggered them."""
+    return getattr(hook, "__module__", None) == _TRANSFORMERS_CAPTURE
 
 
 def _run(model: Model, tokens: Tensor) -> Tensor:
@@ -101,7 +110,7 @@ def model_state(model: Model, tokens: Optional[Int[Tensor, "batch pos"]] = None,
                   for name, p in model.named_parameters()}
     modules = _modules(model)
     hooks = {(name, kind, key) for name, module in modules.items() for attr, kind in _HOOK_DICTS.items()
-             for key in getattr(module, attr, {})}
+             for key, hook in getattr(module, attr, {}).items() if not _library_machinery(hook)}
     hooks |= {("<global>", kind, key) for attr, kind in _GLOBAL_HOOKS.items()
               for key in getattr(torch_module, attr, {})}
     return ModelState(
