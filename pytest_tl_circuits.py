@@ -68,8 +68,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             return
     from tl_circuits.testing.architectures import select_architectures
 
-    mark = metafunc.definition.get_closest_marker("tlc_architectures")
-    names, features = (mark.args, mark.kwargs.get("features", ())) if mark else ((), ())
+    narrowing = metafunc.definition.get_closest_marker("tlc_architectures")
+    names, features = (narrowing.args, narrowing.kwargs.get("features", ())) if narrowing else ((), ())
     chosen = select_architectures(metafunc.config.getoption("tlc_architectures"), names, features)
     metafunc.parametrize(ARCHITECTURE_FIXTURE, chosen, ids=chosen)
 

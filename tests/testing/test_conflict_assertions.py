@@ -109,5 +109,5 @@ def test_conflict_scores_are_those_of_interference_conflict_test(mha_model):
                                            config=QUIET)
     for block in "QKVO":
         for field in ("estimate", "pvalue", "q_value_bh"):
-            torch.testing.assert_close(getattr(ours, field)[block].flatten(), getattr(reference, field)[block].flatten(),
-                                       equal_nan=True)
+            torch.testing.assert_close(getattr(ours, field)[block].flatten(),
+                                       getattr(reference, field)[block].flatten(), equal_nan=True)

@@ -10,9 +10,10 @@ amount, judged over samples by the freeze sweep's paired test and interval (docs
 >>> assert_freeze_effect(model, [(0, 1)], batch, at_least=1.0)     # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-AssertionError: freeze effect claim failed: freezing the QK circuit (zero) of L0H1 changes in_context_loss by at least +1
-  measured over 16 samples: mean effect +0.1011, 95% bca interval [+0.07..., +0.1...]
-  bound at least +1: H0 "mean effect <= +1" not rejected: one-sided sign-flip p = 1 (exact, 65536 sign patterns); the claim needs p <= 0.05
+AssertionError: freeze effect claim failed: freezing the QK circuit (zero) of L0H1 changes in_context_loss by ...
+  measured over 16 samples: mean effect +0.1011, 95% bca interval [+0.07285, +0.1333]
+  bound at least +1: H0 "mean effect <= +1" not rejected, one-sided sign-flip p = 1 (exact, 65536 sign patterns)
+  the claim needs p <= 0.05 for every bound
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ class FreezeEffect:
             if bound is None or p is None:
                 continue
             verdict = "rejected" if p <= self.alpha else "not rejected"
-            lines.append(f"  bound {name} {bound:+g}: H0 \"mean effect {sign} {bound:+g}\" {verdict}: one-sided "
-                         f"sign-flip p = {p:.3g} ({patterns}); the claim needs p <= {self.alpha:g}")
+            lines.append(f"  bound {name} {bound:+g}: H0 \"mean effect {sign} {bound:+g}\" {verdict}, one-sided "
+                         f"sign-flip p = {p:.3g} ({patterns})")
+        lines.append(f"  the claim needs p <= {self.alpha:g} for every bound")
         return "\n".join(lines)
 
 
