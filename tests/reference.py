@@ -15,9 +15,9 @@
   scipy's permutation test and bootstrap (:func:`cell_stat`).
 
 Model builders stay in ``tests/builders.py`` (over ``tl_circuits.testing``); synthetic score matrices in
-``tests/stats/synthetic.py``. The per-architecture references (HF attention probabilities edited by hand for every attention family, fused-QKV
-gradients sliced by hand) are in ``tests/architectures/references.py``, their models in
-``tests/architectures/zoo.py``.
+``tests/stats/synthetic.py``. The per-architecture references (HF attention probabilities edited by hand for
+every attention family, fused-QKV gradients sliced by hand) are in ``tests/architectures/references.py``, their
+models in ``tests/architectures/zoo.py``.
 """
 
 from __future__ import annotations
