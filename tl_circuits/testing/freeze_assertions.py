@@ -30,7 +30,7 @@ from tl_circuits import defaults
 from tl_circuits.bundled.scoring import scored_loss
 from tl_circuits.bundled.tasks import TaskBatch
 from tl_circuits.freezing.api import freeze
-from tl_circuits.freezing.options import normalize_heads
+from tl_circuits.freezing.options import Circuit, Replacement, normalize_heads
 from tl_circuits.freezing.stacked import evaluate_metric
 from tl_circuits.models.spec import model_spec
 from tl_circuits.stats.paired import paired_bootstrap_ci, sign_flip_floor, sign_flip_test
@@ -127,7 +127,7 @@ def _tokens_and_metric(data: Batch, metric: Optional[PerSampleMetric]) -> tuple[
 
 
 def freeze_effect_per_sample(model: Model, heads: HeadsLike, data: Batch, metric: Optional[PerSampleMetric] = None,
-                             *, circuit: str = "qk", replacement: str = "zero",
+                             *, circuit: Union[str, Circuit] = "qk", replacement: Union[str, Replacement] = "zero",
                              **freeze_kwargs: Any) -> tuple[Float[Tensor, " n"], str]:
     """Each sample's metric with ``heads``' ``circuit`` frozen (all together, :func:`tl_circuits.freeze`) minus
     without: ``([N] float64, metric name)``. ``metric``: ``logits -> [batch]`` (NaN = missing); default as
@@ -149,8 +149,8 @@ def assert_freeze_effect(
     *,
     at_least: Optional[float] = None,
     at_most: Optional[float] = None,
-    circuit: str = "qk",
-    replacement: str = "zero",
+    circuit: Union[str, Circuit] = "qk",
+    replacement: Union[str, Replacement] = "zero",
     alpha: float = defaults.ALPHA,
     n_permutations: Optional[int] = None,
     n_bootstrap: int = defaults.N_BOOTSTRAP,
@@ -187,10 +187,12 @@ def assert_freeze_effect(
         data: a :class:`~tl_circuits.TaskBatch`, or integer tokens [batch, pos].
         metric: ``logits -> [batch]``, one value per sample (NaN = missing); default each sample's mean
             next-token loss over the batch's scored positions (every position for plain tokens).
-        circuit, replacement, freeze_kwargs: as :func:`tl_circuits.freeze` (``reference``, ``noise_scale``, ...).
+        circuit, replacement, freeze_kwargs: as :func:`tl_circuits.freeze` (``reference``, ``noise_scale``, ...;
+            a NOISE freeze is seeded with ``seed``).
         alpha: the level of each bound's test; n_permutations: random sign patterns when the test is not exact
             (default as the sweep; exact enumeration up to 16 samples).
-        n_bootstrap, confidence_level, ci_method, seed: the reported interval (and the random sign patterns).
+        n_bootstrap, confidence_level, ci_method, seed: the reported interval (``seed`` also seeds the random sign
+            patterns, when the test is not exact, and a NOISE freeze).
     """
     if at_least is None and at_most is None:
         raise ValueError("say what you claim: give at_least and/or at_most (the effect is frozen minus clean)")
@@ -198,7 +200,7 @@ def assert_freeze_effect(
         raise ValueError(f"at_least={at_least} is above at_most={at_most}: no effect satisfies both")
     alpha = check_open_unit("alpha", alpha)
     effect, metric_name = freeze_effect_per_sample(model, heads, data, metric, circuit=circuit,
-                                                   replacement=replacement, **freeze_kwargs)
+                                                   replacement=replacement, seed=seed, **freeze_kwargs)
     n_samples = int(torch.isfinite(effect).sum())
     if n_samples == 0:
         raise ValueError("every sample's metric is NaN (clean or frozen): nothing to test")
