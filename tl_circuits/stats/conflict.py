@@ -241,12 +241,25 @@ def interference_conflict_test(
     """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
     (:func:`tl_circuits.compute_interference`, whose ``loss_mask_*``/``loss_fn_*`` say what each task scores),
     then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
-    variant and Fisher source are set to signed / pooled; ``progress``: ``None`` (default) is ``config.progress``."""
-    from tl_circuits.interference.config import InterferenceConfig
+    variant and Fisher source are set by :func:`conflict_config`; ``progress``: ``None`` (default) is
+    ``config.progress``."""
     from tl_circuits.interference.engine import compute_interference
 
-    cfg = (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                   attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
-                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=cfg, progress=progress)
+                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=conflict_config(config),
+                                  progress=progress)
     return result.conflict_test(**test_kwargs)
+
+
+def conflict_config(config: Optional[Any] = None) -> Any:
+    """The :class:`~tl_circuits.InterferenceConfig` of the conflict test: ``config`` (default the defaults) with
+    the signed variant and the pooled Fisher.
+
+    >>> cfg = conflict_config()
+    >>> cfg.variant, cfg.fisher_source
+    ('signed', 'pooled')
+    """
+    from tl_circuits.interference.config import InterferenceConfig
+
+    return (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
