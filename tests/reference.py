@@ -28,6 +28,7 @@ import torch
 
 from tests import builders
 from tl_circuits import freeze
+from tl_circuits.checks import state as checks_state
 from tl_circuits.interference.factors import PerSampleGradients
 from tl_circuits.models.spec import BLOCKS, model_spec
 
@@ -365,22 +366,13 @@ def head_slice(spec, tensors, name, layer, head):
 # ----- the model is left as it was ---------------------------------------------------------------------
 
 def model_state(model, tokens):
-    """What a call must not change: the outputs on ``tokens``, every parameter (value, ``requires_grad``,
-    ``.grad`` object, storage), the number of torch and TransformerLens hooks, and train/eval mode."""
-    with torch.no_grad():
-        logits = model(tokens)
-    params = {n: (p.detach().clone(), p.requires_grad, p.grad, p.data_ptr()) for n, p in model.named_parameters()}
-    torch_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                      for m in model.modules())
-    lens_hooks = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
-    return logits, params, torch_hooks, lens_hooks, model.training
+    """What a call must not change (:func:`tl_circuits.checks.model_state`): the outputs on ``tokens``, every
+    parameter (value, ``requires_grad``, ``.grad`` object, storage) and buffer, the number of torch and
+    TransformerLens hooks, and every module's train/eval mode."""
+    return checks_state.model_state(model, tokens)
 
 
 def assert_same_state(before, after, what):
     """Two :func:`model_state` records are the same (``what`` names the call in the message)."""
-    assert torch.equal(before[0], after[0]), f"{what}: outputs changed"
-    assert before[2:] == after[2:], f"{what}: hooks or train/eval mode changed"
-    for name, (value, requires_grad, grad, ptr) in before[1].items():
-        new_value, new_requires_grad, new_grad, new_ptr = after[1][name]
-        assert torch.equal(value, new_value) and requires_grad == new_requires_grad, f"{what}: {name} changed"
-        assert new_grad is grad and new_ptr == ptr, f"{what}: {name}'s .grad or storage changed"
+    changes = checks_state.state_changes(before, after)
+    assert not changes, f"{what}: " + "; ".join(changes)

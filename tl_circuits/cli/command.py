@@ -99,6 +99,7 @@ class CommandOptions:
     traceback: bool
     bridge: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    check: bool = False
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
@@ -199,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help="under torchrun: seconds a rank waits for the others in a collective before the run fails "
              f"(default {DEFAULT_TIMEOUT_S:g})")
+    add("--check", action="store_true",
+        help="check that tl_circuits reads --model the way the model computes (tl_circuits.sanity_check: per-head "
+             "slicing, head additivity, GQA mapping, freeze isolation, model unchanged; a few random tokens from "
+             "--seed), print the table and exit: 0 all checks pass, 1 a check fails or the model is refused, "
+             "2 bad input")
     add("--list-models", action="store_true", help="list the bundled models and exit")
     add("--traceback", action="store_true", help="on an unexpected failure, print the full traceback")
     return parser
@@ -280,6 +286,18 @@ def run(options: CommandOptions) -> Path:
     return options.out
 
 
+def run_check(options: CommandOptions) -> int:
+    """``--check``: :func:`tl_circuits.sanity_check` of the model ``--model`` names, its table on stdout; the exit
+    status is 0 when every check passes, 1 otherwise (a failed check, or a model tl_circuits refuses)."""
+    from tl_circuits.checks import sanity_check
+
+    loaded = load_model(options.model, _device(options.device), bridge=options.bridge)
+    result = sanity_check(loaded.model, seed=options.seed)
+    print(f"model {loaded.name} ({loaded.source})")
+    print(result.table())
+    return EXIT_OK if result.passed else EXIT_FAILURE
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split()) or "(no message)"
 
@@ -300,6 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_OK
     where, joined = "", False
     try:
+        if options.check:
+            return run_check(options)
         options, joined = _join_ranks(options)
         where = f"{current_world().describe()}: " if current_world().active else ""
         run(options)
