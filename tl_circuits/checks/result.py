@@ -6,13 +6,13 @@ measured against (so it does not depend on the model's scale), and a check passe
 tolerance`` (the bit-identity checks have tolerance 0). NaN means "not measured" (a check that counts
 differences rather than measuring them, or a check that raised).
 
->>> result = SanityCheckResult("ToyModel", "HookedTransformer", (
+>>> result = SanityCheckResult("ToyModel", "TransformerBridge", (
 ...     CheckOutcome("qkv_slicing", True, 2e-7, 1e-7, 1e-4, "q/k/v reproduced"),
 ...     CheckOutcome("model_unchanged", False, math.nan, math.nan, 0.0, "torch hooks: 1 more than before")))
 >>> result.passed, result.failed, result["qkv_slicing"].passed
 (False, ['model_unchanged'], True)
 >>> print(result)  # doctest: +NORMALIZE_WHITESPACE
-sanity_check(ToyModel, HookedTransformer): FAILED (1 of 2 checks failed)
+sanity_check(ToyModel, TransformerBridge): FAILED (1 of 2 checks failed)
 check            result  max abs  max rel  tolerance  message
 qkv_slicing      pass    2.0e-07  1.0e-07  1.0e-04    q/k/v reproduced
 model_unchanged  FAIL    -        -        0          torch hooks: 1 more than before

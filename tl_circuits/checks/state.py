@@ -54,7 +54,8 @@ def _count_torch_hooks(model: Model) -> int:
 
 
 def _count_lens_hooks(model: Model) -> int:
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
+    hook_points = {id(hp): hp for hp in model.hook_dict.values()}.values()  # a bridge's aliases name one point twice
+    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in hook_points)
 
 
 def model_state(model: Model, tokens: Tensor) -> ModelState:
