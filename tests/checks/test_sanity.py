@@ -80,6 +80,25 @@ def test_every_check_passes_on_hooked_transformer_variants(overrides):
     assert_all_pass(sanity_check(builders.hooked(seed=2, **overrides)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("architecture", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_half_precision_models_with_default_init_pass(architecture, dtype):
+    """Hugging Face's own std-0.02 init (nearly uniform attention: key noise is scaled to the queries so that it
+    still moves the patterns) in half precision (the dtype's tolerance)."""
+    import transformers
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    torch.manual_seed(0)
+    config = getattr(transformers, zoo.ARCHS[architecture].config_class)(vocab_size=zoo.D_VOCAB,
+                                                                         **zoo.ARCHS[architecture].config)
+    config._attn_implementation = "eager"
+    hf = getattr(transformers, architecture)(config).to(dtype).eval()
+    result = sanity_check(build_bridge_from_module(hf, architecture=architecture, hf_config=hf.config).eval())
+    assert_all_pass(result)
+    assert result["qkv_slicing"].tolerance == (5e-2 if dtype == torch.bfloat16 else 1e-2)
+    assert result.settings["dtype"] == str(dtype)
+
+
 def test_the_bundled_model_passes():
     from tl_circuits import load_bundled_model
 
@@ -254,6 +273,19 @@ def test_bad_arguments_are_errors_naming_the_problem(mha_model):
         sanity_check(mha_model, torch.zeros(2, 6))
     with pytest.raises(ValueError, match="n_samples=1"):
         sanity_check(mha_model, n_samples=1)
+
+
+def test_the_users_own_hooks_stay(model):
+    """A hook the user added (permanent, so that TransformerLens's own resets keep it) is still there, alone."""
+    calls = []
+    model.add_hook("blocks.0.attn.hook_z", lambda z, hook: calls.append(1), is_permanent=True)
+    hook_point = model.hook_dict["blocks.0.attn.hook_z"]
+    try:
+        result = sanity_check(model)
+        assert result.passed, result.table()
+        assert len(hook_point.fwd_hooks) == 1 and calls  # it ran during the checks, and is still registered
+    finally:
+        model.reset_hooks(including_permanent=True)
 
 
 def test_seeded_and_leaves_the_global_random_state_alone(mha_model):

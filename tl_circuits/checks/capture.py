@@ -1,8 +1,9 @@
 """The forward passes the sanity checks read: what the model's own hooks hold, per layer.
 
 - :func:`capture_clean`: one unhooked-looking forward recording, per layer, what the Q/K/V projections read
-  (``x``), ``hook_q``/``hook_k``/``hook_v``, ``hook_pattern``, ``hook_z``, the attention output (``z·W_O + b_O``)
-  and ``hook_resid_pre``;
+  (``x``), ``hook_q``/``hook_k``/``hook_v``, the queries that enter the scores (``"query"``:
+  :meth:`ModelSpec.query_hook`), ``hook_pattern``, ``hook_z``, the attention output (``z·W_O + b_O``) and
+  ``hook_resid_pre``;
 - :func:`attention_bias_out`: the attention output with every ``hook_z`` set to 0, i.e. ``b_O`` (or 0), read
   off the model without knowing where its bias lives;
 - :func:`isolated_run`: a forward whose every layer reads the clean residual stream (``hook_resid_pre``
@@ -30,10 +31,10 @@ Hooks = Sequence[tuple[str, HookFn]]
 
 @dataclass
 class Activations:
-    """Per-layer activations, ``{layer: tensor}`` per kind (shapes as docs/spec.md §0.3)."""
+    """Activations of one forward, per layer (shapes as docs/spec.md §0.3)."""
 
     x: dict[tuple[int, str], Tensor] = field(default_factory=dict)  # (layer, "Q"|"K"|"V") -> [b, t, D]
-    hooked: dict[tuple[int, str], Tensor] = field(default_factory=dict)  # (layer, "q"|"k"|"v"|"z"|"pattern")
+    hooked: dict[tuple[int, str], Tensor] = field(default_factory=dict)  # (layer, "q"|"k"|"v"|"query"|"z"|"pattern")
     attn_out: dict[int, Tensor] = field(default_factory=dict)  # [b, t, D]
     resid_pre: dict[int, Tensor] = field(default_factory=dict)  # [b, t, D]
 
@@ -42,6 +43,13 @@ def _keep(store: dict, key: object) -> HookFn:
     def hook(tensor: Tensor, hook: object) -> None:
         store[key] = tensor.detach().clone()
     return hook
+
+
+def _fired(acts: Activations, kept: list[tuple[str, tuple[int, str]]]) -> None:
+    """RuntimeError naming the first hook that was expected to fire and did not."""
+    for name, key in kept:
+        if key not in acts.hooked:
+            raise RuntimeError(f"{name} did not fire in a forward pass: tl_circuits reads it (docs/spec.md §0.3)")
 
 
 def _run(model: Model, spec: ModelSpec, tokens: Tensor, hooks: Hooks, acts: Activations, torch_hooks: bool) -> None:
@@ -73,10 +81,15 @@ def _run(model: Model, spec: ModelSpec, tokens: Tensor, hooks: Hooks, acts: Acti
 def capture_clean(model: Model, spec: ModelSpec, tokens: Tensor) -> Activations:
     """The clean forward's activations (module docstring)."""
     acts = Activations()
+    kept = [(spec.hook_name(layer, name), (layer, name))
+            for layer in range(spec.n_layers) for name in ("q", "k", "v", "pattern", "z")]
+    kept += [(spec.query_hook(layer), (layer, "query")) for layer in range(spec.n_layers)]
     hooks = [(spec.resid_pre_hook(layer), _keep(acts.resid_pre, layer)) for layer in range(spec.n_layers)]
-    hooks += [(spec.hook_name(layer, name), _keep(acts.hooked, (layer, name)))
-              for layer in range(spec.n_layers) for name in ("q", "k", "v", "pattern", "z")]
+    hooks += [(name, _keep(acts.hooked, key)) for name, key in kept]
     _run(model, spec, tokens, hooks, acts, torch_hooks=True)
+    _fired(acts, kept)
+    if len(acts.resid_pre) != spec.n_layers or len(acts.attn_out) != spec.n_layers:
+        raise RuntimeError("hook_resid_pre or the attention output was not seen in every layer")
     return acts
 
 
@@ -85,6 +98,8 @@ def attention_bias_out(model: Model, spec: ModelSpec, tokens: Tensor) -> dict[in
     acts = Activations()
     hooks = [(spec.hook_name(layer, "z"), lambda z, hook: torch.zeros_like(z)) for layer in range(spec.n_layers)]
     _run(model, spec, tokens, hooks, acts, torch_hooks=True)
+    if len(acts.attn_out) != spec.n_layers:
+        raise RuntimeError("the attention output was not seen in every layer")
     return acts.attn_out
 
 
@@ -99,7 +114,8 @@ def isolated_run(model: Model, spec: ModelSpec, tokens: Tensor, clean: Activatio
     """Forward with ``edits`` where every layer reads the clean residual stream; records pattern and z."""
     acts = Activations()
     hooks = restore_resid(clean, spec) + list(edits)
-    hooks += [(spec.hook_name(layer, name), _keep(acts.hooked, (layer, name)))
-              for layer in range(spec.n_layers) for name in ("pattern", "z")]
+    kept = [(spec.hook_name(layer, name), (layer, name)) for layer in range(spec.n_layers) for name in ("pattern", "z")]
+    hooks += [(name, _keep(acts.hooked, key)) for name, key in kept]
     _run(model, spec, tokens, hooks, acts, torch_hooks=False)
+    _fired(acts, kept)
     return acts

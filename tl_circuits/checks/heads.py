@@ -27,6 +27,8 @@ from tl_circuits.freezing.hooks import freeze_hooks
 from tl_circuits.models.spec import ModelSpec
 from tl_circuits.models.types import Model
 
+SCORE_SHIFT = 4.0  # about how far key noise moves a score (the patterns of the heads reading it move by O(0.1))
+
 
 def _z_from_patterns(spec: ModelSpec, clean: Activations) -> Worst:
     """(a): ``z_h = Σ_k pattern[h, q, k] · v[k, g(h)]`` against hook_z, head by head."""
@@ -40,22 +42,28 @@ def _z_from_patterns(spec: ModelSpec, clean: Activations) -> Worst:
     return worst
 
 
-def _noise_keys(kv_head: int, generator: torch.Generator):
+def _noise_keys(kv_head: int, std: float, generator: torch.Generator):
     def hook(k: Tensor, hook: object) -> Tensor:
         k = k.clone()
-        noise = torch.randn(k[..., kv_head, :].shape, generator=generator, dtype=torch.float32)
-        k[..., kv_head, :] += (noise.to(k.device) * k[..., kv_head, :].float().std()).to(k.dtype)
+        noise = std * torch.randn(k[..., kv_head, :].shape, generator=generator, dtype=torch.float32)
+        k[..., kv_head, :] += noise.to(k.device, k.dtype)
         return k
     return hook
 
 
-def _changes(spec: ModelSpec, base: Activations, other: Activations, name: str) -> Tensor:
-    """``[L, H]``: max |other − base| of each head's ``name`` ("pattern" or "z")."""
+def key_noise_std(clean: Activations, layer: int) -> float:
+    """Noise on keys that moves scores by about :data:`SCORE_SHIFT` whatever the queries' scale: noise of std σ
+    on k moves a score q·k/√d by about rms(q)·σ (the rms over the layer's queries that enter the scores)."""
+    rms = float(clean.hooked[(layer, "query")].float().square().mean().sqrt())
+    return SCORE_SHIFT / max(rms, 1e-6)
+
+
+def _pattern_changes(spec: ModelSpec, base: Activations, other: Activations) -> Tensor:
+    """``[L, H]``: max |other − base| of each head's pattern."""
     out = torch.zeros(spec.n_layers, spec.n_heads)
     for layer in range(spec.n_layers):
-        diff = (other.hooked[(layer, name)].float() - base.hooked[(layer, name)].float()).abs()
-        per_head = diff.amax(dim=(0, 2, 3)) if name == "pattern" else diff.amax(dim=(0, 1, 3))
-        out[layer] = per_head.cpu()
+        diff = other.hooked[(layer, "pattern")].float() - base.hooked[(layer, "pattern")].float()
+        out[layer] = diff.abs().amax(dim=(0, 2, 3)).cpu()
     return out
 
 
@@ -68,8 +76,9 @@ def check_gqa_mapping(model: Model, spec: ModelSpec, tokens: Tensor, clean: Acti
     generator = torch.Generator().manual_seed(seed)
     wrong, leak, weakest = [], 0.0, math.inf
     for kv_head in range(spec.n_kv_heads):
-        edits = [(spec.key_hook(layer), _noise_keys(kv_head, generator)) for layer in range(spec.n_layers)]
-        change = _changes(spec, baseline, isolated_run(model, spec, tokens, clean, edits), "pattern")
+        edits = [(spec.key_hook(layer), _noise_keys(kv_head, key_noise_std(clean, layer), generator))
+                 for layer in range(spec.n_layers)]
+        change = _pattern_changes(spec, baseline, isolated_run(model, spec, tokens, clean, edits))
         readers = torch.tensor([g == kv_head for g in mapping])
         others = change[:, ~readers]
         leak = max(leak, float(others.max()) if others.numel() else 0.0)
@@ -81,7 +90,8 @@ def check_gqa_mapping(model: Model, spec: ModelSpec, tokens: Tensor, clean: Acti
                 wrong.append(f"layer {layer}: noise on KV head {kv_head}'s keys changed the patterns of query heads "
                              f"{moved}, tl_circuits maps {expected} to it")
     passed = z_worst.rel_error <= tol and not wrong
-    mapping_text = f"g(h) = {mapping}" if len(mapping) <= 16 else f"g(h) = h // {spec.group_size}"
+    shown = mapping if len(mapping) <= 16 else [*mapping[:8], "...", *mapping[-2:]]
+    mapping_text = f"g(h) = [{', '.join(map(str, shown))}]"
     if passed:
         message = (f"{mapping_text}: z_h = pattern_h·v_g(h) in every layer, and key noise on each KV head changes "
                    f"exactly its query heads' patterns (smallest change {weakest:.2g}, largest elsewhere {leak:.2g})")
