@@ -240,15 +240,7 @@ def test_a_check_that_raises_is_a_failed_check_and_the_others_run(mha_model, mon
 # ----- refusals, arguments, and what a call leaves behind ---------------------------------------------------
 
 def test_a_refused_bridge_gets_the_refusal_reason_not_a_failed_check():
-    import transformers
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-    config = transformers.CodeGenConfig(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, rotary_dim=4)
-    hf = transformers.CodeGenForCausalLM(config).eval()
-    try:
-        model = build_bridge_from_module(hf, architecture="CodeGenForCausalLM", hf_config=hf.config)
-    except Exception as error:  # noqa: BLE001 - a TransformerLens without this adapter
-        pytest.skip(f"TransformerLens cannot bridge CodeGen here: {error}")
+    model = zoo.refused_bridge(pytest)
     result = sanity_check(model)
     assert result.checks == () and result.failed == [] and not result.passed
     assert "CodeGenForCausalLM" in result.refusal and "families" in result.refusal

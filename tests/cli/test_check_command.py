@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.architectures import zoo
 from tests.cli.helpers import run_main
 from tl_circuits.checks import CHECKS
 from tl_circuits.models import layout
@@ -36,18 +37,10 @@ def test_a_failing_check_exits_1_and_says_which(monkeypatch, capsys):
 
 
 def test_a_refused_model_exits_1_with_the_reason(monkeypatch, capsys):
-    import transformers
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
     import tl_circuits.cli.command as command
     from tl_circuits.cli.loading import LoadedModel
 
-    config = transformers.CodeGenConfig(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, rotary_dim=4)
-    hf = transformers.CodeGenForCausalLM(config).eval()
-    try:
-        model = build_bridge_from_module(hf, architecture="CodeGenForCausalLM", hf_config=hf.config)
-    except Exception as error:  # noqa: BLE001 - a TransformerLens without this adapter
-        pytest.skip(f"TransformerLens cannot bridge CodeGen here: {error}")
+    model = zoo.refused_bridge(pytest)
     monkeypatch.setattr(command, "load_model", lambda name, device, bridge=False: LoadedModel(
         model, "codegen", "pretrained"))
     status, out, _ = run_main(["--check", "--model", "codegen"], capsys)

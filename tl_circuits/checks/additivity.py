@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tl_circuits.checks.measure import Worst, exact_dtype, tolerance
+from tl_circuits.checks.measure import Worst, exact_dtype, measured_outcome, tolerance
 from tl_circuits.checks.result import CheckOutcome
 from tl_circuits.checks.slicing import has_bias
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
@@ -89,9 +89,6 @@ def check_head_additivity(model: Model, spec: ModelSpec, tokens: Tensor) -> Chec
     tol = tolerance(spec.dtype)
     what = (f"per-head signed scores summed over heads ({n_a}×{tokens.shape[0] - n_a} sample pairs, pooled Fisher, "
             f"biases {'included' if include_biases else 'not included'})")
-    passed = worst.rel_error <= tol
-    message = (f"{what} equal the score over the whole unsliced layer tensors" if passed else
-               f"{what} differ from the score over the whole layer tensor: worst {worst.where} (relative error "
-               f"{worst.rel_error:.2g} > {tol:g}): the per-head slices miss or repeat parameters, or the "
-               "gradients are not the model's")
-    return CheckOutcome("head_additivity", passed, worst.abs_error, worst.rel_error, tol, message)
+    return measured_outcome("head_additivity", worst, tol, f"{what} equal the score over the whole unsliced layer "
+                            "tensors", f"{what} differ from the score over the whole layer tensor (the per-head "
+                            "slices miss or repeat parameters, or the gradients are not the model's)")

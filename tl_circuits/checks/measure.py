@@ -18,10 +18,12 @@ float64 recomputation stays below 1e-6 at the sizes tested, while a wrong slice 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from tl_circuits.checks.result import CheckOutcome
 
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -56,3 +58,15 @@ class Worst:
         self.n += 1
         if rel_error > self.rel_error or self.n == 1:
             self.rel_error, self.abs_error, self.where = rel_error, abs_error, where
+
+
+def measured_outcome(name: str, worst: Worst, tol: float, passed_message: str, failed_message: str,
+                     problems: Sequence[str] = ()) -> CheckOutcome:
+    """The outcome of a measured check: failed with ``problems`` (e.g. wrong shapes) if any, else passed when the
+    worst relative error is within ``tol``; a failure's message ends with where the worst error was."""
+    if problems:
+        return CheckOutcome(name, False, worst.abs_error, worst.rel_error, tol, "; ".join(problems))
+    passed = worst.rel_error <= tol
+    message = passed_message if passed else (f"{failed_message}: worst {worst.where} (relative error "
+                                             f"{worst.rel_error:.2g} > {tol:g})")
+    return CheckOutcome(name, passed, worst.abs_error, worst.rel_error, tol, message)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tl_circuits.checks.capture import Activations
-from tl_circuits.checks.measure import Worst, exact_dtype, tolerance
+from tl_circuits.checks.measure import Worst, exact_dtype, measured_outcome, tolerance
 from tl_circuits.checks.result import CheckOutcome
 from tl_circuits.models.spec import Block, ModelSpec
 from tl_circuits.models.types import Model
@@ -76,13 +76,9 @@ def check_qkv_slicing(model: Model, spec: ModelSpec, clean: Activations) -> Chec
     layouts = ", ".join(f"{block} {spec.weight_layout(block)}" for block, _ in projections)
     what = (f"per-head Q/K/V slices ({layouts}; biases: {', '.join(biases) or 'none'}) applied to the projection "
             f"inputs, {spec.n_heads} query and {spec.n_kv_heads} KV heads per layer")
-    if problems:
-        return CheckOutcome("qkv_slicing", False, worst.abs_error, worst.rel_error, tol, "; ".join(problems))
-    passed = worst.rel_error <= tol
-    message = (f"{what} reproduce hook_q/hook_k/hook_v" if passed else
-               f"{what} do not reproduce the model's hooks: worst {worst.where} (relative error "
-               f"{worst.rel_error:.2g} > {tol:g}): tl_circuits slices this projection's heads wrongly")
-    return CheckOutcome("qkv_slicing", passed, worst.abs_error, worst.rel_error, tol, message)
+    return measured_outcome("qkv_slicing", worst, tol, f"{what} reproduce hook_q/hook_k/hook_v",
+                            f"{what} do not reproduce the model's hooks (tl_circuits slices these heads wrongly)",
+                            problems)
 
 
 def check_o_columns(model: Model, spec: ModelSpec, clean: Activations, bias_out: dict[int, Tensor]) -> CheckOutcome:
@@ -100,10 +96,6 @@ def check_o_columns(model: Model, spec: ModelSpec, clean: Activations, bias_out:
         worst.add(got, out.to(dtype), f"layer {layer}")
     tol = tolerance(spec.dtype)
     what = f"Σ_h z_h·W_O[h] + b_O over tl_circuits' O slices ({spec.weight_layout('O')} layout)"
-    if problems:
-        return CheckOutcome("o_columns", False, worst.abs_error, worst.rel_error, tol, "; ".join(problems))
-    passed = worst.rel_error <= tol
-    message = (f"{what} equals the attention output in every layer" if passed else
-               f"{what} does not equal the attention output: worst {worst.where} (relative error "
-               f"{worst.rel_error:.2g} > {tol:g}): the O projection is sliced along the wrong axis or order")
-    return CheckOutcome("o_columns", passed, worst.abs_error, worst.rel_error, tol, message)
+    return measured_outcome("o_columns", worst, tol, f"{what} equals the attention output in every layer",
+                            f"{what} does not equal the attention output (O sliced along the wrong axis or in the "
+                            "wrong order)", problems)
