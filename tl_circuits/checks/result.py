@@ -3,8 +3,8 @@
 Errors are measured against the model's own activations (or gradients): ``max_abs_error`` is the largest
 absolute difference, ``max_rel_error`` that difference divided by the largest magnitude of the reference it was
 measured against (so it does not depend on the model's scale), and a check passes when ``max_rel_error <=
-tolerance`` (the bit-identity checks have tolerance 0). NaN means "not measured" (a check that counts
-differences rather than measuring them, or a check that raised).
+tolerance`` (the bit-identity checks have tolerance 0: any difference fails). NaN means "not measured"
+(``model_unchanged`` lists differences rather than measuring them; a check that raised measured nothing).
 
 >>> result = SanityCheckResult("ToyModel", "TransformerBridge", (
 ...     CheckOutcome("qkv_slicing", True, 2e-7, 1e-7, 1e-4, "q/k/v reproduced"),

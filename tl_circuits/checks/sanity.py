@@ -26,6 +26,7 @@ arguments that are not a model or tokens.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -63,7 +64,7 @@ def _attempt(name: str, check: Callable[[], CheckOutcome]) -> CheckOutcome:
 def _model_unchanged(changes: list[str]) -> CheckOutcome:
     message = ("parameters, buffers, hooks, train/eval mode and outputs are as before" if not changes else
                "the checks changed the model: " + "; ".join(changes[:5]) + (" ..." if len(changes) > 5 else ""))
-    return CheckOutcome("model_unchanged", not changes, float(len(changes)), float("nan"), 0.0, message)
+    return CheckOutcome("model_unchanged", not changes, math.nan, math.nan, 0.0, message)  # it lists, not measures
 
 
 def sanity_check(

@@ -23,6 +23,10 @@ always the case, so the command with no arguments runs the whole main job on the
 (On TransformerLens 3.x a native bridge discards ``hook_pattern`` edits, so the QK half of the sweep is left
 out there, with a warning; the report's other numbers equal the HookedTransformer's.)
 
+``--check`` runs :func:`tl_circuits.sanity_check` on the model ``--model`` names (loaded as above, ``--bridge`` and
+``--device`` included) instead, prints its table and exits 0 when every check passes, 1 when one fails or the model
+is refused (docs/spec.md §0.6).
+
 Errors in what the user gave (a missing file, an empty task, an unknown model, text for a model without a
 tokenizer, token ids outside the vocabulary, an occupied output directory) end the run with exit status 2 and
 one line on stderr; any other failure with status 1 and one line (``--traceback`` shows the traceback).
