@@ -30,6 +30,7 @@ from tl_circuits.bundled.tasks import (
     skip_induction_batch,
     task_tokenizer,
 )
+from tl_circuits.checks import CheckOutcome, SanityCheckResult, sanity_check
 from tl_circuits.freezing import (
     Circuit,
     FreezeHandle,
@@ -90,6 +91,7 @@ __all__ = [
     "BundledModelInfo",
     "cell_drivers",
     "CellDrivers",
+    "CheckOutcome",
     "Circuit",
     "cluster_mass_correction",
     "compute_interference",
@@ -153,6 +155,8 @@ __all__ = [
     "Replacement",
     "scored_loss",
     "scored_loss_metric",
+    "sanity_check",
+    "SanityCheckResult",
     "sign_flip_test",
     "SignFlipResult",
     "skip_induction_batch",

@@ -23,6 +23,10 @@ always the case, so the command with no arguments runs the whole main job on the
 (On TransformerLens 3.x a native bridge discards ``hook_pattern`` edits, so the QK half of the sweep is left
 out there, with a warning; the report's other numbers equal the HookedTransformer's.)
 
+``--check`` runs :func:`tl_circuits.sanity_check` on the model ``--model`` names (loaded as above, ``--bridge`` and
+``--device`` included) instead, prints its table and exits 0 when every check passes, 1 when one fails or the model
+is refused (docs/spec.md §0.6).
+
 Errors in what the user gave (a missing file, an empty task, an unknown model, text for a model without a
 tokenizer, token ids outside the vocabulary, an occupied output directory) end the run with exit status 2 and
 one line on stderr; any other failure with status 1 and one line (``--traceback`` shows the traceback).
@@ -100,6 +104,7 @@ class CommandOptions:
     bridge: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
     normalization: str = defaults.NORMALIZATION
+    check: bool = False
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
@@ -204,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help="under torchrun: seconds a rank waits for the others in a collective before the run fails "
              f"(default {DEFAULT_TIMEOUT_S:g})")
+    add("--check", action="store_true",
+        help="check that tl_circuits reads --model the way the model computes (tl_circuits.sanity_check: per-head "
+             "slicing, head additivity, GQA mapping, freeze isolation, model unchanged; a few random tokens from "
+             "--seed), print the table and exit: 0 all checks pass, 1 a check fails or the model is refused, "
+             "2 bad input")
     add("--list-models", action="store_true", help="list the bundled models and exit")
     add("--traceback", action="store_true", help="on an unexpected failure, print the full traceback")
     return parser
@@ -285,6 +295,18 @@ def run(options: CommandOptions) -> Path:
     return options.out
 
 
+def run_check(options: CommandOptions) -> int:
+    """``--check``: :func:`tl_circuits.sanity_check` of the model ``--model`` names, its table on stdout; the exit
+    status is 0 when every check passes, 1 otherwise (a failed check, or a model tl_circuits refuses)."""
+    from tl_circuits.checks import sanity_check
+
+    loaded = load_model(options.model, _device(options.device), bridge=options.bridge)
+    result = sanity_check(loaded.model, seed=options.seed)
+    print(f"model {loaded.name} ({loaded.source})")
+    print(result.table())
+    return EXIT_OK if result.passed else EXIT_FAILURE
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split()) or "(no message)"
 
@@ -305,6 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_OK
     where, joined = "", False
     try:
+        if options.check:
+            return run_check(options)
         options, joined = _join_ranks(options)
         where = f"{current_world().describe()}: " if current_world().active else ""
         run(options)
