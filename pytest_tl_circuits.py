@@ -13,7 +13,7 @@ Fixtures (function scope unless said):
 
 - ``tlc_seed`` (session): the seed of everything below, ``--tlc-seed`` (default 0).
 - ``tlc_bundled_name``: which bundled model: the ``tlc_bundled("name")`` mark, an indirect parameter, or
-  ``tl_circuits.DEFAULT_BUNDLED_MODEL``; ``tlc_bundled_model``: a fresh copy of it
+  ``tl_circuits.bundled.DEFAULT_BUNDLED_MODEL``; ``tlc_bundled_model``: a fresh copy of it
   (``tl_circuits.load_bundled_model``); ``tlc_bundled_info``: its ``BundledModelInfo`` (known heads, tasks).
 - ``tlc_task_batch``: ``make(task, n=16, *, seed=None, **settings) -> TaskBatch``: ``n`` distinct rows of the task,
   seeded with ``tlc_seed`` (or ``seed``): as the bundled model in use was evaluated on it, or, given ``settings``,
@@ -92,7 +92,7 @@ def tlc_bundled_name(request: pytest.FixtureRequest) -> str:
         if len(mark.args) != 1:
             raise pytest.UsageError(f"tlc_bundled takes one bundled model name, got {mark.args}")
         return str(mark.args[0])
-    from tl_circuits import DEFAULT_BUNDLED_MODEL
+    from tl_circuits.bundled import DEFAULT_BUNDLED_MODEL
 
     return DEFAULT_BUNDLED_MODEL
 
@@ -108,17 +108,18 @@ def tlc_bundled_model(tlc_bundled_name: str) -> Any:
 @pytest.fixture
 def tlc_bundled_info(tlc_bundled_name: str) -> Any:
     """The bundled model's ``BundledModelInfo``: ``known_heads``, ``control_heads``, ``tasks``, metrics."""
-    from tl_circuits import bundled_model_info
+    from tl_circuits.bundled import bundled_model_info
 
     return bundled_model_info(tlc_bundled_name)
 
 
 @pytest.fixture
 def tlc_task_batch(tlc_bundled_name: str, tlc_seed: int) -> Callable[..., Any]:
-    """``make(task, n=16, *, seed=None, **settings)``: n distinct rows of ``task`` (``tl_circuits.distinct_batch``),
+    """``make(task, n=16, *, seed=None, **settings)``: n distinct rows of ``task``
+    (``tl_circuits.bundled.distinct_batch``),
     seeded with ``tlc_seed`` unless ``seed`` is given. Without ``settings``, the task as the bundled model in use
-    was evaluated on it (``tl_circuits.bundled_tasks``); with them, exactly those generator settings."""
-    from tl_circuits import bundled_tasks, distinct_batch
+    was evaluated on it (``tl_circuits.bundled.bundled_tasks``); with them, exactly those generator settings."""
+    from tl_circuits.bundled import bundled_tasks, distinct_batch
 
     def make(task: str, n: int = 16, *, seed: Optional[int] = None, **settings: Any) -> Any:
         seed = tlc_seed if seed is None else seed

@@ -31,7 +31,7 @@ def planted_scores():
     from tl_circuits.testing import conflict_scores
 
     model = tlc.load_bundled_model("planted-conflict-2l")
-    make_a, make_b = tlc.bundled_tasks("planted-conflict-2l").values()
+    make_a, make_b = tlc.bundled.bundled_tasks("planted-conflict-2l").values()
     quiet = tlc.InterferenceConfig(tlc.GradientConfig(progress=False))
     return conflict_scores(model, make_a(512, seed=0), make_b(512, seed=0), config=quiet)
 

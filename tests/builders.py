@@ -135,7 +135,7 @@ def embedding_weight(model) -> torch.nn.Parameter:
 def attention_param(model, layer: int, block: str, kv: bool = False) -> torch.nn.Parameter:
     """A layer's Q/K/V/O weight as a parameter of a model under test (``blocks.{layer}.attn.W_Q`` on a
     HookedTransformer; under GQA ``_W_K``/``_W_V``), found by the name model_spec gives it."""
-    from tl_circuits import model_spec
+    from tl_circuits.models import model_spec
 
     return dict(model.named_parameters())[model_spec(model).param_name(layer, block)]
 

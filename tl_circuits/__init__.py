@@ -1,40 +1,30 @@
 """tl_circuits: QK/OV circuit freezing and QK-OV interference for TransformerLens models.
 
-The public API, all importable from here; the specification of every quantity is docs/spec.md.
+The front door: freezing (:func:`freeze`, :func:`freeze_sweep` and its test), interference
+(:func:`compute_interference`, :func:`per_sample_gradients`, the pooled matrix), the tests
+(:func:`permutation_test`, :func:`conflict_test` and their from-a-model forms), their configs and results,
+:func:`load` for every saved result, :func:`sanity_check`, and :func:`load_bundled_model`. Everything else lives in
+the subpackages named for their stage: :mod:`tl_circuits.bundled` (models and tasks with known circuits),
+:mod:`tl_circuits.freezing`, :mod:`tl_circuits.interference`, :mod:`tl_circuits.stats`, :mod:`tl_circuits.models`,
+:mod:`tl_circuits.distributed`, :mod:`tl_circuits.plotting`, :mod:`tl_circuits.checks`, :mod:`tl_circuits.testing`.
+The specification of every quantity is docs/spec.md.
 
 >>> import tl_circuits
->>> isinstance(tl_circuits.__version__, str)
-True
+>>> isinstance(tl_circuits.__version__, str), len(tl_circuits.__all__) - 1  # less __version__
+(True, 26)
 """
 
+import importlib
+from typing import Any
+
+# the subpackages, so that ``tl_circuits.stats.fdr_correction`` works after ``import tl_circuits``
+from tl_circuits import bundled, checks, distributed, freezing, interference, models, plotting, stats  # noqa: F401
 from tl_circuits._version import __version__
-from tl_circuits.bundled.models import (
-    DEFAULT_BUNDLED_MODEL,
-    BundledModelInfo,
-    bundled_model_info,
-    bundled_tasks,
-    head_detector_scores,
-    list_bundled_models,
-    load_bundled_model,
-)
-from tl_circuits.bundled.samples import distinct_batch, duplicate_groups, n_distinct_rows
-from tl_circuits.bundled.tasks import (
-    TaskBatch,
-    counting_batch,
-    in_context_accuracy,
-    in_context_loss,
-    induction_batch,
-    random_batch,
-    scored_loss,
-    scored_loss_metric,
-    skip_induction_batch,
-    task_tokenizer,
-)
-from tl_circuits.checks import CheckOutcome, SanityCheckResult, sanity_check
+from tl_circuits.bundled.models import load_bundled_model
+from tl_circuits.checks import SanityCheckResult, sanity_check
+from tl_circuits.deprecation import warn_deprecated
 from tl_circuits.freezing import (
     Circuit,
-    FreezeHandle,
-    FreezeSpec,
     GradientMode,
     MeanActivations,
     Replacement,
@@ -42,127 +32,105 @@ from tl_circuits.freezing import (
     SweepTestResult,
     compute_mean_activations,
     freeze,
-    freeze_hooks,
     freeze_sweep,
-    normalize_heads,
 )
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
 from tl_circuits.interference.engine import compute_interference
-from tl_circuits.interference.factors import PerSampleGradients
-from tl_circuits.interference.fisher import (
-    DiagonalFisher,
-    EMAFisher,
-    damped,
-    fisher_from_gradients,
-    leave_one_out,
-    pooled,
-)
 from tl_circuits.interference.gradients import per_sample_gradients
 from tl_circuits.interference.inputs import loss_mask_from_labels
-from tl_circuits.interference.result import Conflict, InterferenceResult, PooledScores
-from tl_circuits.interference.scoring import pairwise_scores
-from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
-from tl_circuits.parallel import World, current_world, init_from_environment
-from tl_circuits.plotting import plot_blocks, plot_heads
+from tl_circuits.interference.result import InterferenceResult, PooledScores
 from tl_circuits.results_io import load
-from tl_circuits.stats import (
-    BootstrapCI,
-    InterferenceTestResult,
-    bootstrap_ci,
-    cluster_mass_correction,
-    fdr_correction,
-    maxstat_correction,
-    permutation_test,
-)
+from tl_circuits.stats import InterferenceTestResult, permutation_test
 from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
-from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
-from tl_circuits.stats.interference_tests import interference_permutation_test, pooled_pairwise_scores
-from tl_circuits.stats.paired import PairedBootstrapCI, SignFlipResult, paired_bootstrap_ci, sign_flip_test
-from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
+from tl_circuits.stats.interference_tests import interference_permutation_test
 
 __all__ = [
     "__version__",
-    "BLOCKS",
-    "DEFAULT_BUNDLED_MODEL",
-    "bootstrap_ci",
-    "BootstrapCI",
-    "bundled_model_info",
-    "bundled_tasks",
-    "BundledModelInfo",
-    "cell_drivers",
-    "CellDrivers",
-    "CheckOutcome",
-    "Circuit",
-    "cluster_mass_correction",
-    "compute_interference",
-    "compute_mean_activations",
-    "Conflict",
-    "conflict_test",
-    "ConflictTestResult",
-    "counting_batch",
-    "current_world",
-    "damped",
-    "DiagonalFisher",
-    "distinct_batch",
-    "duplicate_groups",
-    "EMAFisher",
-    "fdr_correction",
-    "fisher_cosines",
-    "fisher_from_gradients",
-    "FisherCosines",
-    "freeze",
-    "freeze_hooks",
-    "freeze_sweep",
-    "FreezeHandle",
-    "FreezeSpec",
-    "GradientConfig",
-    "GradientMode",
-    "head_detector_scores",
-    "in_context_accuracy",
-    "in_context_loss",
-    "init_from_environment",
-    "induction_batch",
-    "interference_conflict_test",
-    "interference_permutation_test",
-    "InterferenceConfig",
-    "InterferenceResult",
-    "InterferenceTestResult",
-    "leave_one_out",
-    "list_bundled_models",
-    "load",
-    "load_bundled_model",
-    "loss_mask_from_labels",
-    "maxstat_correction",
-    "MeanActivations",
-    "model_spec",
-    "ModelSpec",
-    "n_distinct_rows",
-    "normalize_heads",
-    "paired_bootstrap_ci",
-    "PairedBootstrapCI",
-    "pairwise_scores",
-    "per_sample_gradients",
-    "permutation_test",
-    "PerSampleGradients",
-    "PooledScores",
-    "plot_blocks",
-    "plot_heads",
-    "pooled",
-    "pooled_pairwise_scores",
-    "random_batch",
-    "rank_stability",
-    "RankStability",
-    "Replacement",
-    "scored_loss",
-    "scored_loss_metric",
-    "sanity_check",
-    "SanityCheckResult",
-    "sign_flip_test",
-    "SignFlipResult",
-    "skip_induction_batch",
-    "SweepResult",
-    "SweepTestResult",
-    "task_tokenizer",
-    "TaskBatch",
-    "World",
+    # freezing
+    "Circuit", "Replacement", "GradientMode", "freeze", "freeze_sweep", "SweepResult", "SweepTestResult",
+    "compute_mean_activations", "MeanActivations",
+    # interference
+    "compute_interference", "per_sample_gradients", "loss_mask_from_labels", "GradientConfig", "InterferenceConfig",
+    "InterferenceResult", "PooledScores",
+    # tests
+    "permutation_test", "interference_permutation_test", "InterferenceTestResult", "conflict_test",
+    "interference_conflict_test", "ConflictTestResult",
+    # everything saved, a model's check, the bundled models
+    "load", "sanity_check", "SanityCheckResult", "load_bundled_model",
 ]
+
+MOVED = {
+    "BLOCKS": "models",
+    "bootstrap_ci": "stats",
+    "BootstrapCI": "stats",
+    "bundled_model_info": "bundled",
+    "bundled_tasks": "bundled",
+    "BundledModelInfo": "bundled",
+    "cell_drivers": "stats",
+    "CellDrivers": "stats",
+    "CheckOutcome": "checks",
+    "cluster_mass_correction": "stats",
+    "Conflict": "interference",
+    "counting_batch": "bundled",
+    "current_world": "distributed",
+    "damped": "interference",
+    "DEFAULT_BUNDLED_MODEL": "bundled",
+    "DiagonalFisher": "interference",
+    "distinct_batch": "bundled",
+    "duplicate_groups": "bundled",
+    "EMAFisher": "interference",
+    "fdr_correction": "stats",
+    "fisher_cosines": "stats",
+    "fisher_from_gradients": "interference",
+    "FisherCosines": "stats",
+    "freeze_hooks": "freezing",
+    "FreezeHandle": "freezing",
+    "FreezeSpec": "freezing",
+    "head_detector_scores": "bundled",
+    "in_context_accuracy": "bundled",
+    "in_context_loss": "bundled",
+    "induction_batch": "bundled",
+    "init_from_environment": "distributed",
+    "leave_one_out": "interference",
+    "list_bundled_models": "bundled",
+    "maxstat_correction": "stats",
+    "model_spec": "models",
+    "ModelSpec": "models",
+    "n_distinct_rows": "bundled",
+    "normalize_heads": "freezing",
+    "paired_bootstrap_ci": "stats",
+    "PairedBootstrapCI": "stats",
+    "pairwise_scores": "interference",
+    "PerSampleGradients": "interference",
+    "plot_blocks": "plotting",
+    "plot_heads": "plotting",
+    "pooled": "interference",
+    "pooled_pairwise_scores": "stats",
+    "random_batch": "bundled",
+    "rank_stability": "stats",
+    "RankStability": "stats",
+    "scored_loss": "bundled",
+    "scored_loss_metric": "bundled",
+    "sign_flip_test": "stats",
+    "SignFlipResult": "stats",
+    "skip_induction_batch": "bundled",
+    "task_tokenizer": "bundled",
+    "TaskBatch": "bundled",
+    "World": "distributed",
+}
+"""Names that were importable from ``tl_circuits`` before 0.x and now live in a subpackage: they still work for
+one minor version, with a :class:`~tl_circuits.deprecation.TLCircuitsDeprecationWarning` naming the new home."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in MOVED:
+        home = f"tl_circuits.{MOVED[name]}"
+        warn_deprecated(f"tl_circuits.{name} is deprecated; use {home}.{name} (the top level keeps the front door "
+                        "only)", stacklevel=2)
+        return getattr(importlib.import_module(home), name)
+    raise AttributeError(f"module 'tl_circuits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

@@ -69,6 +69,9 @@ def _text_colour(rgba) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
+__all__ = ["plot_blocks", "plot_heads"]
+
+
 def plot_heads(
     values: Union[Float[Tensor, "n_layers n_heads"], np.ndarray],
     *,

@@ -25,9 +25,9 @@ from tl_circuits import (
     compute_mean_activations,
     freeze,
     freeze_sweep,
-    model_spec,
     per_sample_gradients,
 )
+from tl_circuits.models import model_spec
 
 pytest.importorskip("transformer_lens.model_bridge")
 

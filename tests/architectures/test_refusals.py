@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.architectures import zoo
-from tl_circuits import GradientConfig, freeze, model_spec, per_sample_gradients
+from tl_circuits import GradientConfig, freeze, per_sample_gradients
+from tl_circuits.models import model_spec
 from tl_circuits.models.layout import check_projection_shape
 
 pytest.importorskip("transformer_lens.model_bridge")

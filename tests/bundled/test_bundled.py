@@ -57,19 +57,19 @@ def model_named(name: str):
 
 
 def task_batch(name: str, task: str, n: int = N_ROWS, seed: int = TEST_SEED) -> tasks.TaskBatch:
-    return tlc.bundled_tasks(name)[task](n, seed=seed)
+    return tlc.bundled.bundled_tasks(name)[task](n, seed=seed)
 
 
 def loss_and_accuracy(model, batch) -> tuple[float, float]:
-    return float(tlc.in_context_loss(model, batch)), tlc.in_context_accuracy(model, batch)
+    return float(tlc.bundled.in_context_loss(model, batch)), tlc.bundled.in_context_accuracy(model, batch)
 
 
 # ----- the loader ---------------------------------------------------------------------------------
 
 def test_list_bundled_models_describes_every_model():
-    infos = tlc.list_bundled_models()
+    infos = tlc.bundled.list_bundled_models()
     assert [info.name for info in infos] == ALL_MODELS
-    assert tlc.DEFAULT_BUNDLED_MODEL == "induction-counting-2l"
+    assert tlc.bundled.DEFAULT_BUNDLED_MODEL == "induction-counting-2l"
     for info in infos[:len(MODEL_NAMES)]:
         assert info.description and "\n" not in info.description
         assert info.summary().startswith(info.name)
@@ -79,12 +79,12 @@ def test_list_bundled_models_describes_every_model():
         assert info.tasks[0] == "induction" and set(info.metrics) == set(info.tasks)
         assert info.weights_path.is_file()
         assert info.weights_path.stat().st_size < 400_000  # small enough to ship in the package
-    assert tlc.bundled_model_info("induction-counting-2l").tasks == ("induction", "counting")
-    assert tlc.bundled_model_info("induction-counting-2l").trained_on == ("induction", "counting")
+    assert tlc.bundled.bundled_model_info("induction-counting-2l").tasks == ("induction", "counting")
+    assert tlc.bundled.bundled_model_info("induction-counting-2l").trained_on == ("induction", "counting")
 
 
 def test_unknown_name_is_a_clear_error_listing_the_models():
-    for call in (tlc.load_bundled_model, tlc.bundled_model_info, tlc.bundled_tasks):
+    for call in (tlc.load_bundled_model, tlc.bundled.bundled_model_info, tlc.bundled.bundled_tasks):
         with pytest.raises(ValueError, match=r"unknown bundled model 'gpt-5'.*induction-2l, induction-counting-2l"):
             call("gpt-5")
 
@@ -93,7 +93,7 @@ def test_unknown_name_is_a_clear_error_listing_the_models():
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_loaded_model_is_the_shipped_weights_and_config(name):
     model = model_named(name)
-    info = tlc.bundled_model_info(name)
+    info = tlc.bundled.bundled_model_info(name)
     assert isinstance(model, HookedTransformer) and not model.training
     for key, value in info.config.items():
         assert getattr(model.cfg, key) == value, key
@@ -105,8 +105,8 @@ def test_loaded_model_is_the_shipped_weights_and_config(name):
 
 def test_default_model_loads_without_arguments():
     model = tlc.load_bundled_model()
-    assert model.cfg.d_vocab == tlc.bundled_model_info().config["d_vocab"]
-    assert list(tlc.bundled_tasks()) == ["induction", "counting"]
+    assert model.cfg.d_vocab == tlc.bundled.bundled_model_info().config["d_vocab"]
+    assert list(tlc.bundled.bundled_tasks()) == ["induction", "counting"]
 
 
 def test_package_data_ships_the_weights():
@@ -152,9 +152,9 @@ def test_named_heads_have_high_head_detector_scores(name):
     nothing about what a head reads): the named heads score high, every other head low."""
     model = model_named(name)
     batch = task_batch(name, "induction", n=8)
-    info = tlc.bundled_model_info(name)
+    info = tlc.bundled.bundled_model_info(name)
     for kind, role in (("induction_head", "induction"), ("previous_token_head", "previous_token")):
-        scores = tlc.head_detector_scores(model, batch, kind, exclude_bos=True)
+        scores = tlc.bundled.head_detector_scores(model, batch, kind, exclude_bos=True)
         named = torch.zeros_like(scores, dtype=torch.bool)
         for layer, head in info.known_heads[role]:
             named[layer, head] = True
@@ -168,7 +168,7 @@ def test_named_heads_have_high_head_detector_scores(name):
 def test_head_detector_without_a_tokenizer_is_a_clear_error():
     model = tlc.load_bundled_model("induction-2l", tokenizer=False)
     with pytest.raises(ValueError, match="tokenizer"):
-        tlc.head_detector_scores(model, task_batch("induction-2l", "induction", n=2))
+        tlc.bundled.head_detector_scores(model, task_batch("induction-2l", "induction", n=2))
 
 
 # ----- freezing the known circuit destroys in-context copying; an unrelated head does not --------
@@ -190,7 +190,7 @@ def test_freezing_the_induction_heads_destroys_in_context_copying(name, circuit,
     model = model_named(name)
     batch = task_batch(name, "induction")
     clean_loss, _ = loss_and_accuracy(model, batch)
-    info = tlc.bundled_model_info(name)
+    info = tlc.bundled.bundled_model_info(name)
 
     loss, accuracy = _frozen_loss_and_accuracy(model, batch, info.known_heads["induction"], circuit, replacement)
     assert loss > clean_loss + DESTROYED_RISE and accuracy < DESTROYED_ACCURACY, (loss, accuracy)
@@ -207,7 +207,7 @@ def test_freezing_the_previous_token_head_destroys_in_context_copying(circuit, r
     model = model_named(name)
     batch = task_batch(name, "induction")
     clean_loss, _ = loss_and_accuracy(model, batch)
-    heads = tlc.bundled_model_info(name).known_heads["previous_token"]
+    heads = tlc.bundled.bundled_model_info(name).known_heads["previous_token"]
     assert len(heads) == 1
     loss, accuracy = _frozen_loss_and_accuracy(model, batch, heads, circuit, replacement)
     assert loss > clean_loss + DESTROYED_RISE and accuracy < DESTROYED_ACCURACY, (loss, accuracy)
@@ -220,7 +220,7 @@ def test_previous_token_pattern_is_positional(name):
     model = model_named(name)
     batch = task_batch(name, "induction")
     clean_loss, _ = loss_and_accuracy(model, batch)
-    heads = tlc.bundled_model_info(name).known_heads["previous_token"]
+    heads = tlc.bundled.bundled_model_info(name).known_heads["previous_token"]
     loss, _ = _frozen_loss_and_accuracy(model, batch, heads, "qk", "resample")
     assert abs(loss - clean_loss) < 0.05
 
@@ -231,8 +231,8 @@ def test_the_sweep_singles_out_the_recorded_circuit(name):
     most at a recorded induction head; in induction-2l, ZERO hurts most at its previous-token head."""
     model = model_named(name)
     batch = task_batch(name, "induction")
-    info = tlc.bundled_model_info(name)
-    metric = tlc.scored_loss_metric(batch)
+    info = tlc.bundled.bundled_model_info(name)
+    metric = tlc.bundled.scored_loss_metric(batch)
     corrupted = random_batch(len(batch), seq_len=33, d_vocab=model.cfg.d_vocab, seed=1).tokens
     resample = tlc.freeze_sweep(model, batch.tokens, metric, replacement="resample", reference=corrupted,
                                 progress=False)
@@ -250,7 +250,7 @@ def test_two_task_model_control_head_is_a_counting_head():
     model = model_named(name)
     batch = task_batch(name, "counting")
     clean_loss, _ = loss_and_accuracy(model, batch)
-    for control in tlc.bundled_model_info(name).control_heads:
+    for control in tlc.bundled.bundled_model_info(name).control_heads:
         for circuit in ("qk", "ov"):
             loss, _ = _frozen_loss_and_accuracy(model, batch, [control], circuit, "zero")
             assert loss > clean_loss + 0.2, (control, circuit, loss, clean_loss)
@@ -364,7 +364,7 @@ def test_training_is_deterministic():
 def test_recorded_training_settings_match_the_code():
     """The JSON records the settings the training code holds for each model (nothing drifted)."""
     for name in ALL_MODELS:
-        meta = tlc.bundled_model_info(name).metadata
+        meta = tlc.bundled.bundled_model_info(name).metadata
         config = BUNDLED_CONFIGS[name]
         assert meta["config"] == config.model
         assert meta["task_settings"] == json.loads(json.dumps(config.eval_tasks))
@@ -384,7 +384,7 @@ def test_retraining_reproduces_the_shipped_model(name):
     if all(torch.equal(a, b) for a, b in zip(retrained.parameters(), shipped.parameters())):
         return
     selection = select_heads(analyse(retrained, BUNDLED_CONFIGS[name]))
-    info = tlc.bundled_model_info(name)
+    info = tlc.bundled.bundled_model_info(name)
     assert {k: [tuple(h) for h in v] for k, v in selection["known_heads"].items()} == info.known_heads
     for task in info.tasks:
         loss, _ = loss_and_accuracy(retrained, task_batch(name, task))

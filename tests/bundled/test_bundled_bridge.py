@@ -21,8 +21,8 @@ from tl_circuits.models.spec import model_spec
 from tl_circuits.models.native import _port_convert, native_bridge_from_tl
 from tl_circuits.bundled.tasks import in_context_accuracy, in_context_loss, scored_loss_metric
 
-MODEL_NAMES = [info.name for info in tlc.list_bundled_models()]
-DEFAULT = tlc.DEFAULT_BUNDLED_MODEL
+MODEL_NAMES = [info.name for info in tlc.bundled.list_bundled_models()]
+DEFAULT = tlc.bundled.DEFAULT_BUNDLED_MODEL
 
 _bridges: dict = {}
 
@@ -47,7 +47,7 @@ def test_as_bridge_gives_a_native_bridge_and_the_default_follows_transformer_len
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_bridge_logits_equal_the_hooked_transformer(name):
     model, bridge = tlc.load_bundled_model(name, as_bridge=False), bridge_named(name)
-    for task, make in tlc.bundled_tasks(name).items():
+    for task, make in tlc.bundled.bundled_tasks(name).items():
         tokens = make(8, seed=5).tokens
         assert torch.equal(bridge(tokens), model(tokens)), task
 
@@ -58,17 +58,17 @@ def test_converter_port_equals_transformer_lens_converter():
     from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
     bridge = bridge_named(DEFAULT)
-    state = load_file(str(tlc.bundled_model_info(DEFAULT).weights_path))
+    state = load_file(str(tlc.bundled.bundled_model_info(DEFAULT).weights_path))
     ours, theirs = _port_convert(state, bridge.cfg), convert_tl_checkpoint(state, bridge.cfg)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("task", tlc.bundled_model_info(DEFAULT).tasks)
+@pytest.mark.parametrize("task", tlc.bundled.bundled_model_info(DEFAULT).tasks)
 def test_bridge_reproduces_the_recorded_metrics_and_freeze_effects(task):
     """The JSON's numbers were measured on the HookedTransformer (held-out batch: n=64, seed 0, rounded to 1e-4):
     the bridge's loss, accuracy and per-head ZERO freeze effects match them, head by head."""
-    info, bridge = tlc.bundled_model_info(DEFAULT), bridge_named(DEFAULT)
-    batch = tlc.bundled_tasks(DEFAULT)[task](64, seed=0)
+    info, bridge = tlc.bundled.bundled_model_info(DEFAULT), bridge_named(DEFAULT)
+    batch = tlc.bundled.bundled_tasks(DEFAULT)[task](64, seed=0)
     assert float(in_context_loss(bridge, batch)) == pytest.approx(info.metrics[task]["loss"], abs=1e-4)
     assert in_context_accuracy(bridge, batch) == pytest.approx(info.metrics[task]["accuracy"], abs=1e-4)
     qk = model_spec(bridge).qk_mask_source is not None  # False: a native bridge on TransformerLens 3.x
@@ -83,8 +83,8 @@ def test_bridge_reproduces_the_recorded_metrics_and_freeze_effects(task):
 def test_freezing_the_induction_heads_ov_destroys_copying_on_the_bridge():
     """The known-circuit result on the bridge, on every TransformerLens (thresholds of tests/bundled/test_bundled.py);
     QK freezes are refused with one clear error where the native bridge discards pattern edits (3.x)."""
-    info, bridge = tlc.bundled_model_info(DEFAULT), bridge_named(DEFAULT)
-    batch = tlc.bundled_tasks(DEFAULT)["induction"](32, seed=123)
+    info, bridge = tlc.bundled.bundled_model_info(DEFAULT), bridge_named(DEFAULT)
+    batch = tlc.bundled.bundled_tasks(DEFAULT)["induction"](32, seed=123)
     clean = float(in_context_loss(bridge, batch))
     with tlc.freeze(bridge, info.known_heads["induction"], "ov", "zero"):
         assert float(in_context_loss(bridge, batch)) > clean + 2.0 and in_context_accuracy(bridge, batch) < 0.5
@@ -98,11 +98,11 @@ def test_freezing_the_induction_heads_ov_destroys_copying_on_the_bridge():
 
 def test_checkpoint_loads_as_a_bridge(tmp_path):
     """A checkpoint directory (here: the bundled files, as save_checkpoint lays them out) loads as the same bridge."""
-    info = tlc.bundled_model_info(DEFAULT)
+    info = tlc.bundled.bundled_model_info(DEFAULT)
     (tmp_path / "config.json").write_text(json.dumps(info.config))
     shutil.copy(info.weights_path, tmp_path / "model.safetensors")
     loaded = load_checkpoint(tmp_path, as_bridge=True)
-    tokens = tlc.bundled_tasks(DEFAULT)["induction"](4, seed=1).tokens
+    tokens = tlc.bundled.bundled_tasks(DEFAULT)["induction"](4, seed=1).tokens
     assert torch.equal(loaded(tokens), bridge_named(DEFAULT)(tokens)) and loaded.tokenizer is None
     assert type(load_checkpoint(tmp_path)).__name__ == ("HookedTransformer" if HAS_HOOKED_TRANSFORMER else
                                                         "TransformerBridge")
@@ -119,7 +119,7 @@ def test_saved_hooked_transformer_with_mlp_loads_as_an_equal_bridge(tmp_path):
 
 
 def test_unsupported_configurations_are_one_clear_error(tmp_path):
-    info = tlc.bundled_model_info(DEFAULT)
+    info = tlc.bundled.bundled_model_info(DEFAULT)
     state = load_file(str(info.weights_path))
     with pytest.raises(NotImplementedError, match="positional_embedding_type='standard'"):
         native_bridge_from_tl({**info.config, "positional_embedding_type": "rotary"}, state)

@@ -98,7 +98,7 @@ def test_untrained_heads_stay_zero_and_masks_refuse_grouped_models():
 # ----- the shipped model ---------------------------------------------------------------------------
 
 def test_planted_model_metadata_lists_its_heads_by_construction():
-    info = tlc.bundled_model_info(NAME)
+    info = tlc.bundled.bundled_model_info(NAME)
     assert info.tasks == ("induction", "skip_induction") and info.trained_on == info.tasks
     assert info.known_heads == {"shared": [(0, 0)], "task A only": [(1, 0)], "task B only": [(1, 1)],
                                 "untrained": [(0, 1)]}
@@ -113,7 +113,7 @@ N_CONFLICT = 512  # per task: the shared head's opposed task means are ~0.5% of 
 def conflict_on_bundled_tasks(seed: int):
     """The conflict test on N_CONFLICT distinct samples per task (task A ``seed``, task B ``seed + 1``)."""
     model = tlc.load_bundled_model(NAME)
-    make_a, make_b = tlc.bundled_tasks(NAME).values()
+    make_a, make_b = tlc.bundled.bundled_tasks(NAME).values()
     batch_a, batch_b = make_a(N_CONFLICT, seed=seed), make_b(N_CONFLICT, seed=seed + 1)
     return tlc.interference_conflict_test(model, batch_a.tokens, batch_b.tokens,
                                           config=tlc.InterferenceConfig(gradients=tlc.GradientConfig(progress=False)))
@@ -135,7 +135,7 @@ def test_the_conflict_test_finds_the_shared_head_and_not_the_others(one_thread):
     This exact pattern is for these samples: with other draws a head one task trains alone can be flagged too
     (seed 7: L1H0 Q, p = 0.014), as the training is near, not at, its optimum (see the test below)."""
     result = conflict_on_bundled_tasks(seed=0)
-    info = tlc.bundled_model_info(NAME)
+    info = tlc.bundled.bundled_model_info(NAME)
     (shared,) = info.known_heads["shared"]
     own = info.known_heads["task A only"] + info.known_heads["task B only"]
     (untrained,) = info.known_heads["untrained"]
@@ -155,7 +155,7 @@ def test_the_shared_head_is_found_with_other_samples(seed, one_thread):
     """With other draws the shared head is still significant in Q and O and is the most conflicted cell of Q and O;
     the heads trained by one task alone may show a weaker residual (not asserted: measured in notes/h-inputs.md)."""
     result = conflict_on_bundled_tasks(seed=seed)
-    (shared,) = tlc.bundled_model_info(NAME).known_heads["shared"]
+    (shared,) = tlc.bundled.bundled_model_info(NAME).known_heads["shared"]
     for block in "QO":
         p = result.p_value[block].nan_to_num(2.0)
         assert result.significant[block][shared] and p[shared] == p.min(), block
@@ -163,7 +163,7 @@ def test_the_shared_head_is_found_with_other_samples(seed, one_thread):
 
 def test_planted_model_shows_the_competition_in_its_freeze_effects():
     """Both tasks use the shared head: freezing its QK or OV (ZERO) costs each task over a nat (recorded)."""
-    effects = tlc.bundled_model_info(NAME).metadata["freeze_effects"]
+    effects = tlc.bundled.bundled_model_info(NAME).metadata["freeze_effects"]
     for task in ("induction", "skip_induction"):
         for circuit in ("qk", "ov"):
             assert effects[task]["zero"][circuit][0][0] > 1.0, (task, circuit)
@@ -185,7 +185,7 @@ def test_retraining_reproduces_the_planted_model():
     from tl_circuits.bundled.training import bundled_record, train_model
 
     config = BUNDLED_CONFIGS[NAME]
-    info = tlc.bundled_model_info(NAME)
+    info = tlc.bundled.bundled_model_info(NAME)
     trained_on = info.metadata["training"]
     log: list = []
     retrained = train_model(config, log=log)

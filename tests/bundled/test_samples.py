@@ -15,7 +15,7 @@ from tl_circuits.bundled.samples import distinct_batch, duplicate_groups, n_dist
 from tl_circuits.bundled.tasks import BOS, TASK_GENERATORS, counting_batch, induction_batch
 from tl_circuits.cli.loading import CommandError, LoadedModel, load_tasks
 
-BUNDLED = [(info.name, task) for info in tlc.list_bundled_models() for task in info.tasks]
+BUNDLED = [(info.name, task) for info in tlc.bundled.list_bundled_models() for task in info.tasks]
 
 
 def real_rows(tokens: torch.Tensor, mask) -> list[tuple]:
@@ -40,7 +40,7 @@ def brute_force_groups(tokens: torch.Tensor, mask) -> list[list[int]]:
 
 @pytest.mark.parametrize("name,task", BUNDLED, ids=[f"{n}-{t}" for n, t in BUNDLED])
 def test_bundled_tasks_give_64_distinct_samples_by_default(name, task):
-    make = tlc.bundled_tasks(name)[task]
+    make = tlc.bundled.bundled_tasks(name)[task]
     for seed in (0, 1, 123):
         batch = make(64, seed=seed)
         rows = real_rows(batch.tokens, batch.attention_mask)
@@ -51,7 +51,7 @@ def test_bundled_tasks_give_64_distinct_samples_by_default(name, task):
 
 @pytest.mark.parametrize("name,task", BUNDLED, ids=[f"{n}-{t}" for n, t in BUNDLED])
 def test_bundled_tasks_are_deterministic_in_the_seed(name, task):
-    make = tlc.bundled_tasks(name)[task]
+    make = tlc.bundled.bundled_tasks(name)[task]
     state = torch.random.get_rng_state()
     a, b, c = make(64, seed=5), make(64, seed=5), make(64, seed=6)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.scored, b.scored)
@@ -62,10 +62,10 @@ def test_bundled_tasks_are_deterministic_in_the_seed(name, task):
 
 
 def test_asking_for_more_samples_than_exist_is_an_error_naming_how_many():
-    settings = tlc.bundled_model_info("induction-counting-2l").metadata["task_settings"]["counting"]
+    settings = tlc.bundled.bundled_model_info("induction-counting-2l").metadata["task_settings"]["counting"]
     available = n_distinct_rows("counting", **settings)
     assert available == 63 * 5  # 63 starts x lengths 29..33
-    make = tlc.bundled_tasks("induction-counting-2l")["counting"]
+    make = tlc.bundled.bundled_tasks("induction-counting-2l")["counting"]
     assert duplicate_groups(*(lambda b: (b.tokens, b.attention_mask))(make(available, seed=0))) == []
     with pytest.raises(ValueError, match=f"{available + 1} distinct 'counting' samples asked for, but only "
                                          f"{available} exist"):
@@ -74,7 +74,7 @@ def test_asking_for_more_samples_than_exist_is_an_error_naming_how_many():
 
 def test_the_command_draws_the_same_distinct_samples_and_reports_too_many():
     name = "induction-counting-2l"
-    makers = tlc.bundled_tasks(name)
+    makers = tlc.bundled.bundled_tasks(name)
     loaded = LoadedModel(model=None, name=name, source="bundled", bundled_tasks=makers)
     task_a, task_b = load_tasks(loaded, seed=3)
     assert task_a.n_samples == task_b.n_samples == 64

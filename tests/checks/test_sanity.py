@@ -11,7 +11,8 @@ import torch
 
 from tests import builders
 from tests.architectures import zoo
-from tl_circuits import CheckOutcome, SanityCheckResult, sanity_check
+from tl_circuits import SanityCheckResult, sanity_check
+from tl_circuits.checks import CheckOutcome
 from tl_circuits.checks import CHECKS
 from tl_circuits.models import layout
 from tl_circuits.models.spec import ModelSpec
@@ -67,7 +68,7 @@ def test_every_check_passes_on_a_native_bridge(rotary):
 
 
 def model_spec_of(model) -> ModelSpec:
-    from tl_circuits import model_spec
+    from tl_circuits.models import model_spec
 
     return model_spec(model)
 

@@ -71,7 +71,7 @@ def test_no_argument_job_runs_on_a_bridge_and_writes_every_file(tmp_path, monkey
     assert data["tasks"]["A"]["n_samples"] == 64 and data["tasks"]["B"]["n_samples"] == 64
     # the only warning a default run gives: strongly different cells sit at the permutation p-value floor
     assert not [w for w in data["warnings"] if "at their floor" not in w]
-    info = tlc.bundled_model_info(tlc.DEFAULT_BUNDLED_MODEL)
+    info = tlc.bundled.bundled_model_info(tlc.bundled.DEFAULT_BUNDLED_MODEL)
     task_a = data["tasks"]["A"]["name"]
     for circuit in ("qk", "ov"):
         recorded = np.array(info.metadata["freeze_effects"][task_a]["zero"][circuit])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.cli.helpers import grid_from_csv, json_grid
-from tl_circuits import InterferenceConfig, conflict_test, fisher_cosines, pooled_pairwise_scores
+from tl_circuits import InterferenceConfig, conflict_test
+from tl_circuits.stats import fisher_cosines, pooled_pairwise_scores
 from tl_circuits.cli.headlines import (
     NEEDED_RELATIVE,
     joint_optimum_sentence,

@@ -100,7 +100,8 @@ def pooled_head() -> dict:
 
 def interference_external_fisher() -> dict:
     """An external Fisher (itself from split per-sample gradients of task B), unsigned, mean reduction."""
-    from tl_circuits import GradientConfig, compute_interference, fisher_from_gradients, per_sample_gradients
+    from tl_circuits import GradientConfig, compute_interference, per_sample_gradients
+    from tl_circuits.interference import fisher_from_gradients
 
     model, (a, b) = builders.gqa_under_test(), tasks()
     fisher = fisher_from_gradients(per_sample_gradients(model, b, config=GradientConfig(chunk_size=2, **QUIET)))

@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 
-from tl_circuits import compute_mean_activations, defaults, freeze, freeze_hooks, freeze_sweep
+from tl_circuits import compute_mean_activations, defaults, freeze, freeze_sweep
+from tl_circuits.freezing import freeze_hooks
 from tl_circuits.freezing import NOISE_SCALE, FreezeSpec
 
 ENTRY_POINTS = [freeze, freeze_hooks, freeze_sweep]

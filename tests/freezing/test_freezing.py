@@ -9,7 +9,9 @@ from transformer_lens import patching
 
 from tests import builders
 from tests.reference import head_slice
-from tl_circuits import compute_mean_activations, freeze, freeze_hooks, model_spec, normalize_heads
+from tl_circuits import compute_mean_activations, freeze
+from tl_circuits.freezing import freeze_hooks, normalize_heads
+from tl_circuits.models import model_spec
 
 
 REPLACEMENTS = ["zero", "mean", "noise", "resample"]

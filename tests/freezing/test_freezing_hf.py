@@ -6,7 +6,8 @@ import torch
 
 from tests import builders
 from tests.reference import capture_module_output, head_cols, hf_logits_with_edits, replace_cols
-from tl_circuits import freeze, model_spec
+from tl_circuits import freeze
+from tl_circuits.models import model_spec
 
 pytestmark = pytest.mark.needs_hooked_transformer  # compares with the HF model converted to a HookedTransformer
 

@@ -5,7 +5,8 @@ import torch
 from transformer_lens import patching
 
 from tests import builders
-from tl_circuits import freeze, freeze_sweep, model_spec
+from tl_circuits import freeze, freeze_sweep
+from tl_circuits.models import model_spec
 
 
 

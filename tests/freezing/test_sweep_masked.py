@@ -11,7 +11,8 @@ import torch
 from tests import builders
 from tests.architectures import zoo
 from tests.reference import hand_masked_nll
-from tl_circuits import freeze, freeze_sweep, model_spec
+from tl_circuits import freeze, freeze_sweep
+from tl_circuits.models import model_spec
 
 QUIET = dict(progress=False)
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from tests import builders
-from tl_circuits import freeze_sweep, model_spec, task_tokenizer
+from tl_circuits import freeze_sweep
+from tl_circuits.bundled import task_tokenizer
+from tl_circuits.models import model_spec
 
 
 
@@ -77,7 +79,7 @@ def test_model_tokenizer_labels_the_bundled_model_positions():
     import tl_circuits as tlc
 
     model = tlc.load_bundled_model("induction-2l")            # carries task_tokenizer: "<bos>", "1", "2", ...
-    batch = tlc.bundled_tasks("induction-2l")["induction"](2, seed=0)
+    batch = tlc.bundled.bundled_tasks("induction-2l")["induction"](2, seed=0)
     tokens = batch.tokens[:, :8]
     result = freeze_sweep(model, tokens, circuits=("qk",), progress=False)
     figure = result.plot_patterns(model, tokens, k=1)

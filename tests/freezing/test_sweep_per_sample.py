@@ -8,7 +8,9 @@ import torch
 from transformer_lens import patching
 
 from tests import builders
-from tl_circuits import TaskBatch, freeze, freeze_sweep, model_spec, scored_loss
+from tl_circuits import freeze, freeze_sweep
+from tl_circuits.bundled import TaskBatch, scored_loss
+from tl_circuits.models import model_spec
 
 
 

@@ -10,11 +10,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.needs_hooked_transformer]  # the bun
 @pytest.mark.parametrize("name", ["induction-2l", "induction-counting-2l"])
 def test_known_heads_are_significant_on_the_bundled_tasks(name):
     model = tlc.load_bundled_model(name)
-    info = tlc.bundled_model_info(name)
-    batch = tlc.bundled_tasks(name)["induction"](16, seed=1)
+    info = tlc.bundled.bundled_model_info(name)
+    batch = tlc.bundled.bundled_tasks(name)["induction"](16, seed=1)
 
     def in_context_loss(logits):
-        return tlc.scored_loss(logits, batch, per_sample=True)
+        return tlc.bundled.scored_loss(logits, batch, per_sample=True)
 
     result = tlc.freeze_sweep(model, batch.tokens, in_context_loss, circuits=("qk", "ov"), per_sample=True,
                               progress=False)

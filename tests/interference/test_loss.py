@@ -29,12 +29,12 @@ from tl_circuits import (
     GradientConfig,
     InterferenceConfig,
     compute_interference,
-    fisher_from_gradients,
     interference_conflict_test,
     interference_permutation_test,
     loss_mask_from_labels,
     per_sample_gradients,
 )
+from tl_circuits.interference import fisher_from_gradients
 from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.gradients import iter_per_sample_gradients
 from tl_circuits.models.spec import BLOCKS, model_spec

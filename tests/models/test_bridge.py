@@ -37,15 +37,14 @@ from tl_circuits import (
     InterferenceConfig,
     compute_interference,
     compute_mean_activations,
-    fisher_from_gradients,
     freeze,
-    freeze_hooks,
     freeze_sweep,
     interference_permutation_test,
-    model_spec,
-    pairwise_scores,
     per_sample_gradients,
 )
+from tl_circuits.freezing import freeze_hooks
+from tl_circuits.interference import fisher_from_gradients, pairwise_scores
+from tl_circuits.models import model_spec
 from tl_circuits.models import bridge as bridge_module
 
 QUIET = dict(progress=False)

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from tl_circuits import model_spec
+from tl_circuits.models import model_spec
 from tl_circuits.testing import (
     TINY_ARCHITECTURES,
     architecture_names,

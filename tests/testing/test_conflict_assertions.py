@@ -9,7 +9,8 @@ import torch
 
 from tests import builders
 from tests.reference import multipletests
-from tl_circuits import GradientConfig, InterferenceConfig, conflict_test, distinct_batch, interference_conflict_test
+from tl_circuits import GradientConfig, InterferenceConfig, conflict_test, interference_conflict_test
+from tl_circuits.bundled import distinct_batch
 from tl_circuits.interference.result import InterferenceResult
 from tl_circuits.models.spec import model_spec
 from tl_circuits.stats.conflict import conflict_config

@@ -9,7 +9,8 @@ import scipy.stats as st
 import torch
 
 from tests import builders
-from tl_circuits import bundled_model_info, bundled_tasks, freeze_sweep, load_bundled_model
+from tl_circuits import freeze_sweep, load_bundled_model
+from tl_circuits.bundled import bundled_model_info, bundled_tasks
 from tl_circuits.testing import assert_freeze_effect, freeze_effect_per_sample
 
 TOKENS = builders.random_tokens(10, 8, seed=11)

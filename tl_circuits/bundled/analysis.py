@@ -44,7 +44,7 @@ __all__ = ["DETECTOR_KWARGS", "analyse", "circuit_effects", "eval_batch", "selec
 
 def eval_batch(config: TrainingConfig, task: str, n: int = 64, seed: int = 0) -> TaskBatch:
     """A held-out batch of ``n`` distinct rows of ``task`` with the settings the model is evaluated with
-    (what :func:`tl_circuits.bundled_tasks` gives for the same ``n`` and ``seed``)."""
+    (what :func:`tl_circuits.bundled.bundled_tasks` gives for the same ``n`` and ``seed``)."""
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in config.eval_tasks[task].items()}
     return distinct_batch(task, n, seed=seed, **settings)
 

@@ -10,16 +10,16 @@ effects and final metrics, all measured after training by :mod:`tl_circuits.bund
 masks, so which heads the two tasks fight over is known in advance (:mod:`tl_circuits.bundled.planted`).
 
 >>> import tl_circuits as tlc
->>> [info.name for info in tlc.list_bundled_models()]
+>>> [info.name for info in tlc.bundled.list_bundled_models()]
 ['induction-2l', 'induction-counting-2l', 'planted-conflict-2l']
 >>> model = tlc.load_bundled_model("induction-2l")
->>> tasks = tlc.bundled_tasks("induction-2l")
+>>> tasks = tlc.bundled.bundled_tasks("induction-2l")
 >>> batch = tasks["induction"](8, seed=0)
->>> info = tlc.bundled_model_info("induction-2l")
->>> float(tlc.in_context_loss(model, batch)) < 0.5
+>>> info = tlc.bundled.bundled_model_info("induction-2l")
+>>> float(tlc.bundled.in_context_loss(model, batch)) < 0.5
 True
 >>> with tlc.freeze(model, info.known_heads["induction"], "qk", "zero"):  # the induction heads, together
-...     float(tlc.in_context_loss(model, batch)) > 2.0
+...     float(tlc.bundled.in_context_loss(model, batch)) > 2.0
 True
 """
 

@@ -2,7 +2,7 @@
 duplicate detector for any task.
 
 A repeated sample counts twice in every statistic (its gradients are identical), so the bundled task makers
-(:func:`tl_circuits.bundled_tasks`) draw with :func:`distinct_batch`: the rows of
+(:func:`tl_circuits.bundled.bundled_tasks`) draw with :func:`distinct_batch`: the rows of
 ``generator(n, seed=seed)``, each repeated row replaced by new rows drawn with derived seeds, until ``n``
 distinct rows are found. Asking for more rows than the task's settings can make at all
 (:func:`n_distinct_rows`) is a ``ValueError`` naming how many exist.

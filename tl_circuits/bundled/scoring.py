@@ -63,7 +63,7 @@ def scored_loss_metric(batch: TaskBatch) -> Callable[[Float[Tensor, "batch pos d
 
     >>> import tl_circuits as tlc
     >>> model = tlc.load_bundled_model("induction-2l")
-    >>> batch = tlc.induction_batch(4, seed=0)
+    >>> batch = tlc.bundled.induction_batch(4, seed=0)
     >>> result = tlc.freeze_sweep(model, batch.tokens, scored_loss_metric(batch), progress=False)
     >>> sorted(result.frozen)
     ['ov', 'qk']
@@ -88,7 +88,7 @@ def in_context_loss(model: Model, batch: TaskBatch, *,
 
     >>> import tl_circuits as tlc
     >>> model = tlc.load_bundled_model("induction-2l")
-    >>> batch = tlc.induction_batch(4, seed=0)
+    >>> batch = tlc.bundled.induction_batch(4, seed=0)
     >>> with tlc.freeze(model, [(1, 2)], "qk", "zero"):
     ...     damaged = in_context_loss(model, batch)
     >>> bool(damaged > in_context_loss(model, batch))

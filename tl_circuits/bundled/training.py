@@ -59,11 +59,11 @@ class TrainingConfig:
     """How one bundled model is built and trained.
 
     Attributes:
-        name, description: as listed by :func:`tl_circuits.list_bundled_models`.
+        name, description: as listed by :func:`tl_circuits.bundled.list_bundled_models`.
         model: ``HookedTransformerConfig`` arguments.
         train_tasks: task name -> generator arguments (besides ``n`` and ``seed``) of the training mix.
         eval_tasks: task name -> generator arguments of the held-out evaluation batches, in order
-            (task A, task B); these become :func:`tl_circuits.bundled_tasks`.
+            (task A, task B); these become :func:`tl_circuits.bundled.bundled_tasks`.
         steps, batch_size, lr, weight_decay, warmup_steps, grad_clip: optimisation (``batch_size`` rows
             per step, split equally over the training tasks).
         seed: initialisation seed; training batch seeds derive from it.

@@ -59,7 +59,7 @@ class SanityCheckResult:
         architecture: the model's architecture (the wrapped class of a bridge, ``"HookedTransformer"``...).
         model_kind: ``"HookedTransformer"`` or ``"TransformerBridge"`` (the Python class of the model).
         checks: one :class:`CheckOutcome` per check, in the order they ran; empty when the model is refused.
-        refusal: why tl_circuits refuses this model (``NotImplementedError`` of :func:`tl_circuits.model_spec`,
+        refusal: why tl_circuits refuses this model (``NotImplementedError`` of :func:`tl_circuits.models.model_spec`,
             docs/spec.md §0.5), or None. A refused model has no failed check, and does not pass.
         settings: what the checks ran on (samples, positions, seed, dtype, sizes).
     """

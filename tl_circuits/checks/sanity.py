@@ -13,8 +13,8 @@ Six checks on a few random tokens, each against the model's own activations or g
 ``model_unchanged``     parameters, buffers, hooks and train/eval mode are as before, and so are the outputs
 ======================  =====================================================================================
 
-A model tl_circuits refuses (``NotImplementedError`` from :func:`tl_circuits.model_spec`, docs/spec.md §0.5) gets a
-result whose ``refusal`` is the reason, and no checks. A check that fails, or raises, is a failed
+A model tl_circuits refuses (``NotImplementedError`` from :func:`tl_circuits.models.model_spec`, docs/spec.md §0.5)
+gets a result whose ``refusal`` is the reason, and no checks. A check that fails, or raises, is a failed
 :class:`~tl_circuits.checks.result.CheckOutcome` naming the problem; ``sanity_check`` itself raises only for
 arguments that are not a model or tokens.
 

@@ -16,7 +16,7 @@
 3. **Statistics** — two tests of different nulls, on the same scores:
 
    - *where the tasks conflict*: :func:`tl_circuits.conflict_test` of the A × B block (H0: E[A × B signed score]
-     ≥ 0 per cell; signed variant only), with the Fisher-metric cosines (:func:`tl_circuits.fisher_cosines`: the
+     ≥ 0 per cell; signed variant only), with the Fisher-metric cosines (:func:`tl_circuits.stats.fisher_cosines`: the
      pair cosines and the joint-optimum diagnostic cos(ḡ_A, ḡ_B)), the bootstrap stability of the cell ranking and
      the leave-one-out sample drivers of each cell (:mod:`tl_circuits.stats.robustness`);
    - *where the tasks use a head differently*: :func:`tl_circuits.permutation_test` on the pooled matrix (task

@@ -11,8 +11,8 @@
 2. **Which heads do the tasks share?** The (layer, head)s needed by both tasks, in any circuit.
 3. **Where do the tasks conflict?** The cells the conflict test (:func:`tl_circuits.conflict_test`; H0: the expected
    A × B signed score is ≥ 0) rejects at the report's correction and α.
-4. **Is the sign forced?** The joint-optimum diagnostic cos(ḡ_A, ḡ_B) (:func:`tl_circuits.fisher_cosines`): near −1 in
-   most cells means the model sits at an optimum of both tasks, where opposed task-mean gradients — and so a
+4. **Is the sign forced?** The joint-optimum diagnostic cos(ḡ_A, ḡ_B) (:func:`tl_circuits.stats.fisher_cosines`):
+   near −1 in most cells means the model sits at an optimum of both tasks, where opposed task-mean gradients — and so a
    negative map and a conflict test that rejects wherever gradients are not tiny — are forced by construction.
 
 >>> joint_optimum_sentence(torch.tensor([-0.99, -0.98, -0.97, 0.1])).split(" (")[0]

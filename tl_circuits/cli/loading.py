@@ -216,7 +216,7 @@ def load_tasks(loaded: LoadedModel, task_a: Optional[Path] = None, task_b: Optio
 
     Files: the first ``n_a``/``n_b`` samples (default all). Bundled tasks: ``n_a``/``n_b`` *distinct* samples
     (default: the model's ``default_samples``: :data:`DEFAULT_SAMPLES` unless its metadata says) drawn with
-    ``seed`` (task A) and ``seed + 1`` (task B) by :func:`tl_circuits.bundled_tasks`'s makers; more than a task
+    ``seed`` (task A) and ``seed + 1`` (task B) by :func:`tl_circuits.bundled.bundled_tasks`'s makers; more than a task
     has is a CommandError naming how many exist.
     """
     if (task_a is None) != (task_b is None):

@@ -108,6 +108,10 @@ from tl_circuits.stats.null import (
 )
 from tl_circuits.stats.permutation import p_value_floor, permutation_test
 from tl_circuits.stats.result import InterferenceTestResult
+from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
+from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
+from tl_circuits.stats.paired import PairedBootstrapCI, SignFlipResult, paired_bootstrap_ci, sign_flip_test
+from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 
 __all__ = [
     "InterferenceTestResult",
@@ -125,4 +129,27 @@ __all__ = [
     "find_clusters",
     "cluster_mass_correction",
     "default_cluster_threshold",
+    "ConflictTestResult",
+    "conflict_test",
+    "interference_conflict_test",
+    "interference_permutation_test",
+    "pooled_pairwise_scores",
+    "FisherCosines",
+    "fisher_cosines",
+    "PairedBootstrapCI",
+    "SignFlipResult",
+    "paired_bootstrap_ci",
+    "sign_flip_test",
+    "CellDrivers",
+    "RankStability",
+    "cell_drivers",
+    "rank_stability",
 ]
+
+
+def __getattr__(name: str):  # the tests from a model need tl_circuits.interference, which imports this package
+    if name in ("interference_permutation_test", "pooled_pairwise_scores"):
+        from tl_circuits.stats import interference_tests
+
+        return getattr(interference_tests, name)
+    raise AttributeError(f"module 'tl_circuits.stats' has no attribute {name!r}")

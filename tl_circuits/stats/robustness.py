@@ -8,7 +8,7 @@ cell mean is ``Ū = mean_ij s_ij``:
   mean (``c_j``, column means, for task B). It also removes the ``top`` samples that pull the mean most towards
   conflict (from each task) and reports the share of the estimate that is left: a share near 0, or of the other sign,
   means a handful of samples make the cell.
-- :func:`rank_stability` — the bootstrap (A and B resampled independently, as :func:`tl_circuits.bootstrap_ci`)
+- :func:`rank_stability` — the bootstrap (A and B resampled independently, as :func:`tl_circuits.stats.bootstrap_ci`)
   of the ranking of all cells of all blocks by their mean, most conflicting (lowest) first: each cell's observed
   rank, a percentile interval of its rank, and how often it is among the top ``k``.
 
@@ -173,7 +173,8 @@ def rank_stability(scores: ScoresAB, *, k: int = 10, n_resamples: int = defaults
     the signed variant's conflict; ``"highest"`` first for unsigned scores).
 
     Resamples are :func:`tl_circuits.stats.bootstrap.draw_resamples` from ``numpy.random.default_rng(seed)`` (the
-    draws of :func:`tl_circuits.bootstrap_ci` with the same seed). Cells with non-finite scores take no rank (NaN).
+    draws of :func:`tl_circuits.stats.bootstrap_ci` with the same seed). Cells with non-finite scores take no rank
+    (NaN).
 
     >>> import torch
     >>> s = torch.randn(30, 30, 1, 3, generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ any number of claims about them:
 
 >>> import tl_circuits as tlc
 >>> model = tlc.load_bundled_model("induction-counting-2l")
->>> make_a, make_b = tlc.bundled_tasks("induction-counting-2l").values()
+>>> make_a, make_b = tlc.bundled.bundled_tasks("induction-counting-2l").values()
 >>> a, b = make_a(16, seed=0), make_b(16, seed=0)
 >>> scores = conflict_scores(model, a, b, config=tlc.InterferenceConfig(tlc.GradientConfig(progress=False)))
 >>> _ = assert_conflict(scores, [(0, 0)], blocks="QK")
@@ -67,7 +67,7 @@ def conflict_scores(model: Model, batch_a: Batch, batch_b: Batch, *,
                     config: Optional[InterferenceConfig] = None) -> ConflictScores:
     """The scores the conflict test reads: :func:`tl_circuits.compute_interference` of ``batch_a`` × ``batch_b``
     with :func:`tl_circuits.stats.conflict.conflict_config` (signed, pooled Fisher; ``config`` for the rest).
-    A :class:`~tl_circuits.TaskBatch` passes its ``attention_mask`` on."""
+    A :class:`~tl_circuits.bundled.TaskBatch` passes its ``attention_mask`` on."""
     tokens_a, mask_a = _tokens_and_mask(batch_a)
     tokens_b, mask_b = _tokens_and_mask(batch_b)
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=mask_a, attention_mask_b=mask_b,

@@ -3,7 +3,7 @@ amount, judged over samples by the freeze sweep's paired test and interval (docs
 
 >>> import tl_circuits as tlc
 >>> model = tlc.load_bundled_model("induction-2l")
->>> batch = tlc.bundled_tasks("induction-2l")["induction"](16, seed=0)
+>>> batch = tlc.bundled.bundled_tasks("induction-2l")["induction"](16, seed=0)
 >>> effect = assert_freeze_effect(model, [(1, 0), (1, 1), (1, 2), (1, 3)], batch, circuit="qk", at_least=1.0)
 >>> effect.passed, effect.n_samples
 (True, 16)
@@ -184,8 +184,8 @@ def assert_freeze_effect(
     than 5 samples can never pass at ``alpha=0.05`` (a ``ValueError`` says so).
 
     Args:
-        heads: (layer, head) pairs or any form :func:`tl_circuits.normalize_heads` takes; frozen together.
-        data: a :class:`~tl_circuits.TaskBatch`, or integer tokens [batch, pos].
+        heads: (layer, head) pairs or any form :func:`tl_circuits.freezing.normalize_heads` takes; frozen together.
+        data: a :class:`~tl_circuits.bundled.TaskBatch`, or integer tokens [batch, pos].
         metric: ``logits -> [batch]``, one value per sample (NaN = missing); default each sample's mean
             next-token loss over the batch's scored positions (every position for plain tokens).
         circuit, replacement, freeze_kwargs: as :func:`tl_circuits.freeze` (``reference``, ``noise_scale``, ...;
