@@ -3,7 +3,7 @@
 Full run (the issue's setting): 1000 permutations, 4 blocks x 12 layers x 12 heads, 200 pooled samples
 (n_A = n_B = 100). scipy is timed on a few cells (vectorised statistic over index samples, one call per cell,
 all 1000 resamples in one batch) and scaled linearly to all cells: scipy has no way to share one permutation
-across cells, so its cost is per cell. No assertions on time: this prints figures for the README.
+across cells, so its cost is per cell. No assertions on time: this prints figures for docs/performance.md.
 
     python benchmarks/bench_statistics.py            # full
     python benchmarks/bench_statistics.py --smoke    # tiny, a few seconds (CI)

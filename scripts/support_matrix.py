@@ -1,4 +1,4 @@
-"""The support table for the README: every architecture of tests/architectures/zoo.py, built locally with tiny
+"""The support table of docs/support.md: every architecture of tests/architectures/zoo.py, built locally with tiny
 random weights, bridged by the installed TransformerLens, and put through the same checks as
 tests/architectures (references that use nothing of tl_circuits):
 

@@ -1,7 +1,7 @@
 """Every default that more than one entry point shares, in one place and one unit.
 
 The library's functions, its config dataclasses and the ``tl-circuits`` command all read these, so that
-the same call gives the same numbers whichever way it is made (README, "Defaults").
+the same call gives the same numbers whichever way it is made (docs/statistics.md).
 
 - ``MEMORY_BUDGET_GB``: memory a heavy call may allocate beyond the model and the process itself, in GB
   (2**30 bytes) everywhere. 4 GB leaves room for a GPT-2-small-sized model and the interpreter on a

@@ -153,7 +153,7 @@ def test_the_conflict_test_finds_the_shared_head_and_not_the_others(one_thread):
 @pytest.mark.parametrize("seed", [2, 7])
 def test_the_shared_head_is_found_with_other_samples(seed, one_thread):
     """With other draws the shared head is still significant in Q and O and is the most conflicted cell of Q and O;
-    the heads trained by one task alone may show a weaker residual (not asserted: measured in notes/h-inputs.md)."""
+    the heads trained by one task alone may show a weaker residual (not asserted: measured in docs/bundled.md)."""
     result = conflict_on_bundled_tasks(seed=seed)
     (shared,) = tlc.bundled.bundled_model_info(NAME).known_heads["shared"]
     for block in "QO":

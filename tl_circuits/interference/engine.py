@@ -1,7 +1,7 @@
 """The one streaming engine: per-sample gradients -> diagonal Fisher -> pairwise scores, within a memory budget.
 
-:func:`compute_interference` (task A × task B) and :func:`pooled_scores` (A ∪ B × A ∪ B, the matrix of the
-permutation and conflict tests) both run :func:`run_engine`:
+:func:`compute_interference` (task A × task B; with the pooled Fisher, the map of the conflict test) and
+:func:`pooled_scores` (A ∪ B × A ∪ B, the matrix of the label-permutation test) both run :func:`run_engine`:
 
 1. **Gradient pass.** Every sample's gradient factors are computed exactly once, in *sample shards* of
    ``plan.engine_chunk`` (one batched forward/backward each), and put into a

@@ -143,7 +143,7 @@ TINY_ARCHITECTURES: dict[str, TinyArchitecture] = {a.name: a for a in [
     _arch("GPT2LMHeadModel", "GPT2Config", dict(**_GPT, n_ctx=TINY_N_CTX), TINY_N_HEADS, "gpt2",
           tags={"learned_positions", "qkv_bias"}, hooked=True, notes="fused Conv1D c_attn, Conv1D c_proj"),
 ]}
-"""Architecture name -> :class:`TinyArchitecture`, in the order of the README's support table."""
+"""Architecture name -> :class:`TinyArchitecture`, in the order of docs/support.md's support table."""
 
 REPRESENTATIVE_ARCHITECTURES = ("Gemma2ForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM", "BloomForCausalLM",
                                 "GPTJForCausalLM")
