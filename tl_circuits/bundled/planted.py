@@ -140,7 +140,7 @@ def untrained_heads(config: TrainingConfig) -> list[Head]:
 
 
 def construction(config: TrainingConfig) -> dict:
-    """:func:`tl_circuits.bundled.analysis.select_heads`'s record for a head-masked model: the known heads are
+    """:func:`tl_circuits.bundled.evaluation.select_heads`'s record for a head-masked model: the known heads are
     those of the construction; no control heads."""
     return dict(known_heads=_known(config), control_heads=[],
                 rules=dict(by_construction={task: [list(h) for h in heads]

@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_circuits.bundled.scoring import (  # noqa: F401 (re-exported)
+from tl_circuits.bundled.task_metrics import (  # noqa: F401 (re-exported)
     in_context_accuracy,
     in_context_loss,
     scored_accuracy,

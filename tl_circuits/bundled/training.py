@@ -13,8 +13,8 @@ position of a batch that mixes the training tasks in equal parts (rows of all ta
 length). Induction is trained on *varied* periods so that no head can solve it by attending a fixed
 distance back: copying needs the previous-token → induction composition.
 
-After training, :func:`tl_circuits.bundled.analysis.analyse` measures the model on held-out batches and
-:func:`~tl_circuits.bundled.analysis.select_heads` names its known heads (re-exported here).
+After training, :func:`tl_circuits.bundled.evaluation.analyse` measures the model on held-out batches and
+:func:`~tl_circuits.bundled.evaluation.select_heads` names its known heads (re-exported here).
 
 >>> from transformer_lens import HookedTransformer  # training builds one (TransformerLens < 4)
 >>> config = BUNDLED_CONFIGS["induction-2l"]
@@ -41,7 +41,7 @@ try:  # TransformerLens 2.x/3.x; the bundled models are trained as HookedTransfo
 except ImportError:
     HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc,assignment]
 
-from tl_circuits.bundled.analysis import analyse, circuit_effects, select_heads
+from tl_circuits.bundled.evaluation import analyse, circuit_effects, select_heads
 from tl_circuits.bundled.planted import construction, head_roles, masked_backward, untrained_heads, zero_heads
 from tl_circuits.bundled.tasks import TASK_GENERATORS
 

@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_circuits import defaults
-from tl_circuits.bundled.scoring import scored_loss
+from tl_circuits.bundled.task_metrics import scored_loss
 from tl_circuits.bundled.tasks import TaskBatch
 from tl_circuits.freezing.api import freeze
 from tl_circuits.freezing.options import Circuit, Replacement, normalize_heads
