@@ -74,7 +74,7 @@ from tl_circuits.models.spec import (
     register_factor_hooks,
 )
 from tl_circuits.models.types import Model
-from tl_circuits.parallel.group import current_world
+from tl_circuits.parallel.group import World, resolve_world
 from tl_circuits.parallel.shards import bad_samples, gather_gradient_chunks, own_chunks
 
 Part = Union[PerSampleGradients, GradientFactors]
@@ -309,6 +309,7 @@ def per_sample_gradients(
     progress: Optional[bool] = None,
     loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
     loss_fn: Optional[LossFn] = None,
+    world: Optional[World] = None,
 ) -> PerSampleGradients:
     """Per-sample gradients of every attention parameter, as float32 per-head rows per block.
 
@@ -328,6 +329,9 @@ def per_sample_gradients(
             ``loss_mask=`` and ``samples=`` arguments it may take; with a ``loss_mask`` it must take
             ``loss_mask=``).
         progress: tqdm progress bars; ``None`` (default): ``config.progress``.
+        world: ``None`` (default): this process computes every sample, whatever process group exists.
+            ``tl_circuits.current_world()`` on every rank of a process group: chunks are shared out and every rank
+            gets every sample's gradients.
     Returns:
         :class:`PerSampleGradients` with ``per_block[B]`` of shape ``[N, n_layers, heads_B, P_B]``, ``losses``
         and ``n_targets`` (each sample's counted predictions).
@@ -377,7 +381,7 @@ def per_sample_gradients(
             f"memory_budget_gb={config.memory_budget_gb}; raise the budget, or stream with "
             "iter_per_sample_gradients / compute_interference"
         )
-    world = current_world()
+    world = resolve_world(world)
     chunks = sample_chunks(n, chunk)  # a distributed run: each rank its own chunks, then every chunk everywhere
     mine = dict(zip(range(world.rank, len(chunks), world.size), own_chunks(chunks, world)))
     parts, bad, computed = [], [], {}
