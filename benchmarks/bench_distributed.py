@@ -57,6 +57,7 @@ def child(shape: dict, n: int, batch: int, out: Path, budget_gb: float) -> None:
     import torch.distributed as dist
 
     from tl_circuits import GradientConfig, InterferenceConfig, compute_interference, freeze_sweep
+    from tl_circuits.distributed import current_world
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -65,9 +66,10 @@ def child(shape: dict, n: int, batch: int, out: Path, budget_gb: float) -> None:
     a = torch.randint(0, shape["d_vocab"] // 2, (n, shape["n_pos"]), generator=gen)
     b = torch.randint(shape["d_vocab"] // 2, shape["d_vocab"], (n, shape["n_pos"]), generator=gen)
     model = build(shape)
+    world = current_world()  # distribution is opt-in: every heavy call is given the group's world
     cfg = InterferenceConfig(gradients=GradientConfig(memory_budget_gb=budget_gb, progress=False))
-    interference_s, result = timed(lambda: compute_interference(model, a, b, config=cfg), dist.barrier)
-    sweep_s, sweep = timed(lambda: freeze_sweep(model, a[:batch], progress=False), dist.barrier)
+    interference_s, result = timed(lambda: compute_interference(model, a, b, config=cfg, world=world), dist.barrier)
+    sweep_s, sweep = timed(lambda: freeze_sweep(model, a[:batch], progress=False, world=world), dist.barrier)
     if dist.get_rank() == 0:
         torch.save({"scores": result.scores, "frozen": sweep.frozen}, out / "results.pt")  # type: ignore[union-attr]
         (out / "timings.json").write_text(json.dumps({"interference_s": interference_s, "sweep_s": sweep_s,

@@ -47,14 +47,20 @@ def test_direct_engine_under_a_noise_freeze_is_a_clear_error(mha_model):
 
 @pytest.mark.parametrize("circuit", ["qk", "ov", "both"])
 def test_gradients_under_a_per_sample_resample_freeze(model, circuit):
-    """Defect: a RESAMPLE reference with the run's batch size was refused in chunks. Each chunk now takes its
-    own reference rows; chunks of 2 over 5 samples equal one batched frozen forward."""
+    """Defect: a RESAMPLE reference with the run's batch size was refused in chunks. Given the freeze
+    (freezes=[handle], an explicit argument: no hidden state), each chunk takes its own reference rows; chunks of 2
+    over 5 samples equal one batched frozen forward."""
     tokens = builders.random_tokens(5, 9, seed=6)
     reference = builders.random_tokens(5, 9, seed=7)
     kwargs = dict(heads=[(0, 0), (1, 1)], circuit=circuit, replacement="resample", reference=reference)
-    with freeze(model, **kwargs):
-        grads = per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=2, **QUIET))
+    with freeze(model, **kwargs) as handle:
+        grads = per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=2, **QUIET), freezes=[handle])
+        with pytest.raises(ValueError, match=r"pass the freeze as freezes=\[handle\]"):  # not told: refused
+            per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=2, **QUIET))
+    assert [layer.rows for layer in handle.layers] == [None, None]  # told per chunk, nothing left behind
     assert_rows_match(grads, frozen_batch_loop(model, tokens, **kwargs))
+    with pytest.raises(ValueError, match="not active on this model"):  # a removed freeze is not silently ignored
+        per_sample_gradients(model, tokens, config=GradientConfig(chunk_size=2, **QUIET), freezes=[handle])
 
 
 @pytest.mark.needs_hooked_transformer  # use_attn_result is a HookedTransformerConfig flag

@@ -61,6 +61,7 @@ from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
 from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import World
 
 REPLACEMENTS = ("zero", "mean")
 TOP_K = 10
@@ -203,32 +204,34 @@ class Analysis:
         return {"a": self.task_a, "b": self.task_b}
 
 
-def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
-                        config: AnalysisConfig) -> tuple[InterferenceResult, dict[str, Tensor], int]:
+def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput, config: AnalysisConfig,
+                        world: Optional[World] = None) -> tuple[InterferenceResult, dict[str, Tensor], int]:
     """(the A × B map, the pooled matrix ``{block: [N, N, L, H]}``, n_a): one gradient pass over A ∪ B."""
     device = next(model.parameters()).device
     icfg = config.interference
     # the one streaming engine: every gradient once, the pooled matrix tiled within the memory budget
     pooled = pooled_scores(model, task_a.tokens.to(device), task_b.tokens.to(device),
                            attention_mask_a=task_a.attention_mask.to(device),
-                           attention_mask_b=task_b.attention_mask.to(device), config=icfg)
+                           attention_mask_b=task_b.attention_mask.to(device), config=icfg, world=world)
     return pooled.interference(list(task_a.ids), list(task_b.ids)), pooled.scores, pooled.n_a
 
 
-def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfig) -> InterferenceTestResult:
+def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfig,
+                      world: Optional[World] = None) -> InterferenceTestResult:
     """The permutation test of the pooled matrix (n_permutations: :meth:`AnalysisConfig.permutations_for`)."""
     n_cells = sum(scores.shape[2] * scores.shape[3] for scores in pooled.values())
     return permutation_test(pooled, n_a, n_permutations=config.permutations_for(n_cells), screen=config.screen,
                             alternative=config.alternative, alpha=config.alpha, correction=config.correction,
                             seed=config.seed, n_bootstrap=config.n_bootstrap,
-                            memory_budget_gb=config.interference.memory_budget_gb, progress=config.progress)
+                            memory_budget_gb=config.interference.memory_budget_gb, progress=config.progress,
+                            world=world)
 
 
-def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
-                     config: AnalysisConfig) -> tuple[InterferenceResult, InterferenceTestResult]:
+def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput, config: AnalysisConfig,
+                     world: Optional[World] = None) -> tuple[InterferenceResult, InterferenceTestResult]:
     """The pooled pairwise matrix once; its A × B block as the map, all of it for the permutation test."""
-    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config)
-    return interference, pooled_statistics(pooled, n_a, config)
+    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config, world)
+    return interference, pooled_statistics(pooled, n_a, config, world)
 
 
 def find_duplicates(task_a: TaskInput, task_b: TaskInput) -> dict[str, list[list[str]]]:
@@ -258,8 +261,11 @@ def find_duplicates(task_a: TaskInput, task_b: TaskInput) -> dict[str, list[list
 
 def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Optional[AnalysisConfig] = None,
                  model_info: Optional[dict] = None,
-                 announce: Callable[[str], None] = lambda message: None) -> Analysis:
-    """Sweeps on both tasks, interference of A × B, and its statistics (module docstring), timed per stage."""
+                 announce: Callable[[str], None] = lambda message: None, world: Optional[World] = None) -> Analysis:
+    """Sweeps on both tasks, interference of A × B, and its statistics (module docstring), timed per stage.
+
+    ``world``: the ranks every heavy stage is shared over (the command under torchrun passes its group's);
+    ``None``: this process alone."""
     config = config if config is not None else AnalysisConfig()
     start = time.perf_counter()
     duplicates = find_duplicates(task_a, task_b)
@@ -268,16 +274,16 @@ def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Opt
     for key, task in (("a", task_a), ("b", task_b)):
         announce(f"freeze sweep on task {key.upper()} ({task.name}, {task.n_samples} samples)")
         stage = time.perf_counter()
-        freeze = run_freeze_stage(model, task, config)
+        freeze = run_freeze_stage(model, task, config, world)
         sweeps[key], sweep_tests[key], figures[f"patterns_{key}.png"] = freeze.sweep, freeze.test, freeze.patterns
         timings[f"sweep_{key}_s"] = time.perf_counter() - stage
     announce(f"per-sample gradients, pooled Fisher, pairwise scores and permutation test "
              f"({task_a.n_samples} × {task_b.n_samples} samples)")
     stage = time.perf_counter()
-    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config)
+    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config, world)
     timings["interference_s"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    statistics = pooled_statistics(pooled, n_a, config)
+    statistics = pooled_statistics(pooled, n_a, config, world)
     evidence = cell_evidence(interference, pooled, n_a, config)
     timings["statistics_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start

@@ -67,8 +67,8 @@ from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, 
 from tl_circuits.interference.config import NORMALIZATIONS, VARIANTS, GradientConfig, InterferenceConfig
 from tl_circuits.parallel.group import (
     DEFAULT_TIMEOUT_S,
+    World,
     all_succeeded,
-    current_world,
     init_from_environment,
     launched_by_torchrun,
 )
@@ -246,8 +246,11 @@ def _device(requested: Optional[str]) -> str:
     return requested
 
 
-def run(options: CommandOptions) -> Path:
+def run(options: CommandOptions, world: Optional[World] = None) -> Path:
     """The main job: load, analyse, write the report folder; returns its path.
+
+    ``world``: the torchrun group this command joined (every heavy stage is shared over it, and only rank 0
+    writes); ``None``: this process alone.
 
     The report's ``timings_s`` holds each stage's wall time and ``total_s``, one clock from the start of
     loading to the end of the statistics; the message at the end gives the same total and the writing time.
@@ -277,12 +280,13 @@ def run(options: CommandOptions) -> Path:
         warnings.simplefilter("always")
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.simplefilter("ignore", category)
-        analysis = run_analysis(loaded.model, task_a, task_b, config, loaded.info(), lambda m: _say(options, m))
+        analysis = run_analysis(loaded.model, task_a, task_b, config, loaded.info(), lambda m: _say(options, m),
+                                world=world)
     analysis.timings = {"load_s": load_s, **analysis.timings, "total_s": time.perf_counter() - start}
     analysis.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
     for message in analysis.warnings:
         _say(options, f"warning: {message}")
-    world = current_world()
+    world = world or World()
     if not all_succeeded(True, world):  # the commit point: every rank got here (a failed one never does)
         raise RuntimeError("another rank failed; no report written")
     if not world.is_main:
@@ -329,9 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if options.check:
             return run_check(options)
-        options, joined = _join_ranks(options)
-        where = f"{current_world().describe()}: " if current_world().active else ""
-        run(options)
+        options, joined, world = _join_ranks(options)
+        where = f"{world.describe()}: " if world.active else ""
+        run(options, world)
     except CommandError as err:
         print(f"{PROG}: error: {where}{_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -352,21 +356,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return EXIT_OK
 
 
-def _join_ranks(options: CommandOptions) -> tuple[CommandOptions, bool]:
+def _join_ranks(options: CommandOptions) -> tuple[CommandOptions, bool, World]:
     """Under torchrun: join the process group (its device's backend, ``--dist-timeout``); only rank 0 talks.
 
-    Returns the options of this rank and whether this call made the group (an existing one is used as it is).
+    Returns the options of this rank, whether this call made the group (an existing one is used as it is) and
+    the world the command runs in (the one-rank world outside torchrun).
     """
     import torch.distributed as dist
 
     if not launched_by_torchrun():
-        return options, False
+        return options, False, World()
     made = not dist.is_initialized()
     try:
         world = init_from_environment(_device(options.device), options.dist_timeout)
     except (RuntimeError, ValueError) as err:
         raise CommandError(f"cannot join the torchrun process group: {_one_line(err)}") from None
-    return (options if world.is_main else dataclasses.replace(options, quiet=True)), made
+    return (options if world.is_main else dataclasses.replace(options, quiet=True)), made, world
 
 
 if __name__ == "__main__":

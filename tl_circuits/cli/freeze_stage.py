@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -31,6 +31,7 @@ from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
 from tl_circuits.freezing.sweep_stats import SweepTestResult
 from tl_circuits.models.spec import model_spec
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import World
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -73,8 +74,10 @@ def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
     return ("qk", "ov") if replacement == "zero" else CIRCUITS
 
 
-def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> FreezeStage:
-    """Per-sample sweep of every head on one task, its paired test and its pattern picture (module docstring)."""
+def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
+                     world: Optional[World] = None) -> FreezeStage:
+    """Per-sample sweep of every head on one task, its paired test and its pattern picture (module docstring);
+    ``world``: the ranks the sweep is shared over (``None``: this process alone)."""
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
     budget = config.interference.memory_budget_gb
@@ -83,7 +86,7 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
     circuits = swept_circuits(model, config.replacement)
     sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, per_sample=True,
                          replacement=config.replacement, reference=reference, seed=config.seed,
-                         memory_budget_gb=budget, progress=config.progress)
+                         memory_budget_gb=budget, progress=config.progress, world=world)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
                       correction=correction, seed=config.seed, progress=config.progress)

@@ -51,10 +51,11 @@ tensor([0.2000, 0.2000, 0.2000, 0.2000, 0.2000])
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from tl_circuits.defaults import SEED
-from tl_circuits.freezing.hooks import Hook, build_freeze_hooks
+from tl_circuits.freezing.hooks import Hook, LayerFreeze, build_layer_freezes
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -65,14 +66,16 @@ from tl_circuits.freezing.options import (
     resolve_freeze_spec,
 )
 from tl_circuits.freezing.references import ReferenceLike
+from tl_circuits.freezing.rows import BatchRows
 from tl_circuits.models.types import Model
 
 
 class FreezeHandle:
     """Freeze hooks registered on a model; remove them with :meth:`remove` or by leaving a ``with`` block."""
 
-    def __init__(self, model: Model, spec: FreezeSpec, hooks: list[Hook]):
+    def __init__(self, model: Model, spec: FreezeSpec, hooks: list[Hook], layers: Sequence[LayerFreeze] = ()):
         self.model, self.spec, self.hook_fns = model, spec, hooks
+        self.layers = list(layers)  # the LayerFreezes whose hooks these are (told the rows of a chunk: on_rows)
         self._registered: list[tuple[Any, Any]] = []  # (HookPoint, its LensHandle)
         try:
             for name, fn in hooks:
@@ -93,6 +96,18 @@ class FreezeHandle:
             hook_point, lens_handle = self._registered.pop()
             lens_handle.hook.remove()
             hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not lens_handle]
+
+    @contextmanager
+    def on_rows(self, rows: Optional[BatchRows]) -> Iterator[None]:
+        """Within this block, the model's forwards run on ``rows`` of the batch a per-sample RESAMPLE reference was
+        made for (the per-sample gradient engine says so for each chunk of ``freezes=``); ``None``: the whole batch."""
+        for layer in self.layers:
+            layer.rows = rows
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.rows = None
 
     def __enter__(self) -> "FreezeHandle":
         return self
@@ -146,4 +161,5 @@ def freeze(
     """
     spec, freeze_spec = resolve_freeze_spec(model, heads, circuit, replacement, gradient, preserve_gradients,
                                             noise_scale, seed)
-    return FreezeHandle(model, freeze_spec, build_freeze_hooks(model, spec, freeze_spec, reference))
+    layers = build_layer_freezes(model, spec, freeze_spec, reference)
+    return FreezeHandle(model, freeze_spec, [hook for layer in layers for hook in layer.hooks()], layers)

@@ -26,7 +26,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits.defaults import SEED
-from tl_circuits.freezing.rows import reference_rows
+from tl_circuits.freezing.rows import BatchRows, reference_rows
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -57,7 +57,9 @@ class LayerFreeze:
     """Hook functions freezing some heads of one layer; they share what one forward pass stashes.
 
     ``row_mask`` ([batch, n_frozen], optional) freezes head ``heads[j]`` only in the batch rows where
-    ``row_mask[:, j]`` is True; the sweep uses it to freeze a different head in each copy of a batch.
+    ``row_mask[:, j]`` is True; the sweep uses it to freeze a different head in each copy of a batch. ``rows``
+    (:class:`~tl_circuits.freezing.rows.BatchRows`, set by the code that runs a batch in chunks through
+    :meth:`tl_circuits.freezing.api.FreezeHandle.on_rows`): which rows of a per-sample reference a forward takes.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class LayerFreeze:
         self.circuit, self.replacement, self.gradient = circuit, replacement, gradient
         self.reference, self.noise_scale, self.generator = reference, noise_scale, generator
         self.row_mask = row_mask
+        self.rows: Optional[BatchRows] = None
         self._index: dict[torch.device, Tensor] = {}
         self._stash: dict[str, Tensor] = {}
 
@@ -146,12 +149,13 @@ class LayerFreeze:
         return (noise.to(like.device) * std * self.noise_scale).to(like.dtype)
 
     def _reference(self, name: str, like: Tensor) -> Tensor:
-        # a per-sample reference run in chunks (the gradient engine): the chunk's own rows
-        ref = reference_rows(cast(ResampleReference, self.reference)[name], like.shape[0])
+        # a per-sample reference run in chunks (the gradient engine, told the rows): the chunk's own rows
+        ref = reference_rows(cast(ResampleReference, self.reference)[name], like.shape[0], self.rows)
         if ref.shape[1:] != like.shape[1:] or ref.shape[0] not in (1, like.shape[0]):
             raise ValueError(
                 f"RESAMPLE reference for {name} has shape {tuple(ref.shape)} but this run has "
-                f"{tuple(like.shape)}: the reference must have the run's batch size (or 1) and positions"
+                f"{tuple(like.shape)}: the reference must have the run's batch size (or 1) and positions (a "
+                "per-sample reference under per_sample_gradients run in chunks: pass the freeze as freezes=[handle])"
             )
         return ref.to(like.device)
 
@@ -280,6 +284,25 @@ def freeze_generator(model: Model, seed: Optional[int]) -> torch.Generator:
     return generator
 
 
+def build_layer_freezes(
+    model: Model,
+    spec: ModelSpec,
+    freeze_spec: FreezeSpec,
+    reference: Optional[ReferenceLike],
+    row_masks: Optional[dict[int, Bool[Tensor, "batch n_frozen"]]] = None,
+) -> list[LayerFreeze]:
+    """One :class:`LayerFreeze` per frozen layer of a validated freeze; ``row_masks[layer]`` restricts that layer's
+    heads to some batch rows."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in freeze_spec.heads:
+        by_layer.setdefault(layer, []).append(head)
+    prepared = prepare_reference(model, spec, freeze_spec, reference, sorted(by_layer))
+    generator = freeze_generator(model, freeze_spec.seed) if freeze_spec.replacement == Replacement.NOISE else None
+    return [LayerFreeze(model, spec, layer, heads, freeze_spec.circuit, freeze_spec.replacement, freeze_spec.gradient,
+                        prepared, freeze_spec.noise_scale, generator, None if row_masks is None else row_masks[layer])
+            for layer, heads in sorted(by_layer.items())]
+
+
 def build_freeze_hooks(
     model: Model,
     spec: ModelSpec,
@@ -287,20 +310,9 @@ def build_freeze_hooks(
     reference: Optional[ReferenceLike],
     row_masks: Optional[dict[int, Bool[Tensor, "batch n_frozen"]]] = None,
 ) -> list[Hook]:
-    """The hooks of a validated freeze; ``row_masks[layer]`` restricts that layer's heads to some batch rows."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in freeze_spec.heads:
-        by_layer.setdefault(layer, []).append(head)
-    prepared = prepare_reference(model, spec, freeze_spec, reference, sorted(by_layer))
-    generator = freeze_generator(model, freeze_spec.seed) if freeze_spec.replacement == Replacement.NOISE else None
-    hooks = []
-    for layer, heads in sorted(by_layer.items()):
-        layer_freeze = LayerFreeze(
-            model, spec, layer, heads, freeze_spec.circuit, freeze_spec.replacement, freeze_spec.gradient,
-            prepared, freeze_spec.noise_scale, generator, None if row_masks is None else row_masks[layer],
-        )
-        hooks.extend(layer_freeze.hooks())
-    return hooks
+    """The hooks of a validated freeze (:func:`build_layer_freezes`)."""
+    return [hook for layer_freeze in build_layer_freezes(model, spec, freeze_spec, reference, row_masks)
+            for hook in layer_freeze.hooks()]
 
 
 def freeze_hooks(

@@ -66,7 +66,7 @@ from tl_circuits.freezing.sweep_io import SWEEP_FORMAT, SWEEP_FORMAT_VERSION, lo
 from tl_circuits.interference.inputs import check_mask, next_token_losses, prepare_loss
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
-from tl_circuits.parallel.group import agreed_int, current_world
+from tl_circuits.parallel.group import World, agreed_int, resolve_world
 from tl_circuits.parallel.sweep import SweepShare
 from tl_circuits.results_io import SavedResult
 
@@ -192,6 +192,7 @@ def freeze_sweep(
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
     reference_attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    world: Optional[World] = None,
 ) -> SweepResult:
     """Freeze every head's circuit in turn and evaluate ``metric`` on the logits.
 
@@ -234,7 +235,11 @@ def freeze_sweep(
         chunk_size: most rows (copies of a sample) in one stacked forward, instead of the budget's
             (``max_batch_rows``, its old name, is deprecated).
         progress: a tqdm progress bar.
+        world: ``None`` (default): this process runs every variant, whatever process group exists.
+            ``distributed.current_world()``, passed on every rank of a process group: the (layer, stacked pass) items
+            are shared out and every rank gets the whole result (docs/spec.md "Distributed runs").
     """
+    world = resolve_world(world)
     chunk_size = renamed_argument("max_batch_rows", "chunk_size", max_batch_rows, chunk_size, default=None,
                                   note="most rows in one stacked forward")
     spec = model_spec(model)
@@ -261,7 +266,7 @@ def freeze_sweep(
     check_padded_qk(spec, mask, swept, replacement)
     first_seed = seed
     if seed is None and replacement == Replacement.NOISE:  # fresh entropy, drawn on rank 0 and shared; recorded
-        first_seed = agreed_int(torch.Generator().seed() % 2**62, current_world())
+        first_seed = agreed_int(torch.Generator().seed() % 2**62, world)
     seeds = [None if first_seed is None else first_seed + d for d in range(len(draw_references))]
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
     loss_settings = scored.describe() if metric is None else {"scored": f"metric {metric_name}"}
@@ -284,12 +289,12 @@ def freeze_sweep(
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
         n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks
-        n_mine = SweepShare(n_items).n_mine
+        n_mine = SweepShare(n_items, world).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
                 draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed,
                                       reference_mask)
-                share = SweepShare(n_items)
+                share = SweepShare(n_items, world)
                 draws_frozen.append(share.merge(sweep_draw(model, spec, batch, run_layer, metric, passes, draw,
                                                            per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,

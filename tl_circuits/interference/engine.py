@@ -66,7 +66,7 @@ from tl_circuits.interference.scoring import score_pass
 from tl_circuits.interference.store import FactorStore, SampleSet, array_shapes, factor_arrays
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 from tl_circuits.models.types import Model
-from tl_circuits.parallel.group import World, current_world
+from tl_circuits.parallel.group import World, resolve_world
 from tl_circuits.parallel.shards import FactorExchange, held_layers
 
 
@@ -143,15 +143,17 @@ def gradient_pass(model: Model, spec: ModelSpec, tasks: Sequence[TaskInput], cfg
 
 
 def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: InterferenceConfig, *, pooled: bool,
-               fisher: Optional[DiagonalFisher] = None) -> tuple[dict[str, Tensor], DiagonalFisher, dict]:
+               fisher: Optional[DiagonalFisher] = None,
+               world: Optional[World] = None) -> tuple[dict[str, Tensor], DiagonalFisher, dict]:
     """Gradients of A and B once, then A × B scores (``pooled=False``) or A ∪ B × A ∪ B scores (``pooled=True``,
-    pooled Fisher). Returns ``(scores, undamped Fisher, settings)``."""
+    pooled Fisher). Returns ``(scores, undamped Fisher, settings)``. ``world``: the ranks the work is shared
+    over (``None``: this process alone)."""
     spec = model_spec(model)  # the tasks were validated when they were made (_task)
     resolve_method(model, "factored")
     n_a, n_b = task_a.tokens.shape[0], task_b.tokens.shape[0]
     source = cfg.fisher_source
     n_left, n_right = (n_a + n_b, n_a + n_b) if pooled else (n_a, n_b)
-    world = current_world()
+    world = resolve_world(world)
     n_held = held_layers(spec.n_layers, World(0, world.size)).stop  # rank 0 holds the most layers
     factor_bytes = sum(memory.factor_bytes_per_sample(spec, t.tokens.shape[1], shared_qkv_input(model))
                        * t.tokens.shape[0] for t in (task_a, task_b)) * n_held // spec.n_layers
@@ -222,6 +224,7 @@ def compute_interference(
     config: Optional[InterferenceConfig] = None,
     fisher: Optional[DiagonalFisher] = None,
     progress: Optional[bool] = None,
+    world: Optional[World] = None,
 ) -> InterferenceResult:
     """QK-OV interference of every pair (i ∈ A, j ∈ B), block, layer and head, end to end (:func:`run_engine`).
 
@@ -237,6 +240,9 @@ def compute_interference(
         config: :class:`InterferenceConfig` (default: ``InterferenceConfig()``, the signed variant, task-A Fisher).
         fisher: an external undamped Fisher to normalise with, instead of estimating one.
         progress: tqdm progress bars; ``None`` (default): ``config.progress``.
+        world: ``None`` (default): this process computes everything, whatever process group exists.
+            ``distributed.current_world()``, passed on every rank of a process group: samples, layers and score
+            items are shared out and every rank gets the whole result (docs/spec.md "Distributed runs").
     Returns:
         :class:`InterferenceResult` (with ``result.fisher``, the undamped Fisher used,
         ``result.settings['plan']``, the memory plan, and ``result.settings['loss']``, what each task scored).
@@ -256,7 +262,7 @@ def compute_interference(
             if b not in fisher.per_block or tuple(fisher.per_block[b].shape) != expect:
                 raise ValueError(f"the Fisher's block {b} does not match this model's per-head rows {expect} "
                                  "(different model or include_biases?)")
-    scores, used, settings = run_engine(model, task_a, task_b, cfg, pooled=False, fisher=fisher)
+    scores, used, settings = run_engine(model, task_a, task_b, cfg, pooled=False, fisher=fisher, world=world)
     return InterferenceResult(scores, ids_a, ids_b, cfg, settings, fisher=used)
 
 
@@ -273,6 +279,7 @@ def pooled_scores(
     loss_fn_b: Optional[LossFn] = None,
     config: Optional[InterferenceConfig] = None,
     progress: Optional[bool] = None,
+    world: Optional[World] = None,
 ) -> PooledScores:
     """A ∪ B scored against itself under the pooled Fisher: a :class:`~tl_circuits.interference.result.PooledScores`
     (``scores`` ``{block: [N, N, L, H_B]}``, ``n_a``, the resolved ``config``, ``fisher``, ``settings``).
@@ -280,11 +287,12 @@ def pooled_scores(
     The matrix of the label-permutation and conflict tests (rows and columns: A's samples, then B's). Uses
     ``config``'s variant, reduction, damping, leave-one-out and budget; its ``fisher_source`` is ignored. The
     tasks' losses as :func:`compute_interference`. ``progress``: ``None`` (default) is ``config.progress``.
+    ``world``: as :func:`compute_interference` (``None``: this process alone).
     """
     cfg = (config or InterferenceConfig()).with_progress(progress).replace(fisher_source="pooled").resolved()
     task_a = _task(model, tokens_a, attention_mask_a, "tokens_a", loss_mask_a, loss_fn_a)
     task_b = _task(model, tokens_b, attention_mask_b, "tokens_b", loss_mask_b, loss_fn_b)
-    scores, fisher, settings = run_engine(model, task_a, task_b, cfg, pooled=True)
+    scores, fisher, settings = run_engine(model, task_a, task_b, cfg, pooled=True, world=world)
     return PooledScores(scores, tokens_a.shape[0], cfg, fisher, settings)
 
 

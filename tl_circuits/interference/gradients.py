@@ -22,7 +22,8 @@ Two engines (``GradientConfig.method``), equal to each other and to a plain per-
   RESAMPLE freeze must have one row.
 
 Under a freeze, a per-sample gradient is that of the sample's loss in the batched frozen forward (a RESAMPLE
-reference with one row per sample patches sample ``i`` from row ``i``: :mod:`tl_circuits.freezing.rows`).
+reference with one row per sample patches sample ``i`` from row ``i`` when the freeze is passed as ``freezes=``:
+:mod:`tl_circuits.freezing.rows`).
 
 The model is not modified: parameters, ``requires_grad`` flags, ``.grad``, train/eval mode and hooks are as
 before.
@@ -40,7 +41,9 @@ before.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Union
+import functools
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
@@ -49,7 +52,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from tl_circuits.defaults import GB
-from tl_circuits.freezing.rows import batch_rows
+from tl_circuits.freezing.rows import BatchRows
 from tl_circuits.interference import memory
 from tl_circuits.interference.config import GradientConfig
 from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
@@ -74,8 +77,11 @@ from tl_circuits.models.spec import (
     register_factor_hooks,
 )
 from tl_circuits.models.types import Model
-from tl_circuits.parallel.group import current_world
+from tl_circuits.parallel.group import World, resolve_world
 from tl_circuits.parallel.shards import bad_samples, gather_gradient_chunks, own_chunks
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tl_circuits.freezing.api import FreezeHandle
 
 Part = Union[PerSampleGradients, GradientFactors]
 
@@ -156,16 +162,18 @@ def sample_chunks(n: int, chunk: int) -> list[slice]:
 
 def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss, chunk: int,
                   include_biases: bool, chunks: Optional[Sequence[slice]] = None,
-                  ) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
+                  freezes: Sequence["FreezeHandle"] = ()) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
     """Yield ``(samples, GradientFactors, losses)`` chunk by chunk (the ``"factored"`` engine); ``chunks``: only
-    these sample slices (default: all, ``chunk`` at a time)."""
+    these sample slices (default: all, ``chunk`` at a time); ``freezes`` are told each forward's rows."""
     n, n_pos = tokens.shape
     for sl in chunks if chunks is not None else sample_chunks(n, chunk):
         parts, loss_parts = [], []
         for rows, positions in sample_groups(spec, mask[sl]):
             t, m = group_inputs(tokens[sl], mask[sl], rows, positions)
             samples = group_samples(sl, rows)
-            with batch_rows(samples, n):
+            with ExitStack() as told:
+                for handle in freezes:
+                    told.enter_context(handle.on_rows(BatchRows(samples, n)))
                 found, losses = _factor_chunk(model, spec, t, m, loss, samples, positions)
             parts.append((rows, positions, found))
             loss_parts.append((rows, positions, {"loss": losses}))
@@ -231,14 +239,15 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, l
 
 def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: GradientConfig, what: str,
                     factors: bool = False, chunk: Optional[int] = None,
-                    chunks: Optional[Sequence[slice]] = None,
-                    loss: Optional[TaskLoss] = None) -> Iterator[tuple[slice, Part, list[int]]]:
+                    chunks: Optional[Sequence[slice]] = None, loss: Optional[TaskLoss] = None,
+                    freezes: Sequence["FreezeHandle"] = ()) -> Iterator[tuple[slice, Part, list[int]]]:
     """Yield ``(samples, PerSampleGradients or GradientFactors, ids of NaN/inf samples)`` chunk by chunk.
 
     Never raises on NaN/inf (callers decide); ``factors=True`` needs the factored engine. ``chunk``: samples
     per forward (default: ``config.chunk_size`` or from the budget); ``chunks``: compute only these sample
     slices (a rank's share of :func:`sample_chunks`; default all); ``loss``: the task's
-    :class:`~tl_circuits.interference.inputs.TaskLoss` (default: every valid target's cross-entropy).
+    :class:`~tl_circuits.interference.inputs.TaskLoss` (default: every valid target's cross-entropy);
+    ``freezes``: active freezes told which rows each forward runs on (the factored engine).
     """
     spec = prepare_inputs(model, tokens, mask, what, config.method)[0]
     method = resolve_method(model, config.method)
@@ -250,7 +259,12 @@ def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: Gradient
     per_sample = engine_bytes(model, spec, n_pos, config.include_biases, method)
     chunk = chunk or config.chunk_size or memory.chunk_size_for_budget(
         per_sample, config.memory_budget_gb * GB)
-    engine = factor_chunks if method == "factored" else direct_chunks
+    for handle in freezes:
+        if handle.model is not model or not handle.active:
+            raise ValueError(f"freezes holds {handle!r}, which is not active on this model")
+    if freezes and method != "factored":
+        raise ValueError("freezes= (per-sample references, patched chunk by chunk) needs method='factored'")
+    engine = functools.partial(factor_chunks, freezes=freezes) if method == "factored" else direct_chunks
     loss = loss or prepare_loss(tokens, mask, None, None, what)
     loss.check(tokens, mask, spec.d_vocab, device)
     n_targets = loss.n_counted
@@ -283,6 +297,7 @@ def iter_per_sample_gradients(
     progress: Optional[bool] = None,
     loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
     loss_fn: Optional[LossFn] = None,
+    freezes: Sequence["FreezeHandle"] = (),
 ) -> Iterator[tuple[slice, PerSampleGradients]]:
     """Yield ``(sample slice, gradients of those samples)`` chunk by chunk; memory stays at one chunk.
 
@@ -293,7 +308,7 @@ def iter_per_sample_gradients(
     config = (config or GradientConfig()).with_progress(progress)
     mask = prepare_inputs(model, tokens, attention_mask, what, config.method)[1]
     loss = prepare_loss(tokens, mask, loss_mask, loss_fn, what)
-    for sl, grads, bad in gradient_chunks(model, tokens, mask, config, what, loss=loss):
+    for sl, grads, bad in gradient_chunks(model, tokens, mask, config, what, loss=loss, freezes=freezes):
         if bad:
             raise non_finite_error(bad, what)
         assert isinstance(grads, PerSampleGradients)
@@ -309,6 +324,8 @@ def per_sample_gradients(
     progress: Optional[bool] = None,
     loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
     loss_fn: Optional[LossFn] = None,
+    world: Optional[World] = None,
+    freezes: Sequence["FreezeHandle"] = (),
 ) -> PerSampleGradients:
     """Per-sample gradients of every attention parameter, as float32 per-head rows per block.
 
@@ -328,6 +345,12 @@ def per_sample_gradients(
             ``loss_mask=`` and ``samples=`` arguments it may take; with a ``loss_mask`` it must take
             ``loss_mask=``).
         progress: tqdm progress bars; ``None`` (default): ``config.progress``.
+        world: ``None`` (default): this process computes every sample, whatever process group exists.
+            ``distributed.current_world()`` on every rank of a process group: chunks are shared out and every rank
+            gets every sample's gradients.
+        freezes: active :func:`tl_circuits.freeze` handles whose RESAMPLE reference has one row per sample: each
+            chunk's forward patches sample ``i`` from reference row ``i`` (a freeze not named here is part of the
+            forward as any hook is, and its reference must have 1 row or the chunk's batch size).
     Returns:
         :class:`PerSampleGradients` with ``per_block[B]`` of shape ``[N, n_layers, heads_B, P_B]``, ``losses``
         and ``n_targets`` (each sample's counted predictions).
@@ -377,12 +400,13 @@ def per_sample_gradients(
             f"memory_budget_gb={config.memory_budget_gb}; raise the budget, or stream with "
             "iter_per_sample_gradients / compute_interference"
         )
-    world = current_world()
+    world = resolve_world(world)
     chunks = sample_chunks(n, chunk)  # a distributed run: each rank its own chunks, then every chunk everywhere
     mine = dict(zip(range(world.rank, len(chunks), world.size), own_chunks(chunks, world)))
     parts, bad, computed = [], [], {}
     for sl, g, bad_ids in gradient_chunks(model, tokens, mask, config, "tokens", chunk=chunk,
-                                          chunks=list(mine.values()) if world.active else None, loss=loss):
+                                          chunks=list(mine.values()) if world.active else None, loss=loss,
+                                          freezes=freezes):
         assert isinstance(g, PerSampleGradients)
         parts.append(g)
         computed[chunks.index(sl)] = g

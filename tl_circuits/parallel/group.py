@@ -1,8 +1,10 @@
 """The process group as the heavy calls see it: who this rank is, which share of the work is its own, and the few
 collectives that put the shares back together (``torch.distributed``; any backend, gloo on CPU, NCCL on GPUs).
 
-Without an initialised process group (or with one of a single rank) :func:`current_world` is the one-rank world
-and every helper here is the identity: nothing changes.
+Distribution is opt-in: a heavy call splits its work only when it is given ``world=current_world()`` (every rank
+makes the same call); its default, ``world=None``, is the one-rank world even where a process group is
+initialised, so a call made on one rank alone never waits for the others. With the one-rank world every helper
+here is the identity: nothing changes.
 
 Work is split in two ways, both deterministic, so every rank knows every other rank's share without asking:
 
@@ -67,7 +69,8 @@ class World:
 
 
 def current_world() -> World:
-    """The world of the initialised default process group, or the one-rank world."""
+    """The world of the initialised default process group, or the one-rank world: pass it as ``world=`` to a heavy
+    call (on every rank) to split that call's work over the group."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -76,6 +79,27 @@ def current_world() -> World:
     nccl = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return World(dist.get_rank(), size, device)
+
+
+def resolve_world(world: Optional[World]) -> World:
+    """The world a heavy call runs in: ``None`` is the one-rank world (no collective, whatever group exists); a
+    world of several ranks must be the initialised default group's (ValueError otherwise, naming the mismatch).
+
+    >>> resolve_world(None).active
+    False
+    """
+    if world is None:
+        return World()
+    if not isinstance(world, World):
+        raise TypeError(f"world must be a tl_circuits World (e.g. current_world()) or None, got {type(world).__name__}")
+    if not world.active:
+        return world
+    group = current_world()
+    if (group.rank, group.size) != (world.rank, world.size):
+        where = group.describe() if group.active else "no process group initialised"
+        raise ValueError(f"world={world.describe()} is not this process's process group ({where}); pass "
+                         "world=current_world() on every rank, or None to run in this process alone")
+    return world
 
 
 def launched_by_torchrun() -> bool:
@@ -225,6 +249,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-__all__ = ["World", "current_world", "launched_by_torchrun", "init_from_environment", "shard", "owned",
+__all__ = ["World", "current_world", "resolve_world", "launched_by_torchrun", "init_from_environment", "shard", "owned",
            "all_reduce_sum", "merge_owned", "share_ranges", "split_rows", "broadcast_", "agreed_int", "all_succeeded",
            "barrier", "DEFAULT_TIMEOUT_S"]

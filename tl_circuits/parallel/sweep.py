@@ -12,19 +12,19 @@ A NOISE sweep is divided too: each item draws from its own generator
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from tl_circuits.parallel.group import World, current_world, merge_owned
+from tl_circuits.parallel.group import World, merge_owned
 
 
 class SweepShare:
     """Which of ``n_items`` sweep items (taken in the sweep's own order) this rank runs, and the merge of the grids."""
 
-    def __init__(self, n_items: int, world: Optional[World] = None):
-        self.world = world or current_world()
+    def __init__(self, n_items: int, world: World):
+        self.world = world
         self.divided = self.world.active
         self.n_items, self.next_item = n_items, 0
         self.taken: list[tuple[int, Sequence[tuple[Any, int]]]] = []

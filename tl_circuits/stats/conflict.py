@@ -44,6 +44,7 @@ from torch import Tensor
 from tl_circuits import defaults
 from tl_circuits.deprecation import deprecated_alias
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import World
 from tl_circuits.results_io import SavedResult
 from tl_circuits.stats.pvalues import family_decisions, tail_p_value
 from tl_circuits.stats.validation import check_choice, check_open_unit
@@ -236,19 +237,21 @@ def interference_conflict_test(
     loss_fn_b: Optional[Callable[..., Tensor]] = None,
     config: Optional[Any] = None,
     progress: Optional[bool] = None,
+    world: Optional[World] = None,
     **test_kwargs: Any,
 ) -> ConflictTestResult:
     """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
     (:func:`tl_circuits.compute_interference`, whose ``loss_mask_*``/``loss_fn_*`` say what each task scores),
     then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
     variant and Fisher source are set by :func:`conflict_config`; ``progress``: ``None`` (default) is
-    ``config.progress``."""
+    ``config.progress``; ``world``: as :func:`tl_circuits.compute_interference` (``None``: this process alone;
+    the test itself has no collective)."""
     from tl_circuits.interference.engine import compute_interference
 
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                   attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
                                   loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=conflict_config(config),
-                                  progress=progress)
+                                  progress=progress, world=world)
     return result.conflict_test(**test_kwargs)
 
 

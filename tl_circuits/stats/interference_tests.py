@@ -27,6 +27,7 @@ from tl_circuits.interference.engine import pooled_scores
 from tl_circuits.interference.loss_fn import LossFn
 from tl_circuits.interference.result import PooledScores
 from tl_circuits.models.types import Model
+from tl_circuits.parallel.group import World
 from tl_circuits.stats.result import InterferenceTestResult
 
 pooled_pairwise_scores = pooled_scores
@@ -49,6 +50,7 @@ def interference_permutation_test(
     config: Optional[InterferenceConfig] = None,
     alternative: Optional[str] = None,
     progress: Optional[bool] = None,
+    world: Optional[World] = None,
     **test_kwargs: Any,
 ) -> InterferenceTestResult:
     """Per-sample gradients of A and B, pooled Fisher, the pooled pairwise matrix once, then
@@ -60,13 +62,15 @@ def interference_permutation_test(
     ``"greater"`` otherwise (more interference than exchangeable task labels predict). ``progress`` (``None``:
     ``config.progress``) and ``config.memory_budget_gb`` hold for the whole call, the test included. The tasks'
     losses (``loss_mask_*``, ``loss_fn_*``) as :func:`tl_circuits.compute_interference`; the result's ``loss``
-    (and the pooled matrix's ``settings["loss"]``) says what each task scored.
+    (and the pooled matrix's ``settings["loss"]``) says what each task scored. ``world``: ``None`` (default): this
+    process alone; ``distributed.current_world()`` on every rank shares the gradients, scores and relabelings out
+    over a process group (:func:`tl_circuits.compute_interference`).
     """
     pooled: PooledScores = pooled_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                          attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a,
                                          loss_mask_b=loss_mask_b, loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b,
-                                         config=config, progress=progress)
-    return pooled.permutation_test(alternative=alternative, **test_kwargs)
+                                         config=config, progress=progress, world=world)
+    return pooled.permutation_test(alternative=alternative, world=world, **test_kwargs)
 
 
 __all__ = ["interference_permutation_test", "pooled_pairwise_scores"]

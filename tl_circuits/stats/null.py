@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tl_circuits import defaults
 from tl_circuits.interference import memory
-from tl_circuits.parallel.group import current_world, split_rows
+from tl_circuits.parallel.group import World, resolve_world, split_rows
 from tl_circuits.stats.reduction import PreparedBlock, ReductionWorkspace, bilinear, prepare_block
 from tl_circuits.stats.validation import (
     Grid,
@@ -168,13 +168,13 @@ def null_moments(pooled_scores: Scores, n_a: Labels) -> Tuple[Grid, Grid]:
 
 def relabeled_statistic(centered: Float[Tensor, "n n c"], relabelings: Bool[Tensor, "p n"], *, scratch_gb: float,
                         bar: Optional[tqdm] = None, workspace: Optional[ReductionWorkspace] = None,
-                        split: bool = True) -> Float[Tensor, "p c"]:
+                        world: Optional[World] = None) -> Float[Tensor, "p c"]:
     """The centred statistic ``aᵀ (M − μ) (1 − a) / (n_A n_B)`` of every cell under each relabeling ``a``: the one
     batched reduction of the permutation null (the observed labels, the screen, the rest of the relabelings).
 
     ``centered``: a prepared block's :attr:`~tl_circuits.stats.reduction.PreparedBlock.centered` (or some of its
-    cells); ``scratch_gb``: one chunk's scratch product. With ``split`` the rows are shared out over the ranks of a
-    process group (every rank gets all of them back, bit for bit what one process computes).
+    cells); ``scratch_gb``: one chunk's scratch product. ``world``: a process group's world shares the rows out over
+    its ranks (every rank gets all of them back, bit for bit what one process computes); ``None``: this process.
     """
     k, n = int(relabelings[0].sum()), relabelings.shape[1]
 
@@ -182,18 +182,19 @@ def relabeled_statistic(centered: Float[Tensor, "n n c"], relabelings: Bool[Tens
         return bilinear(relabelings[rows], centered, ~relabelings[rows], scratch_gb, bar, workspace)
 
     n_rows = relabelings.shape[0]
-    total = split_rows(n_rows, (centered.shape[-1],), centered.dtype, reduce, current_world()) if split \
-        else reduce(slice(0, n_rows))
+    total = split_rows(n_rows, (centered.shape[-1],), centered.dtype, reduce, resolve_world(world))
     return total / (k * (n - k))
 
 
 def permutation_null(pooled_scores: Scores, permutations: Bool[Tensor, "n_permutations n"], *,
                      dtype: torch.dtype = torch.float64, memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
-                     progress: bool = True, memory_budget: Optional[float] = None,
+                     progress: bool = True, memory_budget: Optional[float] = None, world: Optional[World] = None,
                      ) -> Dict[str, Float[Tensor, "n_permutations n_layers heads"]]:
     """The per-cell statistic under each given relabeling (row = task-A membership), all cells batched.
 
-    ``memory_budget_gb``: what the call may allocate (GB; ``memory_budget``, in bytes, is deprecated).
+    ``memory_budget_gb``: what the call may allocate (GB; ``memory_budget``, in bytes, is deprecated). ``world``:
+    ``tl_circuits.distributed.current_world()`` on every rank shares the relabelings out over a process group; ``None``
+    (default): this process computes them all.
 
     >>> m = torch.rand(6, 6, 2, 2)
     >>> perms = all_relabelings(3, 6)
@@ -201,6 +202,7 @@ def permutation_null(pooled_scores: Scores, permutations: Bool[Tensor, "n_permut
     torch.Size([19, 2, 2])
     """
     scores, n = check_scores(pooled_scores)
+    world = resolve_world(world)
     memory_budget_gb = resolve_memory_budget_gb(memory_budget_gb, memory_budget)
     perms = torch.as_tensor(permutations)
     k = int(perms[0].sum()) if perms.ndim == 2 and perms.shape[0] else 0
@@ -214,7 +216,8 @@ def permutation_null(pooled_scores: Scores, permutations: Bool[Tensor, "n_permut
     with progress_bar(len(scores) * perms.shape[0], "permutations", progress) as bar:
         for block, x in scores.items():
             prep = prepare_block(x, dtype)
-            t = relabeled_statistic(prep.centered, perms, scratch_gb=scratch_gb, bar=bar, workspace=workspace)
+            t = relabeled_statistic(prep.centered, perms, scratch_gb=scratch_gb, bar=bar, workspace=workspace,
+                                    world=world)
             t = (t + prep.mu).masked_fill(prep.missing, float("nan"))
             out[block] = t.reshape(-1, *prep.shape).cpu()
     return out

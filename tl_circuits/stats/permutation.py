@@ -29,7 +29,7 @@ from torch import Tensor
 
 from tl_circuits import defaults
 from tl_circuits.interference import memory
-from tl_circuits.parallel.group import agreed_int, current_world
+from tl_circuits.parallel.group import World, agreed_int, resolve_world
 from tl_circuits.stats.bootstrap import block_bootstrap_interval, draw_resamples
 from tl_circuits.stats.corrections import cluster_mass_correction, default_cluster_threshold, maxstat_correction
 from tl_circuits.stats.null import exact_null_sd, random_relabelings, relabeled_statistic
@@ -64,11 +64,12 @@ __all__ = ["permutation_test", "p_value_floor", "InterferenceTestResult"]
 
 
 def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative: str, scratch_gb: float,
-                bar, workspace: ReductionWorkspace) -> Dict[str, Tensor]:
+                bar, workspace: ReductionWorkspace, world: World) -> Dict[str, Tensor]:
     """Every per-cell quantity of one block, flat over its cells ``[C]`` (nulls ``[P, C]``), not yet masked."""
     n_permutations = perms.shape[0]
-    t_obs = relabeled_statistic(prep.centered, labels[None], scratch_gb=scratch_gb, bar=bar, split=False)[0]
-    t_null = relabeled_statistic(prep.centered, perms, scratch_gb=scratch_gb, bar=bar, workspace=workspace)  # [P, C]
+    t_obs = relabeled_statistic(prep.centered, labels[None], scratch_gb=scratch_gb, bar=bar)[0]
+    t_null = relabeled_statistic(prep.centered, perms, scratch_gb=scratch_gb, bar=bar, workspace=workspace,
+                                 world=world)  # [P, C]
     sd = exact_null_sd(prep, int(labels.sum()), labels.shape[0] - int(labels.sum()))
     observed = t_obs + prep.mu
     eps = torch.finfo(prep.centered.dtype).eps
@@ -95,7 +96,7 @@ def _p_from_hits(hits_greater: Tensor, hits_less: Tensor, n_permutations: int, a
 
 
 def _refine_block(prep: PreparedBlock, cells: Dict[str, Tensor], more: Tensor, refine: Tensor, n_total: int,
-                  alternative: str, scratch_gb: float, workspace: ReductionWorkspace) -> Tensor:
+                  alternative: str, scratch_gb: float, workspace: ReductionWorkspace, world: World) -> Tensor:
     """The p-values of the ``refine`` cells ``[C]`` over all ``n_total`` relabelings: the screen's hits plus those
     of the ``more`` relabelings, counted on those cells only; other cells keep the screen's p."""
     p = cells["p_value"].clone()
@@ -103,7 +104,7 @@ def _refine_block(prep: PreparedBlock, cells: Dict[str, Tensor], more: Tensor, r
     if index.numel() == 0 or more.shape[0] == 0:
         return p
     sub = prep.centered.index_select(2, index.to(prep.centered.device))
-    t_null = relabeled_statistic(sub, more, scratch_gb=scratch_gb, workspace=workspace)  # [P_more, C_refine]
+    t_null = relabeled_statistic(sub, more, scratch_gb=scratch_gb, workspace=workspace, world=world)  # [P_more, C]
     t_obs, gamma = cells["t_obs"][index], cells["gamma"][index]
     hits_greater = cells["hits_greater"][index] + (t_null >= t_obs - gamma).sum(0).double()
     hits_less = cells["hits_less"][index] + (t_null <= t_obs + gamma).sum(0).double()
@@ -132,6 +133,7 @@ def permutation_test(
     memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
     progress: bool = True,
     memory_budget: Optional[float] = None,
+    world: Optional[World] = None,
 ) -> InterferenceTestResult:
     """Permutation test of task-label exchangeability for every (block, layer, head) cell, with corrections.
 
@@ -180,6 +182,9 @@ def permutation_test(
             :data:`tl_circuits.defaults.STATS_WORKSPACE_GB`); ValueError when too small for one chunk.
         progress: tqdm progress bars.
         memory_budget: deprecated, the same budget in bytes.
+        world: ``None`` (default): this process reduces every relabeling, whatever process group exists.
+            ``distributed.current_world()``, passed on every rank of a process group: the relabelings are shared out
+            and every rank gets the whole result (docs/spec.md "Distributed runs").
 
     Warns (UserWarning) when some p-values sit at their floor ``1 / (1 + n_permutations)``, saying how many.
 
@@ -205,7 +210,7 @@ def permutation_test(
     if n_bootstrap and (k < 2 or n - k < 2):
         raise ValueError(f"bootstrap intervals need at least 2 samples per task, got n_a={k}, n_b={n - k}; "
                          "pass n_bootstrap=0")
-    world = current_world()
+    world = resolve_world(world)
     if world.active and seed is None:  # fresh entropy, drawn once: every rank must draw the same relabelings
         seed = agreed_int(torch.Generator().seed() % 2**62, world)
     if permutations is None:
@@ -247,11 +252,11 @@ def permutation_test(
         for block, x in scores.items():
             prep = prepare_block(x, dtype)
             missing, shape = prep.missing, prep.shape
-            cells = _test_block(prep, labels, perms, alternative, scratch_gb, bar, workspace)
+            cells = _test_block(prep, labels, perms, alternative, scratch_gb, bar, workspace, world)
             if used is not None:
                 refine = ~missing & (cells["p_value"] <= defaults.SCREEN_MARGIN * alpha)
                 cells["p_value"] = _refine_block(prep, cells, more, refine, n_permutations, alternative, scratch_gb,
-                                                 workspace)
+                                                 workspace, world)
                 used[block] = torch.where(refine, float(n_permutations), float(perms.shape[0])).double() \
                     .masked_fill(missing, float("nan")).reshape(shape).cpu()
 
