@@ -46,7 +46,7 @@ from tl_circuits.deprecation import deprecated_alias
 from tl_circuits.models.types import Model
 from tl_circuits.results_io import SavedResult
 from tl_circuits.stats.pvalues import family_decisions, tail_p_value
-from tl_circuits.stats.validation import check_choice, check_open_unit
+from tl_circuits.stats.validation import check_choice, check_open_unit, scored_cells
 
 NULL_HYPOTHESIS = "E[s_ij] >= 0: the tasks' Fisher-normalised mean gradients are not opposed in this head"
 """H0 of the default, one-sided test (``alternative="less"``); :attr:`ConflictTestResult.null_hypothesis` names the
@@ -209,8 +209,9 @@ def conflict_test(
             keep_estimate = name == "estimate"  # the mean itself is defined when only the spread is 0
             mask = missing if keep_estimate else bad
             out[name][block] = v.masked_fill(mask, float("nan"))
-        n_bad += int(bad.sum())
-        n_cells += bad.numel()
+        scored = scored_cells(x)  # unscored cells (outside a selection) are no family's
+        n_bad += int((bad & scored).sum())
+        n_cells += int(scored.sum())
     if n_bad:
         warnings.warn(f"{n_bad} of {n_cells} cells have non-finite scores or no spread (se = 0): their p-values "
                       "are NaN", RuntimeWarning, stacklevel=2)
