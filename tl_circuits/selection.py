@@ -100,7 +100,7 @@ class Selection:
 
     def cells(self, spec: ModelSpec) -> dict[str, Tensor]:
         """``{block: bool [n_layers, heads_B]}``: True on the selected cells."""
-        out = {}
+        out: dict[str, Tensor] = {}
         for block in BLOCKS:
             grid = torch.zeros(spec.n_layers, spec.n_block_heads(block), dtype=torch.bool)
             grid[torch.tensor(self.layers)[:, None], torch.tensor(self.block_heads(spec, block))[None, :]] = True
