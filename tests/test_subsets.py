@@ -155,3 +155,21 @@ def test_results_keep_their_selection_when_saved(tmp_path):
     loaded_sweep = load(sweep.save(tmp_path / "sweep"))
     assert loaded_sweep.settings["selection"] == {"layers": [1], "heads": [3]}
     assert torch.equal(loaded_sweep.frozen["qk"].isnan(), sweep.frozen["qk"].isnan())
+
+
+def test_end_to_end_tests_take_the_selection():
+    from tl_circuits.stats.conflict import interference_conflict_test
+    from tl_circuits.stats.interference_tests import interference_permutation_test
+
+    model = under_test("gqa")
+    tokens_a, tokens_b = random_tokens(3, 8, seed=11), random_tokens(3, 8, seed=12)
+    cells = _cells(model, [1], [2])
+    test = interference_permutation_test(model, tokens_a, tokens_b, layers=[1], heads=[2], n_permutations=99,
+                                         n_bootstrap=0, seed=0, progress=False)
+    pooled = pooled_scores(model, tokens_a, tokens_b, layers=[1], heads=[2], progress=False)
+    direct = pooled.permutation_test(n_permutations=99, n_bootstrap=0, seed=0, progress=False)
+    conflict = interference_conflict_test(model, tokens_a, tokens_b, layers=[1], heads=[2], progress=False)
+    for block, selected in cells.items():
+        assert torch.equal(test.p_value[block].isnan(), ~selected)
+        assert torch.equal(test.p_value[block][selected], direct.p_value[block][selected])
+        assert conflict.p_value[block][~selected].isnan().all() and conflict.p_value[block][selected].isfinite().all()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -235,6 +235,8 @@ def interference_conflict_test(
     loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
     loss_fn_a: Optional[Callable[..., Tensor]] = None,
     loss_fn_b: Optional[Callable[..., Tensor]] = None,
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
     config: Optional[Any] = None,
     progress: Optional[bool] = None,
     **test_kwargs: Any,
@@ -242,12 +244,15 @@ def interference_conflict_test(
     """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
     (:func:`tl_circuits.compute_interference`, whose ``loss_mask_*``/``loss_fn_*`` say what each task scores),
     then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
-    variant and Fisher source are set to signed / pooled; ``progress``: ``None`` (default) is ``config.progress``."""
+    variant and Fisher source are set to signed / pooled; ``progress``: ``None`` (default) is ``config.progress``.
+    ``layers``/``heads``: the cells scored and tested (:func:`tl_circuits.compute_interference`; the family holds
+    them only)."""
     from tl_circuits.interference.config import InterferenceConfig
     from tl_circuits.interference.engine import compute_interference
 
     cfg = (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                   attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
-                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=cfg, progress=progress)
+                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, layers=layers, heads=heads, config=cfg,
+                                  progress=progress)
     return result.conflict_test(**test_kwargs)

@@ -17,7 +17,7 @@ every permutation of the task labels is a reduction of that one matrix. (The con
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from jaxtyping import Int
 from torch import Tensor
@@ -46,6 +46,8 @@ def interference_permutation_test(
     loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
     loss_fn_a: Optional[LossFn] = None,
     loss_fn_b: Optional[LossFn] = None,
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
     config: Optional[InterferenceConfig] = None,
     alternative: Optional[str] = None,
     progress: Optional[bool] = None,
@@ -60,12 +62,13 @@ def interference_permutation_test(
     ``"greater"`` otherwise (more interference than exchangeable task labels predict). ``progress`` (``None``:
     ``config.progress``) and ``config.memory_budget_gb`` hold for the whole call, the test included. The tasks'
     losses (``loss_mask_*``, ``loss_fn_*``) as :func:`tl_circuits.compute_interference`; the result's ``loss``
-    (and the pooled matrix's ``settings["loss"]``) says what each task scored.
+    (and the pooled matrix's ``settings["loss"]``) says what each task scored. ``layers``/``heads``: the cells
+    scored and tested (:func:`tl_circuits.compute_interference`); the families hold those cells only.
     """
     pooled: PooledScores = pooled_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                          attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a,
                                          loss_mask_b=loss_mask_b, loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b,
-                                         config=config, progress=progress)
+                                         layers=layers, heads=heads, config=config, progress=progress)
     return pooled.permutation_test(alternative=alternative, **test_kwargs)
 
 
