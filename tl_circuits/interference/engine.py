@@ -218,12 +218,12 @@ def _whole_grids(spec: ModelSpec, selection: Selection, scores: dict[str, Tensor
     out = {}
     for block, part in scores.items():
         whole = torch.full((*part.shape[:2], spec.n_layers, part.shape[3]), math.nan, dtype=part.dtype)
-        whole[:, :, layers] = part if part.shape[2] == len(layers) else part[:, :, layers]
+        whole[:, :, layers] = part  # the run's layer i is layers[i]
         out[block] = whole.masked_fill_(~cells[block], math.nan)
     per_block = {}
     for block, part in fisher.per_block.items():
         whole = torch.full((spec.n_layers, *part.shape[1:]), math.nan, dtype=part.dtype)
-        whole[layers] = part if part.shape[0] == len(layers) else part[layers]
+        whole[layers] = part
         per_block[block] = whole.masked_fill_(~cells[block][:, :, None], math.nan)
     return out, DiagonalFisher(per_block, fisher.n_samples, spec, include_biases, fisher.source)
 
