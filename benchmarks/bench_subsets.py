@@ -82,7 +82,7 @@ def measure(kind: str, subset: bool, smoke: bool, device: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / GB if device.startswith("cuda") else rss_gb() - baseline
-    return {"seconds": seconds, "peak_gb": peak}
+    return {"seconds": seconds, "peak_gb": peak, "absolute_gb": rss_gb()}
 
 
 def in_subprocess(kind: str, subset: bool, smoke: bool, device: str) -> dict:
@@ -116,6 +116,7 @@ def main() -> None:
             ratio = sub["peak_gb"] / full["peak_gb"] if full["peak_gb"] > 0 else float("nan")
             print(f"{kind + ' peak memory (GB)':<28}{full['peak_gb']:>18.3f}{sub['peak_gb']:>16.3f}"
                   f"{ratio:>8.2f}{goal:>8}")
+            print(f"{'  (peak RSS, absolute)':<28}{full['absolute_gb']:>18.3f}{sub['absolute_gb']:>16.3f}")
 
 
 if __name__ == "__main__":
