@@ -245,3 +245,37 @@ def test_normalization_is_used_and_recorded_in_the_report(tmp_path):
         mean = np.array(json_grid(data["interference"]["mean"][block]))
         scale = float(direct.mean[block].abs().max())
         np.testing.assert_allclose(mean, direct.mean[block].numpy(), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_layers_and_heads_select_the_report_cells(tmp_path, capsys):
+    """``--layers 1 --heads 0,2-3``: the sweep and the map keep their grids, NaN outside the selection, with the full
+    report's numbers inside it; the test's family holds the selected cells only and report.md says so."""
+    from scipy.stats import false_discovery_control
+
+    from tl_circuits.selection import format_indices
+
+    common = ["--n-a", "5", "--n-b", "4", "--seed", "3", "--n-permutations", "99", "--n-bootstrap", "0", "--quiet"]
+    full, sub = tmp_path / "full", tmp_path / "sub"
+    assert main([*common, "--out", str(full)]) == 0
+    assert main([*common, "--layers", "1", "--heads", "0,2-3", "--out", str(sub)]) == 0
+    data_full, data = (json.loads((folder / "report.json").read_text()) for folder in (full, sub))
+    assert data["settings"]["selection"] == {"layers": [1], "heads": [0, 2, 3]}
+    selected = np.zeros((2, 4), dtype=bool)
+    selected[1, [0, 2, 3]] = True  # the bundled default model: 2 layers of 4 heads, no GQA
+    for block in "QKVO":
+        mean, mean_full = (np.array(json_grid(d["interference"]["mean"][block])) for d in (data, data_full))
+        np.testing.assert_array_equal(mean[selected], mean_full[selected])
+        assert np.isnan(mean[~selected]).all()
+        p, p_full = (np.array(json_grid(d["statistics"]["p_value"][block])) for d in (data, data_full))
+        np.testing.assert_array_equal(p[selected], p_full[selected])  # same relabelings: the same p per cell
+    q = np.concatenate([np.array(json_grid(data["statistics"]["q_value_bh"][b]))[selected] for b in "QKVO"])
+    p_all = np.concatenate([np.array(json_grid(data["statistics"]["p_value"][b]))[selected] for b in "QKVO"])
+    np.testing.assert_allclose(q, false_discovery_control(p_all))  # BH over the 12 selected cells, by scipy
+    for circuit in ("qk", "ov"):
+        effect = np.array(json_grid(data["sweep"]["A"]["effect"][circuit]))
+        np.testing.assert_array_equal(effect[selected],
+                                      np.array(json_grid(data_full["sweep"]["A"]["effect"][circuit]))[selected])
+        assert np.isnan(effect[~selected]).all()
+    assert f"Only layers 1 and heads {format_indices([0, 2, 3])} were swept" in (sub / "report.md").read_text()
+    status, _, err = run_main(["--layers", "2-1", "--out", str(tmp_path / "bad")], capsys)
+    assert status == 2 and "runs backwards" in " ".join(err)

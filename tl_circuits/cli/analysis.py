@@ -59,6 +59,7 @@ from tl_circuits.models.spec import model_spec
 from tl_circuits.stats.conflict import ConflictTestResult, conflict_test
 from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
 from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
+from tl_circuits.stats.validation import count_cells
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import World
@@ -89,6 +90,8 @@ class AnalysisConfig:
         n_bootstrap, alpha, correction: as :func:`tl_circuits.permutation_test`.
         top_k: rows in the report's top-heads and top-pairs tables.
         seed: permutations, bootstrap, the sweep and (through the caller) the bundled task samples.
+        layers, heads: the cells swept, scored and tested (``None``: all; :mod:`tl_circuits.selection`): every
+            grid keeps its shape, NaN elsewhere, and the test's family holds the selected cells only.
     """
 
     interference: InterferenceConfig = field(default_factory=pooled_interference_config)
@@ -100,6 +103,8 @@ class AnalysisConfig:
     correction: str = "bh"
     top_k: int = TOP_K
     seed: int = defaults.SEED
+    layers: Optional[tuple[int, ...]] = None
+    heads: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.interference, InterferenceConfig):
@@ -149,7 +154,10 @@ class AnalysisConfig:
                     n_permutations_requested=self.n_permutations, screen=self.screen, n_bootstrap=self.n_bootstrap,
                     alpha=self.alpha,
                     correction=self.correction, alternative=self.alternative, top_k=self.top_k, seed=self.seed,
-                    memory_budget_gb=self.interference.memory_budget_gb, interference=self.interference.to_dict())
+                    memory_budget_gb=self.interference.memory_budget_gb, interference=self.interference.to_dict(),
+                    **({} if self.layers is None and self.heads is None else
+                       {"selection": {"layers": None if self.layers is None else list(self.layers),
+                                      "heads": None if self.heads is None else list(self.heads)}}))
 
 
 @dataclass(frozen=True)
@@ -212,14 +220,15 @@ def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput, conf
     # the one streaming engine: every gradient once, the pooled matrix tiled within the memory budget
     pooled = pooled_scores(model, task_a.tokens.to(device), task_b.tokens.to(device),
                            attention_mask_a=task_a.attention_mask.to(device),
-                           attention_mask_b=task_b.attention_mask.to(device), config=icfg, world=world)
+                           attention_mask_b=task_b.attention_mask.to(device), layers=config.layers,
+                           heads=config.heads, config=icfg, world=world)
     return pooled.interference(list(task_a.ids), list(task_b.ids)), pooled.scores, pooled.n_a
 
 
 def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfig,
                       world: Optional[World] = None) -> InterferenceTestResult:
     """The permutation test of the pooled matrix (n_permutations: :meth:`AnalysisConfig.permutations_for`)."""
-    n_cells = sum(scores.shape[2] * scores.shape[3] for scores in pooled.values())
+    n_cells = count_cells(pooled)  # the family: the selected cells only
     return permutation_test(pooled, n_a, n_permutations=config.permutations_for(n_cells), screen=config.screen,
                             alternative=config.alternative, alpha=config.alpha, correction=config.correction,
                             seed=config.seed, n_bootstrap=config.n_bootstrap,

@@ -65,6 +65,7 @@ from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: 
 )
 from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, write_report
 from tl_circuits.interference.config import NORMALIZATIONS, VARIANTS, GradientConfig, InterferenceConfig
+from tl_circuits.selection import parse_indices
 from tl_circuits.parallel.group import (
     DEFAULT_TIMEOUT_S,
     World,
@@ -105,6 +106,8 @@ class CommandOptions:
     dist_timeout: float = DEFAULT_TIMEOUT_S
     normalization: str = defaults.NORMALIZATION
     check: bool = False
+    layers: Optional[tuple[int, ...]] = None
+    heads: Optional[tuple[int, ...]] = None
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
@@ -113,7 +116,8 @@ class CommandOptions:
                                                               fisher_source="pooled",
                                                               normalization=self.normalization),
                               replacement=self.replacement, n_permutations=self.n_permutations,
-                              n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed)
+                              n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed,
+                              layers=self.layers, heads=self.heads)
 
 
 # ----- the command line ----------------------------------------------------------------------------------
@@ -152,6 +156,13 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return parse_indices(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tl-circuits`` argument parser; its defaults are :mod:`tl_circuits.defaults`'."""
     parser = _Parser(
@@ -184,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--normalization", choices=NORMALIZATIONS, default=defaults.NORMALIZATION,
         help=f"Fisher normaliser of the scores (docs/spec.md §3.4; default {defaults.NORMALIZATION}): diagonal (each "
              "parameter's own), head (one per head: Fisher-scaled dot products) or hybrid (their geometric mean)")
+    add("--layers", type=_indices, help="layers swept, scored and tested, e.g. 10-11 or 0,3-5 (default all); the "
+                                        "rest of every grid is NaN and the test's family holds the selected cells")
+    add("--heads", type=_indices, help="(query) heads, as --layers (default all; under GQA K/V keep the KV heads the "
+                                       "selected heads read)")
     add("--replacement", choices=REPLACEMENTS, default="zero",
         help="what a frozen circuit is replaced with (default zero)")
     add("--alpha", type=_unit_interval, default=defaults.ALPHA,

@@ -84,7 +84,8 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
     reference = compute_mean_activations(model, tokens, memory_budget_gb=budget, progress=config.progress) \
         if config.replacement == "mean" else None
     circuits = swept_circuits(model, config.replacement)
-    sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, per_sample=True,
+    sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, layers=config.layers,
+                         heads=config.heads, per_sample=True,
                          replacement=config.replacement, reference=reference, seed=config.seed,
                          memory_budget_gb=budget, progress=config.progress, world=world)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"

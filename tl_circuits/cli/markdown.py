@@ -19,6 +19,7 @@ import torch
 
 from tl_circuits.cli.analysis import Analysis
 from tl_circuits.cli.headlines import headlines
+from tl_circuits.selection import format_indices
 from tl_circuits.cli.tables import (
     circuit_comparison_table,
     known_roles,
@@ -200,6 +201,16 @@ def _conflict_subsection(analysis: Analysis, role: dict[str, str], conflict: str
     ]
 
 
+def _family(cfg) -> str:
+    """The report's note of a layer/head selection: what the families hold."""
+    if cfg.layers is None and cfg.heads is None:
+        return ""
+    layers = "all" if cfg.layers is None else format_indices(cfg.layers)
+    heads = "all" if cfg.heads is None else format_indices(cfg.heads)
+    return (f" Only layers {layers} and heads {heads} were swept, scored and tested (under GQA, K/V: the KV heads "
+            "those heads read): the multiple-testing families hold these cells only; the rest is NaN, not 0.")
+
+
 def _permutation_subsection(analysis: Analysis, role: dict[str, str], conflict: str) -> list[str]:
     cfg, stats = analysis.config, analysis.statistics
     n_sig = {block: int(s.sum()) for block, s in stats.significant.items()}
@@ -212,7 +223,7 @@ def _permutation_subsection(analysis: Analysis, role: dict[str, str], conflict: 
         f"q ≤ {cfg.alpha}). H0: *task labels are exchangeable* — the two tasks' samples interact in this head like "
         "samples of one mixed population. Rejecting says the tasks use the head differently, not that they conflict: "
         "two tasks with orthogonal mean gradients are rejected here but not by the conflict test. "
-        "Marked cells per block: " + ", ".join(f"{blk} {n}" for blk, n in n_sig.items()) + ".",
+        "Marked cells per block: " + ", ".join(f"{blk} {n}" for blk, n in n_sig.items()) + "." + _family(cfg),
         "",
         "![interference z](interference_z.png) (standardised statistic z; hatched: not marked)",
         "",

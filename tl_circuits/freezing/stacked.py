@@ -14,7 +14,7 @@ row budget). The metric is applied to each copy's rows of those same logits, whe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -122,19 +122,20 @@ def sweep_draw(
     per_sample: bool,
     bar,
     share: Optional[SweepShare] = None,
+    layers: Optional[Sequence[int]] = None,
 ) -> dict[str, Tensor]:
     """The frozen metric of every (circuit, layer, head) for one draw: circuit -> [L, H] (or [N, L, H] per sample).
 
     ``run_layer``: from :func:`clean_run`; ``passes``: the (circuit, head) copies stacked in each forward of a
     layer. Cells not run stay NaN.
     ``share``: under a process group, which (layer, pass) items this rank runs (:class:`SweepShare`; the caller
-    merges the grids).
+    merges the grids). ``layers``: the layers swept (default all; each restarts from its own ``resid_pre``).
     """
     circuits = dict.fromkeys(c for chunk in passes for c, _ in chunk)
     lead = (batch,) if per_sample else ()
     frozen = {c.value: torch.full((*lead, spec.n_layers, spec.n_heads), float("nan"), dtype=torch.float64)
               for c in circuits}
-    for layer in range(spec.n_layers):
+    for layer in range(spec.n_layers) if layers is None else layers:
         for pass_index, chunk in enumerate(passes):
             if share is not None and not share.take(layer, chunk):
                 continue

@@ -32,7 +32,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -69,6 +69,7 @@ from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import World, agreed_int, resolve_world
 from tl_circuits.parallel.sweep import SweepShare
 from tl_circuits.results_io import SavedResult
+from tl_circuits.selection import Selection, resolve_selection
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -179,6 +180,8 @@ def freeze_sweep(
     metric: Optional[Union[Metric, PerSampleMetric]] = None,
     *,
     circuits: Sequence[Union[str, Circuit]] = ("qk", "ov"),
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
     replacement: Union[str, Replacement] = "zero",
     reference: Optional[Union[ReferenceLike, Sequence[ReferenceLike]]] = None,
     noise_scale: float = NOISE_SCALE,
@@ -208,6 +211,10 @@ def freeze_sweep(
             metric of your own gets the logits only: it must ignore padding itself (and a ``loss_mask`` with it
             is refused).
         circuits: which circuits to sweep, each giving an [n_layers, n_heads] tensor.
+        layers, heads: the cells swept, ``layers × heads`` (``None``: all; :mod:`tl_circuits.selection`, docs/spec.md
+            §0.7). The grids keep their shape, NaN outside the selection; the sweep restarts at each selected
+            layer only, so k of L layers costs about the clean forward plus k layers' passes; ``settings
+            ["selection"]`` records it.
         replacement, reference, noise_scale, seed: as :func:`tl_circuits.freeze`. A RESAMPLE sweep
             with ``reference=clean_cache`` on corrupted ``tokens`` equals TransformerLens's
             ``patching.get_act_patch_attn_head_pattern_all_pos`` (QK) and
@@ -244,6 +251,7 @@ def freeze_sweep(
                                   note="most rows in one stacked forward")
     spec = model_spec(model)
     check_tokens(spec, tokens)
+    selection = resolve_selection(spec, layers, heads)
     if metric is not None and loss_mask is not None:
         raise ValueError("loss_mask says what the default metric scores; a metric of your own gets the logits only "
                          "and would ignore it: score the predictions you want inside your metric, or drop the metric")
@@ -280,7 +288,7 @@ def freeze_sweep(
                       f"{batch * memory.forward_row_bytes(spec, n_pos) / GB:.3g} GB, above memory_budget_gb="
                       f"{memory_budget_gb:g}; run the sweep on fewer samples at a time to stay within it",
                       UserWarning, stacklevel=2)
-    copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)]
+    copies = [(circuit, head) for circuit in swept for head in selection.heads]
     per_pass = max(1, min(len(copies), max_rows // batch))
     passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
     draws_frozen = []
@@ -288,19 +296,20 @@ def freeze_sweep(
         clean_logits, run_layer, route = clean_run(model, spec, tokens, mask)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks
+        n_items = len(selection.layers) * len(passes)  # (layer, stacked pass) items, dealt out over ranks
         n_mine = SweepShare(n_items, world).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
                 draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed,
-                                      reference_mask)
+                                      reference_mask, selection)
                 share = SweepShare(n_items, world)
                 draws_frozen.append(share.merge(sweep_draw(model, spec, batch, run_layer, metric, passes, draw,
-                                                           per_sample, bar, share)))
+                                                           per_sample, bar, share, selection.layers)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, restart=route, per_sample=per_sample,
                     n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None,
-                    attention_mask=mask is not None, loss=loss_settings)
+                    attention_mask=mask is not None, loss=loss_settings,
+                    **({} if layers is None and heads is None else {"selection": selection.to_dict()}))
     combine = _combine_per_sample if per_sample else _combine_batch_means
     return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)
 
@@ -342,12 +351,13 @@ def _draw_references(replacement: Replacement, reference, n_draws: Optional[int]
     return [reference] * (n_draws or 1)
 
 
-def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed, reference_mask) -> DrawSettings:
+def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed, reference_mask,
+                   selection: Selection) -> DrawSettings:
     references = {}
-    for circuit in swept:
-        fspec = FreezeSpec(tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)), circuit,
+    for circuit in swept:  # references of the selected cells only
+        fspec = FreezeSpec(tuple((l, h) for l in selection.layers for h in selection.heads), circuit,
                            replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
-        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers),
+        references[circuit] = prepare_reference(model, spec, fspec, reference, selection.layers,
                                                 reference_mask if isinstance(reference, Tensor) else None)
     noise_seed = seed if replacement == Replacement.NOISE else None
     return DrawSettings(replacement, references, float(noise_scale), noise_seed)

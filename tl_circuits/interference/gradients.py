@@ -118,9 +118,10 @@ def resolve_method(model: Model, method: str) -> str:
 
 
 def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss,
-                  samples: Tensor, positions: slice) -> tuple[dict, Tensor]:
+                  samples: Tensor, positions: slice, layers: Sequence[int]) -> tuple[dict, Tensor]:
     """One batched forward/backward of rows ``samples`` (at ``positions``) of the task:
-    ``({"xQ0": inputs, "Q0": output grads, "z0": z, ...}, losses)``."""
+    ``({"xQ0": inputs, "Q0": output grads, "z0": z, ...}, losses)`` of ``layers``. The residual stream entering the
+    lowest of ``layers`` is detached, so the backward stops there and nothing below it is kept for it."""
     state: dict = {"eps": {}, "captured": {}}
 
     def hooks_of(layer: int):
@@ -139,9 +140,11 @@ def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, l
 
     handles = []
     try:
-        for layer in range(spec.n_layers):
+        for layer in layers:
             handles += register_factor_hooks(model, spec, layer, *hooks_of(layer))
-        with torch.enable_grad():
+        # after the caller's hooks: exact, as every perturbation lies above it
+        cut = [(spec.resid_pre_hook(min(layers)), lambda x, hook: x.detach())] if min(layers) > 0 else []
+        with torch.enable_grad(), model.hooks(fwd_hooks=cut):  # type: ignore[arg-type]
             logits = model_logits(model, spec, tokens, mask if spec.masks_under_vmap else None)
             losses = loss.losses(logits, tokens, mask, loss.rows(mask, samples, positions), samples.to(mask.device))
             keys = list(state["eps"])
@@ -162,10 +165,15 @@ def sample_chunks(n: int, chunk: int) -> list[slice]:
 
 def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss, chunk: int,
                   include_biases: bool, chunks: Optional[Sequence[slice]] = None,
-                  freezes: Sequence["FreezeHandle"] = ()) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
+                  freezes: Sequence["FreezeHandle"] = (),
+                  layers: Optional[Sequence[int]] = None) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
     """Yield ``(samples, GradientFactors, losses)`` chunk by chunk (the ``"factored"`` engine); ``chunks``: only
-    these sample slices (default: all, ``chunk`` at a time); ``freezes`` are told each forward's rows."""
+    these sample slices (default: all, ``chunk`` at a time); ``freezes`` are told each forward's rows; ``layers``:
+    only these layers' factors (default all; the factors' spec is then
+    :meth:`~tl_circuits.models.spec.ModelSpec.of_layers`)."""
     n, n_pos = tokens.shape
+    layers = list(range(spec.n_layers)) if layers is None else list(layers)
+    factor_spec = spec if len(layers) == spec.n_layers else spec.of_layers(len(layers))
     for sl in chunks if chunks is not None else sample_chunks(n, chunk):
         parts, loss_parts = [], []
         for rows, positions in sample_groups(spec, mask[sl]):
@@ -174,21 +182,21 @@ def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, l
             with ExitStack() as told:
                 for handle in freezes:
                     told.enter_context(handle.on_rows(BatchRows(samples, n)))
-                found, losses = _factor_chunk(model, spec, t, m, loss, samples, positions)
+                found, losses = _factor_chunk(model, spec, t, m, loss, samples, positions, layers)
             parts.append((rows, positions, found))
             loss_parts.append((rows, positions, {"loss": losses}))
         found = scatter_groups(parts, sl.stop - sl.start, n_pos)  # padding: zero inputs and gradients
         losses = scatter_groups(loss_parts, sl.stop - sl.start, None)["loss"]
 
         def stack(key: str) -> Tensor:
-            return torch.stack([found.pop(key.format(layer)) for layer in range(spec.n_layers)], 1).float()
+            return torch.stack([found.pop(key.format(layer)) for layer in layers], 1).float()
 
         inputs = {"Q": stack("xQ{}")}
         for block in "KV":
             x = stack("x" + block + "{}")
             inputs[block] = next((y for y in inputs.values() if torch.equal(x, y)), x)
         out_grads: dict[str, Tensor] = {b: stack(b + "{}") for b in BLOCKS}
-        yield sl, GradientFactors(inputs, out_grads, stack("z{}"), spec, include_biases), losses
+        yield sl, GradientFactors(inputs, out_grads, stack("z{}"), factor_spec, include_biases), losses
 
 
 def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss, chunk: int,
@@ -240,7 +248,8 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, l
 def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: GradientConfig, what: str,
                     factors: bool = False, chunk: Optional[int] = None,
                     chunks: Optional[Sequence[slice]] = None, loss: Optional[TaskLoss] = None,
-                    freezes: Sequence["FreezeHandle"] = ()) -> Iterator[tuple[slice, Part, list[int]]]:
+                    freezes: Sequence["FreezeHandle"] = (),
+                    layers: Optional[Sequence[int]] = None) -> Iterator[tuple[slice, Part, list[int]]]:
     """Yield ``(samples, PerSampleGradients or GradientFactors, ids of NaN/inf samples)`` chunk by chunk.
 
     Never raises on NaN/inf (callers decide); ``factors=True`` needs the factored engine. ``chunk``: samples
@@ -248,6 +257,7 @@ def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: Gradient
     slices (a rank's share of :func:`sample_chunks`; default all); ``loss``: the task's
     :class:`~tl_circuits.interference.inputs.TaskLoss` (default: every valid target's cross-entropy);
     ``freezes``: active freezes told which rows each forward runs on (the factored engine).
+    ``layers``: the factored engine's layers (default all; with ``factors=True`` only).
     """
     spec = prepare_inputs(model, tokens, mask, what, config.method)[0]
     method = resolve_method(model, config.method)
@@ -264,7 +274,10 @@ def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: Gradient
             raise ValueError(f"freezes holds {handle!r}, which is not active on this model")
     if freezes and method != "factored":
         raise ValueError("freezes= (per-sample references, patched chunk by chunk) needs method='factored'")
-    engine = functools.partial(factor_chunks, freezes=freezes) if method == "factored" else direct_chunks
+    if layers is not None and not factors:
+        raise ValueError("a layer subset is computed as gradient factors (factors=True)")
+    engine = (functools.partial(factor_chunks, freezes=freezes, layers=layers) if method == "factored"
+              else direct_chunks)
     loss = loss or prepare_loss(tokens, mask, None, None, what)
     loss.check(tokens, mask, spec.d_vocab, device)
     n_targets = loss.n_counted

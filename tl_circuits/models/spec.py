@@ -36,6 +36,7 @@ A LLaMA-style model with GQA (4 query heads over 2 KV heads) and rotary position
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Optional
 
@@ -287,6 +288,12 @@ class ModelSpec:
     def n_attention_params(self, include_biases: bool = False) -> int:
         """Number of per-head attention parameters, all layers and blocks (the length of a full gradient)."""
         return sum(self.n_layers * self.n_block_heads(b) * self.n_params_per_head(b, include_biases) for b in BLOCKS)
+
+    def of_layers(self, n_layers: int) -> "ModelSpec":
+        """The sizes of ``n_layers`` of this model's layers seen as a model of their own: what the factor store, the
+        memory plan and the score pass of a run over a layer subset work on (its layer ``i`` is the subset's
+        ``i``-th layer). Its hook and parameter names are not the model's: ask this spec, not that one, for them."""
+        return dataclasses.replace(self, n_layers=n_layers)
 
 def model_spec(model: object) -> ModelSpec:
     """Read a :class:`ModelSpec` off a HookedTransformer or a TransformerBridge, rejecting what tl_circuits

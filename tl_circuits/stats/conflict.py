@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import World
 from tl_circuits.results_io import SavedResult
 from tl_circuits.stats.pvalues import family_decisions, tail_p_value
-from tl_circuits.stats.validation import check_choice, check_open_unit
+from tl_circuits.stats.validation import check_choice, check_open_unit, scored_cells
 
 NULL_HYPOTHESIS = "E[s_ij] >= 0: the tasks' Fisher-normalised mean gradients are not opposed in this head"
 """H0 of the default, one-sided test (``alternative="less"``); :attr:`ConflictTestResult.null_hypothesis` names the
@@ -210,8 +210,9 @@ def conflict_test(
             keep_estimate = name == "estimate"  # the mean itself is defined when only the spread is 0
             mask = missing if keep_estimate else bad
             out[name][block] = v.masked_fill(mask, float("nan"))
-        n_bad += int(bad.sum())
-        n_cells += bad.numel()
+        scored = scored_cells(x)  # unscored cells (outside a selection) are no family's
+        n_bad += int((bad & scored).sum())
+        n_cells += int(scored.sum())
     if n_bad:
         warnings.warn(f"{n_bad} of {n_cells} cells have non-finite scores or no spread (se = 0): their p-values "
                       "are NaN", RuntimeWarning, stacklevel=2)
@@ -235,6 +236,8 @@ def interference_conflict_test(
     loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
     loss_fn_a: Optional[Callable[..., Tensor]] = None,
     loss_fn_b: Optional[Callable[..., Tensor]] = None,
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
     config: Optional[Any] = None,
     progress: Optional[bool] = None,
     world: Optional[World] = None,
@@ -245,13 +248,14 @@ def interference_conflict_test(
     then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
     variant and Fisher source are set by :func:`conflict_config`; ``progress``: ``None`` (default) is
     ``config.progress``; ``world``: as :func:`tl_circuits.compute_interference` (``None``: this process alone;
-    the test itself has no collective)."""
+    the test itself has no collective). ``layers``/``heads``: the cells scored and tested
+    (:func:`tl_circuits.compute_interference`; the family holds them only)."""
     from tl_circuits.interference.engine import compute_interference
 
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                   attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
-                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=conflict_config(config),
-                                  progress=progress, world=world)
+                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, layers=layers, heads=heads,
+                                  config=conflict_config(config), progress=progress, world=world)
     return result.conflict_test(**test_kwargs)
 
 

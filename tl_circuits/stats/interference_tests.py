@@ -17,7 +17,7 @@ every permutation of the task labels is a reduction of that one matrix. (The con
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from jaxtyping import Int
 from torch import Tensor
@@ -47,6 +47,8 @@ def interference_permutation_test(
     loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
     loss_fn_a: Optional[LossFn] = None,
     loss_fn_b: Optional[LossFn] = None,
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
     config: Optional[InterferenceConfig] = None,
     alternative: Optional[str] = None,
     progress: Optional[bool] = None,
@@ -65,11 +67,13 @@ def interference_permutation_test(
     (and the pooled matrix's ``settings["loss"]``) says what each task scored. ``world``: ``None`` (default): this
     process alone; ``distributed.current_world()`` on every rank shares the gradients, scores and relabelings out
     over a process group (:func:`tl_circuits.compute_interference`).
+    ``layers``/``heads``: the cells scored and tested (:func:`tl_circuits.compute_interference`); the families hold
+    those cells only.
     """
     pooled: PooledScores = pooled_scores(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
                                          attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a,
                                          loss_mask_b=loss_mask_b, loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b,
-                                         config=config, progress=progress, world=world)
+                                         layers=layers, heads=heads, config=config, progress=progress, world=world)
     return pooled.permutation_test(alternative=alternative, world=world, **test_kwargs)
 
 

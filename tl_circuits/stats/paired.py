@@ -146,7 +146,8 @@ def sign_flip_test(
     n, cell_shape = x.shape[0], x.shape[1:]
     flat = x.reshape(n, -1)
     if n_permutations is None:
-        n_permutations = defaults.default_n_permutations(max(1, flat.shape[1]))
+        # the family: cells with data (a cell outside a sweep's selection is NaN throughout)
+        n_permutations = defaults.default_n_permutations(max(1, int((~flat.isnan()).any(0).sum())))
     n_permutations = check_int("n_permutations", n_permutations, 1)
     if exact is None:
         exact = n <= MAX_EXACT_SAMPLES and 2 ** n <= max(n_permutations, EXACT_PATTERNS)

@@ -51,6 +51,7 @@ from tl_circuits.stats.validation import (
     check_scores,
     count_cells,
     flatten_cells,
+    scored_cells,
     numpy_rng,
     progress_bar,
     resolve_labels,
@@ -278,8 +279,9 @@ def permutation_test(
                 high[miss] = np.nan
                 ci_low[block] = torch.from_numpy(low).reshape(shape)
                 ci_high[block] = torch.from_numpy(high).reshape(shape)
-            n_missing += int(missing.sum())
-            n_cells += missing.numel()
+            scored = scored_cells(x).flatten().to(missing.device)  # unscored cells (a selection) are no family's
+            n_missing += int((missing & scored).sum())
+            n_cells += int(scored.sum())
             del prep, cells
     warn_missing(n_missing, n_cells, "statistics")
     warn_degenerate(n_degenerate, ci_method)

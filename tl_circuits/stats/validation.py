@@ -120,9 +120,20 @@ def check_scores(pooled_scores: Scores) -> Tuple[Dict[str, Tensor], int]:
     return checked, n
 
 
+def scored_cells(x: Tensor) -> Tensor:
+    """``[L, H]`` bool of one score block ``[N, N', L, H]``: the cells that were scored. A cell whose every score is
+    NaN was not (outside a layer/head selection, docs/spec.md §0.7): it belongs to no family.
+
+    >>> scored_cells(torch.tensor([[[[1.0, float("nan")]]]])).tolist()
+    [[True, False]]
+    """
+    return ~torch.isnan(x.detach()).all(0).all(0).cpu()
+
+
 def count_cells(scores: Mapping[str, Tensor]) -> int:
-    """Number of (block, layer, head) cells of pooled score blocks ``[N, N, L, H]``."""
-    return sum(int(x.shape[2]) * int(x.shape[3]) for x in scores.values())
+    """Number of scored (block, layer, head) cells (:func:`scored_cells`) of pooled score blocks ``[N, N, L, H]``:
+    the size of the multiple-testing family."""
+    return max(1, sum(int(scored_cells(x).sum()) for x in scores.values()))
 
 
 def resolve_labels(n_a: Labels, n: int) -> Bool[Tensor, " n"]:
