@@ -61,7 +61,7 @@ from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, p
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 from tl_circuits.models.types import Model
 
-REPLACEMENTS = ("zero", "mean")
+REPLACEMENTS = ("zero", "mean", "resample")
 TOP_K = 10
 N_DRIVERS = 3  # samples per task named as a cell's drivers, and removed to test its dominance
 
@@ -79,7 +79,8 @@ class AnalysisConfig:
         interference: the map's and the test's :class:`tl_circuits.InterferenceConfig` (variant, memory budget,
             progress, ...). Its ``fisher_source`` must be ``"pooled"`` (``None`` is read as ``"pooled"``): the
             permutation null needs a label-free normaliser, and the map shares it.
-        replacement: freeze replacement of the sweep, ``"zero"`` or ``"mean"`` (mean over the task's own batch).
+        replacement: freeze replacement of the sweep, ``"zero"``, ``"mean"`` (mean over the task's own batch) or
+            ``"resample"`` (each sample's corrupted twin, :attr:`TaskInput.corrupted`).
         n_permutations: label permutations; ``None`` (default): :func:`tl_circuits.defaults.default_n_permutations`
             of all (block, layer, head) cells at ``alpha``, so a single real effect can reach significance.
         n_bootstrap, alpha, correction: as :func:`tl_circuits.permutation_test`.

@@ -54,7 +54,7 @@ class FreezeStage:
 def per_sample_scored_loss(task: TaskInput, device: Union[str, torch.device]):
     """``logits -> [batch]``: each sample's mean next-token cross-entropy over its scored positions (NaN where a
     sample has none)."""
-    batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)
+    batch = TaskBatch(task.tokens.to(device), task.loss_mask.to(device), task.name)
 
     def scored_loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         return tasks.scored_loss(logits, batch, per_sample=True)
@@ -73,12 +73,24 @@ def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
     return ("qk", "ov") if replacement == "zero" else CIRCUITS
 
 
+def sweep_reference(model: Model, task: TaskInput, replacement: str, progress: bool = False) -> Any:
+    """The sweep's reference: MEAN: the task's mean activations; RESAMPLE: its corrupted twins (row ``i`` patches
+    sample ``i``); None for ZERO."""
+    device = next(model.parameters()).device
+    if replacement == "mean":
+        return compute_mean_activations(model, task.tokens.to(device), progress=progress)
+    if replacement == "resample":
+        if task.corrupted is None:
+            raise ValueError(f"RESAMPLE needs each sample's corrupted twin; task {task.name!r} has none")
+        return task.corrupted.to(device)
+    return None
+
+
 def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> FreezeStage:
     """Per-sample sweep of every head on one task, its paired test and its pattern picture (module docstring)."""
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
-    reference = compute_mean_activations(model, tokens, progress=config.progress) \
-        if config.replacement == "mean" else None
+    reference = sweep_reference(model, task, config.replacement, config.progress)
     circuits = swept_circuits(model, config.replacement)
     sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, per_sample=True,
                          replacement=config.replacement, reference=reference, seed=config.seed,

@@ -179,7 +179,7 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                                                       "p_cluster", "ci_low", "ci_high", "significant")
              if getattr(stats, name) is not None}
     tasks = {key.upper(): dict(name=t.name, source=t.source, n_samples=t.n_samples, n_positions=int(t.tokens.shape[1]),
-                               n_scored=int(t.scored.sum()), ids=t.ids, notes=t.notes)
+                               n_scored=int(t.loss_mask.sum()), ids=t.ids, notes=t.notes)
              for key, t in analysis.tasks.items()}
     data = dict(
         tool=REPORT_MARKER,
