@@ -189,7 +189,7 @@ def bad_inputs(root: Path, tmp: Path) -> dict:
         "a task of one sample": ([*model, *a, *b, "--n-b", "1"], "task B has 1 sample"),
         "float token array": ([*model, "--task-a", tmp / "floats.npy", *b], "must be integers"),
         "unknown model": (["--model", "no-such-model", *a, *b], "unknown model 'no-such-model'"),
-        "directory that is not a checkpoint": (["--model", tmp / "not_a_model", *a, *b], "not a checkpoint"),
+        "directory that is not a checkpoint": (["--model", tmp / "not_a_model", *a, *b], "not a model directory"),
         "weights that do not fit the config": (["--model", tmp / "mismatched", *a, *b], "weights do not match"),
         "unreadable config.json": (["--model", tmp / "broken", *a, *b], "not a readable JSON file"),
         "only one task file": ([*model, *a], "both --task-a and --task-b"),

@@ -58,7 +58,8 @@ FILES = {
                         "leave-one-out drivers",
     "top_conflicts.csv": "the most conflicting (sample pair, block, layer, head) cells",
     "top_pairs.csv": "the most conflicting sample pairs (score summed over blocks, layers and heads)",
-    "samples.csv": "every sample: task, id, length, preview",
+    "samples.csv": "every sample: task, id, length, counted predictions (the terms of its loss), prompt and "
+                   "completion tokens (prompt -> completion tasks), preview",
     "freeze_effect.png": "freeze effect per circuit and task (layer × head); cells whose effect the paired test "
                          "does not show hatched",
     "patterns_a.png": "task A: attention patterns of the top QK heads on its first sample, clean beside frozen",
@@ -179,7 +180,7 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                                                       "p_cluster", "ci_low", "ci_high", "significant")
              if getattr(stats, name) is not None}
     tasks = {key.upper(): dict(name=t.name, source=t.source, n_samples=t.n_samples, n_positions=int(t.tokens.shape[1]),
-                               n_scored=int(t.loss_mask.sum()), ids=t.ids, notes=t.notes)
+                               n_scored=int(t.loss_mask.sum()), ids=t.ids, notes=t.notes, scoring=t.scoring_summary())
              for key, t in analysis.tasks.items()}
     data = dict(
         tool=REPORT_MARKER,

@@ -100,19 +100,19 @@ def _jsonl_records(path: Path, max_records: Optional[int]) -> list[Record]:
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """``datasets`` without its progress bars and info logging (restored after)."""
+    import datasets.utils as ds_utils
     from datasets.utils import logging as ds_logging
-    from datasets.utils import tqdm as ds_tqdm
 
-    bars_were_off = ds_tqdm.are_progress_bars_disabled()
+    bars_were_off = ds_utils.are_progress_bars_disabled()
     level = ds_logging.get_verbosity()
-    ds_tqdm.disable_progress_bars()
+    ds_utils.disable_progress_bars()
     ds_logging.set_verbosity(logging.ERROR)
     try:
         yield
     finally:
         ds_logging.set_verbosity(level)
         if not bars_were_off:
-            ds_tqdm.enable_progress_bars()
+            ds_utils.enable_progress_bars()
 
 
 def _load_table(path: Path, fmt: str, cache_dir: str) -> Any:
