@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
-import torch
 
 from tests import builders
 from tests.cli.helpers import bpe_tokenizer, word_tokenizer
@@ -189,8 +189,8 @@ def bad_records(tmp_path) -> dict:
         "corrupted in some records only": (
             "some.jsonl", json.dumps({**RECORDS[0], "corrupted_prompt": "the dog ran on a"}) + "\n" + good + "\n",
             r"some\.jsonl:2: no 'corrupted_prompt', while .*some\.jsonl:1 has one"),
-        "duplicate id": ("dup.jsonl", json.dumps({**RECORDS[0], "id": "x"}) + "\n" + json.dumps({**RECORDS[1], "id": "x"})
-                         + "\n", r"dup\.jsonl:2: id 'x' is already the id of .*dup\.jsonl:1"),
+        "duplicate id": ("dup.jsonl", "".join(json.dumps({**r, "id": "x"}) + "\n" for r in RECORDS[:2]),
+                         r"dup\.jsonl:2: id 'x' is already the id of .*dup\.jsonl:1"),
         "CSV without the field": ("nofield.csv", "prompt,answer\nthe cat, sat\n",
                                   r"nofield\.csv: row 1: no 'completion' field"),
         "empty CSV completion": ("empty.csv", "prompt,completion\nthe cat, sat\nthe dog,\n",
@@ -213,7 +213,7 @@ def test_every_bad_record_is_one_line_naming_the_file_and_line(case, word_model,
         read_task_file(path, word_model)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(str(path)), message
-    assert __import__("re").search(pattern, message), message
+    assert re.search(pattern, message), message
 
 
 def test_directories_that_are_not_one_dataset(word_model, tmp_path):

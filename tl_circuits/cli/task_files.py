@@ -48,7 +48,6 @@ from torch import Tensor
 
 from tl_circuits.cli.prompt_completion import RecordFields, read_prompt_completion
 from tl_circuits.cli.task_input import (  # noqa: F401  (TaskInput, TaskInputError: this module's public names too)
-    ALL_TARGETS,
     PREVIEW_CHARS,
     SCORED_TARGETS,
     TaskInput,
