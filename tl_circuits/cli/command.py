@@ -21,9 +21,10 @@ token ids or tensors, every token scored); without them the bundled model's own 
 ``scored`` positions. The freeze sweep and the interference score the same predictions.
 
 ``--bridge`` loads the model as a TransformerLens ``TransformerBridge`` instead: bundled models and checkpoints as
-a TransformerLens-native bridge with the same weights (:mod:`tl_circuits.models.native`), pretrained names with
-``TransformerBridge.boot_transformers``. Under TransformerLens 4.x, which has no ``HookedTransformer``, this is
-always the case, so the command with no arguments runs the whole main job on the bundled default as a bridge.
+a TransformerLens-native bridge with the same weights (:mod:`tl_circuits.models.native`), Hugging Face directories
+and pretrained names with ``TransformerBridge.boot_transformers``. Under TransformerLens 4.x, which has no
+``HookedTransformer``, this is always the case, so the command with no arguments runs the whole main job on the
+bundled default as a bridge.
 (On TransformerLens 3.x a native bridge discards ``hook_pattern`` edits, so the QK half of the sweep is left
 out there, with a warning; the report's other numbers equal the HookedTransformer's.)
 
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quiet", action="store_true", help="no progress bars or stage messages")
     add("--bridge", action="store_true",
         help="load the model as a TransformerLens TransformerBridge (bundled models and checkpoints: a native "
-             "bridge with the same weights; pretrained names: TransformerBridge.boot_transformers). Always on "
+             "bridge with the same weights; Hugging Face directories and pretrained names: "
+             "TransformerBridge.boot_transformers). Always on "
              "with TransformerLens 4.x, which has no HookedTransformer")
     add("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help="under torchrun: seconds a rank waits for the others in a collective before the run fails "
