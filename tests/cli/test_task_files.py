@@ -235,3 +235,13 @@ def test_a_model_without_a_tokenizer_is_told_to_give_ids(tmp_path):
     with pytest.raises(TaskInputError, match=r"a\.jsonl: is a prompt -> completion task but the model has no "
                                              "tokenizer"):
         read_task_file(write_jsonl(tmp_path / "a.jsonl", RECORDS), model)
+
+
+def test_a_forced_format_and_the_commands_field_options(word_model, tmp_path):
+    from tl_circuits.cli.command import parse_options
+
+    path = write_jsonl(tmp_path / "records.txt", RECORDS)  # JSON Lines under another suffix
+    assert read_task_file(path, word_model, fmt="jsonl").loss_mask.int().tolist() == LOSS_MASK
+    options = parse_options(["--prompt-field", "question", "--completion-field", "answer", "--dtype", "bfloat16"])
+    assert options.record_fields() == RecordFields(prompt="question", completion="answer")
+    assert options.dtype == "bfloat16" and parse_options([]).record_fields() == RecordFields()
