@@ -322,3 +322,13 @@ def save_hf_directory(directory, architecture: str, tokenizer, seed: int = 0, n_
     hf.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return hf
+
+
+def padded_tokens(batch: int, pos: int, seed: int, right_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and an attention mask: sample 1 left-padded by 3 positions, sample 2 right-padded from
+    position ``right_from`` on, the others unpadded."""
+    tokens = random_tokens(batch, pos, seed=seed)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    mask[2, right_from:] = 0
+    return tokens, mask

@@ -68,7 +68,7 @@ from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: 
 from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, write_report
 from tl_circuits.cli.prompt_completion import RecordFields
 from tl_circuits.cli.task_files import FORMATS as TASK_FORMATS
-from tl_circuits.interference.config import VARIANTS, GradientConfig, InterferenceConfig
+from tl_circuits.interference.config import NORMALIZATIONS, VARIANTS, GradientConfig, InterferenceConfig
 from tl_circuits.models.hf_directory import DTYPES
 from tl_circuits.parallel.group import (
     DEFAULT_TIMEOUT_S,
@@ -108,6 +108,7 @@ class CommandOptions:
     traceback: bool
     bridge: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    normalization: str = defaults.NORMALIZATION
     dtype: str = "float32"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -120,7 +121,8 @@ class CommandOptions:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
         gradients = GradientConfig(memory_budget_gb=self.memory_budget_gb, progress=not self.quiet)
         return AnalysisConfig(interference=InterferenceConfig(gradients=gradients, variant=self.variant,
-                                                              fisher_source="pooled"),
+                                                              fisher_source="pooled",
+                                                              normalization=self.normalization),
                               replacement=self.replacement, n_permutations=self.n_permutations,
                               n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed)
 
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bootstrap resamples for the intervals (0: none; default {defaults.N_BOOTSTRAP})")
     add("--variant", choices=VARIANTS, default=defaults.VARIANT,
         help=f"interference variant (default {defaults.VARIANT}; signed: negative = conflicting gradients)")
+    add("--normalization", choices=NORMALIZATIONS, default=defaults.NORMALIZATION,
+        help=f"Fisher normaliser of the scores (docs/spec.md §3.4; default {defaults.NORMALIZATION}): diagonal (each "
+             "parameter's own), head (one per head: Fisher-scaled dot products) or hybrid (their geometric mean)")
     add("--replacement", choices=REPLACEMENTS, default="zero",
         help="what a frozen circuit is replaced with (default zero; mean: the task's mean; resample: each "
              "sample's corrupted twin, corrupted_prompt + completion, from the task records)")

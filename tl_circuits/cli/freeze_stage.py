@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_circuits import defaults
 from tl_circuits.bundled import tasks
 from tl_circuits.bundled.tasks import TaskBatch
 from tl_circuits.cli.task_files import TaskInput
@@ -73,12 +74,14 @@ def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
     return ("qk", "ov") if replacement == "zero" else CIRCUITS
 
 
-def sweep_reference(model: Model, task: TaskInput, replacement: str, progress: bool = False) -> Any:
+def sweep_reference(model: Model, task: TaskInput, replacement: str, progress: bool = False,
+                    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB) -> Any:
     """The sweep's reference: MEAN: the task's mean activations; RESAMPLE: its corrupted twins (row ``i`` patches
     sample ``i``); None for ZERO."""
     device = next(model.parameters()).device
     if replacement == "mean":
-        return compute_mean_activations(model, task.tokens.to(device), progress=progress)
+        return compute_mean_activations(model, task.tokens.to(device), memory_budget_gb=memory_budget_gb,
+                                        progress=progress)
     if replacement == "resample":
         if task.corrupted is None:
             raise ValueError(f"RESAMPLE needs each sample's corrupted twin; task {task.name!r} has none")
@@ -90,14 +93,15 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
     """Per-sample sweep of every head on one task, its paired test and its pattern picture (module docstring)."""
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
-    reference = sweep_reference(model, task, config.replacement, config.progress)
+    budget = config.interference.memory_budget_gb
+    reference = sweep_reference(model, task, config.replacement, config.progress, budget)
     circuits = swept_circuits(model, config.replacement)
     sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, per_sample=True,
                          replacement=config.replacement, reference=reference, seed=config.seed,
-                         progress=config.progress)
+                         memory_budget_gb=budget, progress=config.progress)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
-                      correction=correction, seed=config.seed)
+                      correction=correction, seed=config.seed, progress=config.progress)
     shape = next(iter(sweep.frozen.values())).shape
     sweep.frozen = {c: sweep.frozen.get(c, torch.full(shape, float("nan"))) for c in CIRCUITS}
     if "qk" in circuits:
