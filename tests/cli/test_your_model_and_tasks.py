@@ -171,3 +171,37 @@ def test_a_bfloat16_run_end_to_end(hf_task_inputs, hf_report, tmp_path, capsys):
     half, full = pd.read_csv(out / "interference.csv"), pd.read_csv(hf_report[2] / "interference.csv")
     assert np.isfinite(half["mean"]).all()
     assert np.corrcoef(half["mean"], full["mean"])[0, 1] > 0.95
+
+
+def test_the_map_scores_the_completion_tokens(hf_task_inputs, hf_report):
+    """The report's map equals compute_interference with loss_mask_a/_b = the completion masks counted by hand (and
+    not the all-token map), and report.json's settings say a loss mask was scored, with the hand counts."""
+    from tl_circuits import InterferenceConfig, compute_interference
+
+    root, (_, _, out) = hf_task_inputs, hf_report
+    model = load_model(str(root / "my-gpt2"), "cpu").model
+    tokenizer = model.tokenizer
+    batches = []
+    for rows, prompts, completions in ((TASK_A, PROMPT_A, COMPLETION_A), (TASK_B, PROMPT_B, COMPLETION_B)):
+        ids = [tokenizer(p + c)["input_ids"] for p, c, _ in rows]
+        width = max(map(len, ids))
+        tokens = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+        batches.append((tokens, attention, hand_loss_mask(prompts, completions, width)))
+    (tokens_a, attention_a, counted_a), (tokens_b, attention_b, counted_b) = batches
+    config = InterferenceConfig(variant="signed", fisher_source="pooled")
+    masked = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_a, attention_mask_b=attention_b,
+                                  loss_mask_a=counted_a, loss_mask_b=counted_b, config=config, progress=False)
+    every_token = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_a,
+                                       attention_mask_b=attention_b, config=config, progress=False)
+    report = json.loads((out / "report.json").read_text())
+    table = pd.read_csv(out / "interference.csv")
+    for block in "QKVO":
+        mean = grid_from_csv(table[table.block == block], "mean", masked.mean[block].shape)
+        scale = float(masked.mean[block].abs().max())
+        np.testing.assert_allclose(mean, masked.mean[block].numpy(), rtol=1e-4, atol=1e-5 * scale)
+    assert max(float((masked.mean[b] - every_token.mean[b]).abs().max() / masked.mean[b].abs().max())
+               for b in "QKVO") > 0.1  # far apart: the comparison above tells the conventions apart
+    for key, completions in (("A", COMPLETION_A), ("B", COMPLETION_B)):
+        loss = report["settings"]["loss"][key]
+        assert loss["scored"] == "loss mask" and loss["counted_predictions"]["total"] == sum(completions)

@@ -63,7 +63,8 @@ def _header(analysis: Analysis) -> list[str]:
         f"**Task B:** {b.name} — {b.n_samples} samples × {b.tokens.shape[1]} positions ({b.source}).",
         "",
         "**Scored:** each sample's loss is its mean next-token cross-entropy over its counted predictions, the same "
-        "in the freeze sweep and in the interference's per-sample gradients. "
+        "in the freeze sweep and in the per-sample gradients behind the interference map, the permutation test and "
+        "the conflict test (report.json: `settings.loss`). "
         f"Task A: {scored_text(a)}. Task B: {scored_text(b)}.",
         "",
         f"Settings: freeze replacement {cfg.replacement.upper()}; interference variant `{cfg.variant}` with the pooled "

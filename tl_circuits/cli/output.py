@@ -187,7 +187,8 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         model=analysis.model_info,
         tasks=tasks,
-        settings=analysis.config.to_dict(n_permutations_used=stats.n_permutations),
+        settings={**analysis.config.to_dict(n_permutations_used=stats.n_permutations),
+                  "loss": {key.upper(): scored for key, scored in analysis.loss.items()}},  # what each task scored
         timings_s=analysis.timings,
         warnings=analysis.warnings,
         duplicates=analysis.duplicates,
@@ -197,8 +198,8 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                           fisher_source=result.config.fisher_source, mean=result.mean,
                           block_means=result.block_means(), most_conflicted_block=result.most_conflicted_block,
                           settings=result.settings),
-        statistics=dict(settings=stats.settings, null_hypothesis="task labels are exchangeable (the tasks use the "
-                                                                  "head the same way)", **grids),
+        statistics=dict(settings=stats.settings, loss=stats.loss,
+                        null_hypothesis="task labels are exchangeable (the tasks use the head the same way)", **grids),
         conflict=_evidence_data(analysis),
         headlines=dict(needed=needed_table(analysis).to_dict("records"),
                        shared=shared_table(needed_table(analysis)).to_dict("records")),
@@ -218,7 +219,7 @@ def _evidence_data(analysis: Analysis) -> dict[str, Any]:
     if evidence.conflict is not None:
         test = evidence.conflict
         data["test"] = dict(null_hypothesis=test.null_hypothesis, alternative=test.alternative, alpha=test.alpha,
-                            correction=test.correction, confidence_level=test.confidence_level,
+                            correction=test.correction, confidence_level=test.confidence_level, loss=test.loss,
                             **{name: getattr(test, name) for name in ("estimate", "std_error", "statistic", "df",
                                                                       "p_value", "q_value_bh", "q_value_by",
                                                                       "significant", "ci_low", "ci_high")})
