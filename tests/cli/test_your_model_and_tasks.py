@@ -50,6 +50,15 @@ def completion_loss(tokens, mask):
     return metric
 
 
+def tokenized_by_hand(tokenizer, rows):
+    """(tokens, attention mask) of ``prompt + completion`` per record, by the tokenizer itself (BOS from its template),
+    right-padded with its pad id."""
+    ids = [tokenizer(p + c)["input_ids"] for p, c, _ in rows]
+    width = max(map(len, ids))
+    tokens = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
+    return tokens, torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+
+
 @pytest.fixture(scope="module")
 def hf_task_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("yours")
@@ -107,9 +116,8 @@ def test_the_sweep_scores_the_completion_tokens(hf_task_inputs, hf_report):
     tokenizer = model.tokenizer
     for key, rows, prompts, completions in (("A", TASK_A, PROMPT_A, COMPLETION_A),
                                             ("B", TASK_B, PROMPT_B, COMPLETION_B)):
-        ids = [tokenizer(p + c)["input_ids"] for p, c, _ in rows]  # the tokenizer itself, BOS from its template
-        width = max(map(len, ids))
-        tokens = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
+        tokens, _ = tokenized_by_hand(tokenizer, rows)
+        width = tokens.shape[1]
         mask = hand_loss_mask(prompts, completions, width)
         from tl_circuits.freezing.references import compute_mean_activations
 
@@ -183,11 +191,8 @@ def test_the_map_scores_the_completion_tokens(hf_task_inputs, hf_report):
     tokenizer = model.tokenizer
     batches = []
     for rows, prompts, completions in ((TASK_A, PROMPT_A, COMPLETION_A), (TASK_B, PROMPT_B, COMPLETION_B)):
-        ids = [tokenizer(p + c)["input_ids"] for p, c, _ in rows]
-        width = max(map(len, ids))
-        tokens = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
-        batches.append((tokens, attention, hand_loss_mask(prompts, completions, width)))
+        tokens, attention = tokenized_by_hand(tokenizer, rows)
+        batches.append((tokens, attention, hand_loss_mask(prompts, completions, tokens.shape[1])))
     (tokens_a, attention_a, counted_a), (tokens_b, attention_b, counted_b) = batches
     config = InterferenceConfig(variant="signed", fisher_source="pooled")
     masked = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_a, attention_mask_b=attention_b,
