@@ -4,8 +4,9 @@
 
 1. **Freeze sweeps** — :mod:`tl_circuits.cli.freeze_stage`: :func:`tl_circuits.freeze_sweep` with
    ``per_sample=True`` over every head, QK, OV and BOTH circuits, on each task's batch. Metric: each sample's mean
-   next-token cross-entropy over its *scored* positions (for file tasks every real token after the first), so
-   the effect is the change of the loss on what the task is about, averaged over samples.
+   next-token cross-entropy over its counted predictions (``loss_mask``: the bundled tasks' *scored* positions, a
+   prompt -> completion file's completion tokens, other files' every real token after the first), so the effect
+   is the change of the loss on what the task is about, averaged over samples.
    ``effect = frozen loss − clean loss`` (positive: the head helps). Its paired test
    (:meth:`tl_circuits.SweepResult.test`, two-sided, with intervals and the QK × OV interaction) and the top QK
    heads' attention patterns, clean beside frozen.
