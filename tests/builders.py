@@ -212,6 +212,60 @@ def random_tokens(batch: int = 3, pos: int = 12, seed: int = 0, d_vocab: int = D
     return testing.tiny_tokens(batch, pos, seed, d_vocab)
 
 
+# ----- local Hugging Face model directories (save_pretrained), as a user has them ---------------------------
+
+def hf_directory_model(architecture: str, d_vocab: int, seed: int = 0, n_ctx: int = N_CTX, hub_fields: bool = True,
+                       special_ids: tuple = (0, 0)):
+    """A tiny random HF causal LM to be saved with ``save_pretrained``: ``"gpt2"`` (GPT2LMHeadModel, embeddings tied
+    to the unembedding as in every GPT-2 checkpoint) or ``"llama"`` (LlamaForCausalLM, GQA 4 query heads over 2 KV
+    heads, rotary, untied). ``hub_fields``: GPT-2's config also holds ``n_ctx``, as the hub's GPT-2 configs do
+    (TransformerLens 3's conversion reads it). ``special_ids``: (bos, eos) ids of the tokenizer it is saved with.
+    Wide weights (std 0.3) so that heads and positions are told apart."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    bos, eos = special_ids
+    if architecture == "gpt2":
+        extra = dict(n_ctx=n_ctx) if hub_fields else {}
+        config = GPT2Config(vocab_size=d_vocab, n_positions=n_ctx, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=bos,
+                            eos_token_id=eos, **extra)
+        hf = GPT2LMHeadModel(config)
+    elif architecture == "llama":
+        config = LlamaConfig(vocab_size=d_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_ctx,
+                             rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=bos,
+                             eos_token_id=eos)
+        hf = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    _spread_matrices(hf)
+    return hf.eval()
+
+
+def _spread_matrices(hf, std: float = 0.3) -> None:
+    """Matrices only, from the global generator ``hf_directory_model`` seeded (biases stay HF's zeros): not
+    :func:`tl_circuits.testing.builders.widen`, whose wider biases push the bf16 directory test's logits past its
+    calibrated tolerance."""
+    with torch.no_grad():
+        for param in hf.parameters():
+            if param.ndim == 2:
+                param.normal_(0, std)
+
+
+def save_hf_directory(directory, architecture: str, tokenizer, seed: int = 0, n_ctx: int = N_CTX,
+                      hub_fields: bool = True):
+    """:func:`hf_directory_model` with ``tokenizer``'s vocabulary, saved with its tokenizer into ``directory`` by
+    ``save_pretrained`` (a directory as a fine-tune or a hub snapshot leaves it). Returns the HF model."""
+    hf = hf_directory_model(architecture, len(tokenizer), seed, n_ctx, hub_fields,
+                            (tokenizer.bos_token_id, tokenizer.eos_token_id))
+    if architecture == "gpt2":
+        assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, as the issue's case
+    hf.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return hf
+
+
 def padded_tokens(batch: int, pos: int, seed: int, right_from: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random tokens and an attention mask: sample 1 left-padded by 3 positions, sample 2 right-padded from
     position ``right_from`` on, the others unpadded."""

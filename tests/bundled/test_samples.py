@@ -81,7 +81,7 @@ def test_the_command_draws_the_same_distinct_samples_and_reports_too_many():
     expected_b = makers["counting"](64, seed=4)
     assert torch.equal(task_b.tokens, expected_b.tokens)
     assert torch.equal(task_b.attention_mask, expected_b.attention_mask)
-    assert torch.equal(task_b.scored, expected_b.scored)
+    assert torch.equal(task_b.loss_mask, expected_b.scored)
     assert duplicate_groups(task_b.tokens, task_b.attention_mask) == []
     assert task_b.previews[0].split()[-1] != "0"  # previews show the real tokens, not the padding
     with pytest.raises(CommandError, match=r"task B \(counting\): 400 distinct .* only 315 exist.*--n-b"):

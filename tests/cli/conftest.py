@@ -94,9 +94,10 @@ def bundled_report(tmp_path_factory):
     model = load_bundled_model(DEFAULT_BUNDLED_MODEL, "cpu")
     make_a, make_b = list(bundled_tasks(DEFAULT_BUNDLED_MODEL).values())[:2]
     batch_a, batch_b = make_a(6, 3), make_b(5, 4)  # seeds: --seed, --seed + 1
-    direct = compute_interference(  # what the report's map must equal: the signed variant on the pooled Fisher
-        model, batch_a.tokens, batch_b.tokens, attention_mask_a=batch_a.attention_mask,
-        attention_mask_b=batch_b.attention_mask, ids_a=[f"{batch_a.name}#{i}" for i in range(6)],
+    direct = compute_interference(  # what the report's map must equal: the signed variant on the pooled Fisher,
+        model, batch_a.tokens, batch_b.tokens, attention_mask_a=batch_a.attention_mask,  # each task's scored loss
+        attention_mask_b=batch_b.attention_mask, loss_mask_a=batch_a.scored, loss_mask_b=batch_b.scored,
+        ids_a=[f"{batch_a.name}#{i}" for i in range(6)],
         ids_b=[f"{batch_b.name}#{j}" for j in range(5)],
         config=InterferenceConfig(variant="signed", fisher_source="pooled"), progress=False)
     return dict(out=out, model=model, batch_a=batch_a, batch_b=batch_b, interference=direct)

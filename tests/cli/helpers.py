@@ -83,3 +83,23 @@ def checkpoint_args(inputs, out) -> list:
     root = inputs["root"]
     return ["--model", root / "model", "--task-a", root / "a.tokens", "--task-b", root / "b.npy", *SMALL, "--out", out]
 
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained offline on a few sentences (GPT-2's scheme: a word's leading space is part of
+    its token, ``"Ġparis"``), prepending ``<bos>``. Trained so that ``" paris"`` and ``" capital"`` are single
+    tokens: ``"the answer is " + "paris"`` then tokenises across the prompt/completion boundary."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["the capital of france is paris", "the answer is paris", "paris is the capital",
+              "the capital city is paris", "is it paris or the capital"] * 20
+    backend = Tokenizer(BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>")

@@ -239,6 +239,7 @@ def test_normalization_is_used_and_recorded_in_the_report(tmp_path):
     batch_a, batch_b = make_a(5, 3), make_b(4, 4)
     direct = compute_interference(load_bundled_model(DEFAULT_BUNDLED_MODEL, "cpu"), batch_a.tokens, batch_b.tokens,
                                   attention_mask_a=batch_a.attention_mask, attention_mask_b=batch_b.attention_mask,
+                                  loss_mask_a=batch_a.scored, loss_mask_b=batch_b.scored,
                                   config=InterferenceConfig(gradients=GradientConfig(progress=False),
                                                             fisher_source="pooled", normalization="hybrid"))
     for block in "QKVO":

@@ -98,7 +98,7 @@ def test_token_file_formats_agree(checkpoint_inputs, tmp_path):
                 read_task_file(tmp_path / "d.pt", model)]
     for task in readings:
         assert torch.equal(task.tokens, tokens) and torch.equal(task.attention_mask, mask)
-        assert task.scored.sum(1).tolist() == [4, 2, 3] and not task.scored[:, -1].any()
+        assert task.loss_mask.sum(1).tolist() == [4, 2, 3] and not task.loss_mask[:, -1].any()
     torch.save(tokens[:2, :3], tmp_path / "t.pt")
     np.save(tmp_path / "t.npy", tokens[:2, :3].numpy())
     for name in ("t.pt", "t.npy"):
@@ -124,7 +124,7 @@ def test_text_tasks_are_tokenised_by_the_checkpoint_tokenizer(tmp_path, capsys):
     assert torch.equal(task.tokens, tokens) and torch.equal(task.attention_mask, mask)
     assert task.previews[2] == "a big red bird sang" and task.ids[2] == "a:4"
     # scored positions: a prediction counts when it and its target are real tokens
-    assert task.scored.sum(1).tolist() == [len(e) - 1 for e in expected]
+    assert task.loss_mask.sum(1).tolist() == [len(e) - 1 for e in expected]
     out = tmp_path / "report"
     status, _, err = run_main(["--model", tmp_path / "model", "--task-a", tmp_path / "a.txt", "--task-b",
                                tmp_path / "b.txt", *SMALL, "--out", out], capsys)
@@ -189,7 +189,7 @@ def bad_inputs(root: Path, tmp: Path) -> dict:
         "a task of one sample": ([*model, *a, *b, "--n-b", "1"], "task B has 1 sample"),
         "float token array": ([*model, "--task-a", tmp / "floats.npy", *b], "must be integers"),
         "unknown model": (["--model", "no-such-model", *a, *b], "unknown model 'no-such-model'"),
-        "directory that is not a checkpoint": (["--model", tmp / "not_a_model", *a, *b], "not a checkpoint"),
+        "directory that is not a checkpoint": (["--model", tmp / "not_a_model", *a, *b], "not a model directory"),
         "weights that do not fit the config": (["--model", tmp / "mismatched", *a, *b], "weights do not match"),
         "unreadable config.json": (["--model", tmp / "broken", *a, *b], "not a readable JSON file"),
         "only one task file": ([*model, *a], "both --task-a and --task-b"),
@@ -272,7 +272,7 @@ def test_the_same_sequences_as_text_ids_and_tensor_give_the_same_samples(tmp_pat
                 for folder, name in (("text", "task.txt"), ("ids", "task.tokens"), ("tensor", "task.pt"))]
     for task in readings:
         assert torch.equal(task.tokens, tokens) and torch.equal(task.attention_mask, mask)
-        assert torch.equal(task.scored, readings[0].scored)
+        assert torch.equal(task.loss_mask, readings[0].loss_mask)
         assert task.ids == ["task:1", "task:2", "task:3"] and task.notes == []
 
 

@@ -42,7 +42,7 @@ def test_failure_mid_analysis_keeps_an_earlier_report_intact(checkpoint_inputs, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analysis, "permutation_test", interrupted)
+    monkeypatch.setattr(analysis, "pooled_statistics", interrupted)
     status, _, err = run_main(checkpoint_args(checkpoint_inputs, out), capsys)
     assert status == 130 and err == ["tl-circuits: interrupted; no report written"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -44,8 +44,9 @@ def test_cosines_ranking_and_drivers_equal_direct_calls(bundled_report):
     batch_a, batch_b, direct = bundled_report["batch_a"], bundled_report["batch_b"], bundled_report["interference"]
     table = pd.read_csv(out / "interference.csv")
     pooled = pooled_pairwise_scores(model, batch_a.tokens, batch_b.tokens, attention_mask_a=batch_a.attention_mask,
-                                    attention_mask_b=batch_b.attention_mask,
-                                    config=InterferenceConfig(variant="signed"), progress=False)
+                                    attention_mask_b=batch_b.attention_mask, loss_mask_a=batch_a.scored,
+                                    loss_mask_b=batch_b.scored, config=InterferenceConfig(variant="signed"),
+                                    progress=False)
     cosines = fisher_cosines(pooled.scores, pooled.n_a)
     ranking = rank_stability(direct.scores, k=10, n_resamples=50, seed=3)     # SMALL: 50 bootstrap resamples
     drivers = cell_drivers(direct.scores, top=3)

@@ -4,15 +4,17 @@
 
 1. **Freeze sweeps** — :mod:`tl_circuits.cli.freeze_stage`: :func:`tl_circuits.freeze_sweep` with
    ``per_sample=True`` over every head, QK, OV and BOTH circuits, on each task's batch. Metric: each sample's mean
-   next-token cross-entropy over its *scored* positions (for file tasks every real token after the first), so
-   the effect is the change of the loss on what the task is about, averaged over samples.
+   next-token cross-entropy over its counted predictions (``loss_mask``: the bundled tasks' *scored* positions, a
+   prompt -> completion file's completion tokens, other files' every real token after the first), so the effect
+   is the change of the loss on what the task is about, averaged over samples.
    ``effect = frozen loss − clean loss`` (positive: the head helps). Its paired test
    (:meth:`tl_circuits.SweepResult.test`, two-sided, with intervals and the QK × OV interaction) and the top QK
    heads' attention patterns, clean beside frozen.
 2. **Interference** — per-sample gradients of the attention weights of A ∪ B, the *pooled* diagonal Fisher,
    and the pooled pairwise score matrix (:func:`tl_circuits.interference.engine.pooled_scores`), computed once. Its
    A × B block is the interference map: identical to :func:`tl_circuits.compute_interference` with
-   ``fisher_source="pooled"`` (tested), so the map and its statistics share one normaliser.
+   ``fisher_source="pooled"`` and the tasks' ``loss_mask_a`` / ``loss_mask_b`` (tested), so the map and its
+   statistics share one normaliser and one loss.
 3. **Statistics** — two tests of different nulls, on the same scores:
 
    - *where the tasks conflict*: :func:`tl_circuits.conflict_test` of the A × B block (H0: E[A × B signed score]
@@ -24,8 +26,10 @@
      library's default), BH/BY q-values, max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals
      of each cell's mean.
 
-Note: the per-sample loss behind the gradients is docs/spec.md §2's token mean over *all* valid positions of a sample
-(the gradient stage has no scored-position mask); only the sweep metric is restricted to scored positions.
+One loss throughout: each task's :attr:`TaskInput.loss_mask` (the bundled tasks' ``scored`` positions, a task
+file's completion tokens) is the ``loss_mask`` of the sweep, of the per-sample gradients, and so of the map, the pooled
+matrix and both tests; each sample's loss is its token mean over these counted predictions (docs/spec.md §2.1).
+:attr:`Analysis.loss` (``settings["loss"]`` of the report) records what each task scored.
 
 Every default is the library's (:mod:`tl_circuits.defaults`):
 
@@ -54,17 +58,17 @@ from tl_circuits.freezing.sweep import SweepResult
 from tl_circuits.freezing.sweep_stats import SweepTestResult
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.engine import pooled_scores
-from tl_circuits.interference.result import InterferenceResult
+from tl_circuits.interference.result import InterferenceResult, PooledScores
 from tl_circuits.models.spec import model_spec
-from tl_circuits.stats.conflict import ConflictTestResult, conflict_test
+from tl_circuits.stats.conflict import ConflictTestResult
 from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
-from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult, permutation_test
+from tl_circuits.stats.permutation import CORRECTIONS, InterferenceTestResult
 from tl_circuits.stats.validation import count_cells
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import World
 
-REPLACEMENTS = ("zero", "mean")
+REPLACEMENTS = ("zero", "mean", "resample")
 TOP_K = 10
 N_DRIVERS = 3  # samples per task named as a cell's drivers, and removed to test its dominance
 
@@ -82,7 +86,8 @@ class AnalysisConfig:
         interference: the map's and the test's :class:`tl_circuits.InterferenceConfig` (variant, memory budget,
             progress, ...). Its ``fisher_source`` must be ``"pooled"`` (``None`` is read as ``"pooled"``): the
             permutation null needs a label-free normaliser, and the map shares it.
-        replacement: freeze replacement of the sweep, ``"zero"`` or ``"mean"`` (mean over the task's own batch).
+        replacement: freeze replacement of the sweep, ``"zero"``, ``"mean"`` (mean over the task's own batch) or
+            ``"resample"`` (each sample's corrupted twin, :attr:`TaskInput.corrupted`).
         n_permutations: label permutations; ``None`` (default): :func:`tl_circuits.defaults.default_n_permutations`
             of all (block, layer, head) cells at ``alpha``, so a single real effect can reach significance.
         screen: screen the permutation test's cells (as :func:`tl_circuits.permutation_test`'s ``screen``, its
@@ -178,7 +183,7 @@ def cell_evidence(interference: InterferenceResult, pooled: dict[str, Tensor], n
     """The conflict test, cosines, rank stability (top ``config.top_k``) and drivers of the A × B map."""
     signed = config.variant == "signed"
     scores = interference.scores
-    conflict = conflict_test(scores, alpha=config.alpha, correction=config.correction) if signed else None
+    conflict = interference.conflict_test(alpha=config.alpha, correction=config.correction) if signed else None
     cosines = fisher_cosines(pooled, n_a) if signed else None
     ranking = rank_stability(scores, k=config.top_k, n_resamples=max(1, config.n_bootstrap), seed=config.seed,
                              order="lowest" if signed else "highest")
@@ -211,36 +216,44 @@ class Analysis:
     def tasks(self) -> dict[str, TaskInput]:
         return {"a": self.task_a, "b": self.task_b}
 
+    @property
+    def loss(self) -> dict[str, Any]:
+        """What each task's loss scored, ``{"a": ..., "b": ...}`` (the engine's ``settings["loss"]``: ``scored``,
+        the counted predictions per sample); the sweeps scored the same (their ``settings["loss"]``)."""
+        return dict(self.interference.settings.get("loss") or {})
+
 
 def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput, config: AnalysisConfig,
-                        world: Optional[World] = None) -> tuple[InterferenceResult, dict[str, Tensor], int]:
-    """(the A × B map, the pooled matrix ``{block: [N, N, L, H]}``, n_a): one gradient pass over A ∪ B."""
+                        world: Optional[World] = None) -> tuple[InterferenceResult, PooledScores]:
+    """(the A × B map, the pooled matrix): one gradient pass over A ∪ B, each task's loss on its ``loss_mask``."""
     device = next(model.parameters()).device
     icfg = config.interference
     # the one streaming engine: every gradient once, the pooled matrix tiled within the memory budget
     pooled = pooled_scores(model, task_a.tokens.to(device), task_b.tokens.to(device),
                            attention_mask_a=task_a.attention_mask.to(device),
-                           attention_mask_b=task_b.attention_mask.to(device), layers=config.layers,
-                           heads=config.heads, config=icfg, world=world)
-    return pooled.interference(list(task_a.ids), list(task_b.ids)), pooled.scores, pooled.n_a
+                           attention_mask_b=task_b.attention_mask.to(device),
+                           loss_mask_a=task_a.loss_mask.to(device), loss_mask_b=task_b.loss_mask.to(device),
+                           layers=config.layers, heads=config.heads, config=icfg, world=world)
+    return pooled.interference(list(task_a.ids), list(task_b.ids)), pooled
 
 
-def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfig,
+def pooled_statistics(pooled: PooledScores, config: AnalysisConfig,
                       world: Optional[World] = None) -> InterferenceTestResult:
-    """The permutation test of the pooled matrix (n_permutations: :meth:`AnalysisConfig.permutations_for`)."""
-    n_cells = count_cells(pooled)  # the family: the selected cells only
-    return permutation_test(pooled, n_a, n_permutations=config.permutations_for(n_cells), screen=config.screen,
-                            alternative=config.alternative, alpha=config.alpha, correction=config.correction,
-                            seed=config.seed, n_bootstrap=config.n_bootstrap,
-                            memory_budget_gb=config.interference.memory_budget_gb, progress=config.progress,
-                            world=world)
+    """The permutation test of the pooled matrix (n_permutations: :meth:`AnalysisConfig.permutations_for`); its
+    ``loss`` records what each task scored."""
+    n_cells = count_cells(pooled.scores)  # the family: the selected cells only
+    return pooled.permutation_test(n_permutations=config.permutations_for(n_cells), screen=config.screen,
+                                   alternative=config.alternative, alpha=config.alpha, correction=config.correction,
+                                   seed=config.seed, n_bootstrap=config.n_bootstrap,
+                                   memory_budget_gb=config.interference.memory_budget_gb, progress=config.progress,
+                                   world=world)
 
 
 def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput, config: AnalysisConfig,
                      world: Optional[World] = None) -> tuple[InterferenceResult, InterferenceTestResult]:
     """The pooled pairwise matrix once; its A × B block as the map, all of it for the permutation test."""
-    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config, world)
-    return interference, pooled_statistics(pooled, n_a, config, world)
+    interference, pooled = pooled_interference(model, task_a, task_b, config, world)
+    return interference, pooled_statistics(pooled, config, world)
 
 
 def find_duplicates(task_a: TaskInput, task_b: TaskInput) -> dict[str, list[list[str]]]:
@@ -289,11 +302,11 @@ def run_analysis(model: Model, task_a: TaskInput, task_b: TaskInput, config: Opt
     announce(f"per-sample gradients, pooled Fisher, pairwise scores and permutation test "
              f"({task_a.n_samples} × {task_b.n_samples} samples)")
     stage = time.perf_counter()
-    interference, pooled, n_a = pooled_interference(model, task_a, task_b, config, world)
+    interference, pooled = pooled_interference(model, task_a, task_b, config, world)
     timings["interference_s"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    statistics = pooled_statistics(pooled, n_a, config, world)
-    evidence = cell_evidence(interference, pooled, n_a, config)
+    statistics = pooled_statistics(pooled, config, world)
+    evidence = cell_evidence(interference, pooled.scores, pooled.n_a, config)
     timings["statistics_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start
     info = {"d_vocab": model_spec(model).d_vocab, **(model_info or {})}  # the headlines' chance loss needs it

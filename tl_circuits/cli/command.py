@@ -9,17 +9,22 @@ The stages: this module (options, the run), :mod:`~tl_circuits.cli.loading` (mod
 :mod:`~tl_circuits.cli.analysis`, then :mod:`~tl_circuits.cli.tables`, :mod:`~tl_circuits.cli.markdown` and
 :mod:`~tl_circuits.cli.output` (the report folder). Every default is the library's (:mod:`tl_circuits.defaults`).
 
-``--model`` takes, in this order of lookup: a bundled model name (``--list-models``); a local checkpoint
-directory (``config.json`` + ``model.safetensors`` or ``model.pt``, optional ``tokenizer/``, see
-:mod:`tl_circuits.models.checkpoint`); an official TransformerLens model name, loaded with
-``HookedTransformer.from_pretrained`` (needs the Hugging Face hub or its cache).
-``--task-a``/``--task-b`` take task files (formats in :mod:`tl_circuits.cli.task_files`); without them the bundled
-model's own tasks are used.
+``--model`` takes, in this order of lookup: a bundled model name (``--list-models``); a local model directory:
+a Hugging Face ``save_pretrained`` directory (weights and tokenizer, loaded offline) or a tl_circuits checkpoint
+(``config.json`` + ``model.safetensors`` or ``model.pt``, optional ``tokenizer/``), told apart by what their
+``config.json`` holds (:mod:`tl_circuits.models.hf_directory`); an official TransformerLens model name, loaded with
+``HookedTransformer.from_pretrained`` (needs the Hugging Face hub or its cache). ``--dtype`` loads it with
+float32 (default), bfloat16 or float16 parameters; gradients, Fisher and scores accumulate in float32 or better.
+``--task-a``/``--task-b`` take task files (formats in :mod:`tl_circuits.cli.task_files`: prompt -> completion
+records in JSON Lines, CSV, Parquet or a ``datasets`` directory, whose completion tokens alone are scored; text,
+token ids or tensors, every token scored); without them the bundled model's own tasks are used, scored on their
+``scored`` positions. The freeze sweep and the interference score the same predictions.
 
 ``--bridge`` loads the model as a TransformerLens ``TransformerBridge`` instead: bundled models and checkpoints as
-a TransformerLens-native bridge with the same weights (:mod:`tl_circuits.models.native`), pretrained names with
-``TransformerBridge.boot_transformers``. Under TransformerLens 4.x, which has no ``HookedTransformer``, this is
-always the case, so the command with no arguments runs the whole main job on the bundled default as a bridge.
+a TransformerLens-native bridge with the same weights (:mod:`tl_circuits.models.native`), Hugging Face directories
+and pretrained names with ``TransformerBridge.boot_transformers``. Under TransformerLens 4.x, which has no
+``HookedTransformer``, this is always the case, so the command with no arguments runs the whole main job on the
+bundled default as a bridge.
 (On TransformerLens 3.x a native bridge discards ``hook_pattern`` edits, so the QK half of the sweep is left
 out there, with a warning; the report's other numbers equal the HookedTransformer's.)
 
@@ -59,13 +64,17 @@ from tl_circuits.cli.analysis import REPLACEMENTS, TOP_K, AnalysisConfig, run_an
 from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: this module's public names too)
     DEFAULT_SAMPLES,
     CommandError,
+    check_replacement_inputs,
     list_models_text,
     load_model,
     load_tasks,
 )
 from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, write_report
+from tl_circuits.cli.prompt_completion import RecordFields
+from tl_circuits.cli.task_files import FORMATS as TASK_FORMATS
 from tl_circuits.interference.config import NORMALIZATIONS, VARIANTS, GradientConfig, InterferenceConfig
 from tl_circuits.selection import parse_indices
+from tl_circuits.models.hf_directory import DTYPES
 from tl_circuits.parallel.group import (
     DEFAULT_TIMEOUT_S,
     World,
@@ -108,6 +117,13 @@ class CommandOptions:
     check: bool = False
     layers: Optional[tuple[int, ...]] = None
     heads: Optional[tuple[int, ...]] = None
+    dtype: str = "float32"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+
+    def record_fields(self) -> RecordFields:
+        """The field names of prompt -> completion task records."""
+        return RecordFields(prompt=self.prompt_field, completion=self.completion_field)
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
@@ -173,15 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="report files: " + ", ".join(FILES) + ". Exit status: 0 success, 2 bad input, 1 other failure.",
     )
     add = parser.add_argument
-    add("--model", help="bundled model name (see --list-models), local checkpoint directory (config.json + "
-                        "model.safetensors or model.pt, optional tokenizer/), or an official TransformerLens model "
-                        "name (downloaded; needs the hub). Default: the bundled default model")
-    add("--task-a", type=Path, help="task A file: text (one sample per line, needs a tokenizer), token ids "
-                                    "(.tokens/.ids: whitespace-separated ids per line) or a .pt/.npy [n, pos] "
-                                    "array. Default: the bundled model's first task")
-    add("--task-b", type=Path, help="task B file, as --task-a. Default: the bundled model's second task")
-    add("--task-format", choices=("auto", "text", "ids"), default="auto",
-        help="how to read task files: by suffix (default), or force text / whitespace-separated token ids")
+    add("--model", help="bundled model name (see --list-models), a local Hugging Face model directory "
+                        "(save_pretrained: config.json, weights, tokenizer; loaded offline), a tl_circuits "
+                        "checkpoint directory (config.json + model.safetensors or model.pt, optional tokenizer/), "
+                        "or an official TransformerLens model name (downloaded; needs the hub). Default: the "
+                        "bundled default model")
+    add("--dtype", choices=tuple(DTYPES), default="float32",
+        help="dtype of the model's parameters (default float32); gradients, Fisher and scores accumulate in "
+             "float32 or better")
+    add("--task-a", type=Path, help="task A: prompt -> completion records (.jsonl, .csv, .parquet or a datasets "
+                                    "save_to_disk directory; only the completion's tokens are scored), text (one "
+                                    "sample per line, needs a tokenizer), token ids (.tokens/.ids: "
+                                    "whitespace-separated ids per line) or a .pt/.npy [n, pos] array (every token "
+                                    "scored). Default: the bundled model's first task")
+    add("--task-b", type=Path, help="task B, as --task-a. Default: the bundled model's second task")
+    add("--task-format", choices=TASK_FORMATS, default="auto",
+        help="how to read task files: by suffix (default), or force a format")
+    add("--prompt-field", default="prompt", help="the prompt field of task records (default prompt)")
+    add("--completion-field", default="completion",
+        help="the completion field of task records, the tokens that are scored (default completion)")
     add("--n-a", type=_positive_int, help=f"task A samples (bundled tasks: default {DEFAULT_SAMPLES}; "
                                           "files: the first N, default all)")
     add("--n-b", type=_positive_int, help="task B samples, as --n-a")
@@ -200,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--heads", type=_indices, help="(query) heads, as --layers (default all; under GQA K/V keep the KV heads the "
                                        "selected heads read)")
     add("--replacement", choices=REPLACEMENTS, default="zero",
-        help="what a frozen circuit is replaced with (default zero)")
+        help="what a frozen circuit is replaced with (default zero; mean: the task's mean; resample: each "
+             "sample's corrupted twin, corrupted_prompt + completion, from the task records)")
     add("--alpha", type=_unit_interval, default=defaults.ALPHA,
         help=f"significance level of the BH q-values (default {defaults.ALPHA})")
     add("--top-k", type=_positive_int, default=TOP_K, help=f"rows in the top-heads and top-pairs tables "
@@ -219,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quiet", action="store_true", help="no progress bars or stage messages")
     add("--bridge", action="store_true",
         help="load the model as a TransformerLens TransformerBridge (bundled models and checkpoints: a native "
-             "bridge with the same weights; pretrained names: TransformerBridge.boot_transformers). Always on "
+             "bridge with the same weights; Hugging Face directories and pretrained names: "
+             "TransformerBridge.boot_transformers). Always on "
              "with TransformerLens 4.x, which has no HookedTransformer")
     add("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help="under torchrun: seconds a rank waits for the others in a collective before the run fails "
@@ -282,14 +310,15 @@ def run(options: CommandOptions, world: Optional[World] = None) -> Path:
     device = _device(options.device)
     start = time.perf_counter()
     # silent until the inputs are known to be good, so that bad input reads as exactly one line
-    loaded = load_model(options.model, device, bridge=options.bridge)
+    loaded = load_model(options.model, device, bridge=options.bridge, dtype=DTYPES[options.dtype])
     task_a, task_b = load_tasks(loaded, options.task_a, options.task_b, task_format=options.task_format,
-                                n_a=options.n_a, n_b=options.n_b, seed=options.seed)
+                                n_a=options.n_a, n_b=options.n_b, seed=options.seed, fields=options.record_fields())
+    check_replacement_inputs(options.replacement, task_a, task_b)
     load_s = time.perf_counter() - start
     _say(options, f"model {loaded.name} ({loaded.source}) on {device} as a {type(loaded.model).__name__}; "
                   f"task A {task_a.name} ({task_a.n_samples} samples), task B {task_b.name} "
                   f"({task_b.n_samples} samples)")
-    for note in task_a.notes + task_b.notes:
+    for note in loaded.notes + task_a.notes + task_b.notes:
         _say(options, f"note: {note}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

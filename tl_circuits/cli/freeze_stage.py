@@ -1,9 +1,10 @@
 """The report's freeze stage: per-sample QK, OV and BOTH sweeps of every head, their paired tests, and pictures.
 
 For each task, :func:`run_freeze_stage` runs :func:`tl_circuits.freeze_sweep` with ``per_sample=True`` over the
-circuits ``qk``, ``ov`` and ``both`` (the whole head; not for ZERO, where BOTH = OV exactly), scoring each
-sample's mean next-token loss on its *scored* positions (:func:`tl_circuits.bundled.tasks.scored_loss` with
-``per_sample=True``). The effect of a head is the mean over samples of (frozen − clean) — every sample weighs the
+circuits ``qk``, ``ov`` and ``both`` (the whole head; not for ZERO, where BOTH = OV exactly), with the task's
+``attention_mask`` and ``loss_mask``: its default metric scores each sample's mean next-token loss over its counted
+predictions, the per-sample loss of the interference's gradients (docs/spec.md §2.1), so the sweep and the map are
+about one loss. The effect of a head is the mean over samples of (frozen − clean) — every sample weighs the
 same, whatever its number of scored tokens.
 Then :meth:`tl_circuits.SweepResult.test` (two-sided sign-flip test of "the freeze leaves the loss unchanged",
 bootstrap intervals, BH/BY q-values over every (circuit, layer, head) cell and the interaction BOTH − (QK + OV)),
@@ -17,14 +18,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from tl_circuits.bundled import tasks
-from tl_circuits.bundled.tasks import TaskBatch
+from tl_circuits import defaults
 from tl_circuits.cli.task_files import TaskInput
 from tl_circuits.freezing.references import compute_mean_activations
 from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
@@ -52,17 +51,6 @@ class FreezeStage:
     patterns: Any  # a matplotlib Figure
 
 
-def per_sample_scored_loss(task: TaskInput, device: Union[str, torch.device]):
-    """``logits -> [batch]``: each sample's mean next-token cross-entropy over its scored positions (NaN where a
-    sample has none)."""
-    batch = TaskBatch(task.tokens.to(device), task.scored.to(device), task.name)
-
-    def scored_loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
-        return tasks.scored_loss(logits, batch, per_sample=True)
-
-    return scored_loss
-
-
 def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
     """The circuits to sweep: all of :data:`CIRCUITS`; without BOTH for ZERO (a zero OV makes the head write nothing,
     so BOTH = OV exactly and the interaction is −QK by construction); only OV on a native TL 3.x bridge."""
@@ -74,6 +62,26 @@ def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
     return ("qk", "ov") if replacement == "zero" else CIRCUITS
 
 
+def sweep_reference(model: Model, task: TaskInput, replacement: str, progress: bool = False,
+                    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB) -> Any:
+    """The sweep's reference: MEAN: the task's mean activations; RESAMPLE: its corrupted twins (row ``i`` patches
+    sample ``i``); None for ZERO."""
+    device = next(model.parameters()).device
+    if replacement == "mean":
+        return compute_mean_activations(model, task.tokens.to(device), memory_budget_gb=memory_budget_gb,
+                                        progress=progress)
+    if replacement == "resample":
+        if task.corrupted is None:
+            raise ValueError(f"RESAMPLE needs each sample's corrupted twin; task {task.name!r} has none")
+        return task.corrupted.to(device)
+    return None
+
+
+def sweep_reference_mask(task: TaskInput, replacement: str, device: torch.device) -> Optional[Tensor]:
+    """The padding of RESAMPLE's corrupted twins (a twin is padded as its clean sample); None otherwise."""
+    return task.attention_mask.to(device) if replacement == "resample" else None
+
+
 def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
                      world: Optional[World] = None) -> FreezeStage:
     """Per-sample sweep of every head on one task, its paired test and its pattern picture (module docstring);
@@ -81,13 +89,14 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
     budget = config.interference.memory_budget_gb
-    reference = compute_mean_activations(model, tokens, memory_budget_gb=budget, progress=config.progress) \
-        if config.replacement == "mean" else None
+    reference = sweep_reference(model, task, config.replacement, config.progress, budget)
     circuits = swept_circuits(model, config.replacement)
-    sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, layers=config.layers,
-                         heads=config.heads, per_sample=True,
-                         replacement=config.replacement, reference=reference, seed=config.seed,
-                         memory_budget_gb=budget, progress=config.progress, world=world)
+    # the default metric: the per-sample loss of the interference's gradients, on the same counted predictions
+    sweep = freeze_sweep(model, tokens, circuits=circuits, layers=config.layers, heads=config.heads, per_sample=True,
+                         replacement=config.replacement,
+                         reference=reference, seed=config.seed, memory_budget_gb=budget, progress=config.progress,
+                         attention_mask=task.attention_mask.to(device), loss_mask=task.loss_mask.to(device),
+                         reference_attention_mask=sweep_reference_mask(task, config.replacement, device), world=world)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
                       correction=correction, seed=config.seed, progress=config.progress)

@@ -1,9 +1,12 @@
 """What ``--model``, ``--task-a`` and ``--task-b`` name, loaded for the analysis.
 
-``--model`` is looked up in this order: a bundled model name (``--list-models``); a local checkpoint directory
-(``config.json`` + ``model.safetensors`` or ``model.pt``, optional ``tokenizer/``, see
-:mod:`tl_circuits.models.checkpoint`); an official TransformerLens model name, loaded from the Hugging Face hub
-or its cache (``HookedTransformer.from_pretrained``, or ``TransformerBridge.boot_transformers`` as a bridge).
+``--model`` is looked up in this order: a bundled model name (``--list-models``); a local model directory, told
+apart by what its ``config.json`` holds (:mod:`tl_circuits.models.hf_directory`): a Hugging Face
+``save_pretrained`` directory (``architectures``/``model_type``, weights, tokenizer; loaded offline) or a
+tl_circuits checkpoint (``HookedTransformerConfig`` arguments, ``model.safetensors`` or ``model.pt``, optional
+``tokenizer/``, see :mod:`tl_circuits.models.checkpoint`); an official TransformerLens model name, loaded from
+the Hugging Face hub or its cache (``HookedTransformer.from_pretrained``, or ``TransformerBridge.boot_transformers``
+as a bridge). ``dtype`` (``--dtype``) is the dtype of the model's parameters.
 Tasks come from files (:mod:`tl_circuits.cli.task_files`) or, without them, are the bundled model's own two.
 
 Every problem with what the user named is a :class:`CommandError` with a one-line message (an unknown name too;
@@ -14,18 +17,22 @@ under TransformerLens 4.x, which has no list of official names, after asking the
 ...     load_model(empty, "cpu")
 Traceback (most recent call last):
 ...
-tl_circuits.cli.loading.CommandError: --model ...: not a checkpoint directory (expected a directory with config.json...)
+tl_circuits.cli.loading.CommandError: --model ...: not a model directory: expected a Hugging Face model directory...
 >>> known_heads_text({"induction": [(1, 3)], "previous token": [(0, 2), (0, 5)]})
 'induction L1H3; previous token L0H2, L0H5'
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
+from tl_circuits.cli.prompt_completion import RecordFields
 from tl_circuits.cli.task_files import TaskInput, TaskInputError, read_task_file, task_from_batch
 from tl_circuits.models.types import Model
 
@@ -44,11 +51,12 @@ class LoadedModel:
 
     model: Model  # a HookedTransformer or TransformerBridge
     name: str
-    source: str  # "bundled", "checkpoint" or "pretrained"
+    source: str  # "bundled", "checkpoint", "hugging_face" or "pretrained"
     description: str = ""
     known_heads: Optional[dict] = None  # role -> [(layer, head), ...]
     bundled_tasks: Optional[dict] = None  # task name -> generator(n, seed) -> TaskBatch, ordered A, B
     default_samples: int = DEFAULT_SAMPLES  # per bundled task, when --n-a/--n-b are not given
+    notes: list[str] = field(default_factory=list)  # how it was loaded, where the user should know
 
     def info(self) -> dict:
         """The model section of the report (architecture, source, known heads)."""
@@ -61,7 +69,8 @@ class LoadedModel:
                     n_layers=spec.n_layers, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, d_model=spec.d_model,
                     d_head=spec.d_head, d_vocab=spec.d_vocab, n_ctx=spec.n_ctx, attn_only=spec.attn_only,
                     has_tokenizer=getattr(self.model, "tokenizer", None) is not None,
-                    model_class=type(self.model).__name__)
+                    model_class=type(self.model).__name__,
+                    dtype=str(parameter_dtype(self.model)).removeprefix("torch."), notes=list(self.notes))
 
 
 # ----- models -------------------------------------------------------------------------------------------
@@ -107,17 +116,28 @@ def has_hooked_transformer() -> bool:
     return True
 
 
-def load_model(name: Optional[str], device: str, bridge: bool = False) -> LoadedModel:
-    """Resolve ``--model`` (module docstring) and load it; CommandError if it names nothing loadable.
+def parameter_dtype(model: Model) -> torch.dtype:
+    """The dtype of the model's (first floating-point) parameters."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def load_model(name: Optional[str], device: str, bridge: bool = False,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Resolve ``--model`` (module docstring) and load it with ``dtype`` parameters; CommandError if it names
+    nothing loadable.
 
     ``bridge``: load it as a ``TransformerBridge`` (always so where TransformerLens has no HookedTransformer)."""
-    from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
+    loaded = _load_model(name, device, bridge or not has_hooked_transformer(), dtype)
+    if parameter_dtype(loaded.model) != dtype:
+        loaded.model.to(dtype)  # HookedTransformer.to also records it in cfg.dtype
+    return loaded
 
-    bridge = bridge or not has_hooked_transformer()
+
+def _load_model(name: Optional[str], device: str, bridge: bool, dtype: torch.dtype) -> LoadedModel:
     bundled = _bundled()
     if name is None:
         if bundled is None:
-            raise CommandError("no bundled models are installed; pass --model (a checkpoint directory or a "
+            raise CommandError("no bundled models are installed; pass --model (a model directory or a "
                                "pretrained name) and --task-a/--task-b")
         name = bundled.DEFAULT_BUNDLED_MODEL
         if name not in _bundled_names(bundled):
@@ -131,22 +151,48 @@ def load_model(name: Optional[str], device: str, bridge: bool = False) -> Loaded
                            dict(getattr(info, "known_heads", None) or {}), bundled.bundled_tasks(name), samples)
     path = Path(name)
     if path.exists():
-        if not is_checkpoint(path):
-            raise CommandError(f"--model {name}: not a checkpoint directory (expected a directory with config.json "
-                               "and model.safetensors or model.pt)")
-        try:
-            model = load_checkpoint(path, device, as_bridge=bridge)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
-        return LoadedModel(model, path.name, "checkpoint", f"local checkpoint {path}")
+        return load_directory(path, device, bridge, dtype)
     official = _pretrained_name(name)
     if bridge and official is None and not _has_official_names():  # 4.x: no name list; ask the hub
         return load_pretrained_bridge(name, device)
     if official is None:
         choices = ", ".join(_bundled_names(bundled)) or "none installed"
-        raise CommandError(f"unknown model {name!r}: not a bundled model ({choices}), not a local checkpoint "
+        raise CommandError(f"unknown model {name!r}: not a bundled model ({choices}), not a local model "
                            "directory, and not an official TransformerLens model name")
     return load_pretrained_bridge(official, device) if bridge else load_pretrained(official, device)
+
+
+def load_directory(path: Path, device: str, bridge: bool, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A local model directory, by what its config.json holds: a Hugging Face model or a tl_circuits checkpoint;
+    CommandError (one line saying what was expected) for anything else."""
+    from tl_circuits.models.checkpoint import CheckpointError, load_checkpoint
+    from tl_circuits.models.hf_directory import HF, TL_CIRCUITS, HFDirectoryError, directory_kind, load_hf_directory
+
+    kind = directory_kind(path)
+    if kind == HF:
+        try:
+            found = load_hf_directory(path, device, dtype, as_bridge=bridge)
+        except HFDirectoryError as err:
+            raise CommandError(str(err)) from None
+        how = type(found.model).__name__
+        return LoadedModel(found.model, path.name, "hugging_face",
+                           f"local Hugging Face model {path} ({found.architecture}, as a {how})", notes=found.notes)
+    if kind == TL_CIRCUITS:
+        try:
+            model = load_checkpoint(path, device, as_bridge=bridge)
+        except CheckpointError as err:
+            raise CommandError(str(err)) from None
+        return LoadedModel(model, path.name, "checkpoint", f"local checkpoint {path}")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CommandError(f"{config}: not a readable JSON file ({err})") from None
+    raise CommandError(f"--model {path}: not a model directory: expected a Hugging Face model directory (config.json "
+                       "naming 'architectures' or 'model_type', its weights and tokenizer, as save_pretrained writes "
+                       "it) or a tl_circuits checkpoint (config.json of HookedTransformerConfig arguments such as "
+                       "d_model and n_layers, and model.safetensors or model.pt)")
 
 
 def load_pretrained_bridge(name: str, device: str) -> LoadedModel:
@@ -211,20 +257,20 @@ def list_models_text() -> str:
 
 def load_tasks(loaded: LoadedModel, task_a: Optional[Path] = None, task_b: Optional[Path] = None, *,
                task_format: str = "auto", n_a: Optional[int] = None, n_b: Optional[int] = None,
-               seed: int = 0) -> tuple[TaskInput, TaskInput]:
+               seed: int = 0, fields: Optional[RecordFields] = None) -> tuple[TaskInput, TaskInput]:
     """(task A, task B) from files, or the bundled model's two tasks; CommandError on bad input.
 
     Files: the first ``n_a``/``n_b`` samples (default all). Bundled tasks: ``n_a``/``n_b`` *distinct* samples
     (default: the model's ``default_samples``: :data:`DEFAULT_SAMPLES` unless its metadata says) drawn with
     ``seed`` (task A) and ``seed + 1`` (task B) by :func:`tl_circuits.bundled.bundled_tasks`'s makers; more than a task
-    has is a CommandError naming how many exist.
+    has is a CommandError naming how many exist. ``fields``: the field names of prompt -> completion records.
     """
     if (task_a is None) != (task_b is None):
         raise CommandError("give both --task-a and --task-b, or neither (to use the bundled tasks)")
     if task_a is not None and task_b is not None:
         try:
-            input_a = read_task_file(task_a, loaded.model, fmt=task_format, max_samples=n_a)
-            input_b = read_task_file(task_b, loaded.model, fmt=task_format, max_samples=n_b)
+            input_a = read_task_file(task_a, loaded.model, fmt=task_format, max_samples=n_a, fields=fields)
+            input_b = read_task_file(task_b, loaded.model, fmt=task_format, max_samples=n_b, fields=fields)
         except TaskInputError as err:
             raise CommandError(str(err)) from None
         if input_a.name == input_b.name:  # keep sample ids apart
@@ -252,6 +298,17 @@ def _bundled_task(make: Callable, n: Optional[int], seed: int, name: str, label:
     except ValueError as err:
         raise CommandError(f"task {label} ({name}): {err}; ask for fewer with --n-{label.lower()}") from None
     return task_from_batch(batch, name, source)
+
+
+def check_replacement_inputs(replacement: str, task_a: TaskInput, task_b: TaskInput) -> None:
+    """RESAMPLE needs each sample's corrupted twin (a ``corrupted_prompt`` in every record of both task files)."""
+    if replacement != "resample":
+        return
+    for label, task in (("A", task_a), ("B", task_b)):
+        if task.corrupted is None:
+            raise CommandError(f"--replacement resample patches each sample with its corrupted twin, but task {label} "
+                               f"({task.source}) has none: give a corrupted_prompt in every record of a prompt -> "
+                               "completion task file")
 
 
 def check_sample_counts(task_a: TaskInput, task_b: TaskInput) -> tuple[TaskInput, TaskInput]:

@@ -19,6 +19,7 @@ import torch
 
 from tl_circuits.cli.analysis import Analysis
 from tl_circuits.cli.headlines import headlines
+from tl_circuits.cli.task_input import TaskInput
 from tl_circuits.selection import format_indices
 from tl_circuits.cli.tables import (
     circuit_comparison_table,
@@ -62,6 +63,11 @@ def _header(analysis: Analysis) -> list[str]:
         f"**Task A:** {a.name} — {a.n_samples} samples × {a.tokens.shape[1]} positions ({a.source}).  ",
         f"**Task B:** {b.name} — {b.n_samples} samples × {b.tokens.shape[1]} positions ({b.source}).",
         "",
+        "**Scored:** each sample's loss is its mean next-token cross-entropy over its counted predictions, the same "
+        "in the freeze sweep and in the per-sample gradients behind the interference map, the permutation test and "
+        "the conflict test (report.json: `settings.loss`). "
+        f"Task A: {scored_text(a)}. Task B: {scored_text(b)}.",
+        "",
         f"Settings: freeze replacement {cfg.replacement.upper()}; interference variant `{cfg.variant}` with the pooled "
         f"Fisher, `{cfg.interference.normalization}` normalisation; {_permutations_text(stats)} "
         f"(one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
@@ -71,6 +77,22 @@ def _header(analysis: Analysis) -> list[str]:
     if info.get("known_heads_text"):
         lines += ["", f"Known heads of this model (from its training metadata): {info['known_heads_text']}."]
     return lines
+
+
+def _spread(values: torch.Tensor) -> str:
+    """``"3"`` or ``"1–4 (mean 2.2)"``."""
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}–{high} (mean {values.double().mean():.3g})"
+
+
+def scored_text(task: TaskInput) -> str:
+    """What a task's loss counts, in words, with the counts per sample (prompt and completion tokens of
+    prompt -> completion tasks)."""
+    text = f"{task.counted}, {_spread(task.n_counted)} per sample"
+    completion = task.completion_lengths
+    if task.prompt_lengths is not None and completion is not None:
+        text += f" (prompt {_spread(task.prompt_lengths)} tokens, completion {_spread(completion)} tokens)"
+    return text
 
 
 def _permutations_text(stats) -> str:
@@ -264,7 +286,8 @@ def report_markdown(analysis: Analysis, files: Mapping[str, str]) -> str:
     role = {"known_role": "known role"} if known_roles(analysis) else {}
     lines = (_header(analysis) + ["", "## Headlines", ""] + headlines(analysis) + _freeze_section(analysis, role)
              + _interference_section(analysis, role, conflict) + _pairs_section(analysis, conflict))
-    notes = analysis.task_a.notes + analysis.task_b.notes + analysis.warnings
+    notes = (list(analysis.model_info.get("notes", [])) + analysis.task_a.notes + analysis.task_b.notes
+             + analysis.warnings)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     lines += ["", "## Files", ""] + [f"- `{name}` — {what}" for name, what in files.items()]

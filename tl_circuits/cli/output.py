@@ -58,7 +58,8 @@ FILES = {
                         "leave-one-out drivers",
     "top_conflicts.csv": "the most conflicting (sample pair, block, layer, head) cells",
     "top_pairs.csv": "the most conflicting sample pairs (score summed over blocks, layers and heads)",
-    "samples.csv": "every sample: task, id, length, preview",
+    "samples.csv": "every sample: task, id, length, counted predictions (the terms of its loss), prompt and "
+                   "completion tokens (prompt -> completion tasks), preview",
     "freeze_effect.png": "freeze effect per circuit and task (layer × head); cells whose effect the paired test "
                          "does not show hatched",
     "patterns_a.png": "task A: attention patterns of the top QK heads on its first sample, clean beside frozen",
@@ -179,14 +180,15 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                                                       "p_value_cluster", "ci_low", "ci_high", "significant")
              if getattr(stats, name) is not None}
     tasks = {key.upper(): dict(name=t.name, source=t.source, n_samples=t.n_samples, n_positions=int(t.tokens.shape[1]),
-                               n_scored=int(t.scored.sum()), ids=t.ids, notes=t.notes)
+                               n_scored=int(t.loss_mask.sum()), ids=t.ids, notes=t.notes, scoring=t.scoring_summary())
              for key, t in analysis.tasks.items()}
     data = dict(
         tool=REPORT_MARKER,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         model=analysis.model_info,
         tasks=tasks,
-        settings=analysis.config.to_dict(n_permutations_used=stats.n_permutations),
+        settings={**analysis.config.to_dict(n_permutations_used=stats.n_permutations),
+                  "loss": {key.upper(): scored for key, scored in analysis.loss.items()}},  # what each task scored
         timings_s=analysis.timings,
         warnings=analysis.warnings,
         duplicates=analysis.duplicates,
@@ -196,8 +198,8 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                           fisher_source=result.config.fisher_source, mean=result.mean,
                           block_means=result.block_means(), most_conflicted_block=result.most_conflicted_block,
                           settings=result.settings),
-        statistics=dict(settings=stats.settings, null_hypothesis="task labels are exchangeable (the tasks use the "
-                                                                  "head the same way)", **grids),
+        statistics=dict(settings=stats.settings, loss=stats.loss,
+                        null_hypothesis="task labels are exchangeable (the tasks use the head the same way)", **grids),
         conflict=_evidence_data(analysis),
         headlines=dict(needed=needed_table(analysis).to_dict("records"),
                        shared=shared_table(needed_table(analysis)).to_dict("records")),
@@ -217,7 +219,7 @@ def _evidence_data(analysis: Analysis) -> dict[str, Any]:
     if evidence.conflict is not None:
         test = evidence.conflict
         data["test"] = dict(null_hypothesis=test.null_hypothesis, alternative=test.alternative, alpha=test.alpha,
-                            correction=test.correction, confidence_level=test.confidence_level,
+                            correction=test.correction, confidence_level=test.confidence_level, loss=test.loss,
                             **{name: getattr(test, name) for name in ("estimate", "std_error", "statistic", "df",
                                                                       "p_value", "q_value_bh", "q_value_by",
                                                                       "significant", "ci_low", "ci_high")})

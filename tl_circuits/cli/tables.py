@@ -246,10 +246,19 @@ def _dominant_cell(cells: dict[str, Tensor], variant: str) -> tuple[str, int, in
 
 
 def samples_table(analysis: Analysis) -> pd.DataFrame:
-    """Every sample: task, task_name, id, number of real tokens, preview."""
+    """Every sample: task, task_name, id, number of real tokens, counted predictions (the loss's terms), prompt and
+    completion tokens (prompt -> completion tasks; empty otherwise), preview."""
     rows = []
     for key, task in analysis.tasks.items():
         lengths = task.attention_mask.sum(1).tolist()
-        rows += [dict(task=key.upper(), task_name=task.name, id=i, n_tokens=int(n), preview=p)
-                 for i, n, p in zip(task.ids, lengths, task.previews)]
-    return pd.DataFrame(rows)
+        counted = task.n_counted.tolist()
+        prompts = task.prompt_lengths.tolist() if task.prompt_lengths is not None else [None] * task.n_samples
+        completion = task.completion_lengths
+        completions = completion.tolist() if completion is not None else [None] * task.n_samples
+        rows += [dict(task=key.upper(), task_name=task.name, id=i, n_tokens=int(n), n_counted=int(c), n_prompt=np_,
+                      n_completion=nc, preview=p)
+                 for i, n, c, np_, nc, p in zip(task.ids, lengths, counted, prompts, completions, task.previews)]
+    frame = pd.DataFrame(rows)
+    for column in ("n_prompt", "n_completion"):
+        frame[column] = frame[column].astype("Int64")  # whole numbers, empty where the task has no prompt
+    return frame

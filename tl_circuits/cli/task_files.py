@@ -2,6 +2,9 @@
 
 Formats (``fmt="auto"`` picks by suffix):
 
+- **prompt -> completion records** (``.jsonl``/``.json``, ``.csv``, ``.parquet``, or a directory written by
+  ``datasets``' ``save_to_disk``): each record a ``prompt`` and its ``completion``; only the completion's tokens
+  count in the loss. Formats, tokenisation, corrupted prompts and errors: :mod:`tl_circuits.cli.prompt_completion`.
 - **text** (any other suffix, e.g. ``.txt``): one sample per line, tokenised by the model's tokenizer
   (``model.to_tokens``). Needs a model with a tokenizer.
 - **ids** (``.tokens``, ``.ids``, or ``fmt="ids"`` for any suffix): one sample per line, whitespace-separated
@@ -9,7 +12,8 @@ Formats (``fmt="auto"`` picks by suffix):
 - **tensor** (``.pt``, ``.npy``): an integer array ``[n_samples, pos]`` (a ``.pt`` file may instead hold a dict
   with ``"tokens"`` and optionally ``"attention_mask"``), every position valid unless a mask says otherwise.
 
-Rules common to every format:
+Rules common to the text, ids and tensor formats (prompt -> completion records follow the same BOS rule and
+name samples the same way, by line or row, or by their ``id``; every valid target counts in these formats):
 
 - **BOS.** Text is tokenised with TransformerLens's convention: ``model.to_tokens(line)`` prepends BOS when the
   model's ``cfg.default_prepend_bos`` is True (the default). Token ids (ids and tensor files) are the model's
@@ -34,15 +38,29 @@ Rules common to every format:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from torch import Tensor
 
+from tl_circuits.cli.prompt_completion import RecordFields, read_prompt_completion
+from tl_circuits.cli.task_input import (  # noqa: F401  (TaskInput, TaskInputError: this module's public names too)
+    PREVIEW_CHARS,
+    SCORED_TARGETS,
+    TaskInput,
+    TaskInputError,
+    check_ids_in_vocab,
+    check_known_words,
+    model_pad_id,
+    pad_samples,
+    preview_ids,
+    require_tokenizer,
+    valid_target_positions,
+)
+from tl_circuits.cli.task_records import CSV, DATASET, JSONL, PARQUET, record_format
 from tl_circuits.models.spec import model_spec
 from tl_circuits.models.types import Model
 
@@ -50,76 +68,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from tl_circuits.bundled.tasks import TaskBatch
 
 TEXT, IDS, TENSOR = "text", "ids", "tensor"
-FORMATS = ("auto", TEXT, IDS)
+RECORD_FORMATS = (JSONL, CSV, PARQUET)
+FORMATS = ("auto", TEXT, IDS, *RECORD_FORMATS)
 ID_SUFFIXES = (".tokens", ".ids")
 TENSOR_SUFFIXES = (".pt", ".npy")
-PREVIEW_CHARS = 60
-
-
-class TaskInputError(ValueError):
-    """A task that cannot be used (the message names the file and line)."""
-
-
-@dataclass
-class TaskInput:
-    """One task's samples, ready for the analysis.
-
-    Attributes:
-        name: the task's name (bundled task name or file stem).
-        tokens: ``[n, pos]`` int64 token ids, right-padded.
-        attention_mask: ``[n, pos]`` int64, 1 on real tokens.
-        scored: ``[n, pos]`` bool, :class:`tl_circuits.bundled.tasks.TaskBatch`'s convention: ``scored[i, p]`` means
-            the prediction made at position ``p`` (of token ``p + 1``) counts in the sweep metric; the last
-            position is never scored.
-        ids: one id per sample (row order).
-        previews: a short human-readable form of each sample (text, or its first token ids).
-        source: where the samples came from (file path or ``bundled:<model>``).
-    """
-
-    name: str
-    tokens: Int[Tensor, "n pos"]
-    attention_mask: Int[Tensor, "n pos"]
-    scored: Bool[Tensor, "n pos"]
-    ids: list[str]
-    previews: list[str]
-    source: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def to(self, device: Union[str, torch.device]) -> "TaskInput":
-        return TaskInput(self.name, self.tokens.to(device), self.attention_mask.to(device), self.scored.to(device),
-                         self.ids, self.previews, self.source, self.notes)
-
-
-def valid_target_positions(attention_mask: Int[Tensor, "n pos"]) -> Bool[Tensor, "n pos"]:
-    """Positions p whose next-token prediction counts: p and p + 1 both real tokens (never the last)."""
-    scored = torch.zeros(attention_mask.shape, dtype=torch.bool)
-    scored[:, :-1] = (attention_mask[:, :-1] > 0) & (attention_mask[:, 1:] > 0)
-    return scored
-
-
-def _preview_ids(ids: Sequence[int], n: int = 12) -> str:
-    return " ".join(str(i) for i in ids[:n]) + (" …" if len(ids) > n else "")
-
-
-def _pad(samples: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad variable-length samples: (tokens, attention_mask)."""
-    width = max(len(s) for s in samples)
-    tokens = torch.full((len(samples), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(samples), width), dtype=torch.int64)
-    for row, sample in enumerate(samples):
-        tokens[row, :len(sample)] = torch.tensor(sample, dtype=torch.int64)
-        mask[row, :len(sample)] = 1
-    return tokens, mask
-
-
-def _pad_id(model: Model) -> int:
-    tokenizer = getattr(model, "tokenizer", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if isinstance(pad, int) and 0 <= pad < model_spec(model).d_vocab else 0
 
 
 def _non_blank_lines(path: Path) -> list[tuple[int, str]]:
@@ -140,49 +92,24 @@ def _format_of(path: Path, fmt: str) -> str:
     suffix = path.suffix.lower()
     if suffix in TENSOR_SUFFIXES:
         return TENSOR
-    return IDS if suffix in ID_SUFFIXES else TEXT
-
-
-def _check_ids_in_vocab(path: Path, where: str, ids: Sequence[int], d_vocab: int) -> None:
-    bad = [i for i in ids if not 0 <= i < d_vocab]
-    if bad:
-        raise TaskInputError(f"{path}{where}: token id {bad[0]} is outside the model's vocabulary "
-                             f"[0, {d_vocab - 1}]")
-
-
-def _check_known_words(path: Path, number: int, line: str, model: Any, tokenizer: Any) -> None:
-    """TaskInputError naming the words of a line that the tokenizer maps to its unknown token (never silently)."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    unk_text = getattr(tokenizer, "unk_token", None)
-    if unk is None or (unk_text and unk_text in line):
-        return
-    tokens = model.to_tokens(line, prepend_bos=False, truncate=False)[0].tolist()
-    n_unknown = sum(1 for token in tokens if token == unk)
-    if not n_unknown:
-        return
-    words = [w for w in line.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
-    shown = ", ".join(repr(w) for w in dict.fromkeys(words)) or "(not separable by whitespace)"
-    raise TaskInputError(f"{path}:{number}: {n_unknown} token(s) the tokenizer does not know ({shown}); they would "
-                         f"silently become its unknown token {unk_text!r} (id {unk}): fix the text, or give token ids")
+    if path.is_dir():
+        return DATASET
+    return IDS if suffix in ID_SUFFIXES else record_format(path) or TEXT
 
 
 def _text_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], list[str], int]:
     spec = model_spec(model)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise TaskInputError(f"{path}: is a text file but the model has no tokenizer; give token ids instead "
-                             f"(a {'/'.join(ID_SUFFIXES)} file of whitespace-separated ids per line, "
-                             f"a .pt/.npy array, or --task-format ids)")
+    tokenizer = require_tokenizer(path, model, "a text file")
     samples, ids, previews, truncated = [], [], [], 0
     for number, line in lines:
-        _check_known_words(path, number, line, model, tokenizer)
+        check_known_words(f"{path}:{number}", line, model, tokenizer)
         full = model.to_tokens(line, truncate=False)[0].tolist()
         sample = full[:spec.n_ctx]
         truncated += len(full) > len(sample)
         if len(sample) < 2:
             raise TaskInputError(f"{path}:{number}: the line tokenises to {len(sample)} token(s); a sample needs "
                                  "at least 2 (one next-token target)")
-        _check_ids_in_vocab(path, f":{number}", sample, spec.d_vocab)
+        check_ids_in_vocab(f"{path}:{number}", sample, spec.d_vocab)
         samples.append(sample)
         ids.append(f"{path.stem}:{number}")
         previews.append(line.strip()[:PREVIEW_CHARS])
@@ -198,14 +125,14 @@ def _id_samples(path: Path, lines, model) -> tuple[list[list[int]], list[str], l
         except ValueError:
             raise TaskInputError(f"{path}:{number}: expected whitespace-separated integer token ids, got "
                                  f"{line.strip()[:40]!r} (is it a text file? name it .txt)") from None
-        _check_ids_in_vocab(path, f":{number}", full, spec.d_vocab)
+        check_ids_in_vocab(f"{path}:{number}", full, spec.d_vocab)
         sample = full[:spec.n_ctx]
         truncated += len(full) > len(sample)
         if len(sample) < 2:
             raise TaskInputError(f"{path}:{number}: a sample needs at least 2 token ids, got {len(sample)}")
         samples.append(sample)
         ids.append(f"{path.stem}:{number}")
-        previews.append(_preview_ids(sample))
+        previews.append(preview_ids(sample))
     return samples, ids, previews, truncated
 
 
@@ -257,33 +184,39 @@ def _tensor_task(path: Path, model, max_samples: Optional[int], name: str) -> Ta
         notes.append(f"{path}: truncated to the model's n_ctx = {spec.n_ctx} positions")
         tokens, mask = tokens[:, :spec.n_ctx], mask[:, :spec.n_ctx]
     real = tokens[mask > 0]
-    _check_ids_in_vocab(path, "", [int(real.min()), int(real.max())], spec.d_vocab)
-    tokens = torch.where(mask > 0, tokens, torch.full_like(tokens, _pad_id(model)))
+    check_ids_in_vocab(str(path), [int(real.min()), int(real.max())], spec.d_vocab)
+    tokens = torch.where(mask > 0, tokens, torch.full_like(tokens, model_pad_id(model)))
     scored = valid_target_positions(mask)
     empty = (~scored.any(1)).nonzero().flatten().tolist()
     if empty:
         raise TaskInputError(f"{path}: sample {empty[0]} has fewer than 2 valid tokens (no next-token target)")
     ids = [f"{path.stem}:{i + 1}" for i in range(tokens.shape[0])]
-    previews = [_preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
+    previews = [preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
     notes += _missing_bos_note(path, tokens, model)
     return TaskInput(name, tokens, mask, scored, ids, previews, str(path), notes)
 
 
 def read_task_file(path: Union[str, Path], model: Model, *, fmt: str = "auto", max_samples: Optional[int] = None,
-                   name: Optional[str] = None) -> TaskInput:
+                   name: Optional[str] = None, fields: Optional[RecordFields] = None) -> TaskInput:
     """Read one task from a file (formats in the module docstring), at most ``max_samples`` samples.
+
+    ``fields``: the names of a prompt -> completion record's fields (TRL's ``prompt`` and ``completion`` by
+    default).
 
     Raises:
         TaskInputError: a missing or unreadable file, no samples, a text file for a model without a tokenizer,
-            token ids outside the vocabulary, a sample shorter than 2 tokens.
+            token ids outside the vocabulary, a sample shorter than 2 tokens; the errors of
+            :mod:`tl_circuits.cli.prompt_completion` for record files.
     """
     path = Path(path)
     if not path.exists():
         raise TaskInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise TaskInputError(f"{path}: is a directory, expected a task file")
     kind = _format_of(path, fmt)
+    if path.is_dir() and kind != DATASET:
+        raise TaskInputError(f"{path}: is a directory; only a datasets directory (Dataset.save_to_disk) is a task")
     name = name or path.stem
+    if kind == DATASET or kind in RECORD_FORMATS:
+        return read_prompt_completion(path, model, fields=fields, fmt=kind, max_samples=max_samples, name=name)
     if kind == TENSOR:
         return _tensor_task(path, model, max_samples, name)
     lines = _non_blank_lines(path)
@@ -292,7 +225,7 @@ def read_task_file(path: Union[str, Path], model: Model, *, fmt: str = "auto", m
     lines = lines[:max_samples] if max_samples is not None else lines
     reader = _text_samples if kind == TEXT else _id_samples
     samples, ids, previews, truncated = reader(path, lines, model)
-    tokens, mask = _pad(samples, _pad_id(model))
+    tokens, mask = pad_samples(samples, model_pad_id(model))
     n_ctx = model_spec(model).n_ctx
     notes = [f"{path}: {truncated} sample(s) truncated to n_ctx = {n_ctx} tokens"] if truncated else []
     if kind == IDS:
@@ -308,5 +241,5 @@ def task_from_batch(batch: TaskBatch, name: str, source: str) -> TaskInput:
     mask = torch.ones_like(tokens) if mask is None else torch.as_tensor(mask).to(torch.int64).cpu()
     name = getattr(batch, "name", None) or name
     ids = [f"{name}#{i}" for i in range(tokens.shape[0])]
-    previews = [_preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
-    return TaskInput(name, tokens, mask, scored, ids, previews, source)
+    previews = [preview_ids(row[m > 0].tolist()) for row, m in zip(tokens, mask)]
+    return TaskInput(name, tokens, mask, scored, ids, previews, source, counted=SCORED_TARGETS)

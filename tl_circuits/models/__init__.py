@@ -8,7 +8,9 @@
   :mod:`~tl_circuits.models.architectures` / :mod:`~tl_circuits.models.native`: TransformerBridge support (the
   attention families whose scores tl_circuits knows, read off the bridge's own attention components);
 - :mod:`~tl_circuits.models.bridge_forward`: restarting a bridge at a layer (:func:`run_from_layer`);
-- :mod:`~tl_circuits.models.checkpoint`: saving and loading checkpoint directories.
+- :mod:`~tl_circuits.models.checkpoint`: saving and loading tl_circuits' own checkpoint directories;
+- :mod:`~tl_circuits.models.hf_directory`: loading a local Hugging Face model directory offline, and telling
+  the two kinds of directory apart by their ``config.json``.
 
 >>> from tl_circuits.models import BLOCKS, head_kind
 >>> [head_kind(block) for block in BLOCKS]
@@ -17,6 +19,7 @@
 
 from tl_circuits.models.bridge_forward import BridgeRestart, prepare_restart, restart_problem, run_from_layer
 from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
+from tl_circuits.models.hf_directory import HFDirectoryError, LoadedDirectory, directory_kind, load_hf_directory
 from tl_circuits.models.hooked import (
     attention_scores,
     check_tokens,
@@ -46,7 +49,9 @@ __all__ = [
     "Block",
     "BridgeRestart",
     "CheckpointError",
+    "HFDirectoryError",
     "HeadKind",
+    "LoadedDirectory",
     "Model",
     "ModelSpec",
     "WEIGHT_LAYOUTS",
@@ -54,12 +59,14 @@ __all__ = [
     "attention_scores",
     "bias_to_heads",
     "check_tokens",
+    "directory_kind",
     "functional_logits",
     "head_kind",
     "heads_to_bias",
     "heads_to_weight",
     "is_checkpoint",
     "load_checkpoint",
+    "load_hf_directory",
     "model_logits",
     "model_spec",
     "native_bridge_from_tl",

@@ -200,9 +200,15 @@ def load_checkpoint(directory: Union[str, Path], device: Optional[str] = None,
             do not match the config, a configuration the native bridge cannot reproduce, or a tokenizer that
             cannot be loaded.
     """
+    from tl_circuits.models.hf_directory import HF, directory_kind
+
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE})")
+    if directory_kind(directory) == HF:
+        raise CheckpointError(f"{directory}: a Hugging Face model directory (its config.json names "
+                              "'architectures'/'model_type'), not a tl_circuits checkpoint: load it with "
+                              "tl_circuits.models.load_hf_directory")
     if as_bridge is None:
         as_bridge = HookedTransformer is None
     if as_bridge:
