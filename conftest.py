@@ -3,7 +3,7 @@
 TransformerLens 4.x removed ``HookedTransformer``. Most examples in tl_circuits' docstrings use a model that exists
 on every supported version (a bundled model, or a tiny Hugging Face model wrapped in a ``TransformerBridge``); the
 ones about HookedTransformer itself (``tl_circuits.models.hooked``, the checkpoint format of
-``tl_circuits.models.checkpoint``, training the bundled models in ``tl_circuits.bundled.training``) use one.
+``tl_circuits.models.model_dir``, training the bundled models in ``tl_circuits.bundled.training``) use one.
 
 The rule: where ``transformer_lens`` has no ``HookedTransformer``, a doctest (one docstring's examples) is skipped
 when the code of one of its examples, comments left out, names ``HookedTransformer`` (imports, builds or checks for

@@ -3,7 +3,7 @@
 What ``tl-circuits --model CHECKPOINT`` runs after its freeze sweeps: per-sample gradients of 64 + 64 samples,
 the pooled A ∪ B × A ∪ B score matrix under the pooled Fisher (through the one streaming engine), and the
 permutation test with the default number of permutations and bootstrap resamples
-(:func:`tl_circuits.cli.analysis.run_interference` with ``AnalysisConfig()``). The model is a
+(:func:`tl_circuits.cli.pipeline.run_interference` with ``AnalysisConfig()``). The model is a
 GPT-2-small-shaped HookedTransformer (12 layers x 12 heads, d_model 768, d_mlp 3072, vocab 50257, 64
 positions, random weights) saved as a local checkpoint and loaded the way the command loads it.
 
@@ -46,7 +46,7 @@ def rss_gb() -> float:
 def make_checkpoint(shape: dict, folder: str) -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from tl_circuits.models.checkpoint import save_checkpoint
+    from tl_circuits.models.model_dir import save_checkpoint
 
     cfg = HookedTransformerConfig(n_layers=shape["n_layers"], d_model=shape["d_model"], n_heads=shape["n_heads"],
                                   d_head=shape["d_head"], d_mlp=shape["d_mlp"], n_ctx=shape["n_ctx"],
@@ -56,10 +56,10 @@ def make_checkpoint(shape: dict, folder: str) -> None:
 
 def child(shape: dict, folder: str) -> dict:
     from tl_circuits import defaults
-    from tl_circuits.cli.analysis import AnalysisConfig, run_interference
+    from tl_circuits.cli.pipeline import AnalysisConfig, run_interference
     from tl_circuits.cli.task_files import task_from_batch
     from tl_circuits.bundled.tasks import TaskBatch
-    from tl_circuits.models.checkpoint import load_checkpoint
+    from tl_circuits.models.model_dir import load_checkpoint
 
     model = load_checkpoint(folder)
     gen = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import tl_circuits as tlc
 from tests import builders
 from tests.builders import HAS_HOOKED_TRANSFORMER
-from tl_circuits.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tl_circuits.models.model_dir import CheckpointError, load_checkpoint, save_checkpoint
 from tl_circuits.models.spec import model_spec
 from tl_circuits.models.native import _port_convert, native_bridge_from_tl
 from tl_circuits.bundled.tasks import in_context_accuracy, in_context_loss, scored_loss_metric

@@ -10,11 +10,11 @@ from tests import builders
 from tests.cli.helpers import SMALL, write_ids
 from tl_circuits import InterferenceConfig, compute_interference
 from tl_circuits.cli.command import main
-from tl_circuits.models.checkpoint import save_checkpoint
+from tl_circuits.models.model_dir import save_checkpoint
 
 
 def checkpoint_under_test(directory, seed: int):
-    """The model under test as a local checkpoint (tl_circuits.models.checkpoint's format) and that model.
+    """The model under test as a local checkpoint (tl_circuits.models.model_dir's format) and that model.
 
     TL < 4: builders.mha saved by save_checkpoint (the HookedTransformer itself is returned). TL 4, which has no
     HookedTransformer to save: the same format written by hand (HookedTransformerConfig arguments in config.json,
@@ -29,7 +29,7 @@ def checkpoint_under_test(directory, seed: int):
 
     from safetensors.torch import save_file
 
-    from tl_circuits.models.checkpoint import load_checkpoint
+    from tl_circuits.models.model_dir import load_checkpoint
 
     n_layers, d_model, n_heads, d_head, d_mlp, n_ctx, d_vocab = 2, 32, 4, 8, 64, builders.N_CTX, builders.D_VOCAB
     config = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp, n_ctx=n_ctx,

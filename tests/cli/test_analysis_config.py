@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from tl_circuits import defaults
-from tl_circuits.cli.analysis import AnalysisConfig
+from tl_circuits.cli.pipeline import AnalysisConfig
 from tl_circuits.cli.command import parse_options
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
 

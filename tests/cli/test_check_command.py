@@ -49,7 +49,7 @@ def test_a_refused_model_exits_1_with_the_reason(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, phrase", [
-    (["--model", "{tmp}"], "not a checkpoint directory"),
+    (["--model", "{tmp}"], "not a model directory"),
     (["--device", "nonsense"], "is not a torch device"),
 ])
 def test_bad_input_exits_2_with_one_line(args, phrase, tmp_path, capsys):

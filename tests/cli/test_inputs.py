@@ -28,7 +28,7 @@ from tests.cli.helpers import (
 from tl_circuits import InterferenceConfig, compute_interference, freeze_sweep
 from tl_circuits.cli.loading import CommandError, load_model
 from tl_circuits.cli.task_files import TaskInputError, read_task_file
-from tl_circuits.models.checkpoint import load_checkpoint, save_checkpoint
+from tl_circuits.models.model_dir import load_checkpoint, save_checkpoint
 
 
 
@@ -38,9 +38,9 @@ from tl_circuits.models.checkpoint import load_checkpoint, save_checkpoint
 def test_checkpoint_docstring_example_runs():
     import doctest
 
-    import tl_circuits.models.checkpoint
+    import tl_circuits.models.model_dir
 
-    failures, tried = doctest.testmod(tl_circuits.models.checkpoint, verbose=False)
+    failures, tried = doctest.testmod(tl_circuits.models.model_dir, verbose=False)
     assert tried >= 4 and failures == 0
 
 

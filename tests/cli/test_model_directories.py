@@ -15,7 +15,7 @@ from tests import builders
 from tests.cli.conftest import checkpoint_under_test
 from tests.cli.helpers import word_tokenizer
 from tl_circuits.cli.loading import CommandError, load_model
-from tl_circuits.models.checkpoint import CheckpointError, load_checkpoint
+from tl_circuits.models.model_dir import CheckpointError, load_checkpoint
 from tl_circuits.models.hf_directory import HF, TL_CIRCUITS, directory_kind
 
 TOKENS = torch.tensor([[0, 3, 4, 6, 7, 3, 8, 9], [0, 11, 12, 14, 16, 17, 5, 10]])  # word tokenizer ids

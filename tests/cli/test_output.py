@@ -33,7 +33,7 @@ def test_failure_mid_analysis_keeps_an_earlier_report_intact(checkpoint_inputs, 
                                                               capsys, monkeypatch):
     import shutil
 
-    import tl_circuits.cli.analysis as analysis
+    import tl_circuits.cli.pipeline as analysis
 
     out = tmp_path / "report"
     shutil.copytree(checkpoint_report[3], out)

@@ -2,11 +2,11 @@
 
 With no arguments it loads the bundled default model and its two bundled tasks, runs the QK/OV freeze sweep
 over every head on each task, the per-sample gradients, pooled Fisher and interference maps of task A × task B,
-and their permutation statistics, and writes ``tl_circuits_report/`` (see :mod:`tl_circuits.cli.analysis` for what
+and their permutation statistics, and writes ``tl_circuits_report/`` (see :mod:`tl_circuits.cli.pipeline` for what
 is computed and :data:`tl_circuits.cli.output.FILES` for what is written).
 
 The stages: this module (options, the run), :mod:`~tl_circuits.cli.loading` (model and tasks),
-:mod:`~tl_circuits.cli.analysis`, then :mod:`~tl_circuits.cli.tables`, :mod:`~tl_circuits.cli.markdown` and
+:mod:`~tl_circuits.cli.pipeline`, then :mod:`~tl_circuits.cli.tables`, :mod:`~tl_circuits.cli.markdown` and
 :mod:`~tl_circuits.cli.output` (the report folder). Every default is the library's (:mod:`tl_circuits.defaults`).
 
 ``--model`` takes, in this order of lookup: a bundled model name (``--list-models``); a local model directory:
@@ -60,7 +60,7 @@ from typing import Optional, Sequence
 import torch
 
 from tl_circuits import defaults
-from tl_circuits.cli.analysis import REPLACEMENTS, TOP_K, AnalysisConfig, run_analysis
+from tl_circuits.cli.pipeline import REPLACEMENTS, TOP_K, AnalysisConfig, run_analysis
 from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: this module's public names too)
     DEFAULT_SAMPLES,
     CommandError,

@@ -35,7 +35,7 @@ from tl_circuits.parallel.group import World
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
 
-    from tl_circuits.cli.analysis import AnalysisConfig
+    from tl_circuits.cli.pipeline import AnalysisConfig
 
 CIRCUITS = ("qk", "ov", "both")
 PATTERN_HEADS = 3  # top QK heads shown clean beside frozen

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tl_circuits.cli.analysis import Analysis
+from tl_circuits.cli.pipeline import Analysis
 from tl_circuits.cli.tables import known_roles, sweep_table
 
 NEEDED_RELATIVE = 0.1

@@ -4,7 +4,7 @@
 apart by what its ``config.json`` holds (:mod:`tl_circuits.models.hf_directory`): a Hugging Face
 ``save_pretrained`` directory (``architectures``/``model_type``, weights, tokenizer; loaded offline) or a
 tl_circuits checkpoint (``HookedTransformerConfig`` arguments, ``model.safetensors`` or ``model.pt``, optional
-``tokenizer/``, see :mod:`tl_circuits.models.checkpoint`); an official TransformerLens model name, loaded from
+``tokenizer/``, see :mod:`tl_circuits.models.model_dir`); an official TransformerLens model name, loaded from
 the Hugging Face hub or its cache (``HookedTransformer.from_pretrained``, or ``TransformerBridge.boot_transformers``
 as a bridge). ``dtype`` (``--dtype``) is the dtype of the model's parameters.
 Tasks come from files (:mod:`tl_circuits.cli.task_files`) or, without them, are the bundled model's own two.
@@ -165,7 +165,7 @@ def _load_model(name: Optional[str], device: str, bridge: bool, dtype: torch.dty
 def load_directory(path: Path, device: str, bridge: bool, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A local model directory, by what its config.json holds: a Hugging Face model or a tl_circuits checkpoint;
     CommandError (one line saying what was expected) for anything else."""
-    from tl_circuits.models.checkpoint import CheckpointError, load_checkpoint
+    from tl_circuits.models.model_dir import CheckpointError, load_checkpoint
     from tl_circuits.models.hf_directory import HF, TL_CIRCUITS, HFDirectoryError, directory_kind, load_hf_directory
 
     kind = directory_kind(path)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tl_circuits.cli.analysis import Analysis
+from tl_circuits.cli.pipeline import Analysis
 from tl_circuits.cli.headlines import headlines
 from tl_circuits.cli.task_input import TaskInput
 from tl_circuits.selection import format_indices

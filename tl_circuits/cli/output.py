@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tl_circuits.cli.analysis import CIRCUITS, Analysis
+from tl_circuits.cli.pipeline import CIRCUITS, Analysis
 from tl_circuits.cli.headlines import needed_table, shared_table
 from tl_circuits.cli.markdown import report_markdown
 from tl_circuits.cli.tables import (

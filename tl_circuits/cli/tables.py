@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tl_circuits.cli.analysis import Analysis
+from tl_circuits.cli.pipeline import Analysis
 
 SWEEP_COLUMNS = ["task", "task_name", "circuit", "layer", "head", "clean_loss", "frozen_loss", "effect"]
 SWEEP_TEST_COLUMNS = ["ci_low", "ci_high", "p_value", "q_value_bh", "q_value_by", "significant",

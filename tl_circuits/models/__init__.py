@@ -8,7 +8,7 @@
   :mod:`~tl_circuits.models.architectures` / :mod:`~tl_circuits.models.native`: TransformerBridge support (the
   attention families whose scores tl_circuits knows, read off the bridge's own attention components);
 - :mod:`~tl_circuits.models.bridge_forward`: restarting a bridge at a layer (:func:`run_from_layer`);
-- :mod:`~tl_circuits.models.checkpoint`: saving and loading tl_circuits' own checkpoint directories;
+- :mod:`~tl_circuits.models.model_dir`: saving and loading tl_circuits' own checkpoint directories;
 - :mod:`~tl_circuits.models.hf_directory`: loading a local Hugging Face model directory offline, and telling
   the two kinds of directory apart by their ``config.json``.
 
@@ -18,7 +18,7 @@
 """
 
 from tl_circuits.models.bridge_forward import BridgeRestart, prepare_restart, restart_problem, run_from_layer
-from tl_circuits.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
+from tl_circuits.models.model_dir import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
 from tl_circuits.models.hf_directory import HFDirectoryError, LoadedDirectory, directory_kind, load_hf_directory
 from tl_circuits.models.hooked import (
     attention_scores,

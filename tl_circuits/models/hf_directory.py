@@ -6,7 +6,7 @@ Both hold a ``config.json``; they are told apart by **what it contains**, never 
   ``architectures`` or ``model_type``, next to its weights (``model.safetensors``, ``pytorch_model.bin`` or
   their sharded index) and its tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json`` or
   ``tokenizer.model``);
-- a **tl_circuits checkpoint** (:mod:`tl_circuits.models.checkpoint`): ``config.json`` holds
+- a **tl_circuits checkpoint** (:mod:`tl_circuits.models.model_dir`): ``config.json`` holds
   ``HookedTransformerConfig`` arguments (``d_model``, ``n_layers``, ...) and neither of those keys.
 
 :func:`load_hf_directory` loads a Hugging Face directory offline (nothing is looked up on the hub):
@@ -46,7 +46,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from tl_circuits.models.checkpoint import CheckpointError, load_tokenizer
+from tl_circuits.models.model_dir import CheckpointError, load_tokenizer
 from tl_circuits.models.types import Model
 
 __all__ = ["DTYPES", "HF", "TL_CIRCUITS", "HFDirectoryError", "LoadedDirectory", "directory_kind",
