@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 import torch
 
 from tl_circuits import defaults
-from tl_circuits.cli.analysis import REPLACEMENTS, TOP_K, AnalysisConfig, run_analysis
+from tl_circuits.cli.analysis import REPLACEMENTS, SWEEPS, TOP_K, AnalysisConfig, run_analysis
 from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: this module's public names too)
     DEFAULT_SAMPLES,
     CommandError,
@@ -99,13 +99,14 @@ class CommandOptions:
     traceback: bool
     bridge: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    sweep: str = "auto"
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
         gradients = GradientConfig(memory_budget_gb=self.memory_budget_gb, progress=not self.quiet)
         return AnalysisConfig(interference=InterferenceConfig(gradients=gradients, variant=self.variant,
                                                               fisher_source="pooled"),
-                              replacement=self.replacement, n_permutations=self.n_permutations,
+                              replacement=self.replacement, sweep=self.sweep, n_permutations=self.n_permutations,
                               n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed)
 
 
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"interference variant (default {defaults.VARIANT}; signed: negative = conflicting gradients)")
     add("--replacement", choices=REPLACEMENTS, default="zero",
         help="what a frozen circuit is replaced with (default zero)")
+    add("--sweep", choices=SWEEPS, default="auto",
+        help="freeze sweep: exact (a forward per head), attribution (first-order estimates, the top 10%% of each "
+             "circuit verified exactly; see docs/attribution.md) or auto (default: exact unless it would take more "
+             "than a few minutes)")
     add("--alpha", type=_unit_interval, default=defaults.ALPHA,
         help=f"significance level of the BH q-values (default {defaults.ALPHA})")
     add("--top-k", type=_positive_int, default=TOP_K, help=f"rows in the top-heads and top-pairs tables "

@@ -9,6 +9,11 @@ Then :meth:`tl_circuits.SweepResult.test` (two-sided sign-flip test of "the free
 bootstrap intervals, BH/BY q-values over every (circuit, layer, head) cell and the interaction BOTH − (QK + OV)),
 and the attention patterns of the top QK heads on the first sample, clean beside frozen.
 
+``--sweep attribution`` (or ``auto`` on a model whose exact sweep would take more than a few minutes,
+:func:`chosen_sweep`) runs :func:`tl_circuits.attribution_sweep` instead: first-order estimates of every cell, the
+top :data:`VERIFY_SHARE` of each circuit by |estimate| verified exactly, and the missed-effect bound of the rest at
+:data:`MISSED_CONFIDENCE`; the report marks which numbers are estimates (docs/attribution.md).
+
 A TransformerLens-native bridge on TransformerLens 3.x cannot freeze QK (it discards pattern edits): there only OV
 is swept, QK and BOTH are NaN, and the pattern picture says so.
 """
@@ -26,6 +31,7 @@ from torch import Tensor
 from tl_circuits.bundled import tasks
 from tl_circuits.bundled.tasks import TaskBatch
 from tl_circuits.cli.task_files import TaskInput
+from tl_circuits.freezing.attribution import attribution_sweep
 from tl_circuits.freezing.references import compute_mean_activations
 from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
 from tl_circuits.freezing.sweep_stats import SweepTestResult
@@ -38,6 +44,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from tl_circuits.cli.analysis import AnalysisConfig
 
 CIRCUITS = ("qk", "ov", "both")
+SWEEPS = ("auto", "exact", "attribution")
+VERIFY_SHARE = 0.1  # the attribution sweep verifies this share of each circuit's cells exactly
+MISSED_CONFIDENCE = 0.95  # confidence of its missed-effect bound (all unverified cells at once)
+AUTO_EXACT_FLOPS = 1e13  # "auto": the exact sweep up to about this many FLOPs (a few minutes on a CPU)
 PATTERN_HEADS = 3  # top QK heads shown clean beside frozen
 SWEEP_ALTERNATIVE = "two-sided"  # "the freeze changes the loss", either way
 
@@ -80,9 +90,17 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
     reference = compute_mean_activations(model, tokens, progress=config.progress) \
         if config.replacement == "mean" else None
     circuits = swept_circuits(model, config.replacement)
-    sweep = freeze_sweep(model, tokens, per_sample_scored_loss(task, device), circuits=circuits, per_sample=True,
-                         replacement=config.replacement, reference=reference, seed=config.seed,
-                         progress=config.progress)
+    metric = per_sample_scored_loss(task, device)
+    if chosen_sweep(model, tokens, len(circuits), config.sweep) == "attribution":
+        sweep: SweepResult = attribution_sweep(
+            model, tokens, metric, circuits=circuits, per_sample=True, replacement=config.replacement,
+            reference=reference, verify=VERIFY_SHARE, missed_confidence=MISSED_CONFIDENCE, seed=config.seed,
+            progress=config.progress)
+        sweep.settings["sweep_chosen_by"] = config.sweep
+    else:
+        sweep = freeze_sweep(model, tokens, metric, circuits=circuits, per_sample=True,
+                             replacement=config.replacement, reference=reference, seed=config.seed,
+                             progress=config.progress)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
                       correction=correction, seed=config.seed)
@@ -94,6 +112,23 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
     else:
         patterns = _no_patterns()
     return FreezeStage(sweep, test, patterns)
+
+
+def exact_sweep_flops(model: Model, tokens: Tensor, n_circuits: int) -> float:
+    """Rough FLOPs of the exact sweep: 2 × parameters × tokens per forward, times its forward-equivalents (each of the
+    ``n_circuits`` × H copies of layer l runs layers l..L−1: (L + 1) / 2 per head on average, as whole forwards)."""
+    spec = model_spec(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    forwards = n_circuits * spec.n_heads * (spec.n_layers + 1) / 2
+    return 2.0 * n_params * tokens.numel() * forwards
+
+
+def chosen_sweep(model: Model, tokens: Tensor, n_circuits: int, sweep: str) -> str:
+    """``"exact"`` or ``"attribution"``: as asked, or for ``"auto"`` the exact sweep unless
+    :func:`exact_sweep_flops` exceeds :data:`AUTO_EXACT_FLOPS`."""
+    if sweep != "auto":
+        return sweep
+    return "exact" if exact_sweep_flops(model, tokens, n_circuits) <= AUTO_EXACT_FLOPS else "attribution"
 
 
 def _no_patterns() -> Figure:

@@ -198,6 +198,7 @@ def freeze_sweep(
     per_sample: bool = False,
     n_draws: Optional[int] = None,
     max_batch_rows: Optional[int] = None,
+    cells: Optional[Sequence[tuple[Union[str, Circuit], int, int]]] = None,
     progress: bool = True,
 ) -> SweepResult:
     """Freeze every head's circuit in turn and evaluate ``metric`` on the logits.
@@ -219,6 +220,9 @@ def freeze_sweep(
             seed); effects are averaged over draws and each draw's kept in ``per_draw_effect``. Default 1 (or
             the length of a RESAMPLE reference list).
         max_batch_rows: most rows in one stacked forward (default: about 1 GB of logits).
+        cells: run only these ``(circuit, layer, head)`` cells, each frozen alone as in the whole sweep (the
+            circuits among ``circuits``); every other cell stays NaN. The attribution sweep verifies its top
+            cells this way. (A NOISE cell then draws other noise than in the whole sweep: the stacked passes differ.)
     """
     spec = model_spec(model)
     check_tokens(spec, tokens)
@@ -239,20 +243,20 @@ def freeze_sweep(
     seeds = [None if first_seed is None else first_seed + d for d in range(len(draw_references))]
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
     if metric is None:
-        metric = _default_metric(tokens, per_sample)
+        metric = default_metric(tokens, per_sample)
 
     batch, n_pos = tokens.shape
     if max_batch_rows is None:
         max_batch_rows = max(batch, GB // (n_pos * spec.d_vocab * 4))  # ~1 GB of float32 logits
-    copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)]
-    per_pass = max(1, min(len(copies), max_batch_rows // batch))
-    passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
+    per_pass = max(1, min(len(swept) * spec.n_heads, max_batch_rows // batch))
+    chosen = None if cells is None else _check_cells(spec, swept, cells)
+    passes = _layer_passes(spec, swept, None if chosen is None else set(chosen), per_pass)
     draws_frozen = []
     with torch.no_grad():
         clean_logits, run_layer, route = clean_run(model, spec, tokens)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        n_items = spec.n_layers * len(passes)  # (layer, stacked pass) items, dealt out over ranks
+        n_items = sum(len(layer_passes) for layer_passes in passes)  # (layer, stacked pass) items, dealt over ranks
         n_mine = SweepShare(n_items).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
@@ -262,12 +266,41 @@ def freeze_sweep(
                                                            per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, restart=route, per_sample=per_sample,
-                    n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None)
+                    n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None,
+                    cells=None if chosen is None else [[c.value, l, h] for c, l, h in chosen])
     combine = _combine_per_sample if per_sample else _combine_batch_means
     return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)
 
 
-def _default_metric(tokens: Tensor, per_sample: bool) -> Callable[[Tensor], Tensor]:
+def _check_cells(spec, swept: list[Circuit], cells) -> list[tuple[Circuit, int, int]]:
+    """``cells`` as sorted, de-duplicated (circuit, layer, head) triples of swept circuits (errors name the cell)."""
+    out = set()
+    for cell in cells:
+        if not isinstance(cell, (tuple, list)) or len(cell) != 3:
+            raise ValueError(f"each cell must be a (circuit, layer, head) triple, got {cell!r}")
+        circuit = parse_option(Circuit, cell[0], "circuit")
+        if circuit not in swept:
+            raise ValueError(f"cell {tuple(cell)!r} names circuit {circuit.value!r}, which is not among the swept "
+                             f"circuits {[c.value for c in swept]}")
+        spec.check_layer_head(cell[1], cell[2])
+        out.add((circuit, cell[1], cell[2]))
+    if not out:
+        raise ValueError("cells is empty: name at least one (circuit, layer, head) cell, or pass cells=None")
+    return sorted(out, key=lambda cell: (cell[1], swept.index(cell[0]), cell[2]))
+
+
+def _layer_passes(spec, swept: list[Circuit], cells, per_pass: int) -> list[list[list[tuple[Circuit, int]]]]:
+    """Per layer, its (circuit, head) copies (every head, or the layer's ``cells``) in passes of ``per_pass``."""
+    passes = []
+    for layer in range(spec.n_layers):
+        copies = [(circuit, head) for circuit in swept for head in range(spec.n_heads)
+                  if cells is None or (circuit, layer, head) in cells]
+        passes.append([copies[i:i + per_pass] for i in range(0, len(copies), per_pass)])
+    return passes
+
+
+def default_metric(tokens: Tensor, per_sample: bool) -> Callable[[Tensor], Tensor]:
+    """The sweeps' default metric: the mean next-token loss on ``tokens`` (``per_sample``: each sample's, ``[N]``)."""
     if per_sample:  # each sample's mean over its pos - 1 next-token predictions
         return lambda logits: lm_cross_entropy_loss(logits, tokens, per_token=True).mean(-1)
     return lambda logits: lm_cross_entropy_loss(logits, tokens)

@@ -23,7 +23,11 @@ SWEEP_FORMAT = "tl_circuits.SweepResult"
 SWEEP_FORMAT_VERSION = 2
 """Written by :meth:`SweepResult.save` in its JSON (``format``, ``version``); :meth:`SweepResult.load` reads
 versions 1 (batch means only) and 2 (plus ``clean_per_sample``, ``per_sample_effect.*``, ``per_draw_effect.*``)."""
-READABLE_VERSIONS = (1, 2)
+ATTRIBUTION_FORMAT_VERSION = 3
+"""The version of an :class:`~tl_circuits.freezing.attribution_result.AttributionResult` file (``"kind":
+"attribution"``): version 2 plus its estimates, verified cells and bound, so that a reader of versions 1-2 refuses
+it rather than take first-order estimates for freeze effects."""
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def sweep_result_files(path: Union[str, Path]) -> tuple[Path, Path]:
@@ -42,15 +46,20 @@ def sweep_result_files(path: Union[str, Path]) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def save_sweep(result: SweepResult, path: Union[str, Path]) -> tuple[Path, Path]:
-    """Write ``result`` as a file pair (see :meth:`SweepResult.save`); returns ``(tensors_file, metadata_file)``."""
+def save_sweep(result: SweepResult, path: Union[str, Path], extra_tensors: Optional[dict[str, Tensor]] = None,
+               extra_metadata: Optional[dict] = None) -> tuple[Path, Path]:
+    """Write ``result`` as a file pair (see :meth:`SweepResult.save`); returns ``(tensors_file, metadata_file)``.
+
+    ``extra_tensors`` / ``extra_metadata``: a subclass's own fields (an attribution result's, written as version 3)."""
     from safetensors.torch import save_file
 
     tensors_file, metadata_file = sweep_result_files(path)
-    metadata = dict(format=SWEEP_FORMAT, version=SWEEP_FORMAT_VERSION, replacement=result.replacement,
+    version = SWEEP_FORMAT_VERSION if extra_metadata is None else ATTRIBUTION_FORMAT_VERSION
+    metadata = dict(format=SWEEP_FORMAT, version=version, replacement=result.replacement,
                     metric_name=result.metric_name, circuits=list(result.frozen), settings=result.settings,
                     per_sample_circuits=None if result.per_sample_effect is None else list(result.per_sample_effect),
                     per_draw_circuits=None if result.per_draw_effect is None else list(result.per_draw_effect))
+    metadata.update(extra_metadata or {})
     try:
         text = json.dumps(metadata, indent=2)
     except (TypeError, ValueError) as error:
@@ -67,6 +76,8 @@ def save_sweep(result: SweepResult, path: Union[str, Path]) -> tuple[Path, Path]
     if result.per_draw_effect is not None:
         for circuit, values in result.per_draw_effect.items():
             tensors[f"per_draw_effect.{circuit}"] = values.detach().cpu().contiguous()
+    for name, values in (extra_tensors or {}).items():
+        tensors[name] = values.detach().cpu().contiguous()
     tensors_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tensors_file), metadata={"format": SWEEP_FORMAT})
     metadata_file.write_text(text + "\n", encoding="utf-8")
@@ -118,9 +129,17 @@ def load_sweep(cls: type[SweepResult], path: Union[str, Path]) -> SweepResult:
     def grids(prefix: str, names: Optional[list[str]]) -> Optional[dict[str, Tensor]]:
         return None if names is None else {circuit: tensors[f"{prefix}.{circuit}"] for circuit in names}
 
-    return cls(clean=float(tensors["clean"][0]), frozen=grids("frozen", circuits) or {},
-               replacement=metadata["replacement"], metric_name=metadata["metric_name"],
-               settings=metadata["settings"],
-               clean_per_sample=tensors["clean_per_sample"] if per_sample is not None else None,
-               per_sample_effect=grids("per_sample_effect", per_sample),
-               per_draw_effect=grids("per_draw_effect", per_draw))
+    fields = dict(clean=float(tensors["clean"][0]), frozen=grids("frozen", circuits) or {},
+                  replacement=metadata["replacement"], metric_name=metadata["metric_name"],
+                  settings=metadata["settings"],
+                  clean_per_sample=tensors["clean_per_sample"] if per_sample is not None else None,
+                  per_sample_effect=grids("per_sample_effect", per_sample),
+                  per_draw_effect=grids("per_draw_effect", per_draw))
+    if metadata.get("kind") == "attribution":  # an AttributionResult whichever class is asked to load it
+        from tl_circuits.freezing.attribution_result import AttributionResult
+
+        return AttributionResult.from_saved(fields, tensors, metadata, tensors_file)
+    if getattr(cls, "from_saved", None) is not None:
+        raise ValueError(f"{metadata_file} holds an exact freeze sweep, not an attribution sweep: load it with "
+                         "SweepResult.load")
+    return cls(**fields)
