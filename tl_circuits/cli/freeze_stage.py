@@ -123,12 +123,12 @@ def exact_sweep_flops(model: Model, tokens: Tensor, n_circuits: int) -> float:
     return 2.0 * n_params * tokens.numel() * forwards
 
 
-def chosen_sweep(model: Model, tokens: Tensor, n_circuits: int, sweep: str) -> str:
+def chosen_sweep(model: Model, tokens: Tensor, n_circuits: int, sweep: str, limit: float = AUTO_EXACT_FLOPS) -> str:
     """``"exact"`` or ``"attribution"``: as asked, or for ``"auto"`` the exact sweep unless
-    :func:`exact_sweep_flops` exceeds :data:`AUTO_EXACT_FLOPS`."""
+    :func:`exact_sweep_flops` exceeds ``limit``."""
     if sweep != "auto":
         return sweep
-    return "exact" if exact_sweep_flops(model, tokens, n_circuits) <= AUTO_EXACT_FLOPS else "attribution"
+    return "exact" if exact_sweep_flops(model, tokens, n_circuits) <= limit else "attribution"
 
 
 def _no_patterns() -> Figure:

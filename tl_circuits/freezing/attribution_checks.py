@@ -153,5 +153,5 @@ def missed_effect_bound(result: AttributionResult, model: Model, tokens: Tensor,
                 circuit=circuit, bound=float(joint.abs().max()), n_unverified=len(unverified), rounds=n_rounds,
                 groups=n_groups, confidence_per_cell=1 - 2.0 ** -n_rounds,
                 confidence_all=max(0.0, 1 - len(unverified) * 2.0 ** -n_rounds), joint_effects=joint.tolist(),
-                seed=seed)
+                group_cells=[[list(cell) for cell in cells] for cells in group_cells], seed=seed)
     return dataclasses.replace(result, frozen={}, per_sample_effect=None, missed=missed)

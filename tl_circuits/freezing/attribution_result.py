@@ -50,7 +50,8 @@ class MissedEffectBound:
     missed_effect_bound`).
 
     In each of ``rounds`` rounds the ``n_unverified`` cells of one circuit are split at random into ``groups`` groups
-    and each group is frozen together; ``joint_effects`` are those ``rounds × groups`` batch-mean effects and
+    and each group is frozen together; ``joint_effects`` are those ``rounds × groups`` batch-mean effects (of the
+    groups ``group_cells``, each a list of ``[layer, head]``) and
     ``bound`` = max |joint effect|. Under :data:`MISSED_ASSUMPTION`, a given unverified cell has |effect| ≤ ``bound``
     with probability ≥ ``confidence_per_cell`` = 1 − 2^−rounds, and every unverified cell at once with probability
     ≥ ``confidence_all`` = max(0, 1 − n_unverified · 2^−rounds) (union bound).
@@ -64,6 +65,7 @@ class MissedEffectBound:
     confidence_per_cell: float
     confidence_all: float
     joint_effects: list[float]
+    group_cells: list[list[list[int]]]
     seed: Optional[int]
     assumption: str = MISSED_ASSUMPTION
 
@@ -71,7 +73,8 @@ class MissedEffectBound:
         """The fields as JSON values (the result's ``save`` keeps them in its metadata)."""
         return dict(circuit=self.circuit, bound=self.bound, n_unverified=self.n_unverified, rounds=self.rounds,
                     groups=self.groups, confidence_per_cell=self.confidence_per_cell,
-                    confidence_all=self.confidence_all, joint_effects=list(self.joint_effects), seed=self.seed,
+                    confidence_all=self.confidence_all, joint_effects=list(self.joint_effects),
+                    group_cells=[[list(cell) for cell in group] for group in self.group_cells], seed=self.seed,
                     assumption=self.assumption)
 
     def __str__(self) -> str:
@@ -128,7 +131,7 @@ class AttributionResult(SweepResult):
         """:meth:`SweepResult.to_dataframe` plus ``estimate``, ``exact`` and ``verified`` per cell."""
         table = super().to_dataframe()
         for column, grids in (("estimate", self.estimate), ("exact", self.exact), ("verified", self.verified)):
-            table[column] = [grids[c][l, h].item() for c, l, h in zip(table.circuit, table.layer, table.head)]
+            table[column] = [grids[c][l, h].item() for c, l, h in zip(table["circuit"], table["layer"], table["head"])]
         return table
 
     def save(self, path: Union[str, Path]) -> tuple[Path, Path]:
