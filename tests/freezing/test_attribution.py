@@ -73,7 +73,6 @@ def test_qk_estimate_tends_to_exact_with_queries_and_keys_interpolated(which):
     """QK-MEAN on one sample whose "means" are its own queries and keys moved ε towards another input's: the frozen
     scores go through the model's own scale, rotary and softmax (the AtP* fix), and estimate / exact → 1."""
     model = builders.float64_model(which)
-    spec = model_spec(model)
     tokens, other = builders.random_tokens(1, 8, seed=2), builders.random_tokens(1, 8, seed=3)
     clean, moved = (compute_mean_activations(model, t, progress=False) for t in (tokens, other))
 

@@ -72,8 +72,8 @@ def test_verify_runs_the_top_cells_exactly(mha_model, tokens, corrupted):
         torch.testing.assert_close(result.estimate[circuit], batch_estimate)
         torch.testing.assert_close(result.effect[circuit][mask], exact.effect[circuit][mask], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result.effect[circuit][~mask], batch_estimate[~mask].float(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(result.per_sample_effect[circuit][:, mask], exact.per_sample_effect[circuit][:, mask],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.per_sample_effect[circuit][:, mask],
+                                   exact.per_sample_effect[circuit][:, mask], rtol=1e-5, atol=1e-6)
         assert torch.isnan(result.exact[circuit][~mask]).all()
     table = result.to_dataframe()
     assert {"estimate", "exact", "verified"} <= set(table.columns) and table.verified.sum() == 6

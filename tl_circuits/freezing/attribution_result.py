@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -157,7 +157,7 @@ class AttributionResult(SweepResult):
         absent = [f"{n}.{c}" for n in names for c in circuits if f"{n}.{c}" not in tensors]
         if absent:
             raise ValueError(f"{tensors_file} lacks the attribution tensors {absent} (corrupt?)")
-        grids = {n: {c: tensors[f"{n}.{c}"] for c in circuits} for n in names}
+        grids: dict[str, Any] = {n: {c: tensors[f"{n}.{c}"] for c in circuits} for n in names}
         grids["verified"] = {c: g.bool() for c, g in grids["verified"].items()}
         missed = {c: MissedEffectBound(**bound) for c, bound in metadata.get("missed", {}).items()}
         return cls(**{**fields, "frozen": {}, "per_sample_effect": None}, **grids, missed=missed)
