@@ -200,24 +200,54 @@ def random_cases(smoke: bool, vocab: int) -> list[Case]:
 
 
 def trained_case(smoke: bool, steps: int) -> list[Case]:
+    """induction-counting-2l's training for ``steps`` steps only (not saturated), and the same with 4 layers of 8
+    heads and MLPs (more cells, so top-10% recall means more than one cell)."""
     from tests import builders
 
     if not builders.HAS_HOOKED_TRANSFORMER:
-        print("skipping the briefly trained model: training builds a HookedTransformer (TransformerLens 3 leg)")
+        print("skipping the briefly trained models: training builds a HookedTransformer (TransformerLens 3 leg)")
         return []
+    import dataclasses
+
     from tl_circuits.bundled.training import BUNDLED_CONFIGS, train_model
 
-    config = BUNDLED_CONFIGS["induction-counting-2l"]
-    log: list = []
-    model = train_model(config, steps=10 if smoke else steps, log=log)
-    print(f"briefly trained induction-counting-2l: {steps} steps, training loss {log[-1][1]}")
+    base = BUNDLED_CONFIGS["induction-counting-2l"]
+    wider = dataclasses.replace(base, name="induction-counting-4l8h", model=dict(
+        base.model, n_layers=4, n_heads=8, d_head=16, d_model=128, d_mlp=512, attn_only=False, act_fn="gelu"))
     cases = []
-    for task, make in bundled_tasks("induction-counting-2l").items():
-        n = 4 if smoke else 16
-        batch, corrupted = make(n, seed=0), make(4 * n, seed=1)
-        cases.append(Case(f"trained {steps} steps", task, model, batch.tokens, corrupted.tokens,
-                          scored_loss_metric(batch)))
+    for config in (base, wider):
+        log: list = []
+        model = train_model(config, steps=10 if smoke else steps, log=log)
+        name = f"{config.name} trained {steps} steps"
+        print(f"{name}: final training loss {log[-1][1]}", flush=True)
+        for task, make in bundled_tasks("induction-counting-2l").items():
+            n = 4 if smoke else 16
+            batch, corrupted = make(n, seed=0), make(4 * n, seed=1)
+            cases.append(Case(name, task, model, batch.tokens, corrupted.tokens, scored_loss_metric(batch)))
+        if smoke:
+            break
     return cases
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per model: a row per (task, replacement, circuit), each method's Spearman / top-10% recall, AtP*'s
+    verify share, and the largest |exact effect|."""
+    methods = [m for m in ("plain", "atp*", "alpha=0.5", "graddrop", "downstream")
+               if any(r["method"] == m for r in rows)]
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        header = (["task", "repl.", "circuit", "cells"] + [f"{m} ρ / recall" for m in methods]
+                  + ["atp* verify", "max |effect|"])
+        out += [f"**{model}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key in dict.fromkeys((r["task"], r["replacement"], r["circuit"]) for r in mine):
+            by = {r["method"]: r for r in mine if (r["task"], r["replacement"], r["circuit"]) == key}
+            first = next(iter(by.values()))
+            cells = [f"{by[m]['spearman']:+.2f} / {by[m]['recall']:.2f}" if m in by else "" for m in methods]
+            out.append("| " + " | ".join([*key, str(first["n_cells"]), *cells, f"{by['atp*']['verify_share']:.2f}",
+                                          f"{first['max_abs_effect']:.3g}"]) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -229,7 +259,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps of the briefly trained model")
     parser.add_argument("--out", help="write every row as JSON here")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--from-json", help="print the Markdown tables of rows saved by --out, and exit")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(markdown(json.load(f)))
+        return
     torch.manual_seed(0)
     print(f"torch threads {torch.get_num_threads()}; python {sys.version.split()[0]}")
     cases = []
@@ -246,6 +281,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":
