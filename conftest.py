@@ -22,6 +22,11 @@ import tokenize
 
 import pytest
 
+# tl_circuits' own pytest plugin (fixtures tlc_*; the tests use them). An install registers it through its pytest11
+# entry point, under this same name, so listing it here is a no-op then; a checkout without that install gets it here.
+# pytester runs the documented example test file (tests/testing/test_plugin.py).
+pytest_plugins = ["pytest_tl_circuits", "pytester"]
+
 NAMES_HOOKED_TRANSFORMER = re.compile(r"\bHookedTransformer\b")
 SKIP_REASON = ("doctest uses transformer_lens.HookedTransformer, which this TransformerLens (4.x) removed; "
                "it runs under TransformerLens < 4")

@@ -72,7 +72,7 @@ def child(shape: dict, folder: str) -> dict:
     import dataclasses
 
     config = AnalysisConfig()  # the command's defaults, quiet
-    config = dataclasses.replace(config, interference=config.interference.replace(progress=False))
+    config = dataclasses.replace(config, interference=config.interference.with_progress(False))
     baseline = rss_gb()
     start = time.perf_counter()
     interference, statistics = run_interference(model, task_a, task_b, config)

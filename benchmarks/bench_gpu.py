@@ -96,7 +96,7 @@ def main() -> None:
     stage("freeze_sweep (QK + OV)", device, lambda: freeze_sweep(model, a[:shape["batch"]], progress=False), rows)
     pooled = stage("pooled_scores (A ∪ B)", device, lambda: pooled_scores(model, a, b, config=cfg), rows)
     if pooled is not None:
-        matrix = {block: s.to(device) for block, s in pooled[0].items()}  # type: ignore[index]
+        matrix = {block: s.to(device) for block, s in pooled.scores.items()}  # type: ignore[attr-defined]
         stage("permutation_test", device, lambda: permutation_test(matrix, shape["n"], alternative="less",
                                                                    progress=False), rows)
     if result is not None:

@@ -1,22 +1,25 @@
-"""Locally built models for the tests (no hub): HookedTransformerConfig models with random weights,
-HF GPT-2 / LLaMA models built from their config classes and converted into HookedTransformers
-with TransformerLens's own weight-conversion functions (no weight processing), and TransformerBridges
-around the same HF models (or TransformerLens-native ones) for the bridge parity tests.
+"""Locally built models for the tests (no hub): HookedTransformerConfig models with random weights, and thin
+names over :mod:`tl_circuits.testing` (the public builders): HF GPT-2 / LLaMA models built from their config
+classes, the same weights converted into HookedTransformers by TransformerLens's own loader (no weight
+processing), and TransformerBridges around the same HF models (or TransformerLens-native ones) for the bridge
+parity tests.
 
 Under TransformerLens 4.x (no HookedTransformer) only the HF models and the bridges can be built.
 
 The *model under test* builders (:func:`mha_under_test`, :func:`gqa_under_test`) are what tests use when the
 model is only the thing tl_circuits runs on (freezing, gradients, interference, sweeps, statistics, the
-command), not the subject of the test: a HookedTransformer (:func:`mha`, :func:`gqa`) where TransformerLens
-has one (< 4), and on TransformerLens 4 an equivalent TransformerBridge around a tiny HF model
-(:func:`gpt2_bridge`: MHA, LayerNorm, learned positions, non-zero biases; :func:`llama_bridge`: GQA 4 over 2,
-rotary, RMSNorm, no biases). Tests about HookedTransformer itself build it with :func:`hooked` and carry the
-``needs_hooked_transformer`` marker (tests/conftest.py)."""
+command), not the subject of the test: the tiny GPT-2 (MHA, LayerNorm, learned positions, non-zero biases) and
+LLaMA (GQA 4 over 2, rotary, RMSNorm, no biases) of :func:`tl_circuits.testing.tiny_model`, as HookedTransformers
+where TransformerLens has them (< 4) and as TransformerBridges on TransformerLens 4. Tests about
+HookedTransformer itself build it with :func:`hooked` and carry the ``needs_hooked_transformer`` marker
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tl_circuits import testing
 
 try:  # TransformerLens 2.x/3.x
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -25,8 +28,10 @@ except ImportError:  # 4.x
 
 HAS_HOOKED_TRANSFORMER = HookedTransformer is not None
 
-D_VOCAB = 50
-N_CTX = 16
+D_VOCAB = testing.TINY_D_VOCAB
+N_CTX = testing.TINY_N_CTX
+widen = testing.widen          # wide random weights (seeded): heads that differ
+bridge_of = testing.bridge_of  # a TransformerBridge around a given HF model
 
 
 def _randomise_biases(model: HookedTransformer, seed: int) -> None:
@@ -72,98 +77,44 @@ def attn_only(seed: int = 0, biases: bool = True) -> HookedTransformer:
     return hooked(seed, biases, attn_only=True, d_mlp=None)
 
 
-def _spread_weights(hf, std: float = 0.3) -> None:
-    """HF initialises matrices with std 0.02, which leaves attention almost uniform and heads almost
-    inert; wider weights make every head matter, so equivalence tests can tell heads apart."""
-    with torch.no_grad():
-        for _name, param in hf.named_parameters():
-            if param.ndim == 2:
-                param.normal_(0, std)
-
-
-# ----- HF models converted by TransformerLens's own functions -----------------------------------
+# ----- HF GPT-2 / LLaMA, as they are and converted by TransformerLens (tl_circuits.testing) ---------------------
 
 def hf_gpt2_model(seed: int = 0, n_layers: int = 2):
-    """HF GPT2LMHeadModel (fused Conv1D c_attn, Conv1D c_proj) with random weights and biases."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    hf_cfg = GPT2Config(vocab_size=D_VOCAB, n_positions=N_CTX, n_embd=32, n_layer=n_layers, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf_cfg._attn_implementation = "eager"
-    hf = GPT2LMHeadModel(hf_cfg).eval()
-    _spread_weights(hf)
-    with torch.no_grad():  # HF initialises biases to zero too; make the fused QKV bias layout matter
-        for block in hf.transformer.h:
-            block.attn.c_attn.bias.normal_(0, 0.1)
-            block.attn.c_proj.bias.normal_(0, 0.1)
-    return hf
+    """HF GPT2LMHeadModel (fused Conv1D c_attn, Conv1D c_proj) with wide random weights and biases."""
+    return testing.tiny_hf_model("GPT2LMHeadModel", seed, n_layers=n_layers)
 
 
 def hf_gpt2(seed: int = 0):
-    """(HF GPT2LMHeadModel with random weights, the same model as a HookedTransformer)."""
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
-    hf = hf_gpt2_model(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, n_ctx=N_CTX, d_vocab=D_VOCAB,
-        act_fn="gelu_new", normalization_type="LN", eps=hf.config.layer_norm_epsilon,
-        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel", device="cpu",
-    )
-    model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(
-        convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False,
-    )
-    return hf, model.eval()
+    """(HF GPT2LMHeadModel with random weights, the same model as a HookedTransformer by TransformerLens's loader)."""
+    return hf_gpt2_model(seed), testing.tiny_model("GPT2LMHeadModel", seed, kind="hooked")
 
 
 def hf_llama_model(seed: int = 0):
     """HF LlamaForCausalLM (split q/k/v/o Linear, GQA 4 query heads over 2 KV heads, rotary) with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    hf_cfg = LlamaConfig(vocab_size=D_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_CTX,
-                         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
-    hf_cfg._attn_implementation = "eager"
-    hf = LlamaForCausalLM(hf_cfg).eval()
-    _spread_weights(hf)
-    return hf
+    return testing.tiny_hf_model("LlamaForCausalLM", seed)
 
 
 def hf_llama(seed: int = 0):
     """(HF LlamaForCausalLM with GQA and random weights, the same model as a HookedTransformer)."""
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-
-    hf = hf_llama_model(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=N_CTX, d_vocab=D_VOCAB,
-        act_fn="silu", normalization_type="RMS", eps=1e-6, n_key_value_heads=2,
-        positional_embedding_type="rotary", rotary_adjacent_pairs=False, rotary_dim=8,
-        rotary_base=10000, final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM",
-        device="cpu",
-    )
-    model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(
-        convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False,
-    )
-    return hf, model.eval()
+    return hf_llama_model(seed), testing.tiny_model("LlamaForCausalLM", seed, kind="hooked")
 
 
 # ----- the model under test: a HookedTransformer on TL < 4, a TransformerBridge on TL 4 ----------------------
 
+UNDER_TEST_KIND = "hooked" if HAS_HOOKED_TRANSFORMER else "bridge"
+
+
 def mha_under_test(seed: int = 0, n_layers: int = 2):
-    """MHA with LayerNorm, learned positions and non-zero biases: :func:`mha` on TL < 4, :func:`gpt2_bridge` on
-    TL 4. ``n_layers`` (2) x 4 heads, d_model 32, d_head 8, d_vocab :data:`D_VOCAB` on both."""
-    return mha(seed, n_layers=n_layers) if HAS_HOOKED_TRANSFORMER else gpt2_bridge(seed, n_layers)
+    """MHA with LayerNorm, learned positions and non-zero biases: the tiny GPT-2 of tl_circuits.testing, as a
+    HookedTransformer on TL < 4 and a bridge on TL 4. ``n_layers`` (2) x 4 heads, d_model 32, d_head 8, d_vocab
+    :data:`D_VOCAB` on both."""
+    return testing.tiny_model("GPT2LMHeadModel", seed, kind=UNDER_TEST_KIND, n_layers=n_layers)
 
 
 def gqa_under_test(seed: int = 0):
-    """GQA (4 query heads over 2 KV heads), rotary, RMSNorm, gated SiLU MLP, no biases: :func:`gqa` on TL < 4,
-    :func:`llama_bridge` on TL 4."""
-    return gqa(seed) if HAS_HOOKED_TRANSFORMER else llama_bridge(seed)
+    """GQA (4 query heads over 2 KV heads), rotary, RMSNorm, gated SiLU MLP, no biases, untied embeddings: the tiny
+    LLaMA of tl_circuits.testing, as a HookedTransformer on TL < 4 and a bridge on TL 4."""
+    return testing.tiny_model("LlamaForCausalLM", seed, kind=UNDER_TEST_KIND)
 
 
 def under_test(which: str, seed: int = 0):
@@ -195,21 +146,14 @@ METHODS = ["factored", pytest.param("direct", marks=pytest.mark.needs_hooked_tra
 
 # ----- TransformerBridges ---------------------------------------------------------------------------
 
-def bridge_of(hf):
-    """A TransformerBridge around ``hf`` itself (built offline; the bridge wraps hf's modules in place)."""
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-    return build_bridge_from_module(hf, architecture=type(hf).__name__, hf_config=hf.config).eval()
-
-
 def gpt2_bridge(seed: int = 0, n_layers: int = 2):
     """TransformerBridge around a fresh :func:`hf_gpt2_model` (the weights of :func:`hf_gpt2` with the same seed)."""
-    return bridge_of(hf_gpt2_model(seed, n_layers))
+    return testing.tiny_model("GPT2LMHeadModel", seed, n_layers=n_layers)
 
 
 def llama_bridge(seed: int = 0):
     """TransformerBridge around a fresh :func:`hf_llama_model` (the weights of :func:`hf_llama` with the same seed)."""
-    return bridge_of(hf_llama_model(seed))
+    return testing.tiny_model("LlamaForCausalLM", seed)
 
 
 FLOAT64_MODELS = ("hooked-mha", "hooked-gqa", "gpt2-bridge", "llama-bridge")
@@ -237,18 +181,6 @@ def native_bridge(seed: int = 0, rotary: bool = False):
     bridge = TransformerBridge.boot_native(cfg).eval()
     widen(bridge, seed + 1)
     return bridge
-
-
-def widen(module: torch.nn.Module, seed: int) -> None:
-    """Matrices drawn with std 0.3, biases with std 0.1 (seeded, in parameter order): HF's and TransformerLens's
-    std-0.02 init leaves heads nearly inert and alike, so equivalence tests could not tell heads apart."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim == 2:
-                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
-            elif name.endswith("bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
 
 
 def hooked_from_native(bridge):
@@ -292,4 +224,14 @@ def hooked_from_native(bridge):
 
 
 def random_tokens(batch: int = 3, pos: int = 12, seed: int = 0, d_vocab: int = D_VOCAB) -> torch.Tensor:
-    return torch.randint(0, d_vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
+    return testing.tiny_tokens(batch, pos, seed, d_vocab)
+
+
+def padded_tokens(batch: int, pos: int, seed: int, right_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and an attention mask: sample 1 left-padded by 3 positions, sample 2 right-padded from
+    position ``right_from`` on, the others unpadded."""
+    tokens = random_tokens(batch, pos, seed=seed)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    mask[2, right_from:] = 0
+    return tokens, mask

@@ -36,16 +36,19 @@ def pytest_report_header(config):
     return None
 
 
+# The models under test come from tl_circuits' own pytest plugin (pytest_tl_circuits, loaded by the root conftest
+# or its entry point): its tlc_make_tiny_model builds tl_circuits.testing's tiny GPT-2 / LLaMA.
+
 @pytest.fixture(scope="session")
-def mha_model():
+def mha_model(tlc_make_tiny_model):
     """The MHA model under test: HookedTransformer on TL < 4, GPT-2 bridge on TL 4 (builders.mha_under_test)."""
-    return builders.mha_under_test()
+    return tlc_make_tiny_model("GPT2LMHeadModel", 0, kind=builders.UNDER_TEST_KIND)
 
 
 @pytest.fixture(scope="session")
-def gqa_model():
+def gqa_model(tlc_make_tiny_model):
     """The GQA model under test: HookedTransformer on TL < 4, LLaMA bridge on TL 4 (builders.gqa_under_test)."""
-    return builders.gqa_under_test()
+    return tlc_make_tiny_model("LlamaForCausalLM", 0, kind=builders.UNDER_TEST_KIND)
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +61,11 @@ def nobias_model():  # HookedTransformer only
     return builders.mha(biases=False)
 
 
-@pytest.fixture(params=["mha", "gqa"])
-def model(request):
+@pytest.fixture(params=["GPT2LMHeadModel", "LlamaForCausalLM"], ids=["mha", "gqa"])
+def model(request, tlc_make_tiny_model):
     """The models under test, MHA (LayerNorm, learned positions) and GQA (rotary, RMSNorm), fresh per test:
     HookedTransformers on TL < 4, GPT-2 / LLaMA bridges on TL 4 (builders.under_test)."""
-    return builders.under_test(request.param)
+    return tlc_make_tiny_model(request.param, 0, kind=builders.UNDER_TEST_KIND)
 
 
 @pytest.fixture(scope="session")

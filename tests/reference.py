@@ -4,7 +4,8 @@
   sliced by hand per head (:func:`loop_reference`, :func:`hand_rows`); one batched forward under a freeze with
   each sample's loss differentiated separately (:func:`frozen_batch_loop`); HF models' own loss and parameter
   gradients sliced by hand from the fused / split projections (:func:`hf_loop`, :func:`gpt2_rows`,
-  :func:`llama_rows`, :func:`slice_hf_gradient`, :func:`bridge_reference_gradients`).
+  :func:`llama_rows`, :func:`slice_hf_gradient`, :func:`bridge_reference_gradients`); a loss mask's loss by a
+  Python loop over a trimmed sample's positions (:func:`hand_masked_nll`, a ``loss_of`` of :func:`loop_reference`).
 - Interference scores: SPEC §3 by explicit Python loops in float64 (:func:`brute_force`) and a vectorised
   float64 version over hand-made rows (:func:`scores_from_rows`); the EMA Fisher in closed form
   (:func:`ema_closed_form`).
@@ -14,20 +15,22 @@
 - Statistics: statsmodels' multiple-testing corrections (:func:`multipletests`) and the statistic handed to
   scipy's permutation test and bootstrap (:func:`cell_stat`).
 
-Model builders stay in ``tests/builders.py``; synthetic score matrices in ``tests/stats/synthetic.py``. The
-per-architecture references (HF attention probabilities edited by hand for every attention family, fused-QKV
-gradients sliced by hand) are in ``tests/architectures/references.py``, their models in
-``tests/architectures/zoo.py``.
+Model builders stay in ``tests/builders.py`` (over ``tl_circuits.testing``); synthetic score matrices in
+``tests/stats/synthetic.py``. The per-architecture references (HF attention probabilities edited by hand for
+every attention family, fused-QKV gradients sliced by hand) are in ``tests/architectures/references.py``, their
+models in ``tests/architectures/zoo.py``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from tests import builders
-from tl_circuits import freeze
+from tl_circuits import GradientConfig, InterferenceConfig, freeze, testing
 from tl_circuits.interference.factors import PerSampleGradients
 from tl_circuits.models.spec import BLOCKS, model_spec
 
@@ -35,31 +38,57 @@ D, D_HEAD = 32, 8  # d_model and d_head of the builders' models
 DAMP = dict(damping_abs=1e-6, damping_rel=0.05)  # large enough that damping matters in every check
 
 
+def quiet_config(**settings) -> InterferenceConfig:
+    """An InterferenceConfig without progress bars, for the tests: the gradient settings among ``settings``
+    (``chunk_size``, ``include_biases``, ``memory_budget_gb``) go into its GradientConfig."""
+    gradient_fields = {f.name for f in dataclasses.fields(GradientConfig)}
+    gradients = {"progress": False, **{k: settings.pop(k) for k in list(settings) if k in gradient_fields}}
+    return InterferenceConfig(gradients=GradientConfig(**gradients), **settings)
+
+
 # ----- per-sample gradients: a plain per-sample backward loop, heads sliced by hand ----------------------------
 
-def loop_reference(model, tokens, attention_mask=None, include_biases=False):
+def loop_reference(model, tokens, attention_mask=None, include_biases=False, loss_of=None):
     """Per-sample raw parameter gradients {name: [N, *param.shape]} by a plain loss.backward() loop.
 
     Padding is handled by *trimming* each sample to its (contiguous) valid tokens and using TL's own
-    loss (``return_type="loss"``), so this reference shares no masking code with the library.
+    loss (``return_type="loss"``), so this reference shares no masking code with the library. ``loss_of``:
+    another loss, ``loss_of(logits [pos, vocab], sample [pos], i, kept) -> scalar`` of the trimmed sample ``i``
+    (``kept``: the positions of the untrimmed row it keeps), written by the test.
     """
     spec = model_spec(model)
     names = spec.attention_param_names(include_biases)
     params = dict(model.named_parameters())
     out = {name: [] for name in names}
     for i in range(tokens.shape[0]):
-        sample = tokens[i]
+        sample, kept = tokens[i], torch.arange(tokens.shape[1])
         if attention_mask is not None:
             valid = attention_mask[i].bool()
             idx = valid.nonzero().flatten()
             assert bool(valid[idx[0]: idx[-1] + 1].all()), "reference needs left or right padding"
-            sample = sample[valid]
+            sample, kept = sample[valid], idx
         model.zero_grad(set_to_none=True)
-        model(sample[None], return_type="loss").backward()
+        if loss_of is None:
+            model(sample[None], return_type="loss").backward()
+        else:
+            loss_of(model(sample[None], return_type="logits")[0], sample, i, kept).backward()
         for name in names:
             out[name].append(params[name].grad.detach().clone())
     model.zero_grad(set_to_none=True)
     return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def hand_masked_nll(loss_mask, shift: int = 0):
+    """Sample i's mean of −log p(token j+1 | ≤ j) over its positions j with ``loss_mask[i, j]`` set (the
+    prediction of the next token), ``shift`` positions off for the deliberately wrong convention."""
+    def loss_of(logits, sample, i, kept):
+        terms = []
+        for j in range(len(sample) - 1):  # j predicts sample[j + 1]; both are real tokens
+            col = int(kept[j]) + shift
+            if 0 <= col < loss_mask.shape[1] and loss_mask[i, col]:
+                terms.append(-torch.log_softmax(logits[j].float(), -1)[sample[j + 1]])
+        return torch.stack(terms).mean()
+    return loss_of
 
 
 def hand_rows(spec, raw, block, layer, head, include_biases=False):
@@ -113,8 +142,13 @@ def frozen_batch_loop(model, tokens, **freeze_kwargs):
 # ----- interference scores by brute force ----------------------------------------------------------------------
 
 def brute_force(spec, raw_a, raw_b, variant="unsigned", reduction="sum", source="a", loo=False,
-                damping_abs=1e-6, damping_rel=0.05):
-    """SPEC §3 with explicit Python loops over blocks, layers, heads and pairs, in float64."""
+                damping_abs=1e-6, damping_rel=0.05, normalization="diagonal", fisher=None):
+    """SPEC §3 with explicit Python loops over blocks, layers, heads and pairs, in float64.
+
+    ``normalization`` (SPEC §3.4): the damped normaliser of a slice's undamped diagonal f is f + λ ("diagonal"),
+    mean(f) + λ for every parameter ("head") or √((f + λ)(mean(f) + λ)) ("hybrid"), λ = max(λ_abs, λ_rel·mean(f)),
+    applied to the Fisher or, with ``loo``, to the sample's own leave-one-out Fisher. ``fisher``: an external
+    undamped Fisher ``{block: [L, H, P]}`` used instead of the source's."""
     n_a = next(iter(raw_a.values())).shape[0]
     n_b = next(iter(raw_b.values())).shape[0]
     out = {}
@@ -126,11 +160,16 @@ def brute_force(spec, raw_a, raw_b, variant="unsigned", reduction="sum", source=
                 gb = hand_rows(spec, raw_b, block, layer, head).double()
                 members = {"a": ga, "b": gb, "pooled": torch.cat([ga, gb])}[source]
                 n_f = members.shape[0]
-                fisher = (members**2).mean(0)
+                f_slice = (members**2).mean(0) if fisher is None else fisher[block][layer, head].double()
 
-                def normaliser(g_own):
-                    f = (n_f * fisher - g_own**2) / (n_f - 1) if loo else fisher
-                    return f + max(damping_abs, damping_rel * float(f.mean()))
+                def normaliser(g_own, f_slice=f_slice, n_f=n_f):
+                    f = (n_f * f_slice - g_own**2) / (n_f - 1) if loo else f_slice
+                    lam = max(damping_abs, damping_rel * float(f.mean()))
+                    if normalization == "diagonal":
+                        return f + lam
+                    if normalization == "head":
+                        return torch.full_like(f, float(f.mean()) + lam)
+                    return torch.sqrt((f + lam) * (float(f.mean()) + lam))
 
                 for i in range(n_a):
                     for j in range(n_b):
@@ -365,22 +404,12 @@ def head_slice(spec, tensors, name, layer, head):
 # ----- the model is left as it was ---------------------------------------------------------------------
 
 def model_state(model, tokens):
-    """What a call must not change: the outputs on ``tokens``, every parameter (value, ``requires_grad``,
-    ``.grad`` object, storage), the number of torch and TransformerLens hooks, and train/eval mode."""
-    with torch.no_grad():
-        logits = model(tokens)
-    params = {n: (p.detach().clone(), p.requires_grad, p.grad, p.data_ptr()) for n, p in model.named_parameters()}
-    torch_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                      for m in model.modules())
-    lens_hooks = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
-    return logits, params, torch_hooks, lens_hooks, model.training
+    """What a call must not change (tl_circuits.testing.model_state): the outputs on ``tokens``, every parameter
+    (value, ``requires_grad``, ``.grad``, storage), buffer, hook and train/eval mode."""
+    return testing.model_state(model, tokens)
 
 
 def assert_same_state(before, after, what):
     """Two :func:`model_state` records are the same (``what`` names the call in the message)."""
-    assert torch.equal(before[0], after[0]), f"{what}: outputs changed"
-    assert before[2:] == after[2:], f"{what}: hooks or train/eval mode changed"
-    for name, (value, requires_grad, grad, ptr) in before[1].items():
-        new_value, new_requires_grad, new_grad, new_ptr = after[1][name]
-        assert torch.equal(value, new_value) and requires_grad == new_requires_grad, f"{what}: {name} changed"
-        assert new_grad is grad and new_ptr == ptr, f"{what}: {name}'s .grad or storage changed"
+    differences = testing.state_differences(before, after)
+    assert not differences, f"{what}: " + "; ".join(differences)

@@ -30,6 +30,7 @@ from tl_circuits.bundled.tasks import (
     skip_induction_batch,
     task_tokenizer,
 )
+from tl_circuits.checks import CheckOutcome, SanityCheckResult, sanity_check
 from tl_circuits.freezing import (
     AttributionResult,
     Circuit,
@@ -60,11 +61,13 @@ from tl_circuits.interference.fisher import (
     pooled,
 )
 from tl_circuits.interference.gradients import per_sample_gradients
-from tl_circuits.interference.result import Conflict, InterferenceResult
+from tl_circuits.interference.inputs import loss_mask_from_labels
+from tl_circuits.interference.result import Conflict, InterferenceResult, PooledScores
 from tl_circuits.interference.scoring import pairwise_scores
 from tl_circuits.models.spec import BLOCKS, ModelSpec, model_spec
 from tl_circuits.parallel import World, current_world, init_from_environment
 from tl_circuits.plotting import plot_blocks, plot_heads
+from tl_circuits.results_io import load
 from tl_circuits.stats import (
     BootstrapCI,
     InterferenceTestResult,
@@ -76,7 +79,7 @@ from tl_circuits.stats import (
 )
 from tl_circuits.stats.conflict import ConflictTestResult, conflict_test, interference_conflict_test
 from tl_circuits.stats.cosine import FisherCosines, fisher_cosines
-from tl_circuits.stats.model_test import interference_permutation_test, pooled_pairwise_scores
+from tl_circuits.stats.interference_tests import interference_permutation_test, pooled_pairwise_scores
 from tl_circuits.stats.paired import PairedBootstrapCI, SignFlipResult, paired_bootstrap_ci, sign_flip_test
 from tl_circuits.stats.robustness import CellDrivers, RankStability, cell_drivers, rank_stability
 
@@ -93,6 +96,7 @@ __all__ = [
     "BundledModelInfo",
     "cell_drivers",
     "CellDrivers",
+    "CheckOutcome",
     "Circuit",
     "cluster_mass_correction",
     "compute_interference",
@@ -130,7 +134,9 @@ __all__ = [
     "InterferenceTestResult",
     "leave_one_out",
     "list_bundled_models",
+    "load",
     "load_bundled_model",
+    "loss_mask_from_labels",
     "maxstat_correction",
     "MeanActivations",
     "MissedEffectBound",
@@ -144,6 +150,7 @@ __all__ = [
     "per_sample_gradients",
     "permutation_test",
     "PerSampleGradients",
+    "PooledScores",
     "plot_blocks",
     "plot_heads",
     "pooled",
@@ -154,6 +161,8 @@ __all__ = [
     "Replacement",
     "scored_loss",
     "scored_loss_metric",
+    "sanity_check",
+    "SanityCheckResult",
     "sign_flip_test",
     "SignFlipResult",
     "skip_induction_batch",

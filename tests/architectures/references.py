@@ -7,12 +7,16 @@ family = one way in):
   BLOOM and Falcon): that function is replaced, for the duration of the run, by one that calls HF's own and
   recomputes the output from the edited probabilities; HF's own (post-rotary, post-norm) q and k, mask, scaling
   and soft-cap are recorded;
-- ``bloom``: a forward hook on ``attention_dropout`` (applied to the probabilities right after the softmax);
-  q/k sliced by hand from the fused ``query_key_value`` output (per head ``[q | k | v]``), ALiBi from the
-  attention module's own ``alibi`` argument;
-- ``falcon``: the modeling module's ``F.softmax`` is replaced by one that edits its output; q/k sliced by hand
-  from the fused multi-query ``query_key_value`` output (``[Q (H·d) | K (d) | V (d)]``) and rotated with HF's
-  ``apply_rotary_pos_emb`` and the cos/sin the attention module was given.
+- ``bloom`` and ``falcon``: hooks on modules every transformers version has, never on a modeling file's function
+  (transformers 5.25 moved Falcon's softmax into an ``eager_attention_forward``: issue #20). q, k and v are sliced
+  by hand from the fused ``query_key_value`` output (BLOOM: per head ``[q | k | v]``, ALiBi from the attention
+  module's own ``alibi`` argument; Falcon multi-query: ``[Q (H·d) | K (d) | V (d)]``, rotated with HF's
+  ``apply_rotary_pos_emb`` and the cos/sin the attention module was given), the probabilities computed by hand,
+  and an edited head's z (edited probabilities times its values) written into ``dense``'s input. At every layer
+  HF's own input to ``dense`` must equal the hand z of the unedited probabilities, so the hand attention is HF's.
+
+Drift guard: a run in which some layer's attention was not seen fails with "the HF reference captured no attention
+probabilities for layer N (transformers X.Y changed its attention code?)", not with a ``KeyError``.
 
 OV freezes edit the input of the HF output projection (``o_proj``/``dense``/``out_proj``/``c_proj``): head h's
 columns ``h·d..(h+1)·d``. Gradients: a per-sample ``loss.backward()`` loop on the unwrapped HF model with the
@@ -23,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from tests.architectures.zoo import ARCHS, D_HEAD, D_MODEL, N_HEADS
 
@@ -76,6 +78,9 @@ def _additive(mask: Optional[torch.Tensor], q_len: int, k_len: int, like: torch.
 @contextlib.contextmanager
 def _eager_patch(hf, edits: dict[int, Edit], records: dict[int, dict]):
     module = importlib.import_module(type(hf).__module__)
+    if not hasattr(module, "eager_attention_forward"):
+        raise AssertionError(f"{module.__name__} has no eager_attention_forward (transformers "
+                             f"{transformers_version()} changed its attention code?)")
     original = module.eager_attention_forward
 
     def hand_attention(attn, query, key, value, attention_mask, *args, **kwargs):
@@ -99,13 +104,19 @@ def _eager_patch(hf, edits: dict[int, Edit], records: dict[int, dict]):
 
 @contextlib.contextmanager
 def _hooked_patch(hf, name: str, edits: dict[int, Edit], records: dict[int, dict]):
-    """BLOOM and Falcon: q/k by hand from the fused projection, probabilities edited after the softmax."""
+    """BLOOM and Falcon: q, k and v by hand from the fused projection's output, the probabilities by hand, and an
+    edited head's z (its probabilities times its values) written into the output projection's input.
+
+    Only modules every transformers version has are hooked (the attention module, ``query_key_value``, ``dense``),
+    never a function of the modeling file, so where HF calls its softmax does not matter (issue #20). The hand
+    attention is checked against HF's own at every layer: HF's input to ``dense`` must equal the hand z of the
+    unedited probabilities, else the reference stops with a message naming the layer and the transformers version.
+    """
     handles, state = [], {}
     n_layers = hf.config.num_hidden_layers
 
     def arguments(layer):
         def pre_hook(module, args, kwargs):
-            state["layer"] = layer
             state[layer] = dict(kwargs)
         return pre_hook
 
@@ -114,48 +125,78 @@ def _hooked_patch(hf, name: str, edits: dict[int, Edit], records: dict[int, dict
             batch, pos = out.shape[:2]
             if name == "BloomForCausalLM":  # per head [q | k | v]
                 heads = out.view(batch, pos, N_HEADS, 3, D_HEAD)
-                q, k = heads[..., 0, :].transpose(1, 2), heads[..., 1, :].transpose(1, 2)
+                q, k, v = (heads[..., i, :].transpose(1, 2) for i in range(3))
             else:  # Falcon multi-query: [Q (H heads) | K (1 head) | V (1 head)], then HF's rotary
                 from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
                 heads = out.view(batch, pos, N_HEADS + 2, D_HEAD)
-                q, k = heads[:, :, :N_HEADS].transpose(1, 2), heads[:, :, N_HEADS:N_HEADS + 1].transpose(1, 2)
+                q, k, v = (heads[:, :, s].transpose(1, 2) for s in (slice(0, N_HEADS), slice(N_HEADS, N_HEADS + 1),
+                                                                    slice(N_HEADS + 1, N_HEADS + 2)))
                 cos, sin = state[layer]["position_embeddings"]
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            state[("qk", layer)] = (q, k)
+            state[("qkv", layer)] = (q, k, v)
         return hook
 
-    def record_and_edit(layer, probs):
-        q, k = state[("qk", layer)]
-        kwargs = state[layer]
-        bias = 0.0
-        if name == "BloomForCausalLM":
-            bias = kwargs["alibi"].view(q.shape[0], N_HEADS, 1, -1)[..., : k.shape[2]]
-        record = dict(q=q, k=k, probs=probs, scaling=D_HEAD**-0.5, softcap=None, bias=bias,
-                      mask=_additive(kwargs.get("attention_mask"), q.shape[2], k.shape[2], probs))
-        records[layer] = record
-        return edits[layer](record).to(probs.dtype) if layer in edits else probs
+    def hand_z(probs, v):  # [batch, H, q, k] @ [batch, G, k, d] -> HF's merged heads [batch, q, H·d]
+        values = v.float().repeat_interleave(N_HEADS // v.shape[1], dim=1)
+        return (probs.float() @ values).transpose(1, 2).flatten(2)
+
+    def record_and_edit(layer):
+        def pre_hook(module, args):
+            q, k, v = state.pop(("qkv", layer))
+            kwargs = state.pop(layer)
+            bias = 0.0
+            if name == "BloomForCausalLM":
+                bias = kwargs["alibi"].view(q.shape[0], N_HEADS, 1, -1)[..., : k.shape[2]].float()
+            record = dict(q=q, k=k, probs=None, scaling=D_HEAD**-0.5, softcap=None, bias=bias,
+                          mask=_additive(kwargs.get("attention_mask"), q.shape[2], k.shape[2], q.float()))
+            record["probs"] = torch.stack([softmax_of(record, q[:, h], k[:, h * k.shape[1] // N_HEADS], h)
+                                           for h in range(N_HEADS)], 1)
+            z = args[0]
+            mine = hand_z(record["probs"], v)
+            if not torch.allclose(mine, z.float(), rtol=1e-4, atol=1e-5):
+                raise AssertionError(
+                    f"the HF reference's hand attention of layer {layer} does not reproduce {name}'s own (max "
+                    f"difference {(mine - z.float()).abs().max():.2e}; transformers {transformers_version()} changed "
+                    "its attention code?)")
+            records[layer] = record
+            if layer not in edits:
+                return None
+            edited = edits[layer](record)
+            z = z.clone()
+            for h in range(N_HEADS):  # only the edited heads' columns: the others stay HF's own, bit for bit
+                if not torch.equal(edited[:, h], record["probs"][:, h]):
+                    cols = slice(h * D_HEAD, (h + 1) * D_HEAD)
+                    z[..., cols] = hand_z(edited, v)[..., cols].to(z.dtype)
+            return (z,) + tuple(args[1:])
+        return pre_hook
 
     for layer in range(n_layers):
         attn = attention_module(hf, layer)
         handles.append(attn.register_forward_pre_hook(arguments(layer), with_kwargs=True))
         handles.append(attn.query_key_value.register_forward_hook(fused_output(layer)))
-        if name == "BloomForCausalLM":
-            handles.append(attn.attention_dropout.register_forward_hook(
-                lambda m, a, out, layer=layer: record_and_edit(layer, out)))
-    patched = None
-    if name == "FalconForCausalLM":
-        patched = importlib.import_module("transformers.models.falcon.modeling_falcon")
-        original_f = patched.F
-        patched.F = SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
-        patched.F.softmax = lambda x, *a, **kw: record_and_edit(state["layer"], F.softmax(x, *a, **kw))
+        # first among dense's pre-hooks, so that the recorded output-projection input is the edited z
+        handles.append(attn.dense.register_forward_pre_hook(record_and_edit(layer), prepend=True))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        if patched is not None:
-            patched.F = original_f
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def check_records(records: dict[int, dict], n_layers: int) -> None:
+    """The drift guard: every layer's attention was seen by the reference (else HF runs attention elsewhere now)."""
+    for layer in range(n_layers):
+        if layer not in records:
+            raise AssertionError(
+                f"the HF reference captured no attention probabilities for layer {layer} (transformers "
+                f"{transformers_version()} changed its attention code?)")
 
 
 def run(hf, name: str, tokens: torch.Tensor, qk_edits: Optional[dict[int, Edit]] = None,
@@ -180,6 +221,7 @@ def run(hf, name: str, tokens: torch.Tensor, qk_edits: Optional[dict[int, Edit]]
     finally:
         for handle in handles:
             handle.remove()
+    check_records(records, hf.config.num_hidden_layers)
     return logits, records, o_inputs
 
 
@@ -309,14 +351,19 @@ def _bias_parameter(name: str, hf):
     return getattr(attn, fused).bias
 
 
-def gradient_loop(name: str, hf, samples: list[torch.Tensor], include_biases: bool) -> dict[str, torch.Tensor]:
-    """{block: [N, L, heads, row]}: one (unpadded) sample at a time, HF's own loss (labels = tokens),
-    ``.backward()``, rows sliced by hand from the parameters' ``.grad``."""
+def gradient_loop(name: str, hf, samples: list[torch.Tensor], include_biases: bool,
+                  loss_of=None) -> dict[str, torch.Tensor]:
+    """{block: [N, L, heads, row]}: one (unpadded) sample at a time, HF's own loss (labels = tokens) or
+    ``loss_of(logits [pos, vocab], sample, i) -> scalar`` (a test's own loss), ``.backward()``, rows sliced by hand
+    from the parameters' ``.grad``."""
     n_layers = hf.config.num_hidden_layers
     rows: dict[str, list] = {b: [] for b in "QKVO"}
-    for sample in samples:
+    for i, sample in enumerate(samples):
         hf.zero_grad(set_to_none=True)
-        hf(sample[None], labels=sample[None]).loss.backward()
+        if loss_of is None:
+            hf(sample[None], labels=sample[None]).loss.backward()
+        else:
+            loss_of(hf(sample[None]).logits[0], sample, i).backward()
         for block in "QKVO":
             rows[block].append(torch.stack([hand_rows(name, hf, layer, block, include_biases)
                                             for layer in range(n_layers)]))

@@ -21,7 +21,6 @@ from tests.architectures import references, zoo
 from tests.reference import assert_same_state, model_state
 from tl_circuits import (
     GradientConfig,
-    InterferenceConfig,
     compute_interference,
     compute_mean_activations,
     freeze,
@@ -119,7 +118,7 @@ def test_interference_and_sweep_run_and_leave_the_bridge_unchanged(name):
         "direct refused": lambda: pytest.raises(ValueError, per_sample_gradients, model, a,
                                                 config=GradientConfig(method="direct", **QUIET)),
         "interference": lambda: results.setdefault("interference", compute_interference(
-            model, a, b, config=InterferenceConfig(**QUIET))),
+            model, a, b, **QUIET)),
         "sweep": lambda: results.setdefault("sweep", freeze_sweep(model, tokens, **QUIET)),
     }
     model.run_with_cache(tokens)  # TransformerLens adds some hooks lazily, at the first forward and run_with_cache
@@ -141,3 +140,27 @@ def _straight_through_gradients(model, tokens):
     with freeze(model, [(LAYER, HEAD)], "both", "zero", preserve_gradients=True):
         grads = per_sample_gradients(model, tokens, config=GradientConfig(**QUIET))
     assert grads.per_block["Q"][:, LAYER, HEAD].abs().amax() > 0  # W_Q of the frozen head still learns
+
+
+def test_reference_guard_names_the_layer_when_nothing_was_captured():
+    """Drift guard (issue #20): a layer whose attention the HF reference did not see is a clear failure."""
+    with pytest.raises(AssertionError, match=r"captured no attention probabilities for layer 1 \(transformers "):
+        references.check_records({0: {}}, n_layers=2)
+
+
+@pytest.mark.parametrize("name", ["FalconForCausalLM", "BloomForCausalLM"])
+def test_reference_guard_fails_when_hf_attention_differs_from_the_hand_one(name):
+    """The hand attention of the fused families is checked against HF's own at every layer: an HF model that
+    computes something else from its q/k/v (here: its fused projection output changed after the reference read
+    it) stops the reference with a message naming the layer, instead of giving a wrong reference."""
+    hf = zoo.build(name, seed=0)
+    tokens = torch.randint(0, zoo.D_VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert references.run(hf, name, tokens)[1].keys() == {0, 1}  # unchanged model: the guard passes
+    fused = references.attention_module(hf, 1).query_key_value
+    with torch.no_grad(), references._hooked_patch(hf, name, {}, {}):
+        handle = fused.register_forward_hook(lambda module, args, out: out * 1.5)  # after the reference's hook
+        try:
+            with pytest.raises(AssertionError, match=rf"hand attention of layer 1 does not reproduce {name}'s own"):
+                hf(tokens)
+        finally:
+            handle.remove()

@@ -14,16 +14,7 @@ pytest.importorskip("transformer_lens.model_bridge")
 
 def test_an_attention_bridge_outside_the_known_families_is_refused_naming_it():
     """CodeGen's TransformerLens bridge has its own attention class, whose scores tl_circuits has not checked."""
-    import transformers
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-    config = transformers.CodeGenConfig(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, rotary_dim=4)
-    config._attn_implementation = "eager"
-    hf = transformers.CodeGenForCausalLM(config).eval()
-    try:
-        model = build_bridge_from_module(hf, architecture="CodeGenForCausalLM", hf_config=hf.config)
-    except Exception as error:  # noqa: BLE001 - a TransformerLens without this adapter
-        pytest.skip(f"TransformerLens cannot bridge CodeGen here: {error}")
+    model = zoo.refused_bridge(pytest)
     with pytest.raises(NotImplementedError, match="CodeGenForCausalLM.*CodeGenAttention.*families"):
         model_spec(model)
     with pytest.raises(NotImplementedError, match="CodeGenForCausalLM"):

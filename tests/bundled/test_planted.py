@@ -143,9 +143,9 @@ def test_the_conflict_test_finds_the_shared_head_and_not_the_others(one_thread):
         assert result.significant[block][shared] and result.estimate[block][shared] < 0, block
     for block in "QKVO":
         assert not any(bool(result.significant[block][head]) for head in own), block
-        assert torch.isnan(result.pvalue[block][untrained]), block
+        assert torch.isnan(result.p_value[block][untrained]), block
         # the shared head is the most conflicted cell of every block
-        p = result.pvalue[block].nan_to_num(2.0)
+        p = result.p_value[block].nan_to_num(2.0)
         assert p[shared] == p.min(), block
 
 
@@ -157,7 +157,7 @@ def test_the_shared_head_is_found_with_other_samples(seed, one_thread):
     result = conflict_on_bundled_tasks(seed=seed)
     (shared,) = tlc.bundled_model_info(NAME).known_heads["shared"]
     for block in "QO":
-        p = result.pvalue[block].nan_to_num(2.0)
+        p = result.p_value[block].nan_to_num(2.0)
         assert result.significant[block][shared] and p[shared] == p.min(), block
 
 
@@ -173,16 +173,36 @@ def test_planted_model_shows_the_competition_in_its_freeze_effects():
 @pytest.mark.slow
 @pytest.mark.needs_hooked_transformer  # retrains the shipped HookedTransformer weights
 def test_retraining_reproduces_the_planted_model():
-    """The full masked training (about 12 minutes on a shared CPU) gives the shipped weights bit for bit on the
-    same torch and CPU kind."""
+    """The full masked training (5000 steps; 2 to 12 minutes on one CPU thread) gives the shipped model.
+
+    Bit for bit where torch and the CPU's vector unit (``torch.backends.cpu.get_cpu_capability()``) are the ones the
+    shipped weights were trained with (recorded in the metadata since this test learned it). Elsewhere float
+    rounding compounds over 5000 steps, so the retrained weights differ and the test checks what the model is for:
+    the same training loss (within 3%), the heads no task trains still exactly zero, and the shared head's QK and OV
+    each still worth over a nat to both tasks, as recorded for the shipped model."""
     from safetensors.torch import load_file
 
-    from tl_circuits.bundled.training import train_model
+    from tl_circuits.bundled.training import bundled_record, train_model
 
-    retrained = train_model(BUNDLED_CONFIGS[NAME])
-    shipped = load_file(str(tlc.bundled_model_info(NAME).weights_path))
-    for name, param in retrained.named_parameters():
-        assert torch.equal(param, shipped[name]), name
+    config = BUNDLED_CONFIGS[NAME]
+    info = tlc.bundled_model_info(NAME)
+    trained_on = info.metadata["training"]
+    log: list = []
+    retrained = train_model(config, log=log)
+    if (trained_on.get("cpu_capability") == torch.backends.cpu.get_cpu_capability()
+            and trained_on["torch"] == torch.__version__):
+        shipped = load_file(str(info.weights_path))
+        for name, param in retrained.named_parameters():
+            assert torch.equal(param, shipped[name]), name
+        return
+    assert log[-1][1] == pytest.approx(trained_on["loss_log"][-1][1], rel=0.03), (log[-1], trained_on["loss_log"])
+    for layer, head in planted.untrained_heads(config):
+        for name in ("W_Q", "W_K", "W_V", "W_O"):
+            assert not retrained.blocks[layer].attn.get_parameter(name)[head].any(), (layer, head, name)
+    effects = bundled_record(retrained, config, {})["freeze_effects"]
+    for task in ("induction", "skip_induction"):
+        for circuit in ("qk", "ov"):
+            assert effects[task]["zero"][circuit][0][0] > 1.0, (task, circuit, effects[task]["zero"][circuit])
 
 
 def test_docstring_examples_run():

@@ -98,5 +98,5 @@ def bundled_report(tmp_path_factory):
         model, batch_a.tokens, batch_b.tokens, attention_mask_a=batch_a.attention_mask,
         attention_mask_b=batch_b.attention_mask, ids_a=[f"{batch_a.name}#{i}" for i in range(6)],
         ids_b=[f"{batch_b.name}#{j}" for j in range(5)],
-        config=InterferenceConfig(variant="signed", fisher_source="pooled", progress=False))
+        config=InterferenceConfig(variant="signed", fisher_source="pooled"), progress=False)
     return dict(out=out, model=model, batch_a=batch_a, batch_b=batch_b, interference=direct)

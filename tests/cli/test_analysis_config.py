@@ -56,3 +56,13 @@ def test_settings_record_the_permutations_used():
     assert settings["n_permutations"] == 1280 and settings["n_permutations_requested"] is None
     assert settings["interference"]["fisher_source"] == "pooled"
     assert settings["interference"]["gradients"]["memory_budget_gb"] == defaults.MEMORY_BUDGET_GB
+
+
+def test_normalization_option_maps_onto_the_interference_config(capsys):
+    assert parse_options([]).analysis_config().interference.normalization == defaults.NORMALIZATION
+    config = parse_options(["--normalization", "head"]).analysis_config()
+    assert config.interference == InterferenceConfig(fisher_source="pooled", normalization="head")
+    assert config.to_dict()["interference"]["normalization"] == "head"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(["--normalization", "structural"])
+    assert exit_info.value.code == 2 and "--normalization: invalid choice: 'structural'" in capsys.readouterr().err

@@ -49,7 +49,7 @@ def test_bridge_report_equals_the_hooked_transformer_report(tmp_path):
         scale = float(np.abs(inter_h[column]).max())
         np.testing.assert_allclose(inter_b[column], inter_h[column], rtol=1e-4, atol=1e-6 * scale, err_msg=column)
     np.testing.assert_allclose(inter_b.z, inter_h.z, rtol=1e-4, atol=1e-5)
-    for column in ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "significant"):
+    for column in ("p_value", "q_value_bh", "p_value_maxstat", "p_value_cluster", "significant"):
         assert inter_b[column].equals(inter_h[column]), column
     pairs_b, pairs_h = pd.read_csv(bridge_out / "top_pairs.csv"), pd.read_csv(hooked_out / "top_pairs.csv")
     assert pairs_b[["id_a", "id_b"]].equals(pairs_h[["id_a", "id_b"]])

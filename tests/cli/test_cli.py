@@ -15,7 +15,7 @@ from tests.cli.helpers import REPO, assert_complete_report, grid_from_csv, json_
 from tl_circuits import freeze_sweep
 from tl_circuits.bundled import tasks
 from tl_circuits.cli.command import main
-from tl_circuits.stats.permutation import fdr_correction
+from tl_circuits.stats.corrections import fdr_correction
 
 
 # ----- the main job on the bundled default model -------------------------------------------------------
@@ -218,3 +218,30 @@ def test_console_script_entry_point():
         pytest.skip("tl_circuits is not installed with its console script here: run `pip install -e .`")
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: tl-circuits")
+
+
+@pytest.mark.slow  # a whole (small) command run
+def test_normalization_is_used_and_recorded_in_the_report(tmp_path):
+    """``--normalization hybrid``: the report's map is compute_interference's under that mode, and report.json and
+    report.md name the mode."""
+    from tl_circuits import GradientConfig, InterferenceConfig, compute_interference
+    from tl_circuits.bundled.models import DEFAULT_BUNDLED_MODEL, bundled_tasks, load_bundled_model
+
+    out = tmp_path / "report"
+    assert main(["--n-a", "5", "--n-b", "4", "--seed", "3", "--normalization", "hybrid", "--n-permutations", "99",
+                 "--n-bootstrap", "0", "--quiet", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["interference"]["normalization"] == "hybrid"
+    assert data["settings"]["interference"]["normalization"] == "hybrid"
+    assert data["interference"]["settings"]["normalization"] == "hybrid"
+    assert "`hybrid` normalisation" in (out / "report.md").read_text()
+    make_a, make_b = list(bundled_tasks(DEFAULT_BUNDLED_MODEL).values())[:2]
+    batch_a, batch_b = make_a(5, 3), make_b(4, 4)
+    direct = compute_interference(load_bundled_model(DEFAULT_BUNDLED_MODEL, "cpu"), batch_a.tokens, batch_b.tokens,
+                                  attention_mask_a=batch_a.attention_mask, attention_mask_b=batch_b.attention_mask,
+                                  config=InterferenceConfig(gradients=GradientConfig(progress=False),
+                                                            fisher_source="pooled", normalization="hybrid"))
+    for block in "QKVO":
+        mean = np.array(json_grid(data["interference"]["mean"][block]))
+        scale = float(direct.mean[block].abs().max())
+        np.testing.assert_allclose(mean, direct.mean[block].numpy(), rtol=1e-4, atol=1e-5 * scale)

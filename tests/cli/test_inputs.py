@@ -67,7 +67,7 @@ def test_checkpoint_with_token_files_matches_direct_calls(checkpoint_inputs, che
     tokens_a, mask_a = right_pad(checkpoint_inputs["rows_a"][:5])
     tokens_b = checkpoint_inputs["tokens_b"]
     direct = compute_interference(model, tokens_a, tokens_b, attention_mask_a=mask_a,
-                                  config=InterferenceConfig(variant="signed", fisher_source="pooled", progress=False))
+                                  config=InterferenceConfig(variant="signed", fisher_source="pooled"), progress=False)
     table = pd.read_csv(out / "interference.csv")
     for block in "QKVO":
         mean = grid_from_csv(table[table.block == block], "mean", direct.mean[block].shape)

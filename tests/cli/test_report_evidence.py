@@ -27,26 +27,25 @@ def test_conflict_columns_equal_conflict_test_of_the_map(bundled_report):
     for block in "QKVO":
         rows = table[table.block == block]
         shape = direct.mean[block].shape
-        for column, field in (("conflict_p", "pvalue"), ("conflict_q_bh", "q_value_bh"),
+        for column, field in (("conflict_p", "p_value"), ("conflict_q_bh", "q_value_bh"),
                               ("conflict_ci_low", "ci_low"), ("conflict_ci_high", "ci_high")):
             want = getattr(expected, field)[block].numpy()
             scale = np.nanmax(np.abs(want)) if column.startswith("conflict_ci") else 1.0
             np.testing.assert_allclose(grid_from_csv(rows, column, shape), want, rtol=1e-3, atol=1e-4 * scale)
         np.testing.assert_allclose(grid_from_csv(rows, "conflict_p", shape),
-                                   json_grid(data["conflict"]["test"]["pvalue"][block]), rtol=1e-12)
+                                   json_grid(data["conflict"]["test"]["p_value"][block]), rtol=1e-12)
         assert (rows.conflict_significant == (rows.conflict_q_bh <= 0.05)).all()
-    assert data["conflict"]["test"]["null_hypothesis"].startswith("E[s_ij] >= 0")
+    assert data["conflict"]["test"]["null_hypothesis"].startswith("H0: E[s_ij] >= 0")
 
 
 def test_cosines_ranking_and_drivers_equal_direct_calls(bundled_report):
     out, model = bundled_report["out"], bundled_report["model"]
     batch_a, batch_b, direct = bundled_report["batch_a"], bundled_report["batch_b"], bundled_report["interference"]
     table = pd.read_csv(out / "interference.csv")
-    pooled, n_a = pooled_pairwise_scores(model, batch_a.tokens, batch_b.tokens,
-                                         attention_mask_a=batch_a.attention_mask,
-                                         attention_mask_b=batch_b.attention_mask,
-                                         config=InterferenceConfig(variant="signed", progress=False))
-    cosines = fisher_cosines(pooled, n_a)
+    pooled = pooled_pairwise_scores(model, batch_a.tokens, batch_b.tokens, attention_mask_a=batch_a.attention_mask,
+                                    attention_mask_b=batch_b.attention_mask,
+                                    config=InterferenceConfig(variant="signed"), progress=False)
+    cosines = fisher_cosines(pooled.scores, pooled.n_a)
     ranking = rank_stability(direct.scores, k=10, n_resamples=50, seed=3)     # SMALL: 50 bootstrap resamples
     drivers = cell_drivers(direct.scores, top=3)
     for block in "QKVO":

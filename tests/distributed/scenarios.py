@@ -27,10 +27,10 @@ def tasks(n_a: int = 5, n_b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def config(**changes):
-    from tl_circuits import GradientConfig, InterferenceConfig
+    """No progress bars, shards of 2 samples; gradient settings (e.g. include_biases) nested."""
+    from tests.reference import quiet_config
 
-    gradients = GradientConfig(progress=False, chunk_size=2)
-    return InterferenceConfig(gradients=gradients, **changes)
+    return quiet_config(**{"chunk_size": 2, **changes})
 
 
 @contextlib.contextmanager
@@ -82,6 +82,22 @@ def interference_symmetric_loo_tiled() -> dict:
     return _interference("symmetric", "pooled", loo=True, tiled=True)
 
 
+def interference_hybrid_loo_tiled() -> dict:
+    """A non-default Fisher normalisation (docs/spec.md §3.4) with leave-one-out, tiled."""
+    return _interference("signed", "pooled", loo=True, tiled=True, normalization="hybrid")
+
+
+def pooled_head() -> dict:
+    """The statistics' pooled matrix under the head normalisation."""
+    from tl_circuits.interference.engine import pooled_scores
+
+    a, b = tasks(n_a=4, n_b=3)
+    pooled = pooled_scores(builders.gqa_under_test(), a, b, config=config(normalization="head"))
+    scores, settings = pooled.scores, pooled.settings
+    assert settings["normalization"] == "head"
+    return {f"scores.{k}": s for k, s in scores.items()}
+
+
 def interference_external_fisher() -> dict:
     """An external Fisher (itself from split per-sample gradients of task B), unsigned, mean reduction."""
     from tl_circuits import GradientConfig, compute_interference, fisher_from_gradients, per_sample_gradients
@@ -125,6 +141,56 @@ def interference_one_layer() -> dict:
     return {f"scores.{k}": s for k, s in r.scores.items()} | {f"fisher.{k}": f for k, f in r.fisher.per_block.items()}
 
 
+def loss_tasks() -> tuple[torch.Tensor, ...]:
+    """Task A padded (left and right) with a loss mask, task B unpadded: (a, b, attention mask of a, loss mask of a)."""
+    a, b = tasks()
+    mask_a = torch.ones_like(a)
+    mask_a[1, :3] = 0
+    mask_a[3, 9:] = 0
+    loss_mask_a = torch.zeros_like(a)
+    loss_mask_a[:, 4:9] = 1
+    loss_mask_a[0, 2] = 1
+    return a, b, mask_a, loss_mask_a
+
+
+def last_token_margin(logits, tokens, *, samples):
+    """A custom per-sample loss: the last token's logit minus the logit of token ``samples % 7`` there."""
+    last = logits[:, -2].gather(-1, tokens[:, -1:])[:, 0]
+    other = logits[:, -2].gather(-1, (samples % 7)[:, None])[:, 0]
+    return other - last
+
+
+def gradients_loss_mask() -> dict:
+    from tl_circuits import GradientConfig, per_sample_gradients
+
+    a, _, mask_a, loss_mask_a = loss_tasks()
+    g = per_sample_gradients(builders.gqa_under_test(), a, mask_a, GradientConfig(chunk_size=2, **QUIET),
+                             loss_mask=loss_mask_a)
+    return {f"grad.{b}": t for b, t in g.per_block.items()} | {"losses": g.losses, "n_targets": g.n_targets}
+
+
+def interference_loss_mask() -> dict:
+    """A masked, padded task A and a custom-loss task B, pooled Fisher, tiled."""
+    from tl_circuits import compute_interference
+
+    a, b, mask_a, loss_mask_a = loss_tasks()
+    with small_tiles():
+        r = compute_interference(builders.gqa_under_test(), a, b, attention_mask_a=mask_a, loss_mask_a=loss_mask_a,
+                                 loss_fn_b=last_token_margin, config=config(fisher_source="pooled"))
+    assert r.fisher is not None
+    return {f"scores.{k}": s for k, s in r.scores.items()} | {f"fisher.{k}": f for k, f in r.fisher.per_block.items()}
+
+
+def pooled_loss_mask() -> dict:
+    from tl_circuits.interference.engine import pooled_scores
+
+    a, b, mask_a, loss_mask_a = loss_tasks()
+    pooled = pooled_scores(builders.mha_under_test(), a, b, attention_mask_a=mask_a, loss_mask_a=loss_mask_a,
+                           loss_fn_b=last_token_margin, config=config())
+    scores, fisher = pooled.scores, pooled.fisher
+    return {f"scores.{k}": s for k, s in scores.items()} | {f"fisher.{k}": f for k, f in fisher.per_block.items()}
+
+
 CHECKPOINT_DIR: list[str] = []  # the ranks' shard folder: set by the worker, and by the parent test to read it
 
 
@@ -137,12 +203,13 @@ def pooled() -> dict:
     from tl_circuits.interference.engine import pooled_scores
 
     a, b = tasks(n_a=4, n_b=3)
-    scores, fisher, _ = pooled_scores(builders.mha_under_test(), a, b, config=config())
-    return {f"scores.{k}": s for k, s in scores.items()} | {f"fisher.{k}": f for k, f in fisher.per_block.items()}
+    pooled = pooled_scores(builders.mha_under_test(), a, b, config=config())
+    return {f"scores.{k}": s for k, s in pooled.scores.items()} | {f"fisher.{k}": f
+                                                                   for k, f in pooled.fisher.per_block.items()}
 
 
 def _test_fields(res) -> dict:
-    names = ("observed", "null_std", "z", "p_value", "q_value_bh", "p_maxstat", "p_cluster")
+    names = ("observed", "null_std", "z", "p_value", "q_value_bh", "p_value_maxstat", "p_value_cluster")
     out = {f"{name}.{b}": t for name in names for b, t in getattr(res, name).items()}
     if res.ci_low is not None:
         out |= {f"ci_low.{b}": t for b, t in res.ci_low.items()} | {f"ci_high.{b}": t for b, t in res.ci_high.items()}
@@ -156,10 +223,16 @@ def permutation_synthetic() -> dict:
     gen = torch.Generator().manual_seed(5)
     m = {"Q": torch.randn(9, 9, 2, 3, generator=gen), "O": torch.randn(9, 9, 2, 2, generator=gen)}
     m["Q"][:4, 4:, 0, 0] -= 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = permutation_test(m, 4, n_permutations=N_PERMUTATIONS, n_bootstrap=60, seed=11, progress=False,
-                               alternative="less", memory_budget_gb=1e-5)  # tiny budget: many null chunks
+    from tl_circuits.interference import memory
+
+    cap, memory.STATS_SCRATCH_CAP_GB = memory.STATS_SCRATCH_CAP_GB, 1e-5  # tiny chunk scratch: many null chunks
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = permutation_test(m, 4, n_permutations=N_PERMUTATIONS, n_bootstrap=60, seed=11, progress=False,
+                                   alternative="less")
+    finally:
+        memory.STATS_SCRATCH_CAP_GB = cap
     return _test_fields(res)
 
 
@@ -204,7 +277,7 @@ def _sweep(replacement: str, seed=3) -> dict:
         from tl_circuits.freezing.references import compute_mean_activations
 
         reference = compute_mean_activations(model, tokens, progress=False)
-    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, max_batch_rows=9, seed=seed,
+    res = freeze_sweep(model, tokens, replacement=replacement, reference=reference, chunk_size=9, seed=seed,
                        progress=False)  # 3 copies per pass: 3 passes per layer, 6 items over 2 ranks
     out = {f"frozen.{c}": t for c, t in res.frozen.items()} | {"clean": torch.tensor(res.clean)}
     if seed is None and replacement == "noise":  # the seed drawn (on rank 0), to rerun in one process
@@ -235,7 +308,7 @@ def sweep_per_sample() -> dict:
 
     tokens, _ = tasks(n_a=4)
     res = freeze_sweep(builders.mha_under_test(), tokens, circuits=("qk", "ov", "both"), per_sample=True,
-                       max_batch_rows=12, replacement="mean", reference=_mean(tokens), seed=3, progress=False)
+                       chunk_size=12, replacement="mean", reference=_mean(tokens), seed=3, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tested = res.test(n_bootstrap=50, seed=1)
@@ -259,7 +332,7 @@ def permutation_screened() -> dict:
     m["Q"][:8, 8:, 0, 0] += 2.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = permutation_test(m, 8, n_bootstrap=0, seed=4, progress=False)
+        res = permutation_test(m, 8, n_bootstrap=0, seed=4, alternative="greater", progress=False)
     return {f"p_value.{b}": t for b, t in res.p_value.items()} | {
         f"used.{b}": t for b, t in res.permutations_used.items()}
 
@@ -267,8 +340,10 @@ def permutation_screened() -> dict:
 SCENARIOS: dict[str, Callable[[], dict]] = {
     f.__name__: f for f in (
         gradients, interference_signed_a, interference_unsigned_b_tiled, interference_symmetric_loo_tiled,
-        interference_external_fisher, interference_single_sample_a, interference_three_layers_spilled,
+        interference_hybrid_loo_tiled, pooled_head, interference_external_fisher, interference_single_sample_a,
+        interference_three_layers_spilled,
         interference_one_layer, checkpointed, pooled, permutation_synthetic,
         permutation_fresh_seed, interference_permutation, conflict, sweep_zero, sweep_mean, sweep_noise,
-        sweep_noise_fresh_seed, sweep_per_sample, permutation_screened)
+        sweep_noise_fresh_seed, sweep_per_sample, permutation_screened, gradients_loss_mask,
+        interference_loss_mask, pooled_loss_mask)
 }

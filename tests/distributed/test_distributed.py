@@ -16,7 +16,7 @@ from tests.distributed.scenarios import RANKS_ONLY, SCENARIOS
 RTOL = 1e-5
 # work done per rank, not results
 COUNTS = ("forwarded_samples", "null_rows", "sweep_forwards", "built_rows", "factor_bytes")
-EXACT = ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "permutations", "n_targets")
+EXACT = ("p_value", "q_value_bh", "p_value_maxstat", "p_value_cluster", "permutations", "n_targets")
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +65,15 @@ def test_score_rows_are_built_once_across_ranks(distributed, monkeypatch, name):
     """Where the right side is one tile, each sample's rows of each layer are built on one rank only: the ranks'
     counts of (sample, layer) rows add up to one process's (its left and right rows per block and layer), and
     each rank builds fewer."""
-    from tl_circuits.interference import engine
+    from tl_circuits.interference import scoring
 
-    real, single = engine._Rows.__call__, [0]
+    real, single = scoring.RowBuilder.__call__, [0]
 
     def counted(self, samples, block, layers, rows, *args, **kwargs):
         single[0] += (rows.stop - rows.start) * (layers.stop - layers.start)
         return real(self, samples, block, layers, rows, *args, **kwargs)
 
-    monkeypatch.setattr(engine._Rows, "__call__", counted)
+    monkeypatch.setattr(scoring.RowBuilder, "__call__", counted)
     SCENARIOS[name]()
     counts = [int(r["built_rows"]) for r in distributed[name]]
     assert sum(counts) == single[0] and max(counts) < single[0], (counts, single[0])

@@ -3,6 +3,8 @@ missing shards and gives the result of an uninterrupted run; a run with other se
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -22,9 +24,9 @@ def forwarded(monkeypatch):
     """Samples run through the factored engine's forward/backward (a one-item list)."""
     real, count = gradients._factor_chunk, [0]
 
-    def counted(model, spec, tokens, mask):
+    def counted(model, spec, tokens, *rest):
         count[0] += tokens.shape[0]
-        return real(model, spec, tokens, mask)
+        return real(model, spec, tokens, *rest)
 
     monkeypatch.setattr(gradients, "_factor_chunk", counted)
     return count
@@ -78,19 +80,34 @@ def test_other_settings_do_not_reuse_shards(tmp_path, forwarded):
     assert forwarded[0] == 8  # other weights
 
 
-def test_a_torn_shard_is_recomputed(tmp_path, forwarded):
-    model, (a, b) = builders.gqa_under_test(), tasks()
-    reference = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
-    shard = sorted(tmp_path.rglob("samples_0-2.safetensors"))[0]
-    shard.write_bytes(shard.read_bytes()[:100])
-    forwarded[0] = 0
-    again = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
-    assert forwarded[0] == 2 and torch.equal(again.scores["Q"], reference.scores["Q"])
-
-
 def test_a_checkpoint_dir_that_is_a_file_is_a_clear_error(tmp_path):
     model, (a, b) = builders.gqa_under_test(), tasks()
     path = tmp_path / "not_a_folder"
     path.write_text("x")
     with pytest.raises(ValueError, match="checkpoint_dir .*not_a_folder: cannot make the shard folder"):
         compute_interference(model, a, b, config=config(checkpoint_dir=str(path)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_damaged_shard_warns_with_its_path_and_is_recomputed(tmp_path, forwarded, damage):
+    """Errors are never swallowed: a shard that cannot be read (a torn file) or is not this run's (other arrays)
+    warns, naming the file and why, and is computed again; the result is the uninterrupted run's."""
+    from safetensors.torch import save_file
+
+    model, (a, b) = builders.gqa_under_test(), tasks()
+    reference = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    shard = sorted(tmp_path.rglob("samples_0-2.safetensors"))[0]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        save_file({"z": torch.ones(3), checkpoint.BAD: torch.zeros(0, dtype=torch.int64)}, str(shard))
+    forwarded[0] = 0
+    with pytest.warns(RuntimeWarning, match=f"checkpoint shard {re.escape(str(shard))} cannot be used .*again"):
+        resumed = compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 2  # only the damaged shard
+    for block, scores in reference.scores.items():
+        torch.testing.assert_close(resumed.scores[block], scores, rtol=0, atol=0)
+    forwarded[0] = 0
+    compute_interference(model, a, b, config=config(checkpoint_dir=str(tmp_path)))
+    assert forwarded[0] == 0  # it was written again
+

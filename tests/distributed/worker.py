@@ -20,25 +20,26 @@ def count_forwarded_samples() -> list[int]:
 
     real, count = gradients._factor_chunk, [0]
 
-    def counted(model, spec, tokens, mask):
+    def counted(model, spec, tokens, *rest):
         count[0] += tokens.shape[0]
-        return real(model, spec, tokens, mask)
+        return real(model, spec, tokens, *rest)
 
     gradients._factor_chunk = counted
     return count
 
 
 def count_null_rows() -> list[int]:
-    """Count the relabelings this rank reduces in permutation_test (a one-item list)."""
-    from tl_circuits.stats import permutation
+    """Count the relabelings this rank reduces in permutation_test (a one-item list): every relabeling, the observed
+    labels included, is reduced by stats/null.py's relabeled_statistic."""
+    from tl_circuits.stats import null
 
-    real, count = permutation.bilinear, [0]
+    real, count = null.bilinear, [0]
 
     def counted(left, *args, **kwargs):
         count[0] += left.shape[0]
         return real(left, *args, **kwargs)
 
-    permutation.bilinear = counted
+    null.bilinear = counted
     return count
 
 
@@ -72,15 +73,15 @@ def count_held_factor_bytes() -> list[int]:
 
 def count_built_rows() -> list[int]:
     """Count the (sample, layer) rows this rank builds from factors, over every (block, layer group)."""
-    from tl_circuits.interference import engine
+    from tl_circuits.interference import scoring
 
-    real, count = engine._Rows.__call__, [0]
+    real, count = scoring.RowBuilder.__call__, [0]
 
     def counted(self, samples, block, layers, rows, *args, **kwargs):
         count[0] += (rows.stop - rows.start) * (layers.stop - layers.start)
         return real(self, samples, block, layers, rows, *args, **kwargs)
 
-    engine._Rows.__call__ = counted
+    scoring.RowBuilder.__call__ = counted
     return count
 
 

@@ -142,7 +142,7 @@ def test_ov_resample_is_reference_z_and_tl_patching(model):
 def test_mean_reference_is_dataset_mean(model, per_position):
     spec = model_spec(model)
     ref_tokens = builders.random_tokens(10, 8, seed=3)
-    means = compute_mean_activations(model, ref_tokens, per_position=per_position, batch_size=4, progress=False)
+    means = compute_mean_activations(model, ref_tokens, per_position=per_position, chunk_size=4, progress=False)
     _, cache = model.run_with_cache(ref_tokens)
     dims = (0,) if per_position else (0, 1)
     for layer in range(spec.n_layers):
@@ -150,6 +150,24 @@ def test_mean_reference_is_dataset_mean(model, per_position):
         torch.testing.assert_close(means.q[layer], cache[spec.query_hook(layer)].mean(dims))
         torch.testing.assert_close(means.k[layer], cache[spec.key_hook(layer)].mean(dims))
     assert means.k[0].shape[-2] == spec.n_kv_heads
+
+
+def test_mean_reference_chunks_by_budget_and_the_old_batch_size_still_works(model):
+    from tl_circuits.deprecation import TLCircuitsDeprecationWarning
+    from tl_circuits.interference import memory
+
+    ref_tokens = builders.random_tokens(10, 8, seed=3)
+    whole = compute_mean_activations(model, ref_tokens, progress=False)
+    three = 3.5 * memory.forward_row_bytes(model_spec(model), 8, cached_heads=3) / 2**30   # 3 samples fit
+    by_budget = compute_mean_activations(model, ref_tokens, memory_budget_gb=three, progress=False)
+    with pytest.warns(TLCircuitsDeprecationWarning, match="batch_size= is deprecated; use chunk_size="):
+        old = compute_mean_activations(model, ref_tokens, batch_size=3, progress=False)
+    by_chunk = compute_mean_activations(model, ref_tokens, chunk_size=3, progress=False)
+    for layer in whole.z:
+        assert torch.equal(old.z[layer], by_chunk.z[layer]) and torch.equal(by_budget.z[layer], by_chunk.z[layer])
+        torch.testing.assert_close(by_chunk.z[layer], whole.z[layer])
+    with pytest.raises(ValueError, match="not both"):
+        compute_mean_activations(model, ref_tokens, batch_size=3, chunk_size=4, progress=False)
 
 
 @pytest.mark.parametrize("per_position", [True, False])

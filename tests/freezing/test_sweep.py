@@ -21,14 +21,14 @@ def test_resample_sweep_equals_tl_patching(model):
 
 
 @pytest.mark.parametrize("replacement", ["zero", "mean", "identity"])
-@pytest.mark.parametrize("max_batch_rows", [None, 6])
-def test_sweep_equals_one_frozen_forward_per_head(model, replacement, max_batch_rows):
+@pytest.mark.parametrize("chunk_size", [None, 6])
+def test_sweep_equals_one_frozen_forward_per_head(model, replacement, chunk_size):
     spec = model_spec(model)
     tokens = builders.random_tokens(3, 10, seed=1)
     reference = builders.random_tokens(6, 10, seed=3) if replacement == "mean" else None
     circuits = ("qk",) if replacement == "identity" else ("qk", "ov")
     result = freeze_sweep(model, tokens, circuits=circuits, replacement=replacement, reference=reference,
-                          max_batch_rows=max_batch_rows, progress=False)
+                          chunk_size=chunk_size, progress=False)
     clean = float(model(tokens, return_type="loss"))
     assert result.clean == pytest.approx(clean, abs=1e-6)
     for circuit in circuits:
@@ -72,7 +72,31 @@ def test_sweep_bad_input(mha_model, tokens):
         freeze_sweep(mha_model, tokens + 1000, progress=False)
     with pytest.raises(ValueError, match="noise_scale"):
         freeze_sweep(mha_model, tokens, replacement="noise", noise_scale=-1.0, progress=False)
-    with pytest.raises(ValueError, match="max_batch_rows"):
-        freeze_sweep(mha_model, tokens, max_batch_rows=0, progress=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        freeze_sweep(mha_model, tokens, chunk_size=0, progress=False)
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        freeze_sweep(mha_model, tokens, memory_budget_gb=0, progress=False)
     with pytest.raises(ValueError, match="unknown circuit"):
         freeze_sweep(mha_model, tokens, circuits=("qv",), progress=False)
+
+
+def test_the_budget_sizes_the_stacked_passes(mha_model):
+    """memory_budget_gb is what the sweep may allocate: it sets the rows of a stacked forward (the numbers do not
+    change); chunk_size sets them directly, and max_batch_rows is its deprecated name."""
+    from tl_circuits.deprecation import TLCircuitsDeprecationWarning
+    from tl_circuits.interference import memory
+
+    spec = model_spec(mha_model)
+    tokens = builders.random_tokens(3, 10, seed=1)
+    whole = freeze_sweep(mha_model, tokens, progress=False)
+    six_rows = 6.5 * memory.forward_row_bytes(spec, 10) / 2**30       # 6 rows and a half: 6 whole ones
+    small = freeze_sweep(mha_model, tokens, memory_budget_gb=six_rows, progress=False)
+    assert small.settings["rows_per_pass"] == 6 and whole.settings["rows_per_pass"] > 6
+    with pytest.warns(TLCircuitsDeprecationWarning, match="max_batch_rows= is deprecated; use chunk_size="):
+        old = freeze_sweep(mha_model, tokens, max_batch_rows=6, progress=False)
+    assert old.settings["rows_per_pass"] == 6
+    for circuit in whole.frozen:
+        torch.testing.assert_close(small.frozen[circuit], whole.frozen[circuit], rtol=1e-5, atol=1e-6)
+        assert torch.equal(old.frozen[circuit], small.frozen[circuit])
+    with pytest.warns(UserWarning, match="holds the whole batch"):
+        freeze_sweep(mha_model, tokens, memory_budget_gb=six_rows / 3, progress=False)

@@ -35,7 +35,7 @@ def test_one_item_draws_from_the_generator_of_its_own_seed(model, monkeypatch):
     from tl_circuits.freezing import hooks
 
     tokens = zoo.tokens(2, 8, seed=22)
-    sweep = freeze_sweep(model, tokens, circuits=("ov",), replacement="noise", seed=5, max_batch_rows=2,
+    sweep = freeze_sweep(model, tokens, circuits=("ov",), replacement="noise", seed=5, chunk_size=2,
                          progress=False)  # one (circuit, head) copy per pass: pass index = head
     layer, head = 1, 2
     seen = []

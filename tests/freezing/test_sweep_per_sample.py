@@ -22,7 +22,7 @@ def test_per_sample_effect_equals_one_frozen_forward_per_head(model, replacement
     tokens = builders.random_tokens(4, 10, seed=1)
     reference = builders.random_tokens(6, 10, seed=3) if replacement == "mean" else None
     result = freeze_sweep(model, tokens, replacement=replacement, reference=reference, per_sample=True,
-                          max_batch_rows=8, progress=False)
+                          chunk_size=8, progress=False)
     with torch.no_grad():
         clean = model(tokens, return_type="loss", loss_per_token=True).mean(-1)        # [N]
     torch.testing.assert_close(result.clean_per_sample, clean.double(), rtol=1e-5, atol=1e-6)
@@ -107,7 +107,7 @@ def test_bad_metrics_are_named_and_leave_no_hooks(mha_model):
         return logits.mean()
 
     with pytest.raises(RuntimeError, match="metric broke"):
-        freeze_sweep(mha_model, tokens, failing, max_batch_rows=30, progress=False)
+        freeze_sweep(mha_model, tokens, failing, chunk_size=30, progress=False)
     assert _hook_counts(mha_model) == before
 
 

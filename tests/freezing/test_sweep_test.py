@@ -76,7 +76,9 @@ def test_dataframe_plot_and_null_hypothesis(tested):
         assert column in frame.columns
     row = frame[(frame["circuit"] == "ov") & (frame["layer"] == 1) & (frame["head"] == 3)].iloc[0]
     assert row.p_value == pytest.approx(tested.p_value["ov"][1, 3].item())
-    assert "symmetric about 0" in tested.null_hypothesis and tested.null_hypothesis == SWEEP_NULL_HYPOTHESIS
+    assert tested.null_hypothesis.startswith(f"H0: {SWEEP_NULL_HYPOTHESIS}") and "symmetric about 0" in \
+        tested.null_hypothesis
+    assert "H1 (two-sided): the freeze changes the metric, in either direction" in tested.null_hypothesis
     figure = tested.plot()
     assert len(figure.axes) >= 4
     for ax, circuit in zip(figure.axes, tested.circuits):
@@ -113,7 +115,8 @@ def test_monte_carlo_floor_warns_and_one_sided_tests():
                          clean_per_sample=torch.ones(40), per_sample_effect={"qk": x})
     with pytest.warns(UserWarning, match="at their floor"):
         res = result.test(n_permutations=200, n_bootstrap=0)
-    assert not res.exact and res.p_value["qk"][0, 0].item() == pytest.approx(1 / 201)
+    # two-sided Monte Carlo: the smaller tail doubled (the one rule), so the floor is 2 / (1 + B)
+    assert not res.exact and res.p_value["qk"][0, 0].item() == pytest.approx(2 / 201)
     greater = result.test(alternative="greater", n_bootstrap=0)
     less = result.test(alternative="less", n_bootstrap=0)
     assert greater.significant["qk"][0, 0] and not less.significant["qk"][0, 0]

@@ -8,8 +8,18 @@ import math
 import pytest
 import torch
 
+import tl_circuits
 from tests import builders
-from tests.reference import DAMP, assert_rows_match, assert_scores_close, brute_force, frozen_batch_loop, loop_reference
+from tests.reference import (
+    DAMP,
+    assert_rows_match,
+    assert_scores_close,
+    brute_force,
+    frozen_batch_loop,
+    loop_reference,
+    quiet_config,
+)
+from tests.saved_results import assert_same_value, write_interference_result_folder
 from tl_circuits import GradientConfig, InterferenceConfig, InterferenceResult, compute_interference, freeze
 from tl_circuits.interference.gradients import per_sample_gradients
 from tl_circuits.models.spec import model_spec
@@ -54,7 +64,7 @@ def test_compute_interference_on_a_use_attn_result_model(variant):
     model = builders.hooked(use_attn_result=True)
     tokens_a, tokens_b = builders.random_tokens(3, 8, seed=8), builders.random_tokens(2, 8, seed=9)
     result = compute_interference(model, tokens_a, tokens_b,
-                                  config=InterferenceConfig(variant=variant, chunk_size=2, **DAMP, **QUIET))
+                                  config=quiet_config(variant=variant, chunk_size=2, **DAMP))
     expected = brute_force(model_spec(model), loop_reference(model, tokens_a), loop_reference(model, tokens_b),
                            variant, "sum", "a", False)
     assert_scores_close(result.scores, expected)
@@ -67,7 +77,7 @@ def test_a_hook_at_hook_result_is_a_clear_error():
     model.blocks[0].attn.hook_result.add_hook(lambda x, hook: x * 2)
     try:
         with pytest.raises(ValueError, match="hook_result"):
-            compute_interference(model, tokens, tokens, config=InterferenceConfig(**QUIET))
+            compute_interference(model, tokens, tokens, progress=False)
     finally:
         model.reset_hooks()
 
@@ -78,7 +88,7 @@ def spill_folders(path):
 
 def test_spilled_run_equals_held_run_and_leaves_no_files(mha_model, tmp_path):
     tokens_a, tokens_b = builders.random_tokens(4, 9, seed=1), builders.random_tokens(3, 9, seed=2)
-    cfg = InterferenceConfig(fisher_source="pooled", chunk_size=2, spill_dir=str(tmp_path), **DAMP, **QUIET)
+    cfg = quiet_config(fisher_source="pooled", chunk_size=2, spill_dir=str(tmp_path), **DAMP)
     held = compute_interference(mha_model, tokens_a, tokens_b, config=cfg)
     spilled = compute_interference(mha_model, tokens_a, tokens_b, config=cfg.replace(max_held_samples=2))
     assert not held.settings["plan"]["spill"] and spilled.settings["plan"]["spill"]
@@ -93,31 +103,35 @@ def test_spill_folder_is_removed_when_the_run_fails(mha_model, tmp_path):
     broken = builders.mha_under_test()
     with torch.no_grad():
         builders.attention_param(broken, 1, "V")[0, 0] = math.nan  # NaN gradients: it raises after the gradient pass
-    cfg = InterferenceConfig(max_held_samples=1, spill_dir=str(tmp_path), **QUIET)
+    cfg = InterferenceConfig(max_held_samples=1, spill_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not finite"):
-        compute_interference(broken, tokens, tokens, config=cfg)
+        compute_interference(broken, tokens, tokens, config=cfg, progress=False)
     assert spill_folders(tmp_path) == []
 
 
 def test_result_save_load_round_trip(mha_model, tmp_path):
     tokens_a, tokens_b = builders.random_tokens(3, 8, seed=3), builders.random_tokens(2, 8, seed=4)
     result = compute_interference(mha_model, tokens_a, tokens_b, ids_a=["x", "y", "z"], ids_b=[10, 11],
-                                  config=InterferenceConfig(variant="unsigned", **QUIET))
+                                  config=InterferenceConfig(variant="unsigned"), progress=False)
     result.scores["Q"][0, 1, 0, 0] = math.nan  # missing data survives the round trip
-    loaded = InterferenceResult.load(result.save(tmp_path / "run"))
-    assert loaded.ids_a == ["x", "y", "z"] and loaded.ids_b == [10, 11]
-    assert loaded.config == result.config and loaded.settings["plan"] == result.settings["plan"]
-    for block in result.scores:
-        torch.testing.assert_close(loaded.scores[block], result.scores[block], equal_nan=True, rtol=0, atol=0)
-        torch.testing.assert_close(loaded.fisher.per_block[block], result.fisher.per_block[block], rtol=0, atol=0)
-    assert loaded.top_conflicts(3) == result.top_conflicts(3)
-    loaded.plot()
+    for loaded in (tl_circuits.load(result.save(tmp_path / "run")),
+                   InterferenceResult.load(write_interference_result_folder(result, tmp_path / "old"))):
+        assert type(loaded) is InterferenceResult
+        assert loaded.ids_a == ["x", "y", "z"] and loaded.ids_b == [10, 11]
+        assert loaded.config == result.config and loaded.settings == result.settings
+        assert_same_value(loaded.scores, result.scores, "scores")
+        assert_same_value(loaded.fisher.per_block, result.fisher.per_block, "fisher")
+        assert (loaded.fisher.n_samples, loaded.fisher.source) == (result.fisher.n_samples, result.fisher.source)
+        assert loaded.top_conflicts(3) == result.top_conflicts(3)
+        loaded.plot()
 
 
 def test_load_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="scores.safetensors"):
+    with pytest.raises(ValueError, match="not a saved InterferenceResult: it has no result.json"):
         InterferenceResult.load(tmp_path)
     (tmp_path / "scores.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FileNotFoundError, match="settings.json is missing"):
+        InterferenceResult.load(tmp_path)
     (tmp_path / "settings.json").write_text("{}")
     with pytest.raises(ValueError, match="damaged|not an InterferenceResult"):
         InterferenceResult.load(tmp_path)

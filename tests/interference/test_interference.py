@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests import builders
+from tests.interference.tasks import task_a, task_b
 from tests.reference import (
     DAMP,
     assert_scores_close,
@@ -16,6 +17,7 @@ from tests.reference import (
     hf_loop,
     llama_rows,
     loop_reference,
+    quiet_config,
     scores_from_rows,
 )
 from tl_circuits.interference.fisher import EMAFisher, fisher_from_gradients
@@ -32,30 +34,12 @@ QUIET = dict(progress=False)
 
 
 def Config(**kwargs) -> InterferenceConfig:
-    """These tests were written for the unsigned variant (the default until the signed one became it)."""
+    """These tests were written for the unsigned variant (the default until the signed one became it); no progress
+    bars, the gradient settings nested (:func:`tests.reference.quiet_config`)."""
     kwargs.setdefault("variant", "unsigned")
-    return InterferenceConfig(**kwargs)
+    return quiet_config(**kwargs)
 
-# ----- tasks and the brute-force reference -------------------------------------------------------------
-
-def task_a():
-    return builders.random_tokens(3, 10, seed=11)
-
-
-def task_b():
-    tokens = builders.random_tokens(2, 8, seed=12)
-    mask = torch.ones_like(tokens)
-    mask[1, 6:] = 0  # right padding
-    return tokens, mask
-
-
-@pytest.fixture(scope="module", params=["mha", "gqa"])
-def setup(request):
-    """(model, raw loop gradients of A, raw loop gradients of B) — computed once per model."""
-    model = builders.under_test(request.param)
-    tokens_b, mask_b = task_b()
-    return model, loop_reference(model, task_a()), loop_reference(model, tokens_b, mask_b)
-
+# ----- tasks (tests/interference/tasks.py) and the brute-force reference --------------------------------
 
 def run(model, config, **kwargs):
     tokens_b, mask_b = task_b()
@@ -76,29 +60,60 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("normalization", ["diagonal", "head", "hybrid"])  # docs/spec.md §3.4
 @pytest.mark.parametrize("variant,reduction,source,loo", CONFIGS)
-def test_batched_equals_brute_force(setup, variant, reduction, source, loo):
+def test_batched_equals_brute_force(setup, variant, reduction, source, loo, normalization):
     model, raw_a, raw_b = setup
     cfg = Config(variant=variant, reduction=reduction, fisher_source=source, leave_one_out=loo,
-                             **DAMP, **QUIET)
+                 normalization=normalization, **DAMP, **QUIET)
     result = run(model, cfg)
-    expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
+    expect = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo, normalization=normalization)
     assert_scores_close(result.scores, expect)
     assert result.config.fisher_source == source and result.config.variant == variant
+    assert result.config.normalization == result.settings["normalization"] == normalization
+    if normalization != "diagonal":  # the modes really differ (else this test could not tell them apart)
+        diagonal = brute_force(model_spec(model), raw_a, raw_b, variant, reduction, source, loo)
+        assert not torch.allclose(expect["Q"], diagonal["Q"], rtol=1e-2)
     for s in result.scores.values():
         assert s.dtype == torch.float32 and not bool(torch.isnan(s).any())
 
 
-def test_pairwise_scores_stage_with_tiny_chunks_equals_brute_force(setup):
-    """The pure scoring stage, forced to one pair per contraction by a tiny budget."""
+def test_pairwise_scores_stage_with_tiny_tiles_equals_brute_force(setup, monkeypatch):
+    """The engine's score pass on gradient rows, forced to one pair and one layer per contraction by its plan."""
+    import dataclasses
+
+    from tl_circuits.interference import memory
+
+    real_plan = memory.plan_run
+    monkeypatch.setattr(memory, "plan_run", lambda *args, **kwargs: dataclasses.replace(
+        real_plan(*args, **kwargs), layer_group=1, tile_left=1, tile_right=1))
     model, raw_a, raw_b = setup
     tokens_b, mask_b = task_b()
     ga = per_sample_gradients(model, task_a(), config=GradientConfig(**QUIET))
     gb = per_sample_gradients(model, tokens_b, mask_b, GradientConfig(**QUIET))
     fisher = fisher_from_gradients(PerSampleGradients.cat([ga, gb]))
     for variant in ("unsigned", "signed", "symmetric"):
-        got = pairwise_scores(ga, gb, fisher, variant, "sum", leave_one_out=True, memory_budget_gb=1e-9, **DAMP)
+        got = pairwise_scores(ga, gb, fisher, variant, "sum", leave_one_out=True, **DAMP)
         assert_scores_close(got, brute_force(model_spec(model), raw_a, raw_b, variant, "sum", "pooled", True))
+
+
+def test_pairwise_scores_and_the_engine_are_one_scoring_path(setup):
+    """The same gradients and the same Fisher give the same scores through pairwise_scores and
+    compute_interference, leave-one-out included (the Fisher's squares and the removed C_i are both exact
+    float64 squares: one precision rule, docs/spec.md §3.1)."""
+    model, _, _ = setup
+    tokens_b, mask_b = task_b()
+    ga = per_sample_gradients(model, task_a(), config=GradientConfig(**QUIET))
+    gb = per_sample_gradients(model, tokens_b, mask_b, GradientConfig(**QUIET))
+    for variant, source, loo in (("signed", "a", True), ("unsigned", "b", False), ("symmetric", "pooled", True)):
+        members = {"a": ga, "b": gb, "pooled": PerSampleGradients.cat([ga, gb])}[source]
+        expect = pairwise_scores(ga, gb, fisher_from_gradients(members), variant, leave_one_out=loo, **DAMP)
+        got = run(model, Config(variant=variant, fisher_source=source, leave_one_out=loo, **DAMP, **QUIET))
+        for b in BLOCKS:
+            torch.testing.assert_close(got.fisher.per_block[b], fisher_from_gradients(members).per_block[b],
+                                       rtol=1e-12, atol=0)
+            scale = float(expect[b].abs().max())
+            torch.testing.assert_close(got.scores[b], expect[b], rtol=1e-6, atol=1e-7 * scale)
 
 
 # ----- streaming --------------------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def test_interference_on_a_bridge_equals_scores_of_reference_gradients(bridges):
     ref_b = bridge_reference_gradients("gpt2", tokens_b, full[1], False, spec)
     expected = pairwise_scores(ref_a, ref_b, fisher_from_gradients(ref_a), variant="signed")
     result = compute_interference(model, tokens_a, tokens_b,
-                                  config=InterferenceConfig(variant="signed", fisher_source="a", **QUIET))
+                                  config=InterferenceConfig(variant="signed", fisher_source="a"), **QUIET)
     for block in "QKVO":  # signed sums cancel: tolerance relative to the block's scale
         scale = float(expected[block].abs().max())
         torch.testing.assert_close(result.scores[block], expected[block], rtol=1e-3, atol=1e-4 * scale)
@@ -373,9 +373,9 @@ def test_every_call_leaves_the_bridge_unchanged():
         "gradients (factored)": lambda: per_sample_gradients(model, a, padded_mask(a), GradientConfig(**QUIET)),
         "gradients (direct, refused)": lambda: pytest.raises(ValueError, per_sample_gradients, model, a,
                                                              config=GradientConfig(method="direct", **QUIET)),
-        "interference": lambda: compute_interference(model, a, b, config=InterferenceConfig(**QUIET)),
+        "interference": lambda: compute_interference(model, a, b, **QUIET),
         "permutation test": lambda: interference_permutation_test(
-            model, a, b, config=InterferenceConfig(**QUIET), n_permutations=9, n_bootstrap=5, seed=0),
+            model, a, b, n_permutations=9, n_bootstrap=5, seed=0, **QUIET),
     }
     model.run_with_cache(tokens)  # the bridge installs its own torch hooks lazily, on first use; count after that
     for what, call in calls.items():
@@ -482,12 +482,13 @@ def test_parity_gradients_under_a_straight_through_freeze(bridges, hooked_twins)
 def test_parity_interference_and_permutation_test(bridges, hooked_twins, name):
     model, twin = bridges[name], hooked_twins[name]
     a, b = builders.random_tokens(4, 10, seed=6), builders.random_tokens(3, 10, seed=7)
-    config = InterferenceConfig(variant="unsigned", fisher_source="pooled", **QUIET)
-    ours, theirs = compute_interference(model, a, b, config=config), compute_interference(twin, a, b, config=config)
+    config = InterferenceConfig(variant="unsigned", fisher_source="pooled")
+    ours = compute_interference(model, a, b, config=config, **QUIET)
+    theirs = compute_interference(twin, a, b, config=config, **QUIET)
     for block in "QKVO":
         scale = float(theirs.scores[block].abs().max())
         torch.testing.assert_close(ours.scores[block], theirs.scores[block], rtol=1e-3, atol=1e-4 * scale)
-    test_kwargs = dict(config=InterferenceConfig(variant="signed", **QUIET), n_permutations=49, n_bootstrap=20, seed=0)
+    test_kwargs = dict(config=InterferenceConfig(variant="signed"), n_permutations=49, n_bootstrap=20, seed=0, **QUIET)
     ours_test = interference_permutation_test(model, a, b, **test_kwargs)
     theirs_test = interference_permutation_test(twin, a, b, **test_kwargs)
     for block in "QKVO":

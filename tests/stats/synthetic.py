@@ -52,8 +52,11 @@ def first(n, n_a):
 
 
 def run(scores, n_a, **kwargs):
+    """permutation_test, quiet, without intervals; of unsigned scores (make_scores' default, planted effects
+    positive): the default alternative is then "greater"."""
     kwargs.setdefault("progress", False)
     kwargs.setdefault("n_bootstrap", 0)
+    kwargs.setdefault("variant", "unsigned")
     return S.permutation_test(scores, n_a, **kwargs)
 
 

@@ -35,8 +35,8 @@ def _null_simulation(n_sims, *, n=16, blocks=(("Q", 4, 6),), n_permutations=199,
         n_rej = sum(int(r.sum()) for r in rejected.values())
         n_false = sum(int((rejected[b] & true_null[b]).sum()) for b in rejected)
         fdp.append(n_false / max(n_rej, 1))
-        fwer["maxstat"].append(any(bool(((res.p_maxstat[b] <= alpha) & true_null[b]).any()) for b in rejected))
-        fwer["cluster"].append(any(bool(((res.p_cluster[b] <= alpha) & true_null[b]).any()) for b in rejected))
+        fwer["maxstat"].append(any(bool(((res.p_value_maxstat[b] <= alpha) & true_null[b]).any()) for b in rejected))
+        fwer["cluster"].append(any(bool(((res.p_value_cluster[b] <= alpha) & true_null[b]).any()) for b in rejected))
         fwer["uncorrected"].append(any(bool(((res.p_value[b] <= alpha) & true_null[b]).any()) for b in rejected))
     return np.array(p_first), np.array(fdp), {k: np.array(v) for k, v in fwer.items()}
 

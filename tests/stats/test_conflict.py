@@ -55,16 +55,18 @@ def test_equals_an_independent_reimplementation(alternative):
     res = conflict_test(scores, alternative=alternative, confidence_level=0.9)
     for r in range(3):
         est, se, df, p, lo, hi = reference(scores["O"][:, :, r, 0].numpy(), alternative, 0.9)
-        got = [res.estimate["O"][r, 0], res.std_error["O"][r, 0], res.df["O"][r, 0], res.pvalue["O"][r, 0],
+        got = [res.estimate["O"][r, 0], res.std_error["O"][r, 0], res.df["O"][r, 0], res.p_value["O"][r, 0],
                res.ci_low["O"][r, 0], res.ci_high["O"][r, 0]]
         np.testing.assert_allclose([float(g) for g in got], [est, se, df, p, lo, hi], rtol=1e-10)
-    assert res.null_hypothesis == NULL_HYPOTHESIS and res.n_a == 7 and res.n_b == 11
+    null = {"less": NULL_HYPOTHESIS, "greater": "E[s_ij] <= 0", "two-sided": "E[s_ij] = 0"}[alternative]
+    assert res.null_hypothesis.startswith(f"H0: {null}") and f"H1 ({alternative})" in res.null_hypothesis
+    assert res.n_a == 7 and res.n_b == 11
 
 
 def test_q_values_are_scipy_bh_and_by_of_the_p_values():
     scores = simulated_scores(40, 8, 8, unit(0), -0.3 * unit(0), seed=2)
     res = conflict_test(scores)
-    p = res.pvalue["O"].flatten().numpy()
+    p = res.p_value["O"].flatten().numpy()
     np.testing.assert_allclose(res.q_value_bh["O"].flatten().numpy(), stats.false_discovery_control(p), rtol=1e-12)
     np.testing.assert_allclose(res.q_value_by["O"].flatten().numpy(),
                                stats.false_discovery_control(p, method="by"), rtol=1e-12)
@@ -76,7 +78,7 @@ def test_orthogonal_task_means_are_not_conflict():
     The permutation test (tasks differ) rejects nearly always; the conflict test stays at its level."""
     reps = 400
     scores = simulated_scores(reps, 20, 20, 1.5 * unit(0), 1.5 * unit(1), seed=3)
-    conflict = conflict_test(scores).pvalue["O"].flatten().numpy()
+    conflict = conflict_test(scores).p_value["O"].flatten().numpy()
     assert stats.kstest(conflict, "uniform").pvalue > 0.001
     assert np.mean(conflict <= 0.05) < 0.05 + 3 * math.sqrt(0.05 * 0.95 / reps)
     # the same scores under the label-permutation null, as a pooled matrix (A then B): it flags the difference
@@ -100,7 +102,7 @@ def test_orthogonal_task_means_are_not_conflict():
 def test_calibrated_with_small_unbalanced_heteroscedastic_samples(n_a, n_b, scale_a, scale_b):
     reps = 2000
     scores = simulated_scores(reps, n_a, n_b, unit(0), unit(1), scale_a, scale_b, seed=6)
-    p = conflict_test(scores).pvalue["O"].flatten().numpy()
+    p = conflict_test(scores).p_value["O"].flatten().numpy()
     # size at alpha = 0.05 within Monte-Carlo error (3 SE), erring on the conservative side is allowed
     assert np.mean(p <= 0.05) < 0.05 + 3 * math.sqrt(0.05 * 0.95 / reps)
     assert np.mean(p <= 0.10) < 0.10 + 3 * math.sqrt(0.10 * 0.90 / reps)
@@ -109,14 +111,14 @@ def test_calibrated_with_small_unbalanced_heteroscedastic_samples(n_a, n_b, scal
 def test_inside_the_null_rejects_less_than_alpha():
     """E[s_ij] > 0 (aligned task means): inside H0, the rejection rate is below alpha."""
     scores = simulated_scores(1000, 12, 12, 0.5 * unit(0), 0.5 * unit(0), seed=7)
-    p = conflict_test(scores).pvalue["O"].flatten().numpy()
+    p = conflict_test(scores).p_value["O"].flatten().numpy()
     assert np.mean(p <= 0.05) < 0.05
 
 
 def test_power_against_planted_conflict():
     scores = simulated_scores(300, 20, 20, 1.5 * unit(0), -1.5 * unit(0), seed=8)  # E[s_ij] = -2.25
     res = conflict_test(scores)
-    assert np.mean(res.pvalue["O"].flatten().numpy() <= 0.05) > 0.9
+    assert np.mean(res.p_value["O"].flatten().numpy() <= 0.05) > 0.9
     covered = (res.ci_low["O"] <= -2.25) & (res.ci_high["O"] >= -2.25)
     assert 0.9 < float(covered.double().mean()) <= 1.0  # the 95% interval covers the true mean
 
@@ -127,7 +129,7 @@ def test_missing_and_degenerate_cells_are_nan():
     s[:, :, 2, 0] = 1.0  # no spread
     with pytest.warns(RuntimeWarning, match="2 of 3 cells"):
         res = conflict_test({"O": s})
-    assert math.isnan(res.pvalue["O"][1, 0]) and math.isnan(res.pvalue["O"][2, 0])
+    assert math.isnan(res.p_value["O"][1, 0]) and math.isnan(res.p_value["O"][2, 0])
     assert math.isnan(res.estimate["O"][1, 0]) and res.estimate["O"][2, 0] == 1.0
     assert not bool(res.significant["O"][1:].any())
 
@@ -153,6 +155,6 @@ def test_model_level_form_streams_through_the_engine(mha_model):
     direct = compute_interference(mha_model, a, b, config=quiet.replace(variant="signed", fisher_source="pooled"))
     expect = conflict_test(direct)
     for block in res.blocks:
-        torch.testing.assert_close(res.pvalue[block], expect.pvalue[block], equal_nan=True)
+        torch.testing.assert_close(res.p_value[block], expect.p_value[block], equal_nan=True)
     with pytest.raises(ValueError, match="signed"):
         conflict_test(compute_interference(mha_model, a, b, config=quiet))

@@ -41,8 +41,8 @@ def test_maxstat_follows_the_definition(alternative):
         s = side(res.z[block])
         expected = (1 + (max_null[:, None, None] >= s - 1e-9).sum(0).double()) / 301
         expected = torch.maximum(expected.double(), res.p_value[block])
-        torch.testing.assert_close(res.p_maxstat[block], expected, rtol=1e-12, atol=0)
-        assert bool((res.p_maxstat[block] >= res.p_value[block]).all())
+        torch.testing.assert_close(res.p_value_maxstat[block], expected, rtol=1e-12, atol=0)
+        assert bool((res.p_value_maxstat[block] >= res.p_value[block]).all())
 
 
 def test_find_clusters_connectivity():
@@ -88,7 +88,7 @@ def test_cluster_mass_follows_the_definition(alternative):
             for i in range(1, k + 1):
                 mass = (sign * z)[labels == i].sum()
                 expected[labels == i] = (1 + np.sum(max_null >= mass - 1e-9)) / 251
-        np.testing.assert_allclose(res.p_cluster[block].numpy(), expected, rtol=1e-12)
+        np.testing.assert_allclose(res.p_value_cluster[block].numpy(), expected, rtol=1e-12)
     if alternative != "less":
-        assert res.p_cluster["Q"][1, 1] == res.p_cluster["Q"][1, 2] < 0.05   # one cluster, one p, found
-        assert res.p_cluster["K"][0, 1] < 0.05
+        assert res.p_value_cluster["Q"][1, 1] == res.p_value_cluster["Q"][1, 2] < 0.05   # one cluster, one p, found
+        assert res.p_value_cluster["K"][0, 1] < 0.05

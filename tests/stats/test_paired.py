@@ -10,13 +10,8 @@ import scipy.stats as st
 import torch
 
 from tl_circuits import defaults
-from tl_circuits.stats.paired import (
-    all_sign_flips,
-    paired_bootstrap_ci,
-    random_sign_flips,
-    sign_flip_floor,
-    sign_flip_test,
-)
+from tl_circuits.stats.paired import all_sign_flips, paired_bootstrap_ci, random_sign_flips, sign_flip_test
+from tl_circuits.stats.pvalues import p_value_floor
 
 
 def _mean(x, axis=-1):
@@ -40,16 +35,23 @@ def test_exact_sign_flip_equals_scipy_permutation_test(alternative):
         assert ours.statistic[cell].item() == pytest.approx(ref.statistic, rel=1e-12)
 
 
-def test_monte_carlo_sign_flip_equals_a_loop_over_the_same_flips():
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_monte_carlo_sign_flip_equals_a_loop_over_the_same_flips(alternative):
+    """(1 + hits) / (1 + B) per tail; two-sided doubles the smaller tail, as scipy.stats.permutation_test does for
+    random resamples (the package's one two-sided rule)."""
     x = torch.from_numpy(_data(30, 4, seed=2, shift=0.4))
+    x[:, 3] -= 0.6  # a cell whose smaller tail is "less"
     gen_seed = 5
-    ours = sign_flip_test(x, alternative="two-sided", n_permutations=499, seed=gen_seed)
+    ours = sign_flip_test(x, alternative=alternative, n_permutations=499, seed=gen_seed, progress=False)
     assert not ours.exact and ours.n_permutations == 499
     flips = random_sign_flips(30, 499, torch.Generator().manual_seed(gen_seed))
     for cell in range(4):
         t = float(x[:, cell].mean())
-        hits = sum(abs(float((s * x[:, cell]).mean())) >= abs(t) - 1e-12 for s in flips)
-        assert ours.p_value[cell].item() == pytest.approx((1 + hits) / 500, abs=1e-15)
+        null = [float((s * x[:, cell]).mean()) for s in flips]
+        p_greater = (1 + sum(v >= t - 1e-12 for v in null)) / 500
+        p_less = (1 + sum(v <= t + 1e-12 for v in null)) / 500
+        expected = {"greater": p_greater, "less": p_less, "two-sided": min(1.0, 2 * min(p_less, p_greater))}
+        assert ours.p_value[cell].item() == pytest.approx(expected[alternative], abs=1e-15)
 
 
 def test_monte_carlo_p_is_close_to_scipy_and_never_zero():
@@ -61,7 +63,7 @@ def test_monte_carlo_p_is_close_to_scipy_and_never_zero():
         assert abs(ours.p_value[cell].item() - ref.pvalue) < 4 * np.sqrt(0.25 / 20_000) + 1e-3
     strong = torch.full((40, 1), 3.0) + torch.randn(40, 1, generator=torch.Generator().manual_seed(0)) * 0.1
     res = sign_flip_test(strong, n_permutations=99)
-    assert res.p_value.item() == pytest.approx(sign_flip_floor(99, False, "two-sided")) and res.p_value.item() > 0
+    assert res.p_value.item() == pytest.approx(p_value_floor(99, "two-sided")) and res.p_value.item() > 0
 
 
 def test_exact_floor_and_enumeration():
@@ -70,7 +72,7 @@ def test_exact_floor_and_enumeration():
     assert flips.tolist() == [list(p) for p in itertools.product((1.0, -1.0), repeat=4)]
     res = sign_flip_test(torch.ones(4, 1) + torch.arange(4.0)[:, None] * 0.01, alternative="two-sided")
     assert res.exact and res.p_value.item() == pytest.approx(2 / 16)
-    assert sign_flip_floor(16, True, "greater") == 1 / 16
+    assert p_value_floor(16, "greater", exact=True) == 1 / 16
 
 
 def test_nan_samples_are_left_out_of_their_cell():

@@ -126,15 +126,19 @@ def test_seeded_and_reproducible():
     assert torch.equal(a.permutations, b.permutations) and not torch.equal(a.permutations, c.permutations)
     assert torch.equal(d.permutations, e.permutations)
     for block in scores:
-        for name in ("p_value", "q_value_bh", "p_maxstat", "p_cluster", "ci_low", "ci_high"):
+        for name in ("p_value", "q_value_bh", "p_value_maxstat", "p_value_cluster", "ci_low", "ci_high"):
             assert torch.equal(getattr(a, name)[block], getattr(b, name)[block]), name
         assert not torch.equal(a.ci_low[block], c.ci_low[block])
 
 
-def test_dtype_and_chunking_do_not_change_results():
+def test_dtype_and_chunking_do_not_change_results(monkeypatch):
+    from tl_circuits.interference import memory
+
     scores = make_scores(16, seed=9)
     ref = run(scores, 7, n_permutations=200, seed=1)
-    tiny = run(scores, 7, n_permutations=200, seed=1, memory_budget_gb=1e-12)   # one permutation per chunk
+    monkeypatch.setattr(memory, "STATS_SCRATCH_CAP_GB", 1e-12)
+    tiny = run(scores, 7, n_permutations=200, seed=1)   # one permutation per chunk
+    monkeypatch.undo()
     single = run(scores, 7, n_permutations=200, seed=1, dtype=torch.float32)
     for block in scores:
         torch.testing.assert_close(tiny.null_distribution[block], ref.null_distribution[block],
@@ -145,19 +149,40 @@ def test_dtype_and_chunking_do_not_change_results():
 
 
 def test_deprecated_memory_budget_in_bytes_still_works():
+    from tl_circuits.deprecation import TLCircuitsDeprecationWarning
+
     scores = make_scores(16, seed=9)
-    ref = run(scores, 7, n_permutations=50, seed=1, memory_budget_gb=1e-12)
-    with pytest.warns(DeprecationWarning, match="memory_budget_gb"):
-        old = run(scores, 7, n_permutations=50, seed=1, memory_budget=1)
+    ref = run(scores, 7, n_permutations=50, seed=1, memory_budget_gb=0.5)
+    with pytest.warns(TLCircuitsDeprecationWarning, match="memory_budget_gb"):
+        old = run(scores, 7, n_permutations=50, seed=1, memory_budget=2**29)
     for block in scores:
         assert torch.equal(old.p_value[block], ref.p_value[block])
     perms = S.all_relabelings(3, 6)
-    with pytest.warns(DeprecationWarning, match="memory_budget_gb"):
-        null = S.permutation_null(make_scores(6), perms, memory_budget=1)
-    for block, grid in S.permutation_null(make_scores(6), perms).items():
+    with pytest.warns(TLCircuitsDeprecationWarning, match="memory_budget_gb"):
+        null = S.permutation_null(make_scores(6), perms, memory_budget=2**29, progress=False)
+    for block, grid in S.permutation_null(make_scores(6), perms, progress=False).items():
         torch.testing.assert_close(null[block], grid, rtol=1e-12, atol=1e-14)
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
-        run(scores, 7, n_permutations=5, memory_budget=1, memory_budget_gb=1.0)
+        run(scores, 7, n_permutations=5, memory_budget=2**29, memory_budget_gb=1.0)
+
+
+def test_memory_budget_is_what_the_call_may_allocate():
+    """The budget covers what the test holds (the prepared block, the null it returns), not only the scratch of a
+    chunk: a budget below that is an error naming it; any budget that fits gives the same numbers."""
+    from tl_circuits.interference import memory
+
+    scores = make_scores(16, seed=9)
+    held = memory.statistics_held_bytes(16, [6, 4], 8, n_relabelings=200)
+    with pytest.raises(ValueError, match=r"memory_budget_gb=1e-06 is below what this call must hold"):
+        run(scores, 7, n_permutations=200, seed=1, memory_budget_gb=1e-6)
+    just = run(scores, 7, n_permutations=200, seed=1, memory_budget_gb=(held + 16 * 6 * 8 * 3) / 2**30)
+    ref = run(scores, 7, n_permutations=200, seed=1)
+    for block in scores:
+        assert torch.equal(just.p_value[block], ref.p_value[block])
+        torch.testing.assert_close(just.null_distribution[block], ref.null_distribution[block], rtol=1e-12,
+                                   atol=1e-13)
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        S.bootstrap_ci(scores, 7, n_resamples=99, memory_budget_gb=1e-6, progress=False)
     for bad in (0, -1.0, float("nan"), float("inf"), "lots"):
         with pytest.raises(ValueError, match="memory_budget_gb"):
             run(scores, 7, n_permutations=5, memory_budget_gb=bad)
@@ -170,7 +195,8 @@ def test_defaults_come_from_tl_circuits_defaults():
 
     for function in (S.permutation_test, S.bootstrap_ci, S.permutation_null):
         params = inspect.signature(function).parameters
-        assert params["memory_budget_gb"].default == defaults.STATS_WORKSPACE_GB
+        assert params["memory_budget_gb"].default == defaults.MEMORY_BUDGET_GB   # what the call may allocate
+        assert params["progress"].default is True
     test = inspect.signature(S.permutation_test).parameters
     assert test["n_permutations"].default is None
     assert test["n_bootstrap"].default == defaults.N_BOOTSTRAP
@@ -238,7 +264,7 @@ def test_nan_cells_propagate_and_leave_the_families():
     with pytest.warns(RuntimeWarning, match="2 of 10 cells"):
         res = run(scores, 10, n_permutations=200, n_bootstrap=200)
     for name in ("observed", "null_mean", "null_std", "z", "effect_size", "p_value", "q_value_bh", "q_value_by",
-                 "p_maxstat", "p_cluster", "ci_low", "ci_high"):
+                 "p_value_maxstat", "p_value_cluster", "ci_low", "ci_high"):
         grid_q, grid_k = getattr(res, name)["Q"], getattr(res, name)["K"]
         assert math.isnan(grid_q[1, 2]) and math.isnan(grid_k[1, 1]), name
         assert int(torch.isnan(grid_q).sum()) == 1 and int(torch.isnan(grid_k).sum()) == 1, name

@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
+import tl_circuits
 import tl_circuits.stats as S
-from tl_circuits.stats import InterferenceTestResult
+from tests.saved_results import assert_same_result, write_test_result_pair
 from tests.stats.synthetic import first, make_scores, plant, run
+from tl_circuits.stats import InterferenceTestResult
 
 
 def test_result_dataframe_is_tidy_and_matches_fields():
@@ -20,7 +22,7 @@ def test_result_dataframe_is_tidy_and_matches_fields():
     df = res.to_dataframe()
     assert len(df) == 2 * 3 + 2 * 2
     assert not df.duplicated(["block", "layer", "head"]).any()
-    for name in ("observed", "p_value", "q_value_bh", "q_value_by", "p_maxstat", "p_cluster", "ci_low",
+    for name in ("observed", "p_value", "q_value_bh", "q_value_by", "p_value_maxstat", "p_value_cluster", "ci_low",
                  "ci_high", "effect_size", "z", "null_mean", "null_std", "significant"):
         assert name in df.columns
     row = df[(df["block"] == "K") & (df["layer"] == 1) & (df["head"] == 0)].iloc[0]
@@ -62,22 +64,6 @@ def test_plot_masks_the_non_significant_cells():
         res.plot("observed", mask_with="observed")
 
 
-def assert_same_result(back, res):
-    """Every dataclass field equal: same blocks in the same order, dtypes, values bit for bit (NaN == NaN)."""
-    for f in dataclasses.fields(res):
-        got, want = getattr(back, f.name), getattr(res, f.name)
-        if want is None or isinstance(want, (int, float, str)):
-            assert type(got) is type(want) and (got == want or (got != got and want != want)), f.name
-        elif isinstance(want, torch.Tensor):
-            assert got.dtype == want.dtype, f.name
-            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-        else:
-            assert list(got) == list(want), f.name
-            for block in want:
-                assert got[block].dtype == want[block].dtype, (f.name, block)
-                torch.testing.assert_close(got[block], want[block], rtol=0, atol=0, equal_nan=True)
-
-
 def test_save_load_round_trip_keeps_every_field(tmp_path):
     import matplotlib
 
@@ -90,46 +76,71 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
     with pytest.warns(RuntimeWarning, match="1 of 10 cells"):
         res = run(scores, 7, n_permutations=99, n_bootstrap=50, seed=4, correction="maxstat")
     assert torch.isnan(res.p_value["K"][1, 0]) and torch.isnan(res.ci_low["K"][1, 0])
-    tensor_path, json_path = res.save(tmp_path / "run")
-    assert (tensor_path.name, json_path.name) == ("run.safetensors", "run.json")
-    back = S.InterferenceTestResult.load(tmp_path / "run")
+    folder = res.save(tmp_path / "run")
+    assert folder == tmp_path / "run" and {p.name for p in folder.iterdir()} == {"result.json",
+                                                                                   "tensors.safetensors"}
+    back = tl_circuits.load(folder)
+    assert type(back) is InterferenceTestResult
     assert_same_result(back, res)
     assert back.settings == res.settings and repr(back) == repr(res)
-    assert InterferenceTestResult.load(json_path).blocks == res.blocks      # either file's name works
     assert back.to_dataframe().equals(res.to_dataframe())
-    fig = back.plot("z", mask_with="p_maxstat")
+    fig = back.plot("z", mask_with="p_value_maxstat")
     assert {ax.get_title() for ax in fig.axes} >= set(res.blocks)
     plt.close(fig)
     # None fields stay None; an empty null distribution stays empty
     bare = dataclasses.replace(run(scores, 7, n_permutations=9, seed=1), permutations=None, null_distribution={})
     assert bare.ci_low is None and bare.ci_high is None
-    bare.save(tmp_path / "sub" / "bare.safetensors")
-    back = InterferenceTestResult.load(tmp_path / "sub" / "bare")
+    back = InterferenceTestResult.load(bare.save(tmp_path / "sub" / "bare"))
     assert_same_result(back, bare)
     assert back.ci_low is None and back.permutations is None and back.null_distribution == {}
     plt.close(back.plot("observed"))
 
 
+def test_old_file_pairs_still_load(tmp_path):
+    """The file pair of earlier versions (old grid names p_maxstat/p_cluster, no "screen"), by either file's name."""
+    scores = plant(make_scores(14, seed=27), first(14, 7), [("Q", 0, 1)], 4.0)
+    res = run(scores, 7, n_permutations=99, n_bootstrap=50, seed=4)
+    tensor_path, json_path = write_test_result_pair(res, tmp_path / "old")
+    for path in (tmp_path / "old", json_path, tensor_path):
+        back = tl_circuits.load(path)
+        assert_same_result(back, res, skip=("screen",))
+        assert back.screen is False      # not screened (n_permutations_screen is None): what the old file says
+    bare = dataclasses.replace(res, ci_low=None, ci_high=None, permutations=None)
+    write_test_result_pair(bare, tmp_path / "bare")
+    assert_same_result(InterferenceTestResult.load(tmp_path / "bare"), bare, skip=("screen",))
+
+
+def test_deprecated_field_names_still_read():
+    res = run(make_scores(8), 4, n_permutations=9)
+    with pytest.warns(DeprecationWarning, match="p_value_maxstat"):
+        assert res.p_maxstat is res.p_value_maxstat
+    with pytest.warns(DeprecationWarning, match="p_value_cluster"):
+        assert res.p_cluster is res.p_value_cluster
+
+
 def test_load_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing .*nothing\.safetensors and .*nothing\.json"):
+    with pytest.raises(FileNotFoundError, match=r"nothing.*does not exist"):
         InterferenceTestResult.load(tmp_path / "nothing")
     res = run(make_scores(8), 4, n_permutations=9)
-    _, json_path = res.save(tmp_path / "run")
+    tensor_path, json_path = write_test_result_pair(res, tmp_path / "run")
     json_path.unlink()
-    with pytest.raises(FileNotFoundError, match=r"missing .*run\.json \(save\(\) writes both\)"):
+    with pytest.raises(FileNotFoundError, match=r"run\.json is missing"):
         InterferenceTestResult.load(tmp_path / "run")
-    res.save(tmp_path / "run")
+    write_test_result_pair(res, tmp_path / "run")
     json_path.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="not a saved InterferenceTestResult"):
         InterferenceTestResult.load(tmp_path / "run")
+    folder = run(make_scores(8), 4, n_permutations=9).save(tmp_path / "new")
+    with pytest.raises(ValueError, match="holds a saved InterferenceTestResult, not a SweepResult"):
+        tl_circuits.SweepResult.load(folder)
 
 
 def test_docstring_examples_run():
-    # every statistics module but model_test (it builds a HookedTransformer; it runs under --doctest-modules)
-    from tl_circuits.stats import bootstrap, corrections, null, permutation, reduction, result, validation
+    # every tensor-level statistics module (interference_tests needs a model; it runs under --doctest-modules)
+    from tl_circuits.stats import bootstrap, corrections, null, permutation, pvalues, reduction, result, validation
 
     failures = tried = 0
-    for module in (S, validation, reduction, null, permutation, corrections, bootstrap, result):
+    for module in (S, validation, reduction, null, permutation, pvalues, corrections, bootstrap, result):
         f, t = doctest.testmod(module, verbose=False)
         failures, tried = failures + f, tried + t
     assert tried > 10 and failures == 0

@@ -24,7 +24,7 @@ def _both(scores, n_a, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         screened = S.permutation_test(scores, n_a, n_bootstrap=0, progress=False, **kwargs)
-        full = S.permutation_test(scores, n_a, n_bootstrap=0, progress=False,
+        full = S.permutation_test(scores, n_a, n_bootstrap=0, progress=False, screen=False,
                                   n_permutations=defaults.default_n_permutations(m, kwargs.get("alpha", 0.05)),
                                   **kwargs)
     return screened, full
@@ -60,13 +60,23 @@ def test_screened_default_flags_exactly_the_cells_of_the_full_test(alternative):
     assert torch.equal(screened.permutations, full.permutations[:1000])
 
 
-def test_explicit_counts_and_given_relabelings_are_not_screened():
-    scores = make_scores(12, GRID[:1], seed=1)
+def test_screening_is_an_explicit_argument_recorded_in_the_result():
+    """screen=True (the default) screens random relabelings however their number was given; screen=False and given
+    relabelings (their order need not be random) are never screened; the result says what was asked and done."""
+    scores = plant(make_scores(12, GRID[:1], seed=1), first(12, 6), [("Q", 0, 0)], 3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        explicit = S.permutation_test(scores, 6, n_permutations=3000, n_bootstrap=0, progress=False)
-    assert explicit.n_permutations_screen is None and explicit.permutations_used is None
-    assert explicit.permutations.shape[0] == 3000
+        common = dict(variant="unsigned", n_bootstrap=0, progress=False)     # unsigned scores, planted above
+        explicit = S.permutation_test(scores, 6, n_permutations=3000, **common)
+        full = S.permutation_test(scores, 6, n_permutations=3000, screen=False, **common)
+        given = S.permutation_test(scores, 6, permutations=full.permutations, **common)
+    assert explicit.n_permutations_screen == 1000 and explicit.settings["screen"] is True
+    assert full.n_permutations_screen is None and full.permutations_used is None and full.settings["screen"] is False
+    assert full.permutations.shape[0] == 3000 and torch.equal(explicit.permutations, full.permutations[:1000])
+    continued = explicit.permutations_used["Q"] == 3000
+    assert bool(continued.any())
+    assert torch.equal(explicit.p_value["Q"][continued], full.p_value["Q"][continued])
+    assert given.n_permutations_screen is None and torch.equal(given.p_value["Q"], full.p_value["Q"])
     small = S.permutation_test(make_scores(12, (("Q", 1, 2),), seed=1), 6, n_bootstrap=0, progress=False)
     assert small.n_permutations == 1000 and small.n_permutations_screen is None   # nothing to screen
 
@@ -91,10 +101,9 @@ def test_permutations_used_round_trips_and_old_files_still_load(tmp_path):
     scores = plant(make_scores(30, GRID[:2], seed=2, d=2), first(30, 15), [("Q", 0, 0)], 3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        res = S.permutation_test(scores, 15, n_bootstrap=0, progress=False)
+        res = S.permutation_test(scores, 15, variant="unsigned", n_bootstrap=0, progress=False)
     assert res.n_permutations_screen == 1000
-    res.save(tmp_path / "run")
-    back = InterferenceTestResult.load(tmp_path / "run")
+    back = InterferenceTestResult.load(res.save(tmp_path / "run"))
     assert back.settings == res.settings
     for block in res.blocks:
         torch.testing.assert_close(back.permutations_used[block], res.permutations_used[block], equal_nan=True)

@@ -240,8 +240,11 @@ def bundled_record(model: HookedTransformer, config: TrainingConfig, training: d
         "tasks": list(config.eval_tasks),
         "task_settings": config.eval_tasks,
         "trained_on": list(config.train_tasks),
-        "training": {**settings, **training, "torch": torch.__version__,
-                     "transformer_lens": version("transformer-lens")},
+        # what trained the weights (bit-for-bit retraining needs the same torch and CPU vector unit); ``training``
+        # wins, so a reanalysis keeps the provenance of the weights it read
+        "training": {**settings, "torch": torch.__version__,
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "transformer_lens": version("transformer-lens"), **training},
         "known_heads": known,
         "control_heads": selection["control_heads"],
         "head_selection": selection["rules"],
@@ -281,7 +284,8 @@ def reanalyse_saved(config: TrainingConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     old = json.loads((out_dir / f"{config.name}.json").read_text())
     model = load_weights(config.model, out_dir / f"{config.name}.safetensors")
-    training = {k: old["training"][k] for k in ("seconds", "loss_log")}
+    training = {k: old["training"].get(k) for k in ("seconds", "loss_log", "torch", "cpu_capability",
+                                                     "transformer_lens")}
     record = bundled_record(model, config, training)
     (out_dir / f"{config.name}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record

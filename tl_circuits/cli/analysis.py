@@ -20,8 +20,9 @@
      pair cosines and the joint-optimum diagnostic cos(ḡ_A, ḡ_B)), the bootstrap stability of the cell ranking and
      the leave-one-out sample drivers of each cell (:mod:`tl_circuits.stats.robustness`);
    - *where the tasks use a head differently*: :func:`tl_circuits.permutation_test` on the pooled matrix (task
-     labels exchangeable; one-sided ``"less"`` for the signed variant, ``"greater"`` otherwise), BH/BY q-values,
-     max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals of each cell's mean.
+     labels exchangeable; one-sided ``"less"`` for the signed variant, ``"greater"`` otherwise; screened, as the
+     library's default), BH/BY q-values, max-stat and cluster-mass family-wise p-values, bootstrap (BCa) intervals
+     of each cell's mean.
 
 Note: the per-sample loss behind the gradients is docs/spec.md §2's token mean over *all* valid positions of a sample
 (the gradient stage has no scored-position mask); only the sweep metric is restricted to scored positions.
@@ -29,8 +30,8 @@ Note: the per-sample loss behind the gradients is docs/spec.md §2's token mean 
 Every default is the library's (:mod:`tl_circuits.defaults`):
 
 >>> config = AnalysisConfig()
->>> config.variant, config.interference.fisher_source, config.n_bootstrap, config.alternative
-('signed', 'pooled', 2000, 'less')
+>>> config.variant, config.interference.fisher_source, config.n_bootstrap, config.alternative, config.screen
+('signed', 'pooled', 2000, 'less', True)
 >>> config.permutations_for(576), AnalysisConfig(n_permutations=99).permutations_for(576)
 (23040, 99)
 """
@@ -89,6 +90,8 @@ class AnalysisConfig:
             minutes: :func:`tl_circuits.cli.freeze_stage.chosen_sweep`).
         n_permutations: label permutations; ``None`` (default): :func:`tl_circuits.defaults.default_n_permutations`
             of all (block, layer, head) cells at ``alpha``, so a single real effect can reach significance.
+        screen: screen the permutation test's cells (as :func:`tl_circuits.permutation_test`'s ``screen``, its
+            default): the command and the library run the same test for the same settings.
         n_bootstrap, alpha, correction: as :func:`tl_circuits.permutation_test`.
         top_k: rows in the report's top-heads and top-pairs tables.
         seed: permutations, bootstrap, the sweep and (through the caller) the bundled task samples.
@@ -98,6 +101,7 @@ class AnalysisConfig:
     replacement: str = "zero"
     sweep: str = "auto"
     n_permutations: Optional[int] = None
+    screen: bool = True
     n_bootstrap: int = defaults.N_BOOTSTRAP
     alpha: float = defaults.ALPHA
     correction: str = "bh"
@@ -139,7 +143,7 @@ class AnalysisConfig:
     @property
     def alternative(self) -> str:
         """The direction of conflict: more negative (signed) or larger (unsigned, symmetric) than the null."""
-        return "less" if self.variant == "signed" else "greater"
+        return defaults.conflict_alternative(self.variant)
 
     def permutations_for(self, n_cells: int) -> int:
         """The number of permutations used for ``n_cells`` tested cells (see ``n_permutations``)."""
@@ -151,7 +155,8 @@ class AnalysisConfig:
         """Plain settings (JSON-ready); ``n_permutations`` is the number used where it is given."""
         n_permutations = n_permutations_used if n_permutations_used is not None else self.n_permutations
         return dict(variant=self.variant, replacement=self.replacement, sweep=self.sweep, n_permutations=n_permutations,
-                    n_permutations_requested=self.n_permutations, n_bootstrap=self.n_bootstrap, alpha=self.alpha,
+                    n_permutations_requested=self.n_permutations, screen=self.screen, n_bootstrap=self.n_bootstrap,
+                    alpha=self.alpha,
                     correction=self.correction, alternative=self.alternative, top_k=self.top_k, seed=self.seed,
                     memory_budget_gb=self.interference.memory_budget_gb, interference=self.interference.to_dict())
 
@@ -214,22 +219,19 @@ def pooled_interference(model: Model, task_a: TaskInput, task_b: TaskInput,
     device = next(model.parameters()).device
     icfg = config.interference
     # the one streaming engine: every gradient once, the pooled matrix tiled within the memory budget
-    pooled, fisher, settings = pooled_scores(model, task_a.tokens.to(device), task_b.tokens.to(device),
-                                             attention_mask_a=task_a.attention_mask.to(device),
-                                             attention_mask_b=task_b.attention_mask.to(device), config=icfg)
-    n_a = task_a.n_samples
-    cross = {block: scores[:n_a, n_a:].clone() for block, scores in pooled.items()}
-    interference = InterferenceResult(cross, list(task_a.ids), list(task_b.ids), icfg.resolved(), settings,
-                                      fisher=fisher)
-    return interference, pooled, n_a
+    pooled = pooled_scores(model, task_a.tokens.to(device), task_b.tokens.to(device),
+                           attention_mask_a=task_a.attention_mask.to(device),
+                           attention_mask_b=task_b.attention_mask.to(device), config=icfg)
+    return pooled.interference(list(task_a.ids), list(task_b.ids)), pooled.scores, pooled.n_a
 
 
 def pooled_statistics(pooled: dict[str, Tensor], n_a: int, config: AnalysisConfig) -> InterferenceTestResult:
     """The permutation test of the pooled matrix (n_permutations: :meth:`AnalysisConfig.permutations_for`)."""
     n_cells = sum(scores.shape[2] * scores.shape[3] for scores in pooled.values())
-    return permutation_test(pooled, n_a, n_permutations=config.permutations_for(n_cells),
+    return permutation_test(pooled, n_a, n_permutations=config.permutations_for(n_cells), screen=config.screen,
                             alternative=config.alternative, alpha=config.alpha, correction=config.correction,
-                            seed=config.seed, n_bootstrap=config.n_bootstrap, progress=config.progress)
+                            seed=config.seed, n_bootstrap=config.n_bootstrap,
+                            memory_budget_gb=config.interference.memory_budget_gb, progress=config.progress)
 
 
 def run_interference(model: Model, task_a: TaskInput, task_b: TaskInput,

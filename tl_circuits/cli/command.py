@@ -23,6 +23,10 @@ always the case, so the command with no arguments runs the whole main job on the
 (On TransformerLens 3.x a native bridge discards ``hook_pattern`` edits, so the QK half of the sweep is left
 out there, with a warning; the report's other numbers equal the HookedTransformer's.)
 
+``--check`` runs :func:`tl_circuits.sanity_check` on the model ``--model`` names (loaded as above, ``--bridge`` and
+``--device`` included) instead, prints its table and exits 0 when every check passes, 1 when one fails or the model
+is refused (docs/spec.md §0.6).
+
 Errors in what the user gave (a missing file, an empty task, an unknown model, text for a model without a
 tokenizer, token ids outside the vocabulary, an occupied output directory) end the run with exit status 2 and
 one line on stderr; any other failure with status 1 and one line (``--traceback`` shows the traceback).
@@ -60,7 +64,7 @@ from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: 
     load_tasks,
 )
 from tl_circuits.cli.output import FILES, ReportOutputError, check_output_path, write_report
-from tl_circuits.interference.config import VARIANTS, GradientConfig, InterferenceConfig
+from tl_circuits.interference.config import NORMALIZATIONS, VARIANTS, GradientConfig, InterferenceConfig
 from tl_circuits.parallel.group import (
     DEFAULT_TIMEOUT_S,
     all_succeeded,
@@ -100,12 +104,15 @@ class CommandOptions:
     bridge: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
     sweep: str = "auto"
+    normalization: str = defaults.NORMALIZATION
+    check: bool = False
 
     def analysis_config(self) -> AnalysisConfig:
         """The :class:`AnalysisConfig` these options ask for (unset ones: the library's defaults)."""
         gradients = GradientConfig(memory_budget_gb=self.memory_budget_gb, progress=not self.quiet)
         return AnalysisConfig(interference=InterferenceConfig(gradients=gradients, variant=self.variant,
-                                                              fisher_source="pooled"),
+                                                              fisher_source="pooled",
+                                                              normalization=self.normalization),
                               replacement=self.replacement, sweep=self.sweep, n_permutations=self.n_permutations,
                               n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed)
 
@@ -175,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bootstrap resamples for the intervals (0: none; default {defaults.N_BOOTSTRAP})")
     add("--variant", choices=VARIANTS, default=defaults.VARIANT,
         help=f"interference variant (default {defaults.VARIANT}; signed: negative = conflicting gradients)")
+    add("--normalization", choices=NORMALIZATIONS, default=defaults.NORMALIZATION,
+        help=f"Fisher normaliser of the scores (docs/spec.md §3.4; default {defaults.NORMALIZATION}): diagonal (each "
+             "parameter's own), head (one per head: Fisher-scaled dot products) or hybrid (their geometric mean)")
     add("--replacement", choices=REPLACEMENTS, default="zero",
         help="what a frozen circuit is replaced with (default zero)")
     add("--sweep", choices=SWEEPS, default="auto",
@@ -204,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
         help="under torchrun: seconds a rank waits for the others in a collective before the run fails "
              f"(default {DEFAULT_TIMEOUT_S:g})")
+    add("--check", action="store_true",
+        help="check that tl_circuits reads --model the way the model computes (tl_circuits.sanity_check: per-head "
+             "slicing, head additivity, GQA mapping, freeze isolation, model unchanged; a few random tokens from "
+             "--seed), print the table and exit: 0 all checks pass, 1 a check fails or the model is refused, "
+             "2 bad input")
     add("--list-models", action="store_true", help="list the bundled models and exit")
     add("--traceback", action="store_true", help="on an unexpected failure, print the full traceback")
     return parser
@@ -285,6 +300,18 @@ def run(options: CommandOptions) -> Path:
     return options.out
 
 
+def run_check(options: CommandOptions) -> int:
+    """``--check``: :func:`tl_circuits.sanity_check` of the model ``--model`` names, its table on stdout; the exit
+    status is 0 when every check passes, 1 otherwise (a failed check, or a model tl_circuits refuses)."""
+    from tl_circuits.checks import sanity_check
+
+    loaded = load_model(options.model, _device(options.device), bridge=options.bridge)
+    result = sanity_check(loaded.model, seed=options.seed)
+    print(f"model {loaded.name} ({loaded.source})")
+    print(result.table())
+    return EXIT_OK if result.passed else EXIT_FAILURE
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split()) or "(no message)"
 
@@ -305,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_OK
     where, joined = "", False
     try:
+        if options.check:
+            return run_check(options)
         options, joined = _join_ranks(options)
         where = f"{current_world().describe()}: " if current_world().active else ""
         run(options)

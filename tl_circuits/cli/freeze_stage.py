@@ -87,7 +87,8 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
     """Per-sample sweep of every head on one task, its paired test and its pattern picture (module docstring)."""
     device = next(model.parameters()).device
     tokens = task.tokens.to(device)
-    reference = compute_mean_activations(model, tokens, progress=config.progress) \
+    budget = config.interference.memory_budget_gb
+    reference = compute_mean_activations(model, tokens, memory_budget_gb=budget, progress=config.progress) \
         if config.replacement == "mean" else None
     circuits = swept_circuits(model, config.replacement)
     metric = per_sample_scored_loss(task, device)
@@ -95,15 +96,15 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig) -> F
         sweep: SweepResult = attribution_sweep(
             model, tokens, metric, circuits=circuits, per_sample=True, replacement=config.replacement,
             reference=reference, verify=VERIFY_SHARE, missed_confidence=MISSED_CONFIDENCE, seed=config.seed,
-            progress=config.progress)
+            memory_budget_gb=budget, progress=config.progress)
         sweep.settings["sweep_chosen_by"] = config.sweep
     else:
         sweep = freeze_sweep(model, tokens, metric, circuits=circuits, per_sample=True,
                              replacement=config.replacement, reference=reference, seed=config.seed,
-                             progress=config.progress)
+                             memory_budget_gb=budget, progress=config.progress)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
-                      correction=correction, seed=config.seed)
+                      correction=correction, seed=config.seed, progress=config.progress)
     shape = next(iter(sweep.frozen.values())).shape
     sweep.frozen = {c: sweep.frozen.get(c, torch.full(shape, float("nan"))) for c in CIRCUITS}
     if "qk" in circuits:

@@ -146,7 +146,7 @@ def headlines(analysis: Analysis) -> list[str]:
                      f"`signed` score, and this report uses `{cfg.variant}`.")
     else:
         hits = conflict_rows(analysis)
-        n_cells = int(sum(torch.isfinite(g).sum() for g in analysis.evidence.conflict.pvalue.values()))
+        n_cells = int(sum(torch.isfinite(g).sum() for g in analysis.evidence.conflict.p_value.values()))
         level = 100 * analysis.evidence.conflict.confidence_level
         cells = ", ".join(f"{r.block} L{r.layer}H{r.head} (mean {r.mean:.3g}, {level:.0f}% CI "
                           f"[{r.conflict_ci_low:.3g}, {r.conflict_ci_high:.3g}])"

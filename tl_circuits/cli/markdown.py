@@ -63,7 +63,8 @@ def _header(analysis: Analysis) -> list[str]:
         f"**Task B:** {b.name} — {b.n_samples} samples × {b.tokens.shape[1]} positions ({b.source}).",
         "",
         f"Settings: freeze replacement {cfg.replacement.upper()}; interference variant `{cfg.variant}` with the pooled "
-        f"Fisher; {_permutations_text(stats)} (one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
+        f"Fisher, `{cfg.interference.normalization}` normalisation; {_permutations_text(stats)} "
+        f"(one-sided `{cfg.alternative}`), {cfg.correction.upper()} "
         f"at α = {cfg.alpha}; {cfg.n_bootstrap} bootstrap resamples; seed {cfg.seed}. "
         f"Analysis time {total:.1f} s ({_stage_text(analysis.timings)}).",
     ]
@@ -236,7 +237,7 @@ def _permutation_subsection(analysis: Analysis, role: dict[str, str], conflict: 
         "",
         markdown_table(top_heads_by_interference(analysis, cfg.top_k),
                        {"block": "block", "layer": "layer", "head": "head", "mean": "mean score", "z": "z",
-                        "p_value": "p", "q_value_bh": "q (BH)", "p_maxstat": "p (max-stat)",
+                        "p_value": "p", "q_value_bh": "q (BH)", "p_value_maxstat": "p (max-stat)",
                         "significant": "differs", **role}),
     ]
 

@@ -175,8 +175,8 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
                                    replacement=sweep.replacement, frozen=sweep.frozen, effect=effect,
                                    settings=sweep.settings, test=tested)
     grids = {name: getattr(stats, name) for name in ("observed", "null_mean", "null_std", "z", "effect_size",
-                                                      "p_value", "q_value_bh", "q_value_by", "p_maxstat",
-                                                      "p_cluster", "ci_low", "ci_high", "significant")
+                                                      "p_value", "q_value_bh", "q_value_by", "p_value_maxstat",
+                                                      "p_value_cluster", "ci_low", "ci_high", "significant")
              if getattr(stats, name) is not None}
     tasks = {key.upper(): dict(name=t.name, source=t.source, n_samples=t.n_samples, n_positions=int(t.tokens.shape[1]),
                                n_scored=int(t.scored.sum()), ids=t.ids, notes=t.notes)
@@ -191,7 +191,8 @@ def report_data(analysis: Analysis) -> dict[str, Any]:
         warnings=analysis.warnings,
         duplicates=analysis.duplicates,
         sweep=sweeps,
-        interference=dict(variant=result.config.variant, reduction=result.config.reduction,
+        interference=dict(variant=result.config.variant, normalization=result.config.normalization,
+                          reduction=result.config.reduction,
                           fisher_source=result.config.fisher_source, mean=result.mean,
                           block_means=result.block_means(), most_conflicted_block=result.most_conflicted_block,
                           settings=result.settings),
@@ -218,7 +219,7 @@ def _evidence_data(analysis: Analysis) -> dict[str, Any]:
         data["test"] = dict(null_hypothesis=test.null_hypothesis, alternative=test.alternative, alpha=test.alpha,
                             correction=test.correction, confidence_level=test.confidence_level,
                             **{name: getattr(test, name) for name in ("estimate", "std_error", "statistic", "df",
-                                                                      "pvalue", "q_value_bh", "q_value_by",
+                                                                      "p_value", "q_value_bh", "q_value_by",
                                                                       "significant", "ci_low", "ci_high")})
     if evidence.cosines is not None:
         cos = evidence.cosines

@@ -151,7 +151,7 @@ def evidence_columns(analysis: Analysis, cells: list[tuple[str, int, int]]) -> d
     grids: dict[str, Any] = {}
     test = evidence.conflict
     for name, field in (("conflict_se", "std_error"), ("conflict_ci_low", "ci_low"), ("conflict_ci_high", "ci_high"),
-                        ("conflict_p", "pvalue"), ("conflict_q_bh", "q_value_bh"), ("conflict_q_by", "q_value_by"),
+                        ("conflict_p", "p_value"), ("conflict_q_bh", "q_value_bh"), ("conflict_q_by", "q_value_by"),
                         ("conflict_significant", "significant")):
         grids[name] = getattr(test, field) if test is not None else None
     cosines = evidence.cosines

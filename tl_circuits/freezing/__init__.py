@@ -49,7 +49,7 @@ from tl_circuits.freezing.sweep import (
     freeze_sweep,
     sweep_result_files,
 )
-from tl_circuits.freezing.sweep_stats import INTERACTION, SWEEP_NULL_HYPOTHESIS, SweepTestResult, test_sweep
+from tl_circuits.freezing.sweep_stats import INTERACTION, SWEEP_NULL_HYPOTHESIS, SweepTestResult, sweep_test
 
 __all__ = [
     "INTERACTION",
@@ -91,5 +91,13 @@ __all__ = [
     "resample_reference",
     "resolve_freeze_spec",
     "sweep_result_files",
-    "test_sweep",
+    "sweep_test",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "test_sweep":  # renamed sweep_test (pytest collected it); deprecated, warns when called
+        from tl_circuits.freezing import sweep_stats
+
+        return getattr(sweep_stats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_circuits import defaults
 from tl_circuits.defaults import SEED
 from tl_circuits.freezing.attribution_checks import MISSED_GROUPS, missed_effect_bound, n_to_verify, verify_top
 from tl_circuits.freezing.attribution_result import ESTIMATE_NOTE, AttributionResult
@@ -62,13 +63,15 @@ def attribution_sweep(
     missed_groups: int = MISSED_GROUPS,
     qk_alpha: float = 1.0,
     seed: Optional[int] = SEED,
-    max_batch_rows: Optional[int] = None,
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
+    chunk_size: Optional[int] = None,
     progress: bool = True,
 ) -> AttributionResult:
     """First-order estimates of every head's freeze effect, the top cells verified exactly (module docstring).
 
     Args:
-        tokens, metric, circuits, per_sample, max_batch_rows, progress: as :func:`tl_circuits.freeze_sweep`.
+        tokens, metric, circuits, per_sample, memory_budget_gb, chunk_size, progress: as
+            :func:`tl_circuits.freeze_sweep`.
         replacement, reference: ``"zero"``, ``"mean"``, ``"resample"`` (a clean/corrupted pair per sample:
             ``reference`` = the corrupted tokens or cache, row i for sample i) or ``"identity"`` (QK); NOISE, a random
             replacement, is refused.
@@ -108,9 +111,9 @@ def attribution_sweep(
         estimate=estimate, per_sample_estimate=per_sample_estimate)
     if n_verify:
         result = verify_top(result, model, tokens, n_verify, metric=metric, reference=reference,
-                            max_batch_rows=max_batch_rows, progress=progress)
+                            memory_budget_gb=memory_budget_gb, chunk_size=chunk_size, progress=progress)
     if missed_confidence is not None:
         result = missed_effect_bound(result, model, tokens, metric=metric, reference=reference,
                                      confidence=missed_confidence, groups=missed_groups, seed=seed,
-                                     max_batch_rows=max_batch_rows, progress=progress)
+                                     memory_budget_gb=memory_budget_gb, chunk_size=chunk_size, progress=progress)
     return result

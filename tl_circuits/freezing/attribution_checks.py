@@ -19,12 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_circuits.defaults import GB, SEED
+from tl_circuits import defaults
+from tl_circuits.defaults import SEED
 from tl_circuits.freezing.attribution_result import AttributionResult, MissedEffectBound
 from tl_circuits.freezing.first_order import prepare_attribution_reference
 from tl_circuits.freezing.options import Circuit, Replacement
 from tl_circuits.freezing.stacked import DrawSettings, clean_run, evaluate_metric, joint_draw
 from tl_circuits.freezing.sweep import default_metric, freeze_sweep
+from tl_circuits.interference import memory
 from tl_circuits.models.spec import model_spec
 from tl_circuits.models.types import Model
 
@@ -72,7 +74,8 @@ def check_same_clean(result: AttributionResult, clean: float, what: str) -> None
 
 
 def verify_top(result: AttributionResult, model: Model, tokens: Tensor, k: Union[int, float], *, metric=None,
-               reference=None, max_batch_rows: Optional[int] = None, progress: bool = True) -> AttributionResult:
+               reference=None, memory_budget_gb: float = defaults.MEMORY_BUDGET_GB, chunk_size: Optional[int] = None,
+               progress: bool = True) -> AttributionResult:
     """``result`` with the top ``k`` cells of each circuit by |estimate| (``k``: a count, or a fraction of the cells)
     run exactly (:func:`tl_circuits.freeze_sweep` with ``cells=``, per sample if the result is): a new result, whose
     ``effect`` is exact there. ``tokens``, ``metric`` and ``reference`` must be the sweep's; a clean metric that
@@ -83,7 +86,8 @@ def verify_top(result: AttributionResult, model: Model, tokens: Tensor, k: Union
         return result
     per_sample = result.per_sample_estimate is not None
     exact = freeze_sweep(model, tokens, metric, circuits=list(result.estimate), replacement=result.replacement,
-                         reference=reference, per_sample=per_sample, max_batch_rows=max_batch_rows, cells=cells,
+                         reference=reference, per_sample=per_sample, memory_budget_gb=memory_budget_gb,
+                         chunk_size=chunk_size, cells=cells,
                          progress=progress)
     check_same_clean(result, exact.clean, "verification")
     verified = {c: m.clone() for c, m in result.verified.items()}
@@ -104,8 +108,8 @@ def verify_top(result: AttributionResult, model: Model, tokens: Tensor, k: Union
 
 def missed_effect_bound(result: AttributionResult, model: Model, tokens: Tensor, *, metric=None, reference=None,
                         confidence: float = 0.95, rounds: Optional[int] = None, groups: int = MISSED_GROUPS,
-                        seed: Optional[int] = SEED, max_batch_rows: Optional[int] = None,
-                        progress: bool = True) -> AttributionResult:
+                        seed: Optional[int] = SEED, memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
+                        chunk_size: Optional[int] = None, progress: bool = True) -> AttributionResult:
     """``result`` with ``missed[circuit]``: AtP*'s subset-sampling bound on the unverified cells' effects.
 
     ``rounds`` (default: the fewest with ``1 − n_unverified · 2^−rounds ≥ confidence``) random splits of each
@@ -135,7 +139,7 @@ def missed_effect_bound(result: AttributionResult, model: Model, tokens: Tensor,
         splits = [np.array_split(rng.permutation(len(unverified)), n_groups) for _ in range(n_rounds)]
         plan[circuit] = (unverified, n_rounds, n_groups, [[unverified[i] for i in part] for s in splits for part in s])
     batch, n_pos = tokens.shape
-    rows = max_batch_rows or max(batch, GB // (n_pos * spec.d_vocab * 4))
+    rows = chunk_size or max(batch, memory.rows_for_budget(memory.forward_row_bytes(spec, n_pos), memory_budget_gb))
     copies = max(1, rows // batch)
     missed = dict(result.missed)
     n_passes = sum(math.ceil(len(p[3]) / copies) for p in plan.values())

@@ -2,7 +2,7 @@
 the missed-effect bound (docs/spec.md §1.9).
 
 An :class:`AttributionResult` *is* a :class:`~tl_circuits.freezing.sweep.SweepResult` (same grids, ``test()``,
-``plot()``, ``save()``): ``effect[c][l, h]`` is the exact freeze effect where ``verified[c][l, h]`` and the
+``plot()``, ``save(folder)`` and :func:`tl_circuits.load`): ``effect[c][l, h]`` is the exact freeze effect where ``verified[c][l, h]`` and the
 first-order estimate elsewhere; ``estimate[c]`` keeps every estimate, so verified cells show both numbers.
 
 >>> import torch
@@ -19,14 +19,12 @@ AttributionResult(MEAN, loss: first-order estimates of freeze effects (AtP*), ve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
 
 from tl_circuits.freezing.sweep import SweepResult
-from tl_circuits.freezing.sweep_io import save_sweep
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from pandas import DataFrame
@@ -134,33 +132,22 @@ class AttributionResult(SweepResult):
             table[column] = [grids[c][l, h].item() for c, l, h in zip(table["circuit"], table["layer"], table["head"])]
         return table
 
-    def save(self, path: Union[str, Path]) -> tuple[Path, Path]:
-        """:meth:`SweepResult.save` (format version 3, ``"kind": "attribution"``) plus ``estimate.<c>``,
-        ``verified.<c>`` (uint8), ``exact.<c>``, and when kept ``per_sample_estimate.<c>`` / ``per_sample_exact.<c>``;
-        the missed-effect bounds go in the JSON. :meth:`SweepResult.load` of the file gives an ``AttributionResult``."""
-        tensors: dict[str, Tensor] = {}
-        for name in ("estimate", "verified", "exact", "per_sample_estimate", "per_sample_exact"):
-            for circuit, grid in (getattr(self, name) or {}).items():
-                tensors[f"{name}.{circuit}"] = grid.to(torch.uint8) if grid.dtype == torch.bool else grid
-        extra = dict(kind="attribution", estimate_circuits=list(self.estimate),
-                     per_sample_estimates=self.per_sample_estimate is not None,
-                     missed={c: bound.to_dict() for c, bound in self.missed.items()})
-        return save_sweep(self, path, extra_tensors=tensors, extra_metadata=extra)
+    def saved_fields(self) -> dict[str, Any]:
+        """What ``save(folder)`` writes (:mod:`tl_circuits.results_io`, kind ``AttributionResult``): the sweep's
+        fields but ``frozen`` and ``per_sample_effect`` (combined again on load), the estimate, verified and exact
+        grids, and the missed-effect bounds as JSON. A reader of ``SweepResult`` folders refuses it (another kind),
+        so estimates are never read back as freeze effects."""
+        fields = super().saved_fields()
+        del fields["frozen"], fields["per_sample_effect"]
+        fields["missed"] = {circuit: bound.to_dict() for circuit, bound in self.missed.items()}
+        return fields
 
     @classmethod
-    def from_saved(cls, fields: dict, tensors: dict[str, Tensor], metadata: dict, tensors_file: Path
-                   ) -> AttributionResult:
-        """The result from :func:`~tl_circuits.freezing.sweep_io.load_sweep`'s ``SweepResult`` fields and the extra
-        tensors and metadata :meth:`save` wrote (``ValueError`` naming a missing tensor)."""
-        circuits, per_sample = metadata.get("estimate_circuits", []), metadata.get("per_sample_estimates", False)
-        names = ["estimate", "verified", "exact"] + (["per_sample_estimate", "per_sample_exact"] if per_sample else [])
-        absent = [f"{n}.{c}" for n in names for c in circuits if f"{n}.{c}" not in tensors]
-        if absent:
-            raise ValueError(f"{tensors_file} lacks the attribution tensors {absent} (corrupt?)")
-        grids: dict[str, Any] = {n: {c: tensors[f"{n}.{c}"] for c in circuits} for n in names}
-        grids["verified"] = {c: g.bool() for c, g in grids["verified"].items()}
-        missed = {c: MissedEffectBound(**bound) for c, bound in metadata.get("missed", {}).items()}
-        return cls(**{**fields, "frozen": {}, "per_sample_effect": None}, **grids, missed=missed)
+    def from_saved_fields(cls, fields: dict[str, Any]) -> AttributionResult:
+        """The result from what :meth:`saved_fields` wrote."""
+        missed = {circuit: MissedEffectBound(**bound) for circuit, bound in (fields.pop("missed") or {}).items()}
+        verified = {circuit: grid.bool() for circuit, grid in (fields.pop("verified") or {}).items()}
+        return cls(**fields, frozen={}, per_sample_effect=None, verified=verified, missed=missed)
 
     def verify(self, model: Model, tokens: Tensor, k, metric=None, reference=None, **kwargs) -> AttributionResult:
         """This result with the top ``k`` cells of each circuit by |estimate| verified exactly; see

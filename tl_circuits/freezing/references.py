@@ -13,7 +13,7 @@ Both are computed once, before any hook runs, so that a freeze's forward passes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -21,12 +21,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache
 
+from tl_circuits import defaults
+from tl_circuits.deprecation import renamed_argument
 from tl_circuits.freezing.options import Circuit, FreezeSpec, Replacement
+from tl_circuits.interference import memory
 from tl_circuits.models.spec import ModelSpec, check_tokens, model_spec, post_rotary
 from tl_circuits.models.types import Model
 
 MEAN_BATCH_SIZE = 32
-"""Reference samples per forward pass when accumulating MEAN activations."""
+"""The most reference samples per forward pass when accumulating MEAN activations (fewer when
+``memory_budget_gb`` does not hold 32): larger batches gain nothing here."""
 
 
 @dataclass(frozen=True)
@@ -51,19 +55,28 @@ def compute_mean_activations(
     reference_tokens: Int[Tensor, "batch pos"],
     *,
     per_position: bool = True,
-    batch_size: int = MEAN_BATCH_SIZE,
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
+    chunk_size: Optional[int] = None,
     progress: bool = True,
+    batch_size: Optional[int] = None,
 ) -> MeanActivations:
     """Mean queries, keys and z of every head over a reference dataset (the MEAN reference).
 
-    Accumulated in float32 in batches of ``batch_size``. With ``per_position=True`` (default) the
+    Accumulated in float32, in chunks of ``chunk_size`` samples per forward pass; ``None`` (default): as many as
+    ``memory_budget_gb`` (what the call may allocate, in GB) holds, at most :data:`MEAN_BATCH_SIZE`
+    (``batch_size``, the old name of ``chunk_size``, is deprecated). With ``per_position=True`` (default) the
     mean is taken per position, so a freeze can only be applied to runs no longer than the
     reference; with ``False`` it is also averaged over positions and applies to any length.
     """
     spec = model_spec(model)
     check_tokens(spec, reference_tokens, "reference tokens")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk_size = renamed_argument("batch_size", "chunk_size", batch_size, chunk_size, default=None,
+                                  note="reference samples per forward pass")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 (samples per forward pass), got {chunk_size!r}")
+    if chunk_size is None:  # the cache keeps q, k and z of every layer for the chunk
+        row_bytes = memory.forward_row_bytes(spec, reference_tokens.shape[1], cached_heads=3)
+        chunk_size = min(MEAN_BATCH_SIZE, memory.rows_for_budget(row_bytes, memory_budget_gb))
     names = {}
     for layer in range(spec.n_layers):
         names[spec.query_hook(layer)] = ("q", layer)
@@ -71,10 +84,10 @@ def compute_mean_activations(
         names[spec.hook_name(layer, "z")] = ("z", layer)
     sums: dict[tuple[str, int], Tensor] = {}
     n = reference_tokens.shape[0]
-    starts = range(0, n, batch_size)
+    starts = range(0, n, chunk_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="mean activations", disable=not progress):
-            chunk = reference_tokens[start:start + batch_size]
+            chunk = reference_tokens[start:start + chunk_size]
             _, cache = model.run_with_cache(chunk, names_filter=lambda nm: nm in names)
             for name, (kind, layer) in names.items():
                 act = cache[name]  # [batch, pos, heads, d_head]
@@ -106,8 +119,10 @@ def resample_reference(
     layers: Iterable[int],
     circuit: Circuit,
     reference: Union[Int[Tensor, "batch pos"], ActivationCache, Mapping[str, Tensor]],
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> ResampleReference:
-    """The RESAMPLE reference: ``reference`` tokens run once now (no grad), or read from a cache."""
+    """The RESAMPLE reference: ``reference`` tokens run once now (no grad; with ``attention_mask``, their
+    padding), or read from a cache."""
     names = []
     for layer in layers:
         if circuit in (Circuit.QK, Circuit.BOTH):
@@ -117,7 +132,8 @@ def resample_reference(
     if isinstance(reference, Tensor):
         check_tokens(spec, reference, "reference tokens")
         with torch.no_grad():
-            _, reference = model.run_with_cache(reference, names_filter=lambda nm: nm in names)
+            masked: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+            _, reference = model.run_with_cache(reference, names_filter=lambda nm: nm in names, **masked)
     if not isinstance(reference, (ActivationCache, Mapping)):
         raise TypeError(
             f"RESAMPLE needs reference tokens [batch, pos] or an ActivationCache, got {type(reference).__name__}"
@@ -134,12 +150,14 @@ def resample_reference(
 
 
 def prepare_reference(
-    model: Model, spec: ModelSpec, freeze_spec: FreezeSpec, reference: Optional[ReferenceLike], layers: Iterable[int]
+    model: Model, spec: ModelSpec, freeze_spec: FreezeSpec, reference: Optional[ReferenceLike], layers: Iterable[int],
+    reference_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> PreparedReference:
     """The reference the hooks read for ``freeze_spec.replacement``: checked, and computed from tokens if needed.
 
     MEAN: a :class:`MeanActivations` (reference tokens are averaged per position); RESAMPLE: a
-    :data:`ResampleReference`; every other replacement: ``None`` (and a given reference is an error).
+    :data:`ResampleReference` (``reference_mask``: the attention mask of RESAMPLE reference tokens); every other
+    replacement: ``None`` (and a given reference is an error).
     """
     replacement = freeze_spec.replacement
     if replacement == Replacement.MEAN:
@@ -153,7 +171,8 @@ def prepare_reference(
         if reference is None:
             raise ValueError("RESAMPLE needs reference=tokens or an ActivationCache")
         # a MeanActivations here is resample_reference's TypeError, at run time
-        return resample_reference(model, spec, layers, freeze_spec.circuit, reference)  # type: ignore[arg-type]
+        return resample_reference(model, spec, layers, freeze_spec.circuit, reference,  # type: ignore[arg-type]
+                                  reference_mask)
     if reference is not None:
         raise ValueError(f"{replacement.value.upper()} takes no reference")
     return None

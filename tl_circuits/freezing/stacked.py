@@ -81,21 +81,27 @@ LayerRunner = Callable[[int, int], Tensor]
 """``(layer, copies) -> logits`` of ``copies`` stacked copies of the clean batch, restarted at ``layer``."""
 
 
-def clean_run(model: Model, spec: ModelSpec, tokens: Tensor) -> tuple[Tensor, LayerRunner, str]:
+def clean_run(model: Model, spec: ModelSpec, tokens: Tensor,
+              attention_mask: Optional[Tensor] = None) -> tuple[Tensor, LayerRunner, str]:
     """The clean logits of ``tokens``, a :data:`LayerRunner` restarting from each layer's clean ``resid_pre``,
-    and the name of the route it takes (``settings["restart"]`` of a sweep).
+    and the name of the route it takes (``settings["restart"]`` of a sweep). ``attention_mask`` (0/1, padding)
+    is given to every forward, the restarted ones included (repeated for the stacked copies).
 
     Call under ``torch.no_grad()``; the runner's forwards see whatever hooks are active when it is called.
     """
+    def masked(copies: int) -> dict:  # no keyword without a mask: an unpadded sweep calls the model as before
+        return {} if attention_mask is None else {"attention_mask": attention_mask.repeat(copies, 1)}
+
     if spec.starts_at_layer:
         names = {spec.resid_pre_hook(layer) for layer in range(spec.n_layers)}
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names, **masked(1))
 
         def from_cache(layer: int, copies: int) -> Tensor:
-            return model(cache[spec.resid_pre_hook(layer)].repeat(copies, 1, 1), start_at_layer=layer)
+            return model(cache[spec.resid_pre_hook(layer)].repeat(copies, 1, 1), start_at_layer=layer,
+                         **masked(copies))
         return torch.as_tensor(logits), from_cache, "start_at_layer"
     if spec.kind == "bridge" and restart_problem(model) is None:
-        restart = prepare_restart(model, tokens)
+        restart = prepare_restart(model, tokens, attention_mask)  # records the mask each block is called with
         assert restart.logits is not None
 
         def from_blocks(layer: int, copies: int) -> Tensor:
@@ -103,8 +109,8 @@ def clean_run(model: Model, spec: ModelSpec, tokens: Tensor) -> tuple[Tensor, La
         return restart.logits, from_blocks, "blocks"
 
     def whole_model(layer: int, copies: int) -> Tensor:  # layers before `layer` recompute the clean values
-        return model(tokens.repeat(copies, 1))
-    return model(tokens), whole_model, "full forward"
+        return model(tokens.repeat(copies, 1), **masked(copies))
+    return model(tokens, **masked(1)), whole_model, "full forward"
 
 
 def sweep_draw(

@@ -15,6 +15,16 @@ NOISE over several seeds and RESAMPLE over several reference batches are *draws*
 >>> result = freeze_sweep(model, torch.randint(0, 64, (3, 6)), per_sample=True, progress=False)
 >>> result.per_sample_effect["qk"].shape, result.clean_per_sample.shape
 (torch.Size([3, 2, 4]), torch.Size([3]))
+
+A padded batch whose loss counts only the predictions of the last two tokens of each sample:
+
+>>> tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+>>> attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # sample 0 left-padded
+>>> loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0]])      # predictions of tokens 4 and 5
+>>> result = freeze_sweep(model, tokens, per_sample=True, attention_mask=attention_mask, loss_mask=loss_mask,
+...                       progress=False)
+>>> result.settings["loss"]["counted_predictions"]
+{'min': 2, 'median': 2.0, 'max': 2, 'total': 4}
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ except ImportError:  # TransformerLens 2.x
 
 from tl_circuits import defaults
 from tl_circuits.defaults import GB, SEED
+from tl_circuits.deprecation import renamed_argument
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
     Circuit,
@@ -49,17 +60,15 @@ from tl_circuits.freezing.options import (
 )
 from tl_circuits.freezing.references import ReferenceLike, prepare_reference
 from tl_circuits.freezing.stacked import DrawSettings, clean_run, evaluate_metric, sweep_draw
-from tl_circuits.freezing.sweep_io import (
-    SWEEP_FORMAT,
-    SWEEP_FORMAT_VERSION,
-    load_sweep,
-    save_sweep,
-    sweep_result_files,
-)
+from tl_circuits.freezing.sweep_inputs import check_padded_qk, check_resample_masks
+from tl_circuits.interference import memory
+from tl_circuits.freezing.sweep_io import SWEEP_FORMAT, SWEEP_FORMAT_VERSION, load_sweep, sweep_result_files
+from tl_circuits.interference.inputs import check_mask, next_token_losses, prepare_loss
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
 from tl_circuits.parallel.group import agreed_int, current_world
 from tl_circuits.parallel.sweep import SweepShare
+from tl_circuits.results_io import SavedResult
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
@@ -76,7 +85,7 @@ PerSampleMetric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, "
 
 
 @dataclass
-class SweepResult:
+class SweepResult(SavedResult):
     """Metric of the model with each head's circuit frozen in turn.
 
     ``frozen[circuit][layer, head]``: the batch-mean metric with that head's circuit frozen (NaN where not
@@ -85,7 +94,16 @@ class SweepResult:
     (sample i's frozen minus clean metric, averaged over draws; NaN for a sample with a NaN metric), and then
     ``clean`` and ``effect`` are means over the finite samples (``effect`` = the nan-mean of
     ``per_sample_effect``). ``per_draw_effect[circuit]`` [n_draws, n_layers, n_heads]: each draw's batch-mean effect.
-    :meth:`save` / :meth:`load` keep it on disk as a file pair (see :meth:`save`).
+    ``save(folder)`` / :func:`tl_circuits.load` keep it on disk, every number bit for bit, NaN included
+    (:mod:`tl_circuits.results_io`; settings must be JSON values, and tuples come back as lists).
+
+    >>> import tempfile
+    >>> result = SweepResult(clean=2.5, frozen={"qk": torch.tensor([[2.0, float("nan")]])},
+    ...                      replacement="zero", metric_name="loss", settings={"seed": 0})
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     loaded = SweepResult.load(result.save(f"{folder}/sweep"))
+    >>> loaded.clean, loaded.frozen["qk"], loaded.settings
+    (2.5, tensor([[2., nan]]), {'seed': 0})
     """
 
     clean: float
@@ -121,49 +139,19 @@ class SweepResult:
     def test(self, alpha: float = defaults.ALPHA, alternative: str = "two-sided",
              n_permutations: Optional[int] = None, n_bootstrap: int = defaults.N_BOOTSTRAP,
              confidence_level: float = defaults.CONFIDENCE_LEVEL, ci_method: str = "bca", correction: str = "bh",
-             seed: Optional[int] = defaults.SEED) -> SweepTestResult:
+             seed: Optional[int] = defaults.SEED, progress: bool = True) -> SweepTestResult:
         """Intervals and paired sign-flip tests of every head's per-sample effect; see
-        :func:`tl_circuits.freezing.sweep_stats.test_sweep` (needs ``freeze_sweep(..., per_sample=True)``)."""
-        from tl_circuits.freezing.sweep_stats import test_sweep
+        :func:`tl_circuits.freezing.sweep_stats.sweep_test` (needs ``freeze_sweep(..., per_sample=True)``)."""
+        from tl_circuits.freezing.sweep_stats import sweep_test
 
-        return test_sweep(self, alpha=alpha, alternative=alternative, n_permutations=n_permutations,
+        return sweep_test(self, alpha=alpha, alternative=alternative, n_permutations=n_permutations,
                           n_bootstrap=n_bootstrap, confidence_level=confidence_level, ci_method=ci_method,
-                          correction=correction, seed=seed)
-
-    def save(self, path: Union[str, Path]) -> tuple[Path, Path]:
-        """Write the result as a file pair; returns ``(tensors_file, metadata_file)``.
-
-        ``path`` is the common stem (or either file name; see :func:`sweep_result_files`):
-
-        - ``<stem>.safetensors``: ``"clean"`` (float64, shape [1]) and ``"frozen.<circuit>"``
-          ([n_layers, n_heads], dtype as held), and when present ``"clean_per_sample"`` [N],
-          ``"per_sample_effect.<circuit>"`` [N, n_layers, n_heads] and ``"per_draw_effect.<circuit>"``
-          [n_draws, n_layers, n_heads] — every number, NaN included, bit for bit;
-        - ``<stem>.json``: ``format``, ``version`` (2; version 1 files still load), ``replacement``,
-          ``metric_name``, ``circuits`` (the order of ``frozen``), ``settings``, ``per_sample_circuits`` and
-          ``per_draw_circuits`` (the keys of those tensors, or null).
-          Settings must be JSON values (tuples come back as lists).
-
-        Existing files are overwritten; missing parent folders are made.
-
-        >>> import tempfile, torch
-        >>> result = SweepResult(clean=2.5, frozen={"qk": torch.tensor([[2.0, float("nan")]])},
-        ...                      replacement="zero", metric_name="loss", settings={"seed": 0})
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     _ = result.save(f"{folder}/sweep")
-        ...     loaded = SweepResult.load(f"{folder}/sweep")
-        >>> loaded.clean, loaded.frozen["qk"], loaded.settings
-        (2.5, tensor([[2., nan]]), {'seed': 0})
-        """
-        return save_sweep(self, path)
+                          correction=correction, seed=seed, progress=progress)
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "SweepResult":
-        """Read a result written by :meth:`save` (``path``: the stem or either file; format version 1 or 2).
-
-        Raises ``FileNotFoundError`` naming a missing file and ``ValueError`` for a file that is corrupt
-        or not a saved ``SweepResult``.
-        """
+    def load_legacy(cls, path: Path) -> Optional["SweepResult"]:
+        """The file pair ``<stem>.safetensors`` + ``<stem>.json`` of earlier versions (format 1 or 2;
+        :mod:`tl_circuits.freezing.sweep_io`), or ``None`` when there is none."""
         return load_sweep(cls, path)
 
     def plot_patterns(self, model: Model, tokens: Int[Tensor, "batch pos"],
@@ -197,9 +185,14 @@ def freeze_sweep(
     seed: Optional[int] = SEED,
     per_sample: bool = False,
     n_draws: Optional[int] = None,
-    max_batch_rows: Optional[int] = None,
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
+    chunk_size: Optional[int] = None,
     cells: Optional[Sequence[tuple[Union[str, Circuit], int, int]]] = None,
     progress: bool = True,
+    max_batch_rows: Optional[int] = None,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    reference_attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> SweepResult:
     """Freeze every head's circuit in turn and evaluate ``metric`` on the logits.
 
@@ -208,6 +201,12 @@ def freeze_sweep(
         metric: ``logits -> scalar`` (TransformerLens's patching-metric convention); default: the
             mean next-token cross-entropy on ``tokens``. With ``per_sample=True``: ``logits -> [batch]``, one
             value per sample (NaN = missing); default: each sample's mean next-token loss over its positions.
+            With an ``attention_mask`` or a ``loss_mask`` the default is the per-sample loss of the gradients
+            (docs/spec.md §2.1): each sample's token-mean cross-entropy over its counted predictions (valid
+            targets, and those set in ``loss_mask``); its batch metric is the mean over samples of these
+            per-sample means (so ``per_sample=False`` gives the nan-mean of the ``per_sample=True`` effects). A
+            metric of your own gets the logits only: it must ignore padding itself (and a ``loss_mask`` with it
+            is refused).
         circuits: which circuits to sweep, each giving an [n_layers, n_heads] tensor.
         replacement, reference, noise_scale, seed: as :func:`tl_circuits.freeze`. A RESAMPLE sweep
             with ``reference=clean_cache`` on corrupted ``tokens`` equals TransformerLens's
@@ -219,13 +218,36 @@ def freeze_sweep(
         n_draws: NOISE only: k draws with seeds ``seed, seed + 1, ..., seed + k - 1`` (each the sweep of that
             seed); effects are averaged over draws and each draw's kept in ``per_draw_effect``. Default 1 (or
             the length of a RESAMPLE reference list).
-        max_batch_rows: most rows in one stacked forward (default: about 1 GB of logits).
+        attention_mask: ``[batch, pos]`` 0/1 padding mask, given to every forward of the sweep (clean, frozen and
+            restarted); ``None``: every position real.
+        loss_mask: ``[batch, pos]`` 0/1 or bool, the predictions the default metric scores, in the ``scored``
+            convention (``loss_mask[i, p]``: the prediction of token ``p + 1``; as
+            :func:`~tl_circuits.per_sample_gradients`); a sample with no counted prediction is a ValueError
+            naming it.
+        reference_attention_mask: the padding of RESAMPLE reference tokens (default: ``attention_mask``). With an
+            attention mask, RESAMPLE reference tokens are a per-sample corrupted batch of the same shape (sample
+            ``i`` patched from row ``i``), padded the same way: a sample whose corrupted row has another number
+            of valid tokens (or other positions) is a ValueError naming it.
+        memory_budget_gb: what the call may allocate, in GB (:data:`tl_circuits.defaults.MEMORY_BUDGET_GB`); it
+            sets the rows of one stacked forward (:func:`tl_circuits.interference.memory.forward_row_bytes`: the
+            default 4 GB is about 1 GB of float32 logits). One pass always holds the whole batch for one variant: a
+            batch larger than the budget allows is run anyway, with a warning.
+        chunk_size: most rows (copies of a sample) in one stacked forward, instead of the budget's
+            (``max_batch_rows``, its old name, is deprecated).
         cells: run only these ``(circuit, layer, head)`` cells, each frozen alone as in the whole sweep (the
             circuits among ``circuits``); every other cell stays NaN. The attribution sweep verifies its top
             cells this way. (A NOISE cell then draws other noise than in the whole sweep: the stacked passes differ.)
+        progress: a tqdm progress bar.
     """
+    chunk_size = renamed_argument("max_batch_rows", "chunk_size", max_batch_rows, chunk_size, default=None,
+                                  note="most rows in one stacked forward")
     spec = model_spec(model)
     check_tokens(spec, tokens)
+    if metric is not None and loss_mask is not None:
+        raise ValueError("loss_mask says what the default metric scores; a metric of your own gets the logits only "
+                         "and would ignore it: score the predictions you want inside your metric, or drop the metric")
+    mask = None if attention_mask is None else check_mask(tokens, attention_mask, "tokens")
+    scored = prepare_loss(tokens, check_mask(tokens, attention_mask, "tokens"), loss_mask, None, "tokens")
     swept: list[Circuit] = [parse_option(Circuit, c, "circuit") for c in circuits]
     if not swept:
         raise ValueError("circuits is empty: name at least one of 'qk', 'ov', 'both'")
@@ -234,39 +256,50 @@ def freeze_sweep(
         check_replacement_fits(replacement, circuit)
         check_qk_freezable(spec, circuit)
     check_noise_scale(noise_scale)
-    if max_batch_rows is not None and max_batch_rows < 1:
-        raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 (rows of one stacked forward), got {chunk_size!r}")
+    if not memory_budget_gb > 0:
+        raise ValueError(f"memory_budget_gb must be positive (GB the call may allocate), got {memory_budget_gb!r}")
     draw_references = _draw_references(replacement, reference, n_draws)
+    reference_mask = check_resample_masks(tokens, mask, draw_references, reference_attention_mask, replacement)
+    check_padded_qk(spec, mask, swept, replacement)
     first_seed = seed
     if seed is None and replacement == Replacement.NOISE:  # fresh entropy, drawn on rank 0 and shared; recorded
         first_seed = agreed_int(torch.Generator().seed() % 2**62, current_world())
     seeds = [None if first_seed is None else first_seed + d for d in range(len(draw_references))]
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
+    loss_settings = scored.describe() if metric is None else {"scored": f"metric {metric_name}"}
     if metric is None:
-        metric = default_metric(tokens, per_sample)
+        metric = default_metric(tokens, per_sample, mask, scored.loss_mask)
 
     batch, n_pos = tokens.shape
-    if max_batch_rows is None:
-        max_batch_rows = max(batch, GB // (n_pos * spec.d_vocab * 4))  # ~1 GB of float32 logits
-    per_pass = max(1, min(len(swept) * spec.n_heads, max_batch_rows // batch))
+    max_rows = chunk_size or memory.rows_for_budget(memory.forward_row_bytes(spec, n_pos), memory_budget_gb)
+    if chunk_size is None and max_rows < batch:
+        warnings.warn(f"a stacked pass holds the whole batch ({batch} samples) for one variant: about "
+                      f"{batch * memory.forward_row_bytes(spec, n_pos) / GB:.3g} GB, above memory_budget_gb="
+                      f"{memory_budget_gb:g}; run the sweep on fewer samples at a time to stay within it",
+                      UserWarning, stacklevel=2)
+    per_pass = max(1, min(len(swept) * spec.n_heads, max_rows // batch))
     chosen = None if cells is None else _check_cells(spec, swept, cells)
     passes = _layer_passes(spec, swept, None if chosen is None else set(chosen), per_pass)
     draws_frozen = []
     with torch.no_grad():
-        clean_logits, run_layer, route = clean_run(model, spec, tokens)
+        clean_logits, run_layer, route = clean_run(model, spec, tokens, mask)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
         n_items = sum(len(layer_passes) for layer_passes in passes)  # (layer, stacked pass) items, dealt over ranks
         n_mine = SweepShare(n_items).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
-                draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed)
+                draw = _draw_settings(model, spec, swept, replacement, draw_reference, noise_scale, draw_seed,
+                                      reference_mask)
                 share = SweepShare(n_items)
                 draws_frozen.append(share.merge(sweep_draw(model, spec, batch, run_layer, metric, passes, draw,
                                                            per_sample, bar, share)))
     settings = dict(circuits=[c.value for c in swept], noise_scale=noise_scale, seed=seed,
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, restart=route, per_sample=per_sample,
                     n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None,
+                    attention_mask=mask is not None, loss=loss_settings,
                     cells=None if chosen is None else [[c.value, l, h] for c, l, h in chosen])
     combine = _combine_per_sample if per_sample else _combine_batch_means
     return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)
@@ -299,11 +332,22 @@ def _layer_passes(spec, swept: list[Circuit], cells, per_pass: int) -> list[list
     return passes
 
 
-def default_metric(tokens: Tensor, per_sample: bool) -> Callable[[Tensor], Tensor]:
-    """The sweeps' default metric: the mean next-token loss on ``tokens`` (``per_sample``: each sample's, ``[N]``)."""
-    if per_sample:  # each sample's mean over its pos - 1 next-token predictions
-        return lambda logits: lm_cross_entropy_loss(logits, tokens, per_token=True).mean(-1)
-    return lambda logits: lm_cross_entropy_loss(logits, tokens)
+def default_metric(tokens: Tensor, per_sample: bool, mask: Optional[Tensor] = None,
+                   loss_mask: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
+    """The sweep's default metric: TransformerLens's next-token loss of every position, or, with a padding or
+    loss mask, the per-sample loss of docs/spec.md §2.1 (the batch metric: the mean of the per-sample means)."""
+    if mask is None and loss_mask is None:
+        if per_sample:  # each sample's mean over its pos - 1 next-token predictions
+            return lambda logits: lm_cross_entropy_loss(logits, tokens, per_token=True).mean(-1)
+        return lambda logits: lm_cross_entropy_loss(logits, tokens)
+    full = torch.ones_like(tokens) if mask is None else mask
+
+    def losses(logits: Tensor) -> Tensor:
+        device = logits.device
+        return next_token_losses(logits, tokens.to(device), full.to(device),
+                                 None if loss_mask is None else loss_mask.to(device))
+
+    return losses if per_sample else (lambda logits: losses(logits).mean())
 
 
 def _draw_references(replacement: Replacement, reference, n_draws: Optional[int]) -> list:
@@ -325,12 +369,13 @@ def _draw_references(replacement: Replacement, reference, n_draws: Optional[int]
     return [reference] * (n_draws or 1)
 
 
-def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed) -> DrawSettings:
+def _draw_settings(model, spec, swept, replacement, reference, noise_scale, seed, reference_mask) -> DrawSettings:
     references = {}
     for circuit in swept:
         fspec = FreezeSpec(tuple((l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)), circuit,
                            replacement, GradientMode.STOPGRAD, float(noise_scale), seed)
-        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers))
+        references[circuit] = prepare_reference(model, spec, fspec, reference, range(spec.n_layers),
+                                                reference_mask if isinstance(reference, Tensor) else None)
     noise_seed = seed if replacement == Replacement.NOISE else None
     return DrawSettings(replacement, references, float(noise_scale), noise_seed)
 

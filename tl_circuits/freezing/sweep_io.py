@@ -1,7 +1,8 @@
-"""A :class:`~tl_circuits.freezing.sweep.SweepResult` on disk: a safetensors file for the numbers, JSON for the rest.
+"""The file pair in which earlier versions saved a :class:`~tl_circuits.freezing.sweep.SweepResult`, read back.
 
-Format version 2 adds the optional per-sample and per-draw tensors; version 1 files (batch means only)
-are still read.
+A ``SweepResult`` saves as every result does (:mod:`tl_circuits.results_io`: a folder). Before that it was a file
+pair, ``<stem>.safetensors`` (the numbers) and ``<stem>.json`` (the rest), format versions 1 (batch means only) and 2
+(plus the per-sample and per-draw tensors); :meth:`SweepResult.load` and :func:`tl_circuits.load` still read both.
 
 >>> [f.name for f in sweep_result_files("out/ioi_sweep.json")]
 ['ioi_sweep.safetensors', 'ioi_sweep.json']
@@ -9,105 +10,43 @@ are still read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-import torch
 from torch import Tensor
+
+from tl_circuits.results_io import check_record, legacy_files_present, pair_paths, read_json
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from tl_circuits.freezing.sweep import SweepResult
 
 SWEEP_FORMAT = "tl_circuits.SweepResult"
 SWEEP_FORMAT_VERSION = 2
-"""Written by :meth:`SweepResult.save` in its JSON (``format``, ``version``); :meth:`SweepResult.load` reads
-versions 1 (batch means only) and 2 (plus ``clean_per_sample``, ``per_sample_effect.*``, ``per_draw_effect.*``)."""
-ATTRIBUTION_FORMAT_VERSION = 3
-"""The version of an :class:`~tl_circuits.freezing.attribution_result.AttributionResult` file (``"kind":
-"attribution"``): version 2 plus its estimates, verified cells and bound, so that a reader of versions 1-2 refuses
-it rather than take first-order estimates for freeze effects."""
-READABLE_VERSIONS = (1, 2, 3)
+"""The last version of the file pair (``format``, ``version`` in its JSON); versions 1 (batch means only) and 2 (plus
+``clean_per_sample``, ``per_sample_effect.*``, ``per_draw_effect.*``) are read."""
+READABLE_VERSIONS = (1, 2)
 
 
-def sweep_result_files(path: Union[str, Path]) -> tuple[Path, Path]:
-    """The (tensors, metadata) files of a saved :class:`SweepResult`: ``<stem>.safetensors`` and ``<stem>.json``.
-
-    ``path`` is the stem, or either file (its suffix is dropped).
-
-    >>> [f.name for f in sweep_result_files("out/ioi_sweep")]
-    ['ioi_sweep.safetensors', 'ioi_sweep.json']
-    """
-    stem = Path(path)
-    if stem.is_dir():
-        raise ValueError(f"{stem} is a directory; give a file stem inside it, e.g. {stem / 'sweep'}")
-    if stem.suffix in (".safetensors", ".json"):
-        stem = stem.with_suffix("")
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
-def save_sweep(result: SweepResult, path: Union[str, Path], extra_tensors: Optional[dict[str, Tensor]] = None,
-               extra_metadata: Optional[dict] = None) -> tuple[Path, Path]:
-    """Write ``result`` as a file pair (see :meth:`SweepResult.save`); returns ``(tensors_file, metadata_file)``.
-
-    ``extra_tensors`` / ``extra_metadata``: a subclass's own fields (an attribution result's, written as version 3)."""
-    from safetensors.torch import save_file
-
-    tensors_file, metadata_file = sweep_result_files(path)
-    version = SWEEP_FORMAT_VERSION if extra_metadata is None else ATTRIBUTION_FORMAT_VERSION
-    metadata = dict(format=SWEEP_FORMAT, version=version, replacement=result.replacement,
-                    metric_name=result.metric_name, circuits=list(result.frozen), settings=result.settings,
-                    per_sample_circuits=None if result.per_sample_effect is None else list(result.per_sample_effect),
-                    per_draw_circuits=None if result.per_draw_effect is None else list(result.per_draw_effect))
-    metadata.update(extra_metadata or {})
-    try:
-        text = json.dumps(metadata, indent=2)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"SweepResult.settings must hold only JSON values to be saved: {error}") from None
-    tensors = {"clean": torch.tensor([result.clean], dtype=torch.float64)}
-    for circuit, values in result.frozen.items():
-        tensors[f"frozen.{circuit}"] = values.detach().cpu().contiguous()
-    if result.per_sample_effect is not None:
-        if result.clean_per_sample is None:
-            raise ValueError("a SweepResult with per_sample_effect needs clean_per_sample to be saved")
-        tensors["clean_per_sample"] = result.clean_per_sample.detach().cpu().contiguous()
-        for circuit, values in result.per_sample_effect.items():
-            tensors[f"per_sample_effect.{circuit}"] = values.detach().cpu().contiguous()
-    if result.per_draw_effect is not None:
-        for circuit, values in result.per_draw_effect.items():
-            tensors[f"per_draw_effect.{circuit}"] = values.detach().cpu().contiguous()
-    for name, values in (extra_tensors or {}).items():
-        tensors[name] = values.detach().cpu().contiguous()
-    tensors_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tensors_file), metadata={"format": SWEEP_FORMAT})
-    metadata_file.write_text(text + "\n", encoding="utf-8")
-    return tensors_file, metadata_file
+sweep_result_files = pair_paths
+"""The (tensors, metadata) files of a saved :class:`SweepResult` of earlier versions: ``<stem>.safetensors`` and
+``<stem>.json``, for the stem or either file (:func:`tl_circuits.results_io.pair_paths`)."""
 
 
 def _read_metadata(metadata_file: Path) -> dict:
-    try:
-        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{metadata_file} is not valid JSON (corrupt?): {error}") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != SWEEP_FORMAT:
-        raise ValueError(f"{metadata_file} is not a saved SweepResult (no format {SWEEP_FORMAT!r})")
-    if metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{metadata_file} has SweepResult format version {metadata.get('version')!r}; "
-                         f"this tl_circuits reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    metadata = check_record(read_json(metadata_file), metadata_file, SWEEP_FORMAT, READABLE_VERSIONS, "SweepResult")
     missing = [k for k in ("replacement", "metric_name", "circuits", "settings") if k not in metadata]
     if missing:
         raise ValueError(f"{metadata_file} lacks {', '.join(missing)} (corrupt?)")
     return metadata
 
 
-def load_sweep(cls: type[SweepResult], path: Union[str, Path]) -> SweepResult:
-    """Read a result written by :func:`save_sweep` (version 1 or 2); see :meth:`SweepResult.load`."""
+def load_sweep(cls: type[SweepResult], path: Union[str, Path]) -> Optional[SweepResult]:
+    """Read a file pair written by an earlier version (format version 1 or 2); ``None`` when neither file is there."""
     from safetensors.torch import load_file
 
-    tensors_file, metadata_file = sweep_result_files(path)
-    for file in (tensors_file, metadata_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"cannot load a SweepResult from {path}: {file} is missing")
+    tensors_file, metadata_file = pair_paths(path)
+    if not legacy_files_present((tensors_file, metadata_file), "SweepResult"):
+        return None
     metadata = _read_metadata(metadata_file)
     try:
         tensors = load_file(str(tensors_file))
@@ -129,17 +68,9 @@ def load_sweep(cls: type[SweepResult], path: Union[str, Path]) -> SweepResult:
     def grids(prefix: str, names: Optional[list[str]]) -> Optional[dict[str, Tensor]]:
         return None if names is None else {circuit: tensors[f"{prefix}.{circuit}"] for circuit in names}
 
-    fields = dict(clean=float(tensors["clean"][0]), frozen=grids("frozen", circuits) or {},
-                  replacement=metadata["replacement"], metric_name=metadata["metric_name"],
-                  settings=metadata["settings"],
-                  clean_per_sample=tensors["clean_per_sample"] if per_sample is not None else None,
-                  per_sample_effect=grids("per_sample_effect", per_sample),
-                  per_draw_effect=grids("per_draw_effect", per_draw))
-    if metadata.get("kind") == "attribution":  # an AttributionResult whichever class is asked to load it
-        from tl_circuits.freezing.attribution_result import AttributionResult
-
-        return AttributionResult.from_saved(fields, tensors, metadata, tensors_file)
-    if getattr(cls, "from_saved", None) is not None:
-        raise ValueError(f"{metadata_file} holds an exact freeze sweep, not an attribution sweep: load it with "
-                         "SweepResult.load")
-    return cls(**fields)
+    return cls(clean=float(tensors["clean"][0]), frozen=grids("frozen", circuits) or {},
+               replacement=metadata["replacement"], metric_name=metadata["metric_name"],
+               settings=metadata["settings"],
+               clean_per_sample=tensors["clean_per_sample"] if per_sample is not None else None,
+               per_sample_effect=grids("per_sample_effect", per_sample),
+               per_draw_effect=grids("per_draw_effect", per_draw))

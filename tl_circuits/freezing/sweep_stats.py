@@ -17,16 +17,17 @@ sign-flip test, BH/BY q-values over all tested cells, and the QK × OV interacti
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
 
 from tl_circuits import defaults
-from tl_circuits.stats.corrections import fdr_correction
-from tl_circuits.stats.paired import paired_bootstrap_ci, sign_flip_floor, sign_flip_test
+from tl_circuits.deprecation import deprecated_function
+from tl_circuits.results_io import SavedResult
+from tl_circuits.stats.paired import paired_bootstrap_ci, sign_flip_test
+from tl_circuits.stats.pvalues import family_decisions, warn_at_floor
 from tl_circuits.stats.validation import (
     ALTERNATIVES,
     CI_METHODS,
@@ -44,20 +45,26 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 
     from tl_circuits.freezing.sweep import SweepResult
 
-__all__ = ["INTERACTION", "SWEEP_NULL_HYPOTHESIS", "SweepTestResult", "interaction_effect", "test_sweep"]
+__all__ = ["INTERACTION", "SWEEP_NULL_HYPOTHESIS", "SweepTestResult", "interaction_effect", "sweep_test"]
 
 INTERACTION = "interaction"
-"""The extra circuit key of :func:`test_sweep` when "qk", "ov" and "both" were swept: BOTH − (QK + OV)."""
+"""The extra circuit key of :func:`sweep_test` when "qk", "ov" and "both" were swept: BOTH − (QK + OV)."""
 SWEEP_CORRECTIONS = ("bh", "by", "none")
 SWEEP_NULL_HYPOTHESIS = (
     "for each (circuit, layer, head): freezing that head's circuit leaves the metric unchanged in the sense that "
     "each sample's effect (frozen minus clean metric) is symmetric about 0, independently of the other samples, "
     "so the mean per-sample effect is 0; for 'interaction': each sample's BOTH - (QK + OV) effect is symmetric "
     "about 0 (the QK and OV freezes add up)")
+SWEEP_ALTERNATIVES = {
+    "two-sided": "the freeze changes the metric, in either direction",
+    "greater": "the freeze raises the metric (for a loss: the head helps)",
+    "less": "the freeze lowers the metric (for a loss: the head hurts)",
+}
+"""What each ``alternative`` of :func:`sweep_test` looks for; the default is two-sided (a head may help or hurt)."""
 
 
 @dataclass(frozen=True, repr=False)
-class SweepTestResult:
+class SweepTestResult(SavedResult):
     """Per circuit (and ``"interaction"``), [n_layers, n_heads] grids of a freeze sweep's paired test.
 
     ``mean_effect``: mean per-sample effect over the finite samples (= the sweep's ``effect``); ``ci_low`` /
@@ -65,7 +72,8 @@ class SweepTestResult:
     per-sample effects' standard deviation (ddof 1); ``std_between_draws``: the std (ddof 1) of the draws'
     batch-mean effects (NaN for one draw); ``p_value``: the sign-flip test of :attr:`null_hypothesis`;
     ``q_value_bh`` / ``q_value_by``: over every finite cell of every grid; ``significant``: the ``correction``'s
-    adjusted p ≤ ``alpha``; ``n_samples``: finite samples per cell.
+    adjusted p ≤ ``alpha``; ``n_samples``: finite samples per cell. ``save(folder)`` / :func:`tl_circuits.load`
+    keep it on disk (:mod:`tl_circuits.results_io`).
     """
 
     mean_effect: Grid
@@ -90,7 +98,11 @@ class SweepTestResult:
     n_draws: int
     metric_name: str
     replacement: str
-    null_hypothesis: str = SWEEP_NULL_HYPOTHESIS
+
+    @property
+    def null_hypothesis(self) -> str:
+        """What each cell's p-value tests, with the alternative it looks for."""
+        return f"H0: {SWEEP_NULL_HYPOTHESIS}. H1 ({self.alternative}): {SWEEP_ALTERNATIVES[self.alternative]}"
 
     @property
     def circuits(self) -> list[str]:
@@ -107,8 +119,7 @@ class SweepTestResult:
         import pandas as pd
 
         grid_names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), dict)]
-        scalars = {f.name: getattr(self, f.name) for f in fields(self)
-                   if f.name not in grid_names and f.name != "null_hypothesis"}
+        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in grid_names}
         rows = []
         for circuit, values in self.mean_effect.items():
             n_layers, n_heads = values.shape
@@ -171,10 +182,10 @@ def _test_grids(result: SweepResult) -> tuple[dict[str, Tensor], dict[str, Tenso
     return per_sample, per_draw
 
 
-def test_sweep(result: SweepResult, *, alpha: float = defaults.ALPHA, alternative: str = "two-sided",
+def sweep_test(result: SweepResult, *, alpha: float = defaults.ALPHA, alternative: str = "two-sided",
                n_permutations: Optional[int] = None, n_bootstrap: int = defaults.N_BOOTSTRAP,
                confidence_level: float = defaults.CONFIDENCE_LEVEL, ci_method: str = "bca", correction: str = "bh",
-               seed: Optional[int] = defaults.SEED) -> SweepTestResult:
+               seed: Optional[int] = defaults.SEED, progress: bool = True) -> SweepTestResult:
     """Paired test, interval and q-value of every (circuit, layer, head) of a per-sample sweep.
 
     Null hypothesis (per cell): see :data:`SWEEP_NULL_HYPOTHESIS`. The statistic is the mean per-sample effect;
@@ -185,16 +196,18 @@ def test_sweep(result: SweepResult, *, alpha: float = defaults.ALPHA, alternativ
     Samples whose clean metric is NaN are left out (``freeze_sweep`` warned); a cell's NaN samples are left out of it.
 
     Args:
-        alpha: level of ``significant``; alternative: ``"two-sided"`` (default), ``"greater"`` (the freeze
-            raises the metric: a loss-reducing head) or ``"less"``.
+        alpha: level of ``significant``; alternative: ``"two-sided"`` (default: a head may help or hurt),
+            ``"greater"`` (the freeze raises the metric: a loss-reducing head) or ``"less"``; two-sided p-values
+            follow the package's one rule, ``min(1, 2·min(p_less, p_greater))``.
         n_permutations: random sign patterns; default
             :func:`tl_circuits.defaults.default_n_permutations` of the number of tested cells and ``alpha``
-            (so BH can flag a lone cell). Warns when Monte Carlo p-values sit at their floor ``1/(1+B)``, or when
-            an exact test's floor is too coarse for BH to flag one cell.
+            (so BH can flag a lone cell). Warns when Monte Carlo p-values sit at their floor (``1/(1+B)``,
+            two-sided ``2/(1+B)``), or when an exact test's floor is too coarse for BH to flag one cell.
         n_bootstrap: resamples of the interval (0, or fewer than 2 samples: none, and ``ci_low`` is None);
             ci_method ``"bca"`` or ``"percentile"``.
         correction: which adjusted p decides ``significant``: ``"bh"``, ``"by"`` or ``"none"``.
         seed: the sign flips' and the bootstrap's seed.
+        progress: a tqdm progress bar over the sign patterns.
     """
     check_choice("alternative", alternative, ALTERNATIVES)
     check_choice("correction", correction, SWEEP_CORRECTIONS)
@@ -208,46 +221,31 @@ def test_sweep(result: SweepResult, *, alpha: float = defaults.ALPHA, alternativ
     n_cells = flat.shape[1]
     if n_permutations is None:
         n_permutations = defaults.default_n_permutations(n_cells, alpha)
-    flip = sign_flip_test(flat, alternative=alternative, n_permutations=n_permutations, seed=seed)
+    flip = sign_flip_test(flat, alternative=alternative, n_permutations=n_permutations, seed=seed, progress=progress)
     p_value = split_cells(flip.p_value, shapes)
-    _warn_resolution(flip.p_value, flip.n_permutations, flip.exact, alternative, alpha)
+    warn_at_floor(flip.p_value, flip.n_permutations, alternative, exact=flip.exact, alpha=alpha, stacklevel=4)
     ci_low = ci_high = None
     if n_bootstrap and flat.shape[0] >= 2:
         ci = paired_bootstrap_ci(flat, n_resamples=n_bootstrap, confidence_level=confidence_level,
                                  method=ci_method, seed=seed)
         ci_low, ci_high = split_cells(ci.low, shapes), split_cells(ci.high, shapes)
-    q_bh, q_by = fdr_correction(p_value, "bh"), fdr_correction(p_value, "by")
-    adjusted = {"bh": q_bh, "by": q_by, "none": p_value}[correction]
+    decisions = family_decisions(p_value, correction, alpha)
     n_draws = next(iter(per_draw.values())).shape[0] if per_draw else 1
     return SweepTestResult(
         mean_effect=split_cells(flip.statistic, shapes), ci_low=ci_low, ci_high=ci_high,
         std_between_samples={c: _nan_std(e, 0) for c, e in per_sample.items()},
         std_between_draws={c: _nan_std(per_draw[c], 0) if c in per_draw else torch.full(s, float("nan"))
                            for c, s in shapes.items()},
-        p_value=p_value, q_value_bh=q_bh, q_value_by=q_by,
-        significant={c: torch.nan_to_num(v, nan=2.0) <= alpha for c, v in adjusted.items()},
+        p_value=p_value, q_value_bh=decisions.q_value_bh, q_value_by=decisions.q_value_by,
+        significant=decisions.significant,
         n_samples=split_cells(flip.n_samples, shapes), alpha=alpha, alternative=alternative, correction=correction,
         n_permutations=flip.n_permutations, exact=flip.exact, n_bootstrap=n_bootstrap if ci_low is not None else 0,
         ci_method=ci_method, confidence_level=confidence_level, seed=seed, n_draws=n_draws,
         metric_name=result.metric_name, replacement=result.replacement)
 
 
-def _warn_resolution(p: Tensor, n_permutations: int, exact: bool, alternative: str, alpha: float) -> None:
-    floor = sign_flip_floor(n_permutations, exact, alternative)
-    finite = torch.isfinite(p)
-    m = int(finite.sum())
-    if exact:
-        if m and floor > alpha / m:
-            warnings.warn(f"with {n_permutations.bit_length() - 1} samples the exact sign-flip test's smallest "
-                          f"p-value is {floor:.3g}, above alpha/m = {alpha / m:.3g} for the {m} tested cells: "
-                          "BH cannot flag a lone cell; use more samples", UserWarning, stacklevel=4)
-        return
-    count = int((p[finite] <= floor * (1 + 1e-9)).sum())
-    if count:
-        warnings.warn(f"{count} of {m} cells have p-values at their floor {floor:.3g} (= 1/(1 + n_permutations="
-                      f"{n_permutations})): no sign pattern reached their statistic, so their true p-value may be "
-                      "smaller; more permutations resolve it", UserWarning, stacklevel=4)
-
-
-# pytest would collect a function named test_* imported into a test module: mark it as not a test
-test_sweep.__test__ = False  # type: ignore[attr-defined]
+def __getattr__(name: str) -> Any:
+    if name == "test_sweep":  # renamed: pytest collected it from any test module that imported it
+        return deprecated_function("tl_circuits.freezing.sweep_stats.test_sweep", sweep_test,
+                                   "tl_circuits.freezing.sweep_stats.sweep_test (or SweepResult.test)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

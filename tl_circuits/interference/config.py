@@ -15,20 +15,25 @@ it shows progress, are the ``GradientConfig``'s: one budget, in GB (:mod:`tl_cir
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 from tl_circuits import defaults
+from tl_circuits.deprecation import warn_deprecated
+
+T = TypeVar("T")
 
 Method = Literal["factored", "direct"]
 Variant = Literal["unsigned", "signed", "symmetric"]
 Reduction = Literal["sum", "mean"]
 FisherSource = Literal["a", "b", "pooled"]
+Normalization = Literal["diagonal", "head", "hybrid"]
 METHODS = ("factored", "direct")
 VARIANTS = ("unsigned", "signed", "symmetric")
 REDUCTIONS = ("sum", "mean")
 FISHER_SOURCES = ("a", "b", "pooled")
+NORMALIZATIONS = ("diagonal", "head", "hybrid")
 
 DAMPING_ABS = 1e-30
 DAMPING_REL = 1e-3
@@ -69,12 +74,40 @@ class GradientConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
+    def with_progress(self, progress: Optional[bool]) -> "GradientConfig":
+        """This config with ``progress`` set; itself for ``None`` (a call's ``progress=`` keyword, when given,
+        wins over its config's)."""
+        if progress is None or progress == self.progress:
+            return self
+        return dataclasses.replace(self, progress=bool(progress))
+
 
 # Fields that InterferenceConfig took itself before it held a GradientConfig; still accepted (deprecated).
-_LEGACY_GRADIENT_FIELDS = ("include_biases", "memory_budget_gb", "chunk_size", "progress")
+LEGACY_GRADIENT_FIELDS = ("include_biases", "memory_budget_gb", "chunk_size", "progress")
 
 
-@dataclass(frozen=True, init=False)
+def accept_flat_gradient_keywords(cls: type[T]) -> type[T]:
+    """The one shim for the deprecated flat keywords (``InterferenceConfig(progress=False)``): they are moved into
+    ``gradients`` with a :class:`~tl_circuits.deprecation.TLCircuitsDeprecationWarning`; the dataclass's own
+    ``__init__`` does the rest. Dropped in the next minor version."""
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        flat = {name: kwargs.pop(name) for name in LEGACY_GRADIENT_FIELDS if name in kwargs}
+        if flat:
+            warn_deprecated(f"{cls.__name__}({', '.join(sorted(flat))}=...) is deprecated; pass "
+                            "gradients=GradientConfig(...), or progress= to the call", stacklevel=3)
+            gradients = kwargs.get("gradients") or GradientConfig()
+            kwargs["gradients"] = dataclasses.replace(gradients, **flat)
+        dataclass_init(self, *args, **kwargs)
+
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
+
+
+@accept_flat_gradient_keywords
+@dataclass(frozen=True)
 class InterferenceConfig:
     """Settings of :func:`tl_circuits.compute_interference` and the pooled matrix of the tests.
 
@@ -95,14 +128,19 @@ class InterferenceConfig:
         checkpoint_dir: keep every finished shard of gradient factors here, and skip the shards already there
             when a run with the same model, tasks and gradient settings is started again (resume;
             :mod:`tl_circuits.interference.checkpoint`). ``None`` (default): nothing is kept.
+        normalization: the Fisher normaliser of a score (docs/spec.md §3.4): ``"diagonal"`` (default; each
+            parameter's own damped Fisher, the seeds' "behavioral"), ``"head"`` (one damped mean Fisher per
+            (block, layer, head) slice: Fisher-scaled dot products, the seeds' "structural") or ``"hybrid"``
+            (their geometric mean per parameter).
 
-    The old flat keywords ``include_biases``, ``memory_budget_gb``, ``chunk_size`` and ``progress`` are
-    still accepted (deprecated: they go into ``gradients``) and readable as properties.
+    The ``GradientConfig``'s fields are readable here as properties (``config.progress``, ...). The old flat
+    keywords ``InterferenceConfig(include_biases=..., memory_budget_gb=..., chunk_size=..., progress=...)`` still
+    work for this minor version, with a deprecation warning (:func:`accept_flat_gradient_keywords`).
     """
 
     gradients: GradientConfig = field(default_factory=GradientConfig)
-    variant: Variant = defaults.VARIANT  # type: ignore[assignment]
-    reduction: Reduction = defaults.REDUCTION  # type: ignore[assignment]
+    variant: str = defaults.VARIANT          # one of VARIANTS (checked; a str, so a value read from a file fits)
+    reduction: str = defaults.REDUCTION      # one of REDUCTIONS
     fisher_source: Optional[str] = None
     leave_one_out: bool = False
     damping_abs: float = DAMPING_ABS
@@ -110,35 +148,19 @@ class InterferenceConfig:
     max_held_samples: Optional[int] = None
     spill_dir: Optional[str] = None
     checkpoint_dir: Optional[str] = None
+    normalization: str = defaults.NORMALIZATION  # one of NORMALIZATIONS (checked)
 
-    def __init__(self, gradients: Optional[GradientConfig] = None, variant: str = defaults.VARIANT,
-                 reduction: str = defaults.REDUCTION, fisher_source: Optional[str] = None,
-                 leave_one_out: bool = False, damping_abs: float = DAMPING_ABS, damping_rel: float = DAMPING_REL,
-                 max_held_samples: Optional[int] = None, spill_dir: Optional[str] = None,
-                 checkpoint_dir: Optional[str] = None, **legacy: Any):
-        unknown = set(legacy) - set(_LEGACY_GRADIENT_FIELDS)
-        if unknown:
-            raise TypeError(f"InterferenceConfig got unexpected keyword argument(s) {sorted(unknown)}")
-        gradients = gradients if gradients is not None else GradientConfig()
-        if not isinstance(gradients, GradientConfig):
-            raise TypeError(f"gradients must be a GradientConfig, got {type(gradients).__name__}")
-        if legacy:
-            warnings.warn(f"InterferenceConfig({', '.join(sorted(legacy))}=...) is deprecated; pass "
-                          "gradients=GradientConfig(...)", DeprecationWarning, stacklevel=2)
-            gradients = dataclasses.replace(gradients, **legacy)
-        values = dict(gradients=gradients, variant=variant, reduction=reduction, fisher_source=fisher_source,
-                      leave_one_out=leave_one_out, damping_abs=damping_abs, damping_rel=damping_rel,
-                      max_held_samples=max_held_samples, spill_dir=spill_dir,
-                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir))
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-        self._check()
-
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
+        if not isinstance(self.gradients, GradientConfig):
+            raise TypeError(f"gradients must be a GradientConfig, got {type(self.gradients).__name__}")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):  # e.g. a Path
+            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {REDUCTIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}")
         if self.fisher_source is not None and self.fisher_source not in (*FISHER_SOURCES, "external"):
             raise ValueError(f"unknown fisher_source {self.fisher_source!r}; expected one of {FISHER_SOURCES}")
         if self.damping_abs < 0 or self.damping_rel < 0:
@@ -165,13 +187,15 @@ class InterferenceConfig:
         return self.gradients.progress
 
     def replace(self, **changes: Any) -> "InterferenceConfig":
-        """A copy with some fields changed; ``include_biases=`` etc. change ``gradients``."""
-        grad_changes = {k: changes.pop(k) for k in list(changes) if k in _LEGACY_GRADIENT_FIELDS}
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values.update(changes)
-        if grad_changes:
-            values["gradients"] = dataclasses.replace(values["gradients"], **grad_changes)
-        return InterferenceConfig(**values)
+        """A copy with some fields changed (``dataclasses.replace``; the flat gradient keywords, deprecated, change
+        ``gradients``)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_progress(self, progress: Optional[bool]) -> "InterferenceConfig":
+        """This config with ``gradients.progress`` set to ``progress``; itself for ``None`` (the rule of every call
+        that takes both a config and ``progress=``: the keyword, when given, wins)."""
+        gradients = self.gradients.with_progress(progress)
+        return self if gradients is self.gradients else dataclasses.replace(self, gradients=gradients)
 
     def resolved(self, external_fisher: bool = False) -> "InterferenceConfig":
         """Validate and fill ``fisher_source`` (``"external"`` for a given Fisher); ValueError naming a bad setting."""

@@ -48,8 +48,9 @@ class PerSampleGradients:
             :meth:`ModelSpec.per_head` lays them out (a head's weight slice flattened, then its bias).
         spec: the model's :class:`ModelSpec`.
         include_biases: whether bias gradients are part of the rows.
-        losses: each sample's loss (token-mean next-token cross-entropy).
-        n_targets: each sample's number of valid target positions.
+        losses: each sample's loss (docs/spec.md §2.1: by default the token-mean next-token cross-entropy over
+            its counted predictions).
+        n_targets: each sample's number of counted predictions (its valid targets, or those of its loss mask).
     """
 
     per_block: dict[str, Float[Tensor, "n n_layers heads per_head"]]

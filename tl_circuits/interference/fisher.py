@@ -47,10 +47,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_circuits.defaults import NORMALIZATION
+from tl_circuits.interference.config import DAMPING_ABS, DAMPING_REL, NORMALIZATIONS
 from tl_circuits.interference.factors import PerSampleGradients
 from tl_circuits.models.spec import ModelSpec
 
-from tl_circuits.interference.config import DAMPING_ABS, DAMPING_REL  # noqa: E402  (one home for defaults)
 FISHER_DTYPE = torch.float64
 
 Contributions = Mapping[str, Float[Tensor, "n n_layers heads per_head"]]
@@ -74,9 +75,10 @@ class DiagonalFisher:
     include_biases: bool = False
     source: str = ""
 
-    def damped(self, damping_abs: float = DAMPING_ABS, damping_rel: float = DAMPING_REL) -> dict[str, Tensor]:
-        """``F + λ`` per block (see :func:`damped`)."""
-        return damped(self, damping_abs, damping_rel)
+    def damped(self, damping_abs: float = DAMPING_ABS, damping_rel: float = DAMPING_REL,
+               normalization: str = NORMALIZATION) -> dict[str, Tensor]:
+        """The normaliser per block, ``F + λ`` by default (see :func:`damped`)."""
+        return damped(self, damping_abs, damping_rel, normalization)
 
     def to(self, dtype: torch.dtype) -> "DiagonalFisher":
         return DiagonalFisher({b: f.to(dtype) for b, f in self.per_block.items()}, self.n_samples, self.spec,
@@ -236,8 +238,11 @@ def leave_one_out(fisher: DiagonalFisher, x: Union[PerSampleGradients, Contribut
     return {b: loo_block(fisher.per_block[b], n, c[b]) for b in c}
 
 
-def loo_block(fisher_block: Tensor, n: int, c: Tensor) -> Tensor:
-    """One block of :func:`leave_one_out`: ``(n·F − C)/(n − 1)``, float64, clamped at 0."""
+def loo_block(fisher_block: Tensor, n: int, c: Tensor, *, in_place: bool = False) -> Tensor:
+    """One block of :func:`leave_one_out`: ``(n·F − C)/(n − 1)``, float64, clamped at 0 (``in_place``: written over
+    ``c``, a float64 temporary)."""
+    if in_place:
+        return c.neg_().add_(n * fisher_block.to(FISHER_DTYPE)).div_(n - 1).clamp_min_(0.0)
     return ((n * fisher_block.to(FISHER_DTYPE) - c.to(FISHER_DTYPE)) / (n - 1)).clamp_min_(0.0)
 
 
@@ -251,15 +256,54 @@ def damping_lambda(
     return torch.clamp(damping_rel * mean, min=damping_abs)
 
 
+def normaliser(
+    fisher_block: Float[Tensor, "... per_head"],
+    normalization: str = NORMALIZATION,
+    damping_abs: float = DAMPING_ABS,
+    damping_rel: float = DAMPING_REL,
+    *,
+    in_place: bool = False,
+) -> Float[Tensor, "... per_head"]:
+    """The damped normaliser ``N`` of an undamped diagonal ``D`` whose last dim is one (block, layer, head) slice
+    (docs/spec.md §3.4): a new float64 tensor of ``D``'s shape, or ``D`` itself overwritten with ``in_place`` (a
+    float64 temporary). With ``λ = max(λ_abs, λ_rel · mean_slice D)``:
+
+    - ``"diagonal"``: ``N[p] = D[p] + λ`` (:func:`damped`);
+    - ``"head"``: ``N[p] = mean_slice D + λ``, one value per slice (the mean of the damped diagonal);
+    - ``"hybrid"``: ``N[p] = √((D[p] + λ) · (mean_slice D + λ))``, the geometric mean of the two.
+
+    ``D`` may be a Fisher or a leave-one-out Fisher (any leading dims, e.g. per sample): the mode is the same
+    function of it.
+
+    >>> d = torch.tensor([[4.0, 0.0]], dtype=torch.float64)   # one slice of two parameters, mean 2
+    >>> [normaliser(d, mode, damping_abs=1.0, damping_rel=0.0).tolist() for mode in ("diagonal", "head", "hybrid")]
+    [[[5.0, 1.0]], [[3.0, 3.0]], [[3.872983346207417, 1.7320508075688772]]]
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+    d = fisher_block.to(FISHER_DTYPE)
+    lam = damping_lambda(d, damping_abs, damping_rel)
+    if not in_place:
+        d = d.clone() if d is fisher_block else d
+    if normalization == "diagonal":
+        return d.add_(lam)
+    head = d.mean(-1, keepdim=True) + lam
+    if normalization == "head":
+        return d.copy_(head.expand_as(d))
+    return d.add_(lam).mul_(head).sqrt_()
+
+
 def damped(
     fisher: Union[DiagonalFisher, Mapping[str, Tensor]],
     damping_abs: float = DAMPING_ABS,
     damping_rel: float = DAMPING_REL,
+    normalization: str = NORMALIZATION,
 ) -> dict[str, Float[Tensor, "... n_layers heads per_head"]]:
-    """``F̃ = F + λ`` per block, λ per (block, layer, head) slice (:func:`damping_lambda`).
+    """The normaliser of every block (:func:`normaliser`); with the default ``"diagonal"``: ``F̃ = F + λ``, λ per
+    (block, layer, head) slice (:func:`damping_lambda`).
 
     Works on a :class:`DiagonalFisher` or on a mapping of tensors with any leading dims (e.g. the
     per-sample output of :func:`leave_one_out`, damped sample by sample).
     """
     per_block = fisher.per_block if isinstance(fisher, DiagonalFisher) else fisher
-    return {b: f + damping_lambda(f, damping_abs, damping_rel) for b, f in per_block.items()}
+    return {b: normaliser(f, normalization, damping_abs, damping_rel) for b, f in per_block.items()}

@@ -54,14 +54,16 @@ from tl_circuits.interference import memory
 from tl_circuits.interference.config import GradientConfig
 from tl_circuits.interference.factors import GradientFactors, PerSampleGradients
 from tl_circuits.interference.inputs import (
+    TaskLoss,
     group_inputs,
-    next_token_losses,
+    group_samples,
     non_finite_error,
     prepare_inputs,
+    prepare_loss,
     sample_groups,
     scatter_groups,
-    valid_targets,
 )
+from tl_circuits.interference.loss_fn import LossFn
 from tl_circuits.models.bridge import refuse_functional_call
 from tl_circuits.models.spec import (
     BLOCKS,
@@ -109,8 +111,10 @@ def resolve_method(model: Model, method: str) -> str:
     return method
 
 
-def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
-    """One batched forward/backward: ``({"xQ0": inputs, "Q0": output grads, "z0": z, ...}, losses)``."""
+def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss,
+                  samples: Tensor, positions: slice) -> tuple[dict, Tensor]:
+    """One batched forward/backward of rows ``samples`` (at ``positions``) of the task:
+    ``({"xQ0": inputs, "Q0": output grads, "z0": z, ...}, losses)``."""
     state: dict = {"eps": {}, "captured": {}}
 
     def hooks_of(layer: int):
@@ -133,7 +137,7 @@ def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor) -
             handles += register_factor_hooks(model, spec, layer, *hooks_of(layer))
         with torch.enable_grad():
             logits = model_logits(model, spec, tokens, mask if spec.masks_under_vmap else None)
-            losses = next_token_losses(logits, tokens, mask)
+            losses = loss.losses(logits, tokens, mask, loss.rows(mask, samples, positions), samples.to(mask.device))
             keys = list(state["eps"])
             grads = torch.autograd.grad(losses.sum(), [state["eps"][k] for k in keys], allow_unused=True)
     finally:
@@ -150,7 +154,7 @@ def sample_chunks(n: int, chunk: int) -> list[slice]:
     return [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
 
 
-def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, chunk: int,
+def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss, chunk: int,
                   include_biases: bool, chunks: Optional[Sequence[slice]] = None,
                   ) -> Iterator[tuple[slice, GradientFactors, Tensor]]:
     """Yield ``(samples, GradientFactors, losses)`` chunk by chunk (the ``"factored"`` engine); ``chunks``: only
@@ -160,9 +164,9 @@ def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
         parts, loss_parts = [], []
         for rows, positions in sample_groups(spec, mask[sl]):
             t, m = group_inputs(tokens[sl], mask[sl], rows, positions)
-            index = torch.arange(sl.start, sl.stop)
-            with batch_rows(index if rows is None else index[rows.cpu()], n):
-                found, losses = _factor_chunk(model, spec, t, m)
+            samples = group_samples(sl, rows)
+            with batch_rows(samples, n):
+                found, losses = _factor_chunk(model, spec, t, m, loss, samples, positions)
             parts.append((rows, positions, found))
             loss_parts.append((rows, positions, {"loss": losses}))
         found = scatter_groups(parts, sl.stop - sl.start, n_pos)  # padding: zero inputs and gradients
@@ -179,7 +183,7 @@ def factor_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
         yield sl, GradientFactors(inputs, out_grads, stack("z{}"), spec, include_biases), losses
 
 
-def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, chunk: int,
+def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss, chunk: int,
                   include_biases: bool, chunks: Optional[Sequence[slice]] = None,
                   ) -> Iterator[tuple[slice, PerSampleGradients, Tensor]]:
     """Yield ``(samples, PerSampleGradients, losses)``: ``vmap(grad)`` w.r.t. the attention weights themselves."""
@@ -192,18 +196,20 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
     params = {name: all_params[name].detach() for name in names}
     model_mask = spec.masks_under_vmap  # else the padding is trimmed and the model sees no mask
 
-    def sample_loss(p, t, m):
+    def sample_loss(p, t, m, counted, index):
         logits = functional_logits(model, spec, p, t[None], m[None] if model_mask else None)
-        loss = next_token_losses(logits, t[None], m[None])[0]
-        return loss, loss.detach()
+        value = loss.losses(logits, t[None], m[None], counted[None], index[None])[0]
+        return value, value.detach()
 
-    grad_fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
+    grad_fn = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0, 0, 0))
     for sl in chunks if chunks is not None else sample_chunks(tokens.shape[0], chunk):
         parts = []
         for rows, positions in sample_groups(spec, mask[sl]):
             with torch.no_grad():  # grad() ignores the outer no_grad; no autograd graph is kept around it
+                t, m = group_inputs(tokens[sl], mask[sl], rows, positions)
+                samples = group_samples(sl, rows).to(m.device)
                 try:
-                    raw, losses = grad_fn(params, *group_inputs(tokens[sl], mask[sl], rows, positions))
+                    raw, losses = grad_fn(params, t, m, loss.rows(m, samples, positions), samples)
                 except RuntimeError as error:
                     if "randomness" in str(error):
                         raise ValueError("method='direct' runs the model under torch.func.vmap, where random "
@@ -225,12 +231,14 @@ def direct_chunks(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, c
 
 def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: GradientConfig, what: str,
                     factors: bool = False, chunk: Optional[int] = None,
-                    chunks: Optional[Sequence[slice]] = None) -> Iterator[tuple[slice, Part, list[int]]]:
+                    chunks: Optional[Sequence[slice]] = None,
+                    loss: Optional[TaskLoss] = None) -> Iterator[tuple[slice, Part, list[int]]]:
     """Yield ``(samples, PerSampleGradients or GradientFactors, ids of NaN/inf samples)`` chunk by chunk.
 
     Never raises on NaN/inf (callers decide); ``factors=True`` needs the factored engine. ``chunk``: samples
     per forward (default: ``config.chunk_size`` or from the budget); ``chunks``: compute only these sample
-    slices (a rank's share of :func:`sample_chunks`; default all).
+    slices (a rank's share of :func:`sample_chunks`; default all); ``loss``: the task's
+    :class:`~tl_circuits.interference.inputs.TaskLoss` (default: every valid target's cross-entropy).
     """
     spec = prepare_inputs(model, tokens, mask, what, config.method)[0]
     method = resolve_method(model, config.method)
@@ -243,12 +251,14 @@ def gradient_chunks(model: Model, tokens: Tensor, mask: Tensor, config: Gradient
     chunk = chunk or config.chunk_size or memory.chunk_size_for_budget(
         per_sample, config.memory_budget_gb * GB)
     engine = factor_chunks if method == "factored" else direct_chunks
-    n_targets = valid_targets(mask).sum(1).long().cpu()
+    loss = loss or prepare_loss(tokens, mask, None, None, what)
+    loss.check(tokens, mask, spec.d_vocab, device)
+    n_targets = loss.n_counted
     total = n if chunks is None else sum(sl.stop - sl.start for sl in chunks)
     bar = tqdm(total=total, desc=f"per-sample gradients ({what})", unit="sample", disable=not config.progress,
                leave=False)
     try:
-        for sl, part, losses in engine(model, spec, tokens, mask, chunk, config.include_biases, chunks):
+        for sl, part, losses in engine(model, spec, tokens, mask, loss, chunk, config.include_biases, chunks):
             bad = ~torch.isfinite(losses)
             tensors = (part.per_block.values() if isinstance(part, PerSampleGradients)
                        else [*part.inputs.values(), *part.out_grads.values(), part.z])
@@ -270,15 +280,20 @@ def iter_per_sample_gradients(
     config: Optional[GradientConfig] = None,
     *,
     what: str = "tokens",
+    progress: Optional[bool] = None,
+    loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    loss_fn: Optional[LossFn] = None,
 ) -> Iterator[tuple[slice, PerSampleGradients]]:
     """Yield ``(sample slice, gradients of those samples)`` chunk by chunk; memory stays at one chunk.
 
-    Raises ValueError at the first chunk with NaN/inf gradients, naming its samples (``what`` names the
-    tensor in messages).
+    Arguments as :func:`per_sample_gradients`. Raises ValueError at the first chunk with NaN/inf gradients,
+    naming its samples (``what`` names the tensor in messages). ``progress``: ``None`` (default) is
+    ``config.progress``.
     """
-    config = config or GradientConfig()
+    config = (config or GradientConfig()).with_progress(progress)
     mask = prepare_inputs(model, tokens, attention_mask, what, config.method)[1]
-    for sl, grads, bad in gradient_chunks(model, tokens, mask, config, what):
+    loss = prepare_loss(tokens, mask, loss_mask, loss_fn, what)
+    for sl, grads, bad in gradient_chunks(model, tokens, mask, config, what, loss=loss):
         if bad:
             raise non_finite_error(bad, what)
         assert isinstance(grads, PerSampleGradients)
@@ -290,6 +305,10 @@ def per_sample_gradients(
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
     config: Optional[GradientConfig] = None,
+    *,
+    progress: Optional[bool] = None,
+    loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    loss_fn: Optional[LossFn] = None,
 ) -> PerSampleGradients:
     """Per-sample gradients of every attention parameter, as float32 per-head rows per block.
 
@@ -298,12 +317,25 @@ def per_sample_gradients(
         tokens: ``[N, pos]`` token ids.
         attention_mask: ``[N, pos]`` of 0/1 (left or right padding); ``None``: every position valid.
         config: :class:`GradientConfig` (default: ``GradientConfig()``).
+        loss_mask: ``[N, pos]`` 0/1 or bool, the predictions that count (docs/spec.md §2.1): ``loss_mask[i, p]``
+            counts the prediction of token ``p + 1`` (the bundled ``scored`` convention; Hugging Face ``labels``:
+            :func:`~tl_circuits.interference.inputs.loss_mask_from_labels`). Sample i's loss is the token mean
+            over its counted predictions; padding is the attention mask's job (a set position whose target or
+            predecessor is padding does not count). ``None``: every valid target.
+        loss_fn: the task's own per-sample loss ``loss_fn(logits, tokens) -> [N]`` instead of the cross-entropy:
+            one float value per sample, depending on that sample's logits only
+            (:mod:`~tl_circuits.interference.loss_fn`: the contract, and the optional ``attention_mask=``,
+            ``loss_mask=`` and ``samples=`` arguments it may take; with a ``loss_mask`` it must take
+            ``loss_mask=``).
+        progress: tqdm progress bars; ``None`` (default): ``config.progress``.
     Returns:
-        :class:`PerSampleGradients` with ``per_block[B]`` of shape ``[N, n_layers, heads_B, P_B]``.
+        :class:`PerSampleGradients` with ``per_block[B]`` of shape ``[N, n_layers, heads_B, P_B]``, ``losses``
+        and ``n_targets`` (each sample's counted predictions).
     Raises:
         ValueError: bad tokens/mask (empty, ids outside the vocabulary, longer than ``n_ctx``, a sample
-            without a valid target), NaN/inf gradients (naming every such sample), or rows that would not
-            fit ``config.memory_budget_gb``.
+            without a valid target), a bad loss mask (shape, values, the last position set, a sample with no
+            counted prediction: named), a loss_fn that breaks its contract, NaN/inf gradients (naming every
+            such sample), or rows that would not fit ``config.memory_budget_gb``.
 
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
@@ -311,12 +343,27 @@ def per_sample_gradients(
     >>> model = build_bridge_from_module(hf, architecture="GPT2LMHeadModel", hf_config=hf.config)
     >>> tokens = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
     >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # left- and right-padded
-    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True, progress=False))
+    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(include_biases=True), progress=False)
     >>> g.per_block["Q"].shape, g.per_block["O"].shape  # Q rows: 8·4 weights + 4 biases; O: no bias
     (torch.Size([2, 1, 2, 36]), torch.Size([2, 1, 2, 32]))
+
+    Only the predictions of the last two tokens, and a logit difference (each sample's answer against token 0):
+
+    >>> scored = torch.zeros_like(tokens); scored[:, 3:5] = 1  # predictions of tokens 4 and 5
+    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(progress=False), loss_mask=scored)
+    >>> g.n_targets.tolist()  # sample 1's last token is padding
+    [2, 1]
+    >>> def logit_difference(logits, tokens, *, loss_mask):  # at each counted prediction, answer minus token 0
+    ...     answer = logits[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0] - logits[:, :-1, 0]
+    ...     return (answer * loss_mask[:, :-1]).sum(-1) / loss_mask.sum(-1)
+    >>> g = per_sample_gradients(model, tokens, mask, GradientConfig(progress=False), loss_mask=scored,
+    ...                          loss_fn=logit_difference)
+    >>> g.per_block["O"].shape
+    torch.Size([2, 1, 2, 32])
     """
-    config = config or GradientConfig()
+    config = (config or GradientConfig()).with_progress(progress)
     spec, mask = prepare_inputs(model, tokens, attention_mask, "tokens", config.method)
+    loss = prepare_loss(tokens, mask, loss_mask, loss_fn, "tokens")
     n, n_pos = tokens.shape
     method = resolve_method(model, config.method)
     budget = config.memory_budget_gb * GB
@@ -335,7 +382,7 @@ def per_sample_gradients(
     mine = dict(zip(range(world.rank, len(chunks), world.size), own_chunks(chunks, world)))
     parts, bad, computed = [], [], {}
     for sl, g, bad_ids in gradient_chunks(model, tokens, mask, config, "tokens", chunk=chunk,
-                                          chunks=list(mine.values()) if world.active else None):
+                                          chunks=list(mine.values()) if world.active else None, loss=loss):
         assert isinstance(g, PerSampleGradients)
         parts.append(g)
         computed[chunks.index(sl)] = g

@@ -1,4 +1,5 @@
-"""Every byte rule of the interference path, and the memory plan of a run, in GB.
+"""Every byte rule of the package (the interference path, and at the end the sweep and the statistics), and the
+memory plan of an interference run, in GB.
 
 Nothing else in the package estimates memory. The rules (calibrated by peak RSS on a GPT-2-small-shaped
 model at 64 positions):
@@ -12,9 +13,10 @@ model at 64 positions):
 
 :func:`plan_run` splits a budget into: the scores and the Fisher; 10% slack for the allocator; the held
 factors (or none, when they are spilled to disk); and what is left, used first by the gradient chunks
-(larger chunks are faster, up to 16 samples) and then, once the gradients are done, by 5% scratch for
-building rows from factors and the contraction operands, whose size decides the tiles. Gradients are never
-recomputed because of the budget: what does not fit is spilled (:mod:`tl_circuits.interference.store`).
+(larger chunks are faster, up to 16 samples) and then, once the gradients are done, by 5% scratch (half for
+building rows from factors, half for the score pass's float64 steps) and the contraction operands, whose size
+decides the tiles. Gradients are never recomputed because of the budget: what does not fit is spilled
+(:mod:`tl_circuits.interference.store`).
 
 >>> from tl_circuits.models.spec import ModelSpec
 >>> spec = ModelSpec(n_layers=12, n_heads=12, n_kv_heads=12, d_model=768, d_head=64, d_vocab=1000,
@@ -30,10 +32,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from tl_circuits.defaults import GB
+from tl_circuits.defaults import GB, STATS_WORKSPACE_GB
 from tl_circuits.models.spec import BLOCKS, ModelSpec
 
-SCRATCH_SHARE = 0.05  # of the budget: rows built from factors before their copy into operand layout
+SCRATCH_SHARE = 0.05  # of the budget: rows built from factors (half), float64 steps of the score pass (half)
+FLOAT64_COPIES = 2  # float64 copies of a step's rows alive at once: C_i -> F_{-i} -> N -> 1/N in place, + masks
 SLACK_SHARE = 0.10  # of the budget, left unplanned: allocator slack and estimation error
 MAX_ENGINE_CHUNK = 16  # samples per forward/backward: larger batches gain nothing on a CPU and cost memory
 # Factors are held in the process only when they are small next to the budget; larger sets go to the spill file,
@@ -137,19 +140,22 @@ class MemoryPlan:
         return asdict(self)
 
 
-def pairwise_chunks(row_bytes: int, n_a: int, n_b: int, budget_gb: float,
-                    symmetric_variant: bool = False) -> tuple[int, int]:
-    """Samples of A and of B per contraction of :func:`~tl_circuits.interference.scoring.pairwise_scores`, so that
-    the transformed operands (``row_bytes`` per sample, all blocks) fit ``budget_gb``: half for A, the rest for B.
+def rows_scratch_bytes(budget_gb: float) -> float:
+    """Scratch for building rows from factors (half of the scratch share of the budget)."""
+    return 0.5 * SCRATCH_SHARE * budget_gb * GB
 
-    >>> pairwise_chunks(row_bytes=2**20, n_a=100, n_b=100, budget_gb=0.1)
-    (34, 34)
+
+def float64_step(row_bytes: int, budget_gb: float) -> int:
+    """Samples per float64 step of the score pass (leave-one-out normalisers: docs/spec.md §3.1),
+    ``row_bytes`` float32 bytes of one sample's rows of the (block, layer group): its ``FLOAT64_COPIES`` float64
+    temporaries within the other half of the scratch share; at least 1.
+
+    >>> float64_step(row_bytes=2**20, budget_gb=1.0)   # 1 MiB of rows a sample, 1 GB: six samples a step
+    6
+    >>> float64_step(row_bytes=2**10, budget_gb=1.0)
+    6553
     """
-    per = (2.5 if symmetric_variant else 1.5) * row_bytes  # operand(s) + transients, per sample
-    budget = budget_gb * GB
-    chunk_a = min(n_a, max(1, int(0.5 * budget // per)))
-    chunk_b = min(n_b, max(1, int((budget - chunk_a * per) // per)))
-    return chunk_a, chunk_b
+    return max(1, int(0.5 * SCRATCH_SHARE * budget_gb * GB // (2 * FLOAT64_COPIES * max(1, row_bytes))))
 
 
 def _layer_group(n_layers: int, room: float, per_layer: float) -> int:
@@ -226,3 +232,55 @@ def plan_run(spec: ModelSpec, *, n_left: int, n_right: int, n_samples: int, fact
     return MemoryPlan(budget_gb=budget_gb, engine_chunk=chunk, spill=spill, factor_gb=factor_bytes / GB,
                       layer_group=layer_group, tile_left=tile_left, tile_right=tile_right, fisher_pass=not whole,
                       n_gradient_evaluations=n_samples, n_tiles=n_tiles, estimated_peak_gb=peak / GB)
+
+
+# ----- the byte rules of the freeze sweep, the MEAN reference and the statistics ---------------------------------
+LOGIT_COPIES = 4
+"""A no-grad forward row's float32 logits are held about this many times (the logits, their log-softmax and the
+metric's temporaries); they dominate a freeze sweep's and a MEAN reference's memory at any real vocabulary."""
+STATS_SCRATCH_CAP_GB = STATS_WORKSPACE_GB
+"""The largest scratch product of one chunk of relabelings or resamples: once a chunk is a large GEMM, bigger chunks
+buy nothing, while every fresh GB costs page faults (:data:`tl_circuits.defaults.STATS_WORKSPACE_GB`)."""
+
+
+def forward_row_bytes(spec: ModelSpec, n_pos: int, cached_heads: int = 0) -> int:
+    """Memory of one row (one sample, or one stacked copy of it) of a no-grad forward: its logits
+    (:data:`LOGIT_COPIES` float32 copies) and ``cached_heads`` per-head activations per layer kept from the pass."""
+    cache = cached_heads * spec.n_layers * spec.n_heads * spec.d_head
+    return 4 * n_pos * (LOGIT_COPIES * spec.d_vocab + 2 * cache)
+
+
+def rows_for_budget(row_bytes: int, budget_gb: float) -> int:
+    """Rows of ``row_bytes`` that fit ``budget_gb`` (at least one).
+
+    >>> rows_for_budget(2**20, 0.5)
+    512
+    """
+    return max(1, int(budget_gb * GB) // max(1, row_bytes))
+
+
+def statistics_held_bytes(n: int, block_cells: list[int], itemsize: int, *, n_relabelings: int = 0,
+                          n_resamples: int = 0) -> int:
+    """What a statistics call holds besides its scratch: one prepared block at a time (its centred copy and the A × B
+    sub-block, ``[N, N, cells]`` each), the null distribution and its standardised copy of every cell (float64,
+    ``[P, cells]`` each, kept for the result) and a block's transient null and bootstrap arrays."""
+    largest, total = max(block_cells), sum(block_cells)
+    prepared = 2 * n * n * largest * itemsize
+    kept = 2 * 8 * n_relabelings * total
+    transient = 4 * 8 * (n_relabelings + n_resamples) * largest
+    return prepared + kept + transient
+
+
+def statistics_scratch_gb(budget_gb: float, held_bytes: int, row_bytes: int) -> float:
+    """The scratch of one chunk of a statistics call that may allocate ``budget_gb`` and holds ``held_bytes``:
+    what is left, at most :data:`STATS_SCRATCH_CAP_GB`. ValueError when not even one row of ``row_bytes`` fits.
+
+    >>> statistics_scratch_gb(4.0, 2**30, 2**20)
+    0.25
+    """
+    room = budget_gb * GB - held_bytes
+    if room < row_bytes:
+        raise ValueError(f"memory_budget_gb={budget_gb:g} is below what this call must hold: {held_bytes / GB:.3g} GB "
+                         f"(the prepared scores and the null distribution) plus {row_bytes / GB:.3g} GB of scratch; "
+                         "raise memory_budget_gb (it is what the call may allocate, in GB)")
+    return min(STATS_SCRATCH_CAP_GB, room / GB)

@@ -1,8 +1,8 @@
 """The result of an interference run: scores per block, ids, settings, the Fisher used; saved and loaded.
 
-:meth:`InterferenceResult.save` writes a folder with ``scores.safetensors`` (the scores and the Fisher, one
-tensor per block) and ``settings.json`` (ids, the config, the run's settings), so a long run can be kept and
-re-plotted: :meth:`InterferenceResult.load` gives back an equal result.
+:meth:`InterferenceResult.save` writes a folder (:mod:`tl_circuits.results_io`: the scores and the Fisher, one
+tensor per block; ids, the config, the run's settings), so a long run can be kept and re-plotted:
+:func:`tl_circuits.load` gives back an equal result. :class:`PooledScores` is the pooled (A ∪ B)² matrix of the tests.
 
 >>> import torch
 >>> scores = {"O": torch.tensor([[[[0.5, -1.0]]], [[[2.0, 0.1]]]])}  # [N_A=2, N_B=1, n_layers=1, heads=2]
@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Hashable, NamedTuple, Optional
 
 import torch
 from jaxtyping import Float
@@ -26,14 +26,18 @@ from torch import Tensor
 from tl_circuits.interference.config import InterferenceConfig
 from tl_circuits.interference.fisher import DiagonalFisher
 from tl_circuits.models.spec import BLOCKS
+from tl_circuits.results_io import SavedResult, json_ready, legacy_files_present
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
     from pandas import DataFrame
 
-SCORES_FILE = "scores.safetensors"
-SETTINGS_FILE = "settings.json"
-FORMAT = "tl_circuits.InterferenceResult/1"
+    from tl_circuits.stats.conflict import ConflictTestResult
+    from tl_circuits.stats.result import InterferenceTestResult
+
+LEGACY_SCORES_FILE = "scores.safetensors"
+LEGACY_SETTINGS_FILE = "settings.json"
+LEGACY_FORMAT = "tl_circuits.InterferenceResult/1"
 
 
 class Conflict(NamedTuple):
@@ -48,7 +52,7 @@ class Conflict(NamedTuple):
 
 
 @dataclass
-class InterferenceResult:
+class InterferenceResult(SavedResult):
     """Pairwise interference scores and what produced them.
 
     Attributes:
@@ -160,74 +164,118 @@ class InterferenceResult:
         from tl_circuits.plotting import plot_blocks
 
         if title is None:
-            title = f"{self.config.variant} interference ({self.config.reduction}, Fisher {self.config.fisher_source})"
+            cfg = self.config
+            title = f"{cfg.variant} interference ({cfg.reduction}, Fisher {cfg.fisher_source}, {cfg.normalization})"
         kwargs.setdefault("signed", True if self.config.variant == "signed" else None)
         return plot_blocks(self.mean, title=title, **kwargs)
 
-    # ----- save / load ---------------------------------------------------------------------------------
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write the result to the folder ``path`` (created; files in it are replaced). Returns the folder.
+    def conflict_test(self, **test_kwargs: Any) -> "ConflictTestResult":
+        """The conflict test of this (signed) A × B map: :func:`tl_circuits.conflict_test` (H0: E[s_ij] ≥ 0 per
+        cell; ``test_kwargs``: alternative, alpha, correction, confidence_level).
 
-        Ids must be JSON values (str, int, float, bool or None); anything else raises TypeError.
+        The label-permutation test is not a method here: it needs the pooled (A ∪ B) × (A ∪ B) matrix, which an
+        A × B result does not hold (:meth:`PooledScores.permutation_test`, or
+        :func:`tl_circuits.interference_permutation_test` from the model).
         """
-        from safetensors.torch import save_file
+        from tl_circuits.stats.conflict import conflict_test
 
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"scores.{b}": s.contiguous() for b, s in self.scores.items()}
-        if self.fisher is not None:
-            tensors.update({f"fisher.{b}": f.contiguous() for b, f in self.fisher.per_block.items()})
+        return conflict_test(self, **test_kwargs)
+
+    # ----- save / load (tl_circuits.results_io) ----------------------------------------------------------
+    def saved_fields(self) -> dict[str, Any]:
         for what, ids in (("ids_a", self.ids_a), ("ids_b", self.ids_b)):
             bad = [i for i in ids if not isinstance(i, (str, int, float, bool, type(None)))]
             if bad:
                 raise TypeError(f"{what} must be JSON values to be saved; got {type(bad[0]).__name__} {bad[0]!r}")
-        meta = {"format": FORMAT, "ids_a": list(self.ids_a), "ids_b": list(self.ids_b),
-                "config": self.config.to_dict(), "settings": _jsonable(self.settings),
-                "fisher": None if self.fisher is None else {"n_samples": self.fisher.n_samples,
-                                                            "include_biases": self.fisher.include_biases,
-                                                            "source": self.fisher.source}}
-        save_file(tensors, str(folder / SCORES_FILE))
-        (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
-        return folder
+        fisher = self.fisher
+        return {"scores": self.scores, "ids_a": list(self.ids_a), "ids_b": list(self.ids_b),
+                "config": self.config.to_dict(), "settings": json_ready(self.settings),
+                "fisher": None if fisher is None else fisher.per_block,
+                "fisher_meta": None if fisher is None else {"n_samples": fisher.n_samples,
+                                                            "include_biases": fisher.include_biases,
+                                                            "source": fisher.source}}
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "InterferenceResult":
-        """Read a result written by :meth:`save`; FileNotFoundError / ValueError name what is missing or wrong."""
+    def from_saved_fields(cls, fields: dict[str, Any]) -> "InterferenceResult":
+        fisher, meta = fields["fisher"], fields["fisher_meta"]
+        return cls(fields["scores"], fields["ids_a"], fields["ids_b"], InterferenceConfig.from_dict(fields["config"]),
+                   fields["settings"], fisher=None if fisher is None else DiagonalFisher(
+                       fisher, meta["n_samples"], None, meta["include_biases"], meta["source"]))
+
+    @classmethod
+    def load_legacy(cls, path: Path) -> Optional["InterferenceResult"]:
+        """A folder written by tl_circuits 0.2.0.dev0 before the one result format: ``scores.safetensors`` and
+        ``settings.json`` (format ``tl_circuits.InterferenceResult/1``); ``None`` when ``path`` holds neither."""
         from safetensors.torch import load_file
 
         folder = Path(path)
-        for name in (SCORES_FILE, SETTINGS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not a saved InterferenceResult: {name} is missing")
+        if not legacy_files_present((folder / LEGACY_SCORES_FILE, folder / LEGACY_SETTINGS_FILE), "InterferenceResult"):
+            return None
         try:
-            meta = json.loads((folder / SETTINGS_FILE).read_text())
+            meta = json.loads((folder / LEGACY_SETTINGS_FILE).read_text())
         except (json.JSONDecodeError, OSError) as error:
             raise ValueError(f"{folder} holds a damaged InterferenceResult: {error}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != LEGACY_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
-            raise ValueError(f"{folder / SETTINGS_FILE} is not an InterferenceResult file (format {found!r})")
+            raise ValueError(f"{folder / LEGACY_SETTINGS_FILE} is not an InterferenceResult file (format {found!r})")
         try:
-            tensors = load_file(str(folder / SCORES_FILE))
+            tensors = load_file(str(folder / LEGACY_SCORES_FILE))
         except Exception as error:  # safetensors raises its own error type on a corrupt header
             raise ValueError(f"{folder} holds a damaged InterferenceResult: {error}") from None
-        scores: dict[str, Tensor] = {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors}
         fisher = None
         if meta["fisher"] is not None:
-            fisher = DiagonalFisher({b: tensors[f"fisher.{b}"] for b in BLOCKS if f"fisher.{b}" in tensors},
-                                    meta["fisher"]["n_samples"], None, meta["fisher"]["include_biases"],
-                                    meta["fisher"]["source"])
-        return cls(scores, meta["ids_a"], meta["ids_b"], InterferenceConfig.from_dict(meta["config"]),
-                   meta["settings"], fisher=fisher)
+            fisher = {b: tensors[f"fisher.{b}"] for b in BLOCKS if f"fisher.{b}" in tensors}
+        return cls.from_saved_fields({
+            "scores": {b: tensors[f"scores.{b}"] for b in BLOCKS if f"scores.{b}" in tensors},
+            "ids_a": meta["ids_a"], "ids_b": meta["ids_b"], "config": meta["config"], "settings": meta["settings"],
+            "fisher": fisher, "fisher_meta": meta["fisher"]})
 
 
-def _jsonable(x: Any) -> Any:
-    """Settings as JSON values (tuples become lists; tensors, lists)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Tensor):
-        return x.tolist()
-    if isinstance(x, float) and math.isnan(x):
-        return x
-    return x
+@dataclass(frozen=True)
+class PooledScores:
+    """A ∪ B scored against itself under the pooled Fisher (:func:`tl_circuits.interference.engine.pooled_scores`).
+
+    Attributes:
+        scores: ``{block: [N, N, n_layers, heads_B]}``, rows and columns task A's samples then task B's
+            (``N = n_a + n_b``); the diagonal is a sample against itself and enters no statistic.
+        n_a: the number of task-A samples (the first ``n_a`` rows).
+        config: the resolved :class:`InterferenceConfig` (``fisher_source="pooled"``).
+        fisher: the undamped pooled Fisher used.
+        settings: the run's settings (model sizes, the memory plan, timings), as :attr:`InterferenceResult.settings`.
+
+    The A × B block is the interference map (:meth:`interference`); both tests have their home here:
+    :meth:`permutation_test` (the whole matrix) and :meth:`conflict_test` (the A × B block).
+    """
+
+    scores: dict[str, Float[Tensor, "n n n_layers heads"]]
+    n_a: int
+    config: InterferenceConfig
+    fisher: Optional[DiagonalFisher] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def interference(self, ids_a: Optional[list] = None, ids_b: Optional[list] = None) -> InterferenceResult:
+        """The A × B block as an :class:`InterferenceResult` (equal to ``compute_interference(...,
+        fisher_source="pooled")``); ids default to ``0..N-1`` per task."""
+        n = next(iter(self.scores.values())).shape[0]
+        cross = {block: s[:self.n_a, self.n_a:].clone() for block, s in self.scores.items()}
+        return InterferenceResult(cross, list(range(self.n_a)) if ids_a is None else list(ids_a),
+                                  list(range(n - self.n_a)) if ids_b is None else list(ids_b), self.config,
+                                  dict(self.settings), fisher=self.fisher)
+
+    def permutation_test(self, **test_kwargs: Any) -> "InterferenceTestResult":
+        """The label-permutation test of this matrix: :func:`tl_circuits.permutation_test` with this variant's
+        default alternative (``test_kwargs``: n_permutations, alternative, alpha, correction, seed, ...); the
+        result's ``loss`` is what each task scored (``settings["loss"]``)."""
+        import dataclasses
+
+        from tl_circuits.stats.permutation import permutation_test
+
+        test_kwargs.setdefault("variant", self.config.variant)
+        test_kwargs.setdefault("memory_budget_gb", self.config.memory_budget_gb)
+        test_kwargs.setdefault("progress", self.config.progress)
+        result = permutation_test(self.scores, self.n_a, **test_kwargs)
+        return dataclasses.replace(result, loss=self.settings.get("loss"))
+
+    def conflict_test(self, **test_kwargs: Any) -> "ConflictTestResult":
+        """The conflict test of the A × B block: :meth:`InterferenceResult.conflict_test`."""
+        return self.interference().conflict_test(**test_kwargs)

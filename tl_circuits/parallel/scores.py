@@ -1,7 +1,7 @@
 """The score pass across ranks: each rank scores the (block, layer group) items of its own layers.
 
 Every rank holds its share of the layers' gradient factors, for every sample (:mod:`~tl_circuits.parallel.shards`,
-:func:`~tl_circuits.parallel.shards.held_layers`). The score pass (:func:`tl_circuits.interference.engine.score_pass`)
+:func:`~tl_circuits.parallel.shards.held_layers`). The score pass (:func:`tl_circuits.interference.scoring.score_pass`)
 works one (block, group of layers) item at a time: it builds the per-head rows of every left and right sample for
 that item from their factors, sums the item's Fisher from them, and contracts every pair. Under a process group
 each rank runs the items of every block over its own layers (:func:`my_items`), exactly as one process runs them,

@@ -22,13 +22,14 @@ gradients. All permutations of a block go through one matrix product per chunk
 
 Definitions (each one is what the code computes; the tests check them against scipy / statsmodels):
 
-* ``p_value`` (``alternative="greater"``, the default: cross-task scores larger than exchangeability
-  predicts — more interference for the unsigned metric; for the *signed* metric, where negative means
-  conflict, use ``"less"``): ``(1 + #{π : T_π ≥ T_obs}) / (1 + n_permutations)``. ``"less"`` counts
-  ``T_π ≤ T_obs``. ``"two-sided"`` is ``min(1, 2·min(p_less, p_greater))`` — the convention of
-  ``scipy.stats.permutation_test``. Values within ``100·eps·max(|T_obs|, rms(M))`` of ``T_obs`` count as
-  ties (hits), as scipy does (it uses ``100·eps·|T_obs|``), so mathematically equal relabelings (e.g. the
-  mirror split of a symmetric M) are never lost to rounding.
+* ``p_value``: ``"greater"``: ``(1 + #{π : T_π ≥ T_obs}) / (1 + n_permutations)``; ``"less"`` counts
+  ``T_π ≤ T_obs``; ``"two-sided"`` is ``min(1, 2·min(p_less, p_greater))`` — the package's one two-sided rule
+  (:mod:`~tl_circuits.stats.pvalues`), ``scipy.stats.permutation_test``'s. The default ``alternative`` is the
+  direction of conflict of the scores' ``variant`` (default signed: ``"less"``, cross-task scores more negative
+  than exchangeability predicts; unsigned and symmetric: ``"greater"``). Values within
+  ``100·eps·max(|T_obs|, rms(M))`` of ``T_obs`` count as ties (hits), as scipy does (it uses
+  ``100·eps·|T_obs|``), so mathematically equal relabelings (e.g. the mirror split of a symmetric M) are never
+  lost to rounding.
 * ``null_mean`` / ``null_std``: the *exact* mean and standard deviation of T over all C(N, n_A)
   relabelings, in closed form (no sampling): the mean is the mean of M over all ordered off-diagonal
   pooled pairs; the variance uses the 2-, 3- and 4-point inclusion probabilities of a random split.
@@ -40,20 +41,20 @@ Definitions (each one is what the code computes; the tests check them against sc
   above what exchangeable labels predict. 0 for a constant cell.
 * ``q_value_bh`` / ``q_value_by``: ``scipy.stats.false_discovery_control`` (Benjamini–Hochberg /
   Benjamini–Yekutieli) over **one family: every finite cell of every block**.
-* ``p_maxstat``: Westfall–Young single-step max-T, family-wise over all finite cells of all blocks, from the
+* ``p_value_maxstat``: Westfall–Young single-step max-T, family-wise over all finite cells of all blocks, from the
   same permutations: ``(1 + #{π : max_c s_π,c ≥ s_obs}) / (1 + n_permutations)`` with ``s = z``
   (``"greater"``), ``−z`` (``"less"``) or ``|z|`` (``"two-sided"``). Standardising by the exact null
   moments makes cells of different scale comparable. Never below the cell's own ``p_value``.
-* ``p_cluster``: cluster-mass correction. On each block's layer × head grid, cells with ``s ≥ threshold``
+* ``p_value_cluster``: cluster-mass correction. On each block's layer × head grid, cells with ``s ≥ threshold``
   (``s`` as above; two-sided: positive and negative clusters separately, mass of |z|) form clusters with
   ``connectivity`` 4 (cells sharing an edge: same layer and adjacent head index, or same head index and
   adjacent layer; default) or 8 (also diagonal). Clusters never cross blocks. Mass = sum of ``s`` over the
   cluster. Null = the largest cluster mass over all blocks in each permutation (0 if none). A cell's
-  ``p_cluster`` is its cluster's ``(1 + #{π : max mass_π ≥ mass}) / (1 + n_permutations)``; cells in no
+  ``p_value_cluster`` is its cluster's ``(1 + #{π : max mass_π ≥ mass}) / (1 + n_permutations)``; cells in no
   cluster get 1. Default threshold: the normal 0.95 quantile (1.645; two-sided 0.975: 1.960) — any fixed
   threshold gives valid FWER control, it only changes sensitivity. Caveats: a significant cluster says the
   cluster holds signal, not that each of its cells does (null cells next to a real effect can ride along);
-  head indices are arbitrary, so "adjacent heads" is a convention, not anatomy. Use ``p_maxstat`` for
+  head indices are arbitrary, so "adjacent heads" is a convention, not anatomy. Use ``p_value_maxstat`` for
   claims about single heads.
 * ``ci_low`` / ``ci_high``: two-sided bootstrap interval of T at ``confidence_level``, resampling task-A
   samples and task-B samples independently (with replacement, sizes kept), ``"bca"`` (default) or
@@ -70,22 +71,24 @@ cell is missing, ``ValueError``.
 Modules, one per stage: :mod:`~tl_circuits.stats.validation` (argument checks, labels, seeds),
 :mod:`~tl_circuits.stats.reduction` (a block prepared once; the batched bilinear reduction),
 :mod:`~tl_circuits.stats.null` (relabelings, observed statistic, exact null moments, permutation null),
-:mod:`~tl_circuits.stats.permutation` (p-values and :func:`permutation_test`),
-:mod:`~tl_circuits.stats.corrections`, :mod:`~tl_circuits.stats.bootstrap`, :mod:`~tl_circuits.stats.result`;
-:mod:`~tl_circuits.stats.model_test` runs the whole test from a model.
+:mod:`~tl_circuits.stats.permutation` (:func:`permutation_test`), :mod:`~tl_circuits.stats.pvalues` (the
+one two-sided rule, p-value floors, significance), :mod:`~tl_circuits.stats.corrections`,
+:mod:`~tl_circuits.stats.bootstrap` (the one percentile/BCa implementation), :mod:`~tl_circuits.stats.result`;
+:mod:`~tl_circuits.stats.interference_tests` runs the whole test from a model.
 
 Defaults come from :mod:`tl_circuits.defaults`: ``n_permutations=None`` means
-``default_n_permutations(cells, alpha)`` (so ``1/(1+P) ≤ α/m`` and BH can flag a lone cell; a
-``UserWarning`` says how many p-values sit at that floor), ``N_BOOTSTRAP`` resamples, ``ALPHA``,
-``CONFIDENCE_LEVEL``, ``SEED``, and a ``STATS_WORKSPACE_GB`` scratch buffer (``memory_budget_gb``; the old
-``memory_budget=`` in bytes still works, with a ``DeprecationWarning``).
+``default_n_permutations(cells, alpha)`` (so ``2/(1+P) ≤ α/m`` and BH can flag a lone cell; a
+``UserWarning`` says how many p-values sit at that floor), screening on (``screen=True``), ``N_BOOTSTRAP``
+resamples, ``ALPHA``, ``CONFIDENCE_LEVEL``, ``SEED``, and ``MEMORY_BUDGET_GB`` (``memory_budget_gb``: what the call
+may allocate, of which each chunk's scratch takes at most ``STATS_WORKSPACE_GB``; the old ``memory_budget=`` in
+bytes still works, with a deprecation warning).
 
 >>> import torch
 >>> from tl_circuits.stats import permutation_test
 >>> m = torch.rand(10, 10, 1, 2, generator=torch.Generator().manual_seed(0))
 >>> res = permutation_test({"Q": m}, 5, n_permutations=99, n_bootstrap=0, progress=False)
->>> res.n_permutations, res.settings["alternative"]
-(99, 'greater')
+>>> res.n_permutations, res.settings["alternative"]      # the default variant is signed: conflict is "less"
+(99, 'less')
 """
 
 from tl_circuits.stats.bootstrap import BootstrapCI, bootstrap_ci

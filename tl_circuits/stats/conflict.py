@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -42,36 +42,53 @@ from scipy import stats as sps
 from torch import Tensor
 
 from tl_circuits import defaults
+from tl_circuits.deprecation import deprecated_alias
 from tl_circuits.models.types import Model
-from tl_circuits.stats.corrections import fdr_correction
+from tl_circuits.results_io import SavedResult
+from tl_circuits.stats.pvalues import family_decisions, tail_p_value
 from tl_circuits.stats.validation import check_choice, check_open_unit
 
 NULL_HYPOTHESIS = "E[s_ij] >= 0: the tasks' Fisher-normalised mean gradients are not opposed in this head"
-ALTERNATIVES = ("less", "greater", "two-sided")
+"""H0 of the default, one-sided test (``alternative="less"``); :attr:`ConflictTestResult.null_hypothesis` names the
+null and the alternative of any result."""
+HYPOTHESES = {
+    "less": (NULL_HYPOTHESIS, "E[s_ij] < 0: the tasks conflict in this head"),
+    "greater": ("E[s_ij] <= 0: the tasks' Fisher-normalised mean gradients are not aligned in this head",
+                "E[s_ij] > 0: the tasks' mean gradients are aligned (transfer)"),
+    "two-sided": ("E[s_ij] = 0: the tasks' Fisher-normalised mean gradients are orthogonal in this head",
+                  "E[s_ij] != 0: opposed or aligned"),
+}
+"""``alternative`` -> (H0, H1) in words."""
+ALTERNATIVES = tuple(HYPOTHESES)
 CORRECTIONS = ("bh", "by", "none")
 
 Grid = dict[str, Float[Tensor, "n_layers heads"]]
 
 
 @dataclass(frozen=True)
-class ConflictTestResult:
+class ConflictTestResult(SavedResult):
     """Per (block, layer, head): the conflict test of the expected A × B signed score.
 
     Attributes:
         estimate: ``Ū``, the mean signed score over all pairs (negative: conflict).
         std_error, statistic, df: ``se``, ``T = Ū/se`` and the Welch–Satterthwaite degrees of freedom.
-        pvalue: one-sided for ``"less"`` (H0: E ≥ 0, the default), ``"greater"``, or two-sided.
+        p_value: one-sided for ``"less"`` (H0: E ≥ 0, the default), ``"greater"``, or two-sided
+            (``min(1, 2·min(p_less, p_greater))``, the package's one rule). ``pvalue`` is its deprecated alias.
         q_value_bh, q_value_by: FDR q-values over every finite cell of every block.
         significant: the ``correction``'s adjusted p-value ≤ ``alpha``.
         ci_low, ci_high: the two-sided ``confidence_level`` interval of E[s_ij].
-        null_hypothesis: what is tested, in words.
+        null_hypothesis: what is tested (H0 and the alternative), in words.
+        loss: what each task's per-sample loss scored (``settings["loss"]`` of the engine, docs/spec.md §2.1) when
+            the scores came from :func:`interference_conflict_test` or an ``InterferenceResult`` that records it.
+
+    ``save(folder)`` / :func:`tl_circuits.load` keep it on disk (:mod:`tl_circuits.results_io`).
     """
 
     estimate: Grid
     std_error: Grid
     statistic: Grid
     df: Grid
-    pvalue: Grid
+    p_value: Grid
     q_value_bh: Grid
     q_value_by: Grid
     significant: dict[str, Tensor]
@@ -83,7 +100,15 @@ class ConflictTestResult:
     confidence_level: float
     n_a: int
     n_b: int
-    null_hypothesis: str = NULL_HYPOTHESIS
+    loss: Optional[dict] = None
+
+    pvalue = deprecated_alias("pvalue", "p_value")
+
+    @property
+    def null_hypothesis(self) -> str:
+        """H0 and H1 of every cell's ``p_value`` (they depend on ``alternative``), in words."""
+        null, alternative = HYPOTHESES[self.alternative]
+        return f"H0: {null}. H1 ({self.alternative}): {alternative}"
 
     @property
     def blocks(self) -> list[str]:
@@ -94,7 +119,7 @@ class ConflictTestResult:
         import pandas as pd
 
         rows = []
-        fields = ("estimate", "std_error", "statistic", "df", "pvalue", "q_value_bh", "q_value_by", "ci_low",
+        fields = ("estimate", "std_error", "statistic", "df", "p_value", "q_value_bh", "q_value_by", "ci_low",
                   "ci_high", "significant")
         for block in self.blocks:
             n_layers, n_heads = self.estimate[block].shape
@@ -108,6 +133,9 @@ class ConflictTestResult:
 
 def _scores_of(scores: Any) -> Mapping[str, Tensor]:
     """``{block: [N_A, N_B, L, H]}`` from a mapping or an InterferenceResult (which must be signed)."""
+    if hasattr(scores, "scores") and hasattr(scores, "n_a"):
+        raise TypeError("the conflict test takes the A x B scores, not the pooled matrix: use "
+                        "PooledScores.conflict_test() (or conflict_test(pooled.interference()))")
     if hasattr(scores, "scores") and hasattr(scores, "config"):
         variant = scores.config.variant
         if variant != "signed":
@@ -153,7 +181,7 @@ def conflict_test(
     n_a, n_b = next(iter(shapes.values()))[:2]
     if n_a < 2 or n_b < 2:
         raise ValueError(f"the conflict test needs at least 2 samples per task, got n_a={n_a}, n_b={n_b}")
-    out: dict[str, dict[str, Tensor]] = {k: {} for k in ("estimate", "std_error", "statistic", "df", "pvalue",
+    out: dict[str, dict[str, Tensor]] = {k: {} for k in ("estimate", "std_error", "statistic", "df", "p_value",
                                                          "ci_low", "ci_high")}
     n_bad = n_cells = 0
     t_crit_q = 0.5 + confidence_level / 2
@@ -171,11 +199,11 @@ def conflict_test(
         t = statistic.numpy()
         dfn = df.numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
-            p = {"less": sps.t.cdf(t, dfn), "greater": sps.t.sf(t, dfn),
-                 "two-sided": np.minimum(1.0, 2 * np.minimum(sps.t.cdf(t, dfn), sps.t.sf(t, dfn)))}[alternative]
+            p_less, p_greater = (torch.from_numpy(np.asarray(tail, dtype=np.float64))
+                                 for tail in (sps.t.cdf(t, dfn), sps.t.sf(t, dfn)))
             half = sps.t.ppf(t_crit_q, dfn) * se.numpy()
         values = {"estimate": estimate, "std_error": se, "statistic": statistic, "df": df,
-                  "pvalue": torch.from_numpy(np.asarray(p, dtype=np.float64)),
+                  "p_value": tail_p_value(p_less, p_greater, alternative),
                   "ci_low": estimate - torch.from_numpy(half), "ci_high": estimate + torch.from_numpy(half)}
         for name, v in values.items():
             keep_estimate = name == "estimate"  # the mean itself is defined when only the spread is 0
@@ -186,14 +214,13 @@ def conflict_test(
     if n_bad:
         warnings.warn(f"{n_bad} of {n_cells} cells have non-finite scores or no spread (se = 0): their p-values "
                       "are NaN", RuntimeWarning, stacklevel=2)
-    q_bh, q_by = fdr_correction(out["pvalue"], "bh"), fdr_correction(out["pvalue"], "by")
-    decide = {"bh": q_bh, "by": q_by, "none": out["pvalue"]}[correction]
-    significant = {b: torch.nan_to_num(v, nan=2.0) <= alpha for b, v in decide.items()}
+    decisions = family_decisions(out["p_value"], correction, alpha)
     return ConflictTestResult(estimate=out["estimate"], std_error=out["std_error"], statistic=out["statistic"],
-                              df=out["df"], pvalue=out["pvalue"], q_value_bh=q_bh, q_value_by=q_by,
-                              significant=significant, ci_low=out["ci_low"], ci_high=out["ci_high"], alpha=alpha,
+                              df=out["df"], p_value=out["p_value"], q_value_bh=decisions.q_value_bh,
+                              q_value_by=decisions.q_value_by, significant=decisions.significant,
+                              ci_low=out["ci_low"], ci_high=out["ci_high"], alpha=alpha,
                               alternative=alternative, correction=correction, confidence_level=confidence_level,
-                              n_a=n_a, n_b=n_b)
+                              n_a=n_a, n_b=n_b, loss=getattr(scores, "settings", {}).get("loss"))
 
 
 def interference_conflict_test(
@@ -203,16 +230,36 @@ def interference_conflict_test(
     *,
     attention_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
     attention_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_mask_a: Optional[Int[Tensor, "n_a pos_a"]] = None,
+    loss_mask_b: Optional[Int[Tensor, "n_b pos_b"]] = None,
+    loss_fn_a: Optional[Callable[..., Tensor]] = None,
+    loss_fn_b: Optional[Callable[..., Tensor]] = None,
     config: Optional[Any] = None,
+    progress: Optional[bool] = None,
     **test_kwargs: Any,
 ) -> ConflictTestResult:
     """The conflict test end to end: signed A × B scores under the pooled Fisher, streamed through the engine
-    (:func:`tl_circuits.compute_interference`), then :func:`conflict_test` (``test_kwargs``: alternative, alpha,
-    correction, confidence_level). ``config``'s variant and Fisher source are set to signed / pooled."""
-    from tl_circuits.interference.config import InterferenceConfig
+    (:func:`tl_circuits.compute_interference`, whose ``loss_mask_*``/``loss_fn_*`` say what each task scores),
+    then :func:`conflict_test` (``test_kwargs``: alternative, alpha, correction, confidence_level). ``config``'s
+    variant and Fisher source are set by :func:`conflict_config`; ``progress``: ``None`` (default) is
+    ``config.progress``."""
     from tl_circuits.interference.engine import compute_interference
 
-    cfg = (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")
     result = compute_interference(model, tokens_a, tokens_b, attention_mask_a=attention_mask_a,
-                                  attention_mask_b=attention_mask_b, config=cfg)
-    return conflict_test(result, **test_kwargs)
+                                  attention_mask_b=attention_mask_b, loss_mask_a=loss_mask_a, loss_mask_b=loss_mask_b,
+                                  loss_fn_a=loss_fn_a, loss_fn_b=loss_fn_b, config=conflict_config(config),
+                                  progress=progress)
+    return result.conflict_test(**test_kwargs)
+
+
+def conflict_config(config: Optional[Any] = None) -> Any:
+    """The :class:`~tl_circuits.InterferenceConfig` of the conflict test: ``config`` (default the defaults) with
+    the signed variant and the pooled Fisher.
+
+    >>> cfg = conflict_config()
+    >>> cfg.variant, cfg.fisher_source
+    ('signed', 'pooled')
+    """
+    from tl_circuits.interference.config import InterferenceConfig
+
+    return (config or InterferenceConfig()).replace(variant="signed", fisher_source="pooled")

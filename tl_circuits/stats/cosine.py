@@ -12,6 +12,10 @@ every norm as well:
   of both tasks it is ≈ −1 in every head by construction (π_A ḡ_A + π_B ḡ_B ≈ 0), which is why a mean signed map
   of a jointly trained model is negative everywhere.
 
+The metric is the pooled matrix's normalisation (``InterferenceConfig.normalization``, docs/spec.md §3.4): under
+``"head"`` without leave-one-out the head's one normaliser cancels, and the cosines are the plain cosines of the
+head's gradients.
+
 >>> import torch
 >>> g = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])   # A = rows 0, 1; B = rows 2, 3
 >>> pooled = {"O": (g @ g.T)[:, :, None, None]}

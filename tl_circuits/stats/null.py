@@ -15,13 +15,14 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits import defaults
+from tl_circuits.interference import memory
 from tl_circuits.parallel.group import current_world, split_rows
 from tl_circuits.stats.reduction import PreparedBlock, ReductionWorkspace, bilinear, prepare_block
 from tl_circuits.stats.validation import (
@@ -36,8 +37,11 @@ from tl_circuits.stats.validation import (
     resolve_memory_budget_gb,
 )
 
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from tqdm import tqdm
+
 __all__ = ["random_relabelings", "all_relabelings", "observed_statistic", "null_moments", "exact_null_sd",
-           "permutation_null"]
+           "permutation_null", "relabeled_statistic"]
 
 
 def random_relabelings(n: int, n_a: int, n_permutations: int,
@@ -162,19 +166,38 @@ def null_moments(pooled_scores: Scores, n_a: Labels) -> Tuple[Grid, Grid]:
     return means, sds
 
 
+def relabeled_statistic(centered: Float[Tensor, "n n c"], relabelings: Bool[Tensor, "p n"], *, scratch_gb: float,
+                        bar: Optional[tqdm] = None, workspace: Optional[ReductionWorkspace] = None,
+                        split: bool = True) -> Float[Tensor, "p c"]:
+    """The centred statistic ``aᵀ (M − μ) (1 − a) / (n_A n_B)`` of every cell under each relabeling ``a``: the one
+    batched reduction of the permutation null (the observed labels, the screen, the rest of the relabelings).
+
+    ``centered``: a prepared block's :attr:`~tl_circuits.stats.reduction.PreparedBlock.centered` (or some of its
+    cells); ``scratch_gb``: one chunk's scratch product. With ``split`` the rows are shared out over the ranks of a
+    process group (every rank gets all of them back, bit for bit what one process computes).
+    """
+    k, n = int(relabelings[0].sum()), relabelings.shape[1]
+
+    def reduce(rows: slice) -> Tensor:
+        return bilinear(relabelings[rows], centered, ~relabelings[rows], scratch_gb, bar, workspace)
+
+    n_rows = relabelings.shape[0]
+    total = split_rows(n_rows, (centered.shape[-1],), centered.dtype, reduce, current_world()) if split \
+        else reduce(slice(0, n_rows))
+    return total / (k * (n - k))
+
+
 def permutation_null(pooled_scores: Scores, permutations: Bool[Tensor, "n_permutations n"], *,
-                     dtype: torch.dtype = torch.float64,
-                     memory_budget_gb: float = defaults.STATS_WORKSPACE_GB, progress: bool = False,
-                     memory_budget: Optional[float] = None,
+                     dtype: torch.dtype = torch.float64, memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
+                     progress: bool = True, memory_budget: Optional[float] = None,
                      ) -> Dict[str, Float[Tensor, "n_permutations n_layers heads"]]:
     """The per-cell statistic under each given relabeling (row = task-A membership), all cells batched.
 
-    ``memory_budget_gb``: GB for one chunk's scratch product ``[chunk, N · cells]`` (``memory_budget``, in
-    bytes, is deprecated).
+    ``memory_budget_gb``: what the call may allocate (GB; ``memory_budget``, in bytes, is deprecated).
 
     >>> m = torch.rand(6, 6, 2, 2)
     >>> perms = all_relabelings(3, 6)
-    >>> permutation_null({"Q": m}, perms)["Q"].shape
+    >>> permutation_null({"Q": m}, perms, progress=False)["Q"].shape
     torch.Size([19, 2, 2])
     """
     scores, n = check_scores(pooled_scores)
@@ -182,13 +205,16 @@ def permutation_null(pooled_scores: Scores, permutations: Bool[Tensor, "n_permut
     perms = torch.as_tensor(permutations)
     k = int(perms[0].sum()) if perms.ndim == 2 and perms.shape[0] else 0
     perms = check_relabelings(perms, n, k)
-    out, workspace, world = {}, ReductionWorkspace(), current_world()  # relabelings split over a process group
+    cells = [int(x.shape[2] * x.shape[3]) for x in scores.values()]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    scratch_gb = memory.statistics_scratch_gb(
+        memory_budget_gb, memory.statistics_held_bytes(n, cells, itemsize, n_relabelings=perms.shape[0]),
+        n * max(cells) * itemsize)
+    out, workspace = {}, ReductionWorkspace()
     with progress_bar(len(scores) * perms.shape[0], "permutations", progress) as bar:
         for block, x in scores.items():
             prep = prepare_block(x, dtype)
-            t = split_rows(perms.shape[0], (prep.centered.shape[-1],), prep.centered.dtype,
-                           lambda rows: bilinear(perms[rows], prep.centered, ~perms[rows], memory_budget_gb, bar,
-                                                 workspace), world) / (k * (n - k)) + prep.mu
-            t = t.masked_fill(prep.missing, float("nan"))
+            t = relabeled_statistic(prep.centered, perms, scratch_gb=scratch_gb, bar=bar, workspace=workspace)
+            t = (t + prep.mu).masked_fill(prep.missing, float("nan"))
             out[block] = t.reshape(-1, *prep.shape).cpu()
     return out

@@ -10,7 +10,7 @@ difference is 0. The statistic is the mean of the finite differences of a cell; 
 are left out of that cell (its flips of them do nothing).
 
 >>> x = torch.tensor([[0.5, -0.1], [0.7, 0.2], [0.6, -0.3], [0.9, 0.1]])
->>> res = sign_flip_test(x, alternative="greater")
+>>> res = sign_flip_test(x, alternative="greater", progress=False)
 >>> res.exact, res.n_permutations, res.p_value.tolist()
 (True, 16, [0.0625, 0.6875])
 """
@@ -23,11 +23,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from jaxtyping import Float
-from scipy.special import ndtr, ndtri
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_circuits import defaults
-from tl_circuits.stats.bootstrap import _quantile_linear
+from tl_circuits.stats.bootstrap import interval_from_resamples
+from tl_circuits.stats.pvalues import tail_p_value
 from tl_circuits.stats.validation import (
     ALTERNATIVES,
     CI_METHODS,
@@ -42,7 +43,7 @@ from tl_circuits.stats.validation import (
 )
 
 __all__ = ["PairedBootstrapCI", "SignFlipResult", "all_sign_flips", "paired_bootstrap_ci", "random_sign_flips",
-           "sign_flip_floor", "sign_flip_test"]
+           "sign_flip_test"]
 
 SIGN_FLIP_NULL = ("each sample's difference is symmetric about 0, independently of the others "
                   "(so the mean difference is 0)")
@@ -105,19 +106,6 @@ def random_sign_flips(n: int, n_permutations: int, generator: torch.Generator) -
     return (1 - 2 * bits).double()
 
 
-def sign_flip_floor(n_permutations: int, exact: bool, alternative: str) -> float:
-    """The smallest p-value the test can give: Monte Carlo ``1 / (1 + B)``; exact ``1 / 2^N`` one-sided and
-    ``2 / 2^N`` two-sided (a pattern and its negation tie in |T|), where ``n_permutations = 2^N``.
-
-    >>> sign_flip_floor(999, exact=False, alternative="two-sided"), sign_flip_floor(16, True, "two-sided")
-    (0.001, 0.125)
-    """
-    check_choice("alternative", alternative, ALTERNATIVES)
-    if exact:
-        return (2.0 if alternative == "two-sided" else 1.0) / n_permutations
-    return 1.0 / (1 + n_permutations)
-
-
 def _as_float64(x) -> Tensor:
     x = torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)).double()
     if x.ndim < 1 or x.shape[0] < 1:
@@ -132,14 +120,17 @@ def sign_flip_test(
     n_permutations: Optional[int] = None,
     exact: Optional[bool] = None,
     seed: Seed = defaults.SEED,
+    progress: bool = True,
 ) -> SignFlipResult:
     """Paired sign-flip permutation test of H0: "each difference is symmetric about 0" (mean 0), per cell.
 
     Statistic ``T = mean of the finite x[:, cell]``; under a sign pattern s, ``T* = Σ s_i x_i / n_cell``. p-values:
-    ``"greater"``: #{T* ≥ T}, ``"less"``: #{T* ≤ T}, ``"two-sided"``: #{|T*| ≥ |T|} (ties within ``TIE_EPS``
-    machine epsilons of the cell's scale count), divided by ``2^N`` for the exact enumeration (which contains the
-    identity) or ``(1 + #) / (1 + B)`` for B random patterns — so p is never 0. The exact p-values equal
-    ``scipy.stats.permutation_test((x,), mean, permutation_type="samples")`` (tested).
+    ``"greater"``: #{T* ≥ T}, ``"less"``: #{T* ≤ T} (ties within ``TIE_EPS`` machine epsilons of the cell's scale
+    count), divided by ``2^N`` for the exact enumeration (which contains the identity) or ``(1 + #) / (1 + B)``
+    for B random patterns — so p is never 0; ``"two-sided"``: the package's one rule
+    ``min(1, 2·min(p_less, p_greater))`` (:func:`tl_circuits.stats.pvalues.tail_p_value`; for the exact
+    enumeration, whose null is symmetric, the share of ``|T*| ≥ |T|``). The p-values equal
+    ``scipy.stats.permutation_test((x,), mean, permutation_type="samples")``'s (tested).
 
     Args:
         x: ``[N, *cells]`` paired differences; NaN entries are missing and left out of their cell.
@@ -148,6 +139,7 @@ def sign_flip_test(
         exact: force (True) or forbid (False) exact enumeration; default: exact when
             ``2^N ≤ max(n_permutations, EXACT_PATTERNS)``.
         seed: int, ``torch.Generator`` or None (fresh entropy), for the random patterns.
+        progress: a tqdm progress bar over the sign patterns.
     """
     check_choice("alternative", alternative, ALTERNATIVES)
     x = _as_float64(x)
@@ -166,19 +158,20 @@ def sign_flip_test(
     observed = filled.sum(0) / safe_count
     scale = filled.abs().sum(0) / safe_count
     gamma = TIE_EPS * torch.finfo(torch.float64).eps * torch.maximum(observed.abs(), scale)
-    hits = torch.zeros(flat.shape[1], dtype=torch.float64)
+    hits_greater = torch.zeros(flat.shape[1], dtype=torch.float64)
+    hits_less = torch.zeros(flat.shape[1], dtype=torch.float64)
     step = max(1, _CHUNK_ELEMENTS // max(1, flat.shape[1]))
-    for start in range(0, flips.shape[0], step):
-        null = flips[start:start + step] @ filled / safe_count              # [chunk, C]
-        if alternative == "greater":
-            hits += (null >= observed - gamma).sum(0)
-        elif alternative == "less":
-            hits += (null <= observed + gamma).sum(0)
-        else:
-            hits += (null.abs() >= observed.abs() - gamma).sum(0)
-    p = hits / flips.shape[0] if exact else (1 + hits) / (1 + flips.shape[0])
+    with tqdm(total=flips.shape[0], desc="sign-flip test", disable=not progress, leave=False) as bar:
+        for start in range(0, flips.shape[0], step):
+            null = flips[start:start + step] @ filled / safe_count              # [chunk, C]
+            hits_greater += (null >= observed - gamma).sum(0)
+            hits_less += (null <= observed + gamma).sum(0)
+            bar.update(null.shape[0])
+    # the exact enumeration holds the identity; B random patterns add it: (1 + hits) / (1 + B)
+    p_greater, p_less = (hits_greater / flips.shape[0], hits_less / flips.shape[0]) if exact else \
+        ((1 + hits_greater) / (1 + flips.shape[0]), (1 + hits_less) / (1 + flips.shape[0]))
     missing = count == 0
-    p = p.masked_fill(missing, float("nan")).clamp(max=1.0)
+    p = tail_p_value(p_less, p_greater, alternative).masked_fill(missing, float("nan"))
     observed = observed.masked_fill(missing, float("nan"))
     return SignFlipResult(statistic=observed.reshape(cell_shape), p_value=p.reshape(cell_shape),
                           n_samples=count.reshape(cell_shape), n_permutations=int(flips.shape[0]),
@@ -224,29 +217,12 @@ def paired_bootstrap_ci(
         n_valid = weights.sum(0)
         total = filled.sum(0)
         theta_hat = (total / n_valid).numpy()
-    theta_b.sort(axis=-1)  # NaN (a resample without a finite sample) sorts last
-    alpha = (1 - confidence_level) / 2
-    if method == "percentile":
-        q = np.broadcast_to(np.array([alpha, 1 - alpha]), (theta_b.shape[0], 2))
-    else:
-        scale = (filled.abs().sum(0) / n_valid).numpy()
-        tol = TIE_EPS * np.finfo(np.float64).eps * np.maximum(np.abs(theta_hat), scale)
-        below = (theta_b < (theta_hat - tol)[:, None]).sum(-1)
-        at_or_below = (theta_b <= (theta_hat + tol)[:, None]).sum(-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z0 = ndtri((below + at_or_below) / (2 * theta_b.shape[1]))
-            # jackknife over each cell's finite samples: leave out x_i -> (S - x_i) / (n_c - 1)
-            jack = ((total - filled) / (n_valid - 1)).numpy()                    # [N, C]
-            w = weights.numpy()
-            k = n_valid.numpy()
-            jack_mean = (jack * w).sum(0) / k
-            u = (k - 1) * (jack_mean - jack) * w
-            a_hat = ((u ** 3).sum(0) / k ** 3) / (6 * ((u ** 2).sum(0) / k ** 2) ** 1.5)
-            z_alpha = ndtri(alpha)
-            n1, n2 = z0 + z_alpha, z0 - z_alpha
-            q = np.stack([ndtr(z0 + n1 / (1 - a_hat * n1)), ndtr(z0 + n2 / (1 - a_hat * n2))], -1)
-    ci = _quantile_linear(theta_b[:, None, :], q)                                  # [C, 2]
-    se = theta_b.std(axis=-1, ddof=1)
+    scale = (filled.abs().sum(0) / n_valid).numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jack = ((total - filled) / (n_valid - 1)).numpy()  # leave out x_i: (S - x_i) / (n_c - 1), per cell   [N, C]
+    low, high, se = interval_from_resamples(theta_b, theta_hat, scale, [(jack, weights.numpy())], method=method,
+                                            confidence_level=confidence_level)   # sorts theta_b: NaN last
+    ci = np.stack([low, high], -1)
     unresolved = ~np.all(np.isfinite(theta_b), axis=-1)  # some resample had no finite sample: no interval
     ci[unresolved] = np.nan
     se[unresolved] = np.nan

@@ -20,7 +20,6 @@ True
 
 from __future__ import annotations
 
-import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -29,16 +28,13 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from tl_circuits import defaults
-from tl_circuits.parallel.group import agreed_int, current_world, split_rows
+from tl_circuits.interference import memory
+from tl_circuits.parallel.group import agreed_int, current_world
 from tl_circuits.stats.bootstrap import block_bootstrap_interval, draw_resamples
-from tl_circuits.stats.corrections import (
-    cluster_mass_correction,
-    default_cluster_threshold,
-    fdr_correction,
-    maxstat_correction,
-)
-from tl_circuits.stats.null import exact_null_sd, random_relabelings
-from tl_circuits.stats.reduction import PreparedBlock, ReductionWorkspace, bilinear, prepare_block
+from tl_circuits.stats.corrections import cluster_mass_correction, default_cluster_threshold, maxstat_correction
+from tl_circuits.stats.null import exact_null_sd, random_relabelings, relabeled_statistic
+from tl_circuits.stats.pvalues import family_decisions, p_value_floor, tail_p_value, warn_at_floor
+from tl_circuits.stats.reduction import PreparedBlock, ReductionWorkspace, prepare_block
 from tl_circuits.stats.result import InterferenceTestResult
 from tl_circuits.stats.validation import (
     ALTERNATIVES,
@@ -54,6 +50,7 @@ from tl_circuits.stats.validation import (
     check_relabelings,
     check_scores,
     count_cells,
+    flatten_cells,
     numpy_rng,
     progress_bar,
     resolve_labels,
@@ -66,43 +63,13 @@ from tl_circuits.stats.validation import (
 __all__ = ["permutation_test", "p_value_floor", "InterferenceTestResult"]
 
 
-def p_value_floor(n_permutations: int, alternative: str = "greater") -> float:
-    """The smallest p-value ``n_permutations`` relabelings can give: ``1 / (1 + P)``, two-sided ``2 / (1 + P)``.
-
-    >>> p_value_floor(23040) <= 0.05 / 576
-    True
-    """
-    check_choice("alternative", alternative, ALTERNATIVES)
-    n_permutations = check_int("n_permutations", n_permutations, 1)
-    return min(1.0, (2.0 if alternative == "two-sided" else 1.0) / (1 + n_permutations))
-
-
-def warn_at_floor(p_values: Dict[str, Tensor], n_permutations: int, alternative: str) -> int:
-    """Warn (UserWarning) how many finite cells have ``p`` at :func:`p_value_floor`; returns that count."""
-    floor = p_value_floor(n_permutations, alternative)
-    flat = torch.cat([p.reshape(-1) for p in p_values.values()])
-    finite = torch.isfinite(flat)
-    count = int((flat[finite] <= floor * (1 + 1e-9)).sum())
-    if count:
-        warnings.warn(f"{count} of {int(finite.sum())} cells have p-values at their floor {floor:.3g} "
-                      f"(= {'2' if alternative == 'two-sided' else '1'}/(1 + n_permutations={n_permutations})): "
-                      "no relabeling reached their statistic, so their true p-value may be smaller; more "
-                      "permutations resolve it", UserWarning, stacklevel=3)
-    return count
-
-
-def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative: str, memory_budget_gb: float,
+def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative: str, scratch_gb: float,
                 bar, workspace: ReductionWorkspace) -> Dict[str, Tensor]:
     """Every per-cell quantity of one block, flat over its cells ``[C]`` (nulls ``[P, C]``), not yet masked."""
-    k, n = int(labels.sum()), labels.shape[0]
     n_permutations = perms.shape[0]
-    obs_row = labels[None]
-    t_obs = bilinear(obs_row, prep.centered, ~obs_row, memory_budget_gb, bar)[0] / (k * (n - k))  # centred
-    # the relabelings are split over the ranks of a process group (every rank gets every row back)
-    t_null = split_rows(n_permutations, (prep.centered.shape[-1],), prep.centered.dtype,
-                        lambda rows: bilinear(perms[rows], prep.centered, ~perms[rows], memory_budget_gb, bar,
-                                              workspace), current_world()) / (k * (n - k))  # [P, C]
-    sd = exact_null_sd(prep, k, n - k)
+    t_obs = relabeled_statistic(prep.centered, labels[None], scratch_gb=scratch_gb, bar=bar, split=False)[0]
+    t_null = relabeled_statistic(prep.centered, perms, scratch_gb=scratch_gb, bar=bar, workspace=workspace)  # [P, C]
+    sd = exact_null_sd(prep, int(labels.sum()), labels.shape[0] - int(labels.sum()))
     observed = t_obs + prep.mu
     eps = torch.finfo(prep.centered.dtype).eps
     # ties: within TIE_EPS·eps of the larger of |T_obs| and the cell's scale, so equal splits never round apart
@@ -122,27 +89,21 @@ def _test_block(prep: PreparedBlock, labels: Tensor, perms: Tensor, alternative:
 
 
 def _p_from_hits(hits_greater: Tensor, hits_less: Tensor, n_permutations: int, alternative: str) -> Tensor:
-    """``(1 + hits) / (1 + P)`` one-sided; two-sided ``min(1, 2·min(p_less, p_greater))``."""
-    p_greater = (1 + hits_greater) / (1 + n_permutations)
-    p_less = (1 + hits_less) / (1 + n_permutations)
-    return {"greater": p_greater, "less": p_less,
-            "two-sided": torch.clamp(2 * torch.minimum(p_less, p_greater), max=1.0)}[alternative]
+    """``(1 + hits) / (1 + P)`` per tail, then the one rule of :func:`~tl_circuits.stats.pvalues.tail_p_value`."""
+    return tail_p_value((1 + hits_less) / (1 + n_permutations), (1 + hits_greater) / (1 + n_permutations),
+                        alternative)
 
 
-def _refine_block(prep: PreparedBlock, labels: Tensor, cells: Dict[str, Tensor], more: Tensor, refine: Tensor,
-                  n_total: int, alternative: str, memory_budget_gb: float,
-                  workspace: ReductionWorkspace) -> Tensor:
+def _refine_block(prep: PreparedBlock, cells: Dict[str, Tensor], more: Tensor, refine: Tensor, n_total: int,
+                  alternative: str, scratch_gb: float, workspace: ReductionWorkspace) -> Tensor:
     """The p-values of the ``refine`` cells ``[C]`` over all ``n_total`` relabelings: the screen's hits plus those
     of the ``more`` relabelings, counted on those cells only; other cells keep the screen's p."""
     p = cells["p_value"].clone()
     index = refine.nonzero().flatten()
     if index.numel() == 0 or more.shape[0] == 0:
         return p
-    k, n = int(labels.sum()), labels.shape[0]
     sub = prep.centered.index_select(2, index.to(prep.centered.device))
-    t_null = split_rows(more.shape[0], (sub.shape[-1],), sub.dtype,  # split over ranks like the screen
-                        lambda rows: bilinear(more[rows], sub, ~more[rows], memory_budget_gb, None, workspace),
-                        current_world()) / (k * (n - k))                                   # [P_more, C_refine]
+    t_null = relabeled_statistic(sub, more, scratch_gb=scratch_gb, workspace=workspace)  # [P_more, C_refine]
     t_obs, gamma = cells["t_obs"][index], cells["gamma"][index]
     hits_greater = cells["hits_greater"][index] + (t_null >= t_obs - gamma).sum(0).double()
     hits_less = cells["hits_less"][index] + (t_null <= t_obs + gamma).sum(0).double()
@@ -155,7 +116,9 @@ def permutation_test(
     n_a: Labels,
     *,
     n_permutations: Optional[int] = None,
-    alternative: str = "greater",
+    alternative: Optional[str] = None,
+    variant: str = defaults.VARIANT,
+    screen: bool = True,
     alpha: float = defaults.ALPHA,
     correction: str = "bh",
     seed: Seed = defaults.SEED,
@@ -166,11 +129,14 @@ def permutation_test(
     cluster_threshold: Optional[float] = None,
     connectivity: int = 4,
     dtype: torch.dtype = torch.float64,
-    memory_budget_gb: float = defaults.STATS_WORKSPACE_GB,
+    memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
     progress: bool = True,
     memory_budget: Optional[float] = None,
 ) -> InterferenceTestResult:
     """Permutation test of task-label exchangeability for every (block, layer, head) cell, with corrections.
+
+    H0 (every cell): the task labels are exchangeable; the alternative is named by ``alternative`` (the result's
+    ``null_hypothesis`` says both in words).
 
     Args:
         pooled_scores: block -> [N, N, n_layers, n_heads_B] pooled pairwise scores (see :mod:`tl_circuits.stats`).
@@ -178,19 +144,25 @@ def permutation_test(
         n_permutations: random relabelings (>= 1), drawn uniformly with group sizes kept (with replacement,
             so the identity may appear — the p-value stays valid). ``None`` (default):
             :func:`tl_circuits.defaults.default_n_permutations` of all (block, layer, head) cells and
-            ``alpha``, so that ``1 / (1 + P) ≤ alpha / m`` and BH can flag a lone cell. The number used is
+            ``alpha``, so that ``2 / (1 + P) ≤ alpha / m`` and BH can flag a lone cell. The number used is
             the result's ``n_permutations``. Ignored when ``permutations`` is given.
-            With this default and P > ``defaults.SCREEN_PERMUTATIONS`` (1000), the test is *screened*: every
-            cell is tested on the first 1000 of the P relabelings, and only cells whose screen p-value is
-            ≤ c = ``SCREEN_MARGIN · alpha`` (2α) are continued on all P. A continued cell's p-value is exactly
-            what all P give; a stopped cell keeps its screen p (> c). Both are valid (P(p ≤ u) ≤ u: below c only
-            continued cells reach, with the full test's p; above c the event lies inside the screen's), and the
-            cells BH, BY or "none" flag at ``alpha`` are those of the unscreened test unless a cell with full
-            p ≤ alpha had ≥ 2α·1001 − 1 of its hits among the first 1000 relabelings (a hypergeometric tail below
-            1e-10 per cell at the default P). Max-stat and cluster-mass p-values, ``null_distribution`` and
-            ``permutations`` are over the 1000 screen relabelings; ``permutations_used`` says per cell how many
-            its p-value is over.
-        alternative: "greater" (default), "less" or "two-sided" (``min(1, 2·min(p_less, p_greater))``).
+        alternative: ``"less"``, ``"greater"`` or ``"two-sided"`` (``min(1, 2·min(p_less, p_greater))``, the
+            package's one rule: :func:`~tl_circuits.stats.pvalues.tail_p_value`). ``None`` (default): the direction
+            of conflict for ``variant`` (:func:`tl_circuits.defaults.conflict_alternative`): ``"less"`` for signed
+            scores (negative = conflict), ``"greater"`` for unsigned and symmetric ones.
+        variant: what the scores are (``"signed"``, the default variant, ``"unsigned"``, ``"symmetric"``); it only
+            sets the default ``alternative``.
+        screen: screen the cells (default True; recorded in the result's settings). With random relabelings and
+            P > ``defaults.SCREEN_PERMUTATIONS`` (1000), every cell is tested on the first 1000 of the P
+            relabelings, and only cells whose screen p-value is ≤ c = ``SCREEN_MARGIN · alpha`` (2α) are continued
+            on all P. A continued cell's p-value is exactly what all P give; a stopped cell keeps its screen p
+            (> c). Both are valid (P(p ≤ u) ≤ u: below c only continued cells reach, with the full test's p; above c
+            the event lies inside the screen's), and the cells BH, BY or "none" flag at ``alpha`` are those of the
+            unscreened test unless a cell with full p ≤ alpha had ≥ 2α·1001 − 1 of its hits among the first 1000
+            relabelings (a hypergeometric tail below 1e-10 per cell at the default P). Max-stat and cluster-mass
+            p-values, ``null_distribution`` and ``permutations`` are then over the 1000 screen relabelings;
+            ``permutations_used`` says per cell how many its p-value is over. Given ``permutations`` (whose order
+            need not be random) are never screened. ``False``: every cell on all P.
         alpha: level for ``significant`` (in (0, 1)).
         correction: which adjusted p decides ``significant``: "bh" (default), "by", "maxstat", "cluster", "none".
         seed: int, ``torch.Generator`` (permutations; the bootstrap ``numpy`` generator is seeded with the same
@@ -203,8 +175,9 @@ def permutation_test(
             grid connectivity (4 or 8), see :func:`tl_circuits.stats.cluster_mass_correction`.
         dtype: computation dtype. float64 (default) is exact to ~1e-14 relative; float32 is about twice as fast
             but treats differences below ~1e-5 of a cell's scale as ties (and such cells as constant).
-        memory_budget_gb: GB for one chunk's scratch product ``[chunk, N · cells]``
-            (:data:`tl_circuits.defaults.STATS_WORKSPACE_GB`).
+        memory_budget_gb: what the call may allocate, in GB (:data:`tl_circuits.defaults.MEMORY_BUDGET_GB`): the
+            prepared scores, the null distribution it returns and the scratch of each chunk of relabelings (at most
+            :data:`tl_circuits.defaults.STATS_WORKSPACE_GB`); ValueError when too small for one chunk.
         progress: tqdm progress bars.
         memory_budget: deprecated, the same budget in bytes.
 
@@ -212,14 +185,15 @@ def permutation_test(
 
     >>> m = torch.rand(16, 16, 2, 3, generator=torch.Generator().manual_seed(1))
     >>> m[:8, 8:, 0, 0] += 1.0                          # task A -> task B pairs of one head score higher
-    >>> res = permutation_test({"O": m}, 8, n_permutations=499, n_bootstrap=0, correction="maxstat",
-    ...                        progress=False)
+    >>> res = permutation_test({"O": m}, 8, n_permutations=499, alternative="greater", n_bootstrap=0,
+    ...                        correction="maxstat", progress=False)
     >>> res.significant["O"].nonzero().tolist()
     [[0, 0]]
     """
     scores, n = check_scores(pooled_scores)
     labels = resolve_labels(n_a, n)
     k = int(labels.sum())
+    alternative = defaults.conflict_alternative(variant) if alternative is None else alternative
     check_choice("alternative", alternative, ALTERNATIVES)
     alpha = check_open_unit("alpha", alpha)
     check_choice("correction", correction, CORRECTIONS)
@@ -231,7 +205,6 @@ def permutation_test(
     if n_bootstrap and (k < 2 or n - k < 2):
         raise ValueError(f"bootstrap intervals need at least 2 samples per task, got n_a={k}, n_b={n - k}; "
                          "pass n_bootstrap=0")
-    screened = permutations is None and n_permutations is None
     world = current_world()
     if world.active and seed is None:  # fresh entropy, drawn once: every rank must draw the same relabelings
         seed = agreed_int(torch.Generator().seed() % 2**62, world)
@@ -243,15 +216,20 @@ def permutation_test(
     else:
         perms = check_relabelings(permutations, n, k)
         n_permutations = perms.shape[0]
-    # the default: screen every cell on the first SCREEN_PERMUTATIONS relabelings, continue only the cells whose
-    # screen p is <= SCREEN_MARGIN·alpha (see n_permutations: the full test's BH/BY decisions at a fraction of the cost)
-    screened = screened and n_permutations > defaults.SCREEN_PERMUTATIONS
+    # screen every cell on the first SCREEN_PERMUTATIONS relabelings, continue only the cells whose screen p is
+    # <= SCREEN_MARGIN·alpha (see screen: the full test's BH/BY decisions at a fraction of the cost)
+    screened = bool(screen) and permutations is None and n_permutations > defaults.SCREEN_PERMUTATIONS
     more = perms[defaults.SCREEN_PERMUTATIONS:] if screened else perms[:0]
     if screened:
         perms = perms[:defaults.SCREEN_PERMUTATIONS]
     if cluster_threshold is None:
         cluster_threshold = default_cluster_threshold(alternative)
     cluster_threshold = float(cluster_threshold)
+    cells_per_block = [int(x.shape[2] * x.shape[3]) for x in scores.values()]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    scratch_gb = memory.statistics_scratch_gb(
+        memory_budget_gb, memory.statistics_held_bytes(n, cells_per_block, itemsize, n_relabelings=perms.shape[0],
+                                                       n_resamples=n_bootstrap), n * max(cells_per_block) * itemsize)
 
     names = ("observed", "null_mean", "null_std", "z", "effect_size", "p_value")
     grids: Dict[str, Dict[str, Tensor]] = {name: {} for name in names}
@@ -269,11 +247,11 @@ def permutation_test(
         for block, x in scores.items():
             prep = prepare_block(x, dtype)
             missing, shape = prep.missing, prep.shape
-            cells = _test_block(prep, labels, perms, alternative, memory_budget_gb, bar, workspace)
+            cells = _test_block(prep, labels, perms, alternative, scratch_gb, bar, workspace)
             if used is not None:
                 refine = ~missing & (cells["p_value"] <= defaults.SCREEN_MARGIN * alpha)
-                cells["p_value"] = _refine_block(prep, labels, cells, more, refine, n_permutations, alternative,
-                                                 memory_budget_gb, workspace)
+                cells["p_value"] = _refine_block(prep, cells, more, refine, n_permutations, alternative, scratch_gb,
+                                                 workspace)
                 used[block] = torch.where(refine, float(n_permutations), float(perms.shape[0])).double() \
                     .masked_fill(missing, float("nan")).reshape(shape).cpu()
 
@@ -288,7 +266,7 @@ def permutation_test(
             if ci_low is not None and ci_high is not None:
                 low, high, _ = block_bootstrap_interval(
                     prep, labels, idx_a, idx_b, method=ci_method, confidence_level=confidence_level,
-                    memory_budget_gb=memory_budget_gb, bar=bar, workspace=workspace)
+                    scratch_gb=scratch_gb, bar=bar, workspace=workspace)
                 miss = missing.cpu().numpy()
                 n_degenerate += int(np.sum(~miss & ~(np.isfinite(low) & np.isfinite(high))))
                 low[miss] = np.nan
@@ -300,24 +278,21 @@ def permutation_test(
             del prep, cells
     warn_missing(n_missing, n_cells, "statistics")
     warn_degenerate(n_degenerate, ci_method)
-    warn_at_floor(grids["p_value"], n_permutations, alternative)
+    warn_at_floor(flatten_cells(grids["p_value"]), n_permutations, alternative)
 
-    q_bh = fdr_correction(grids["p_value"], "bh")
-    q_by = fdr_correction(grids["p_value"], "by")
     p_max = maxstat_correction(grids["z"], z_null, alternative=alternative, tolerance=tol_z)
     p_max = {b: torch.maximum(p_max[b], grids["p_value"][b]) for b in p_max}    # NaN propagates
     p_clu = cluster_mass_correction(grids["z"], z_null, threshold=cluster_threshold, alternative=alternative,
                                     connectivity=connectivity, tolerance=tol_z)
-    adjusted = {"bh": q_bh, "by": q_by, "maxstat": p_max, "cluster": p_clu, "none": grids["p_value"]}[correction]
-    significant = {b: torch.nan_to_num(v, nan=2.0) <= alpha for b, v in adjusted.items()}
+    decisions = family_decisions(grids["p_value"], correction, alpha, {"maxstat": p_max, "cluster": p_clu})
     return InterferenceTestResult(
         observed=grids["observed"], null_mean=grids["null_mean"], null_std=grids["null_std"], z=grids["z"],
-        effect_size=grids["effect_size"], p_value=grids["p_value"], q_value_bh=q_bh, q_value_by=q_by,
-        p_maxstat=p_max, p_cluster=p_clu, ci_low=ci_low, ci_high=ci_high, significant=significant, alpha=alpha,
-        n_permutations=n_permutations, alternative=alternative, correction=correction, n_a=k, n_b=n - k,
-        n_bootstrap=n_bootstrap, ci_method=ci_method, confidence_level=confidence_level,
-        cluster_threshold=cluster_threshold, connectivity=connectivity,
-        seed=seed if not isinstance(seed, torch.Generator) else "torch.Generator",
+        effect_size=grids["effect_size"], p_value=grids["p_value"], q_value_bh=decisions.q_value_bh,
+        q_value_by=decisions.q_value_by, p_value_maxstat=p_max, p_value_cluster=p_clu, ci_low=ci_low,
+        ci_high=ci_high, significant=decisions.significant, alpha=alpha, n_permutations=n_permutations,
+        alternative=alternative, correction=correction, n_a=k, n_b=n - k, n_bootstrap=n_bootstrap,
+        ci_method=ci_method, confidence_level=confidence_level, cluster_threshold=cluster_threshold,
+        connectivity=connectivity, seed=seed if not isinstance(seed, torch.Generator) else "torch.Generator",
         null_distribution=null_dist, permutations=perms,
-        n_permutations_screen=perms.shape[0] if screened else None, permutations_used=used,
+        n_permutations_screen=perms.shape[0] if screened else None, permutations_used=used, screen=bool(screen),
     )

@@ -76,14 +76,16 @@ def chunk_rows(n_rows: int, row_numel: int, element_size: int, memory_budget_gb:
 
 def bilinear(left: Float[Tensor, "p n1"] | Bool[Tensor, "p n1"], m: Float[Tensor, "n1 n2 c"],
              right: Float[Tensor, "p n2"] | Bool[Tensor, "p n2"],
-             memory_budget_gb: float = defaults.STATS_WORKSPACE_GB, bar: Optional[tqdm] = None,
+             scratch_gb: float = defaults.STATS_WORKSPACE_GB, bar: Optional[tqdm] = None,
              workspace: Optional[ReductionWorkspace] = None) -> Float[Tensor, "p c"]:
-    """``out[p, c] = Σ_ij left[p, i] m[i, j, c] right[p, j]``, chunked so ``[chunk, n2·c]`` fits the budget."""
+    """``out[p, c] = Σ_ij left[p, i] m[i, j, c] right[p, j]``, chunked so one chunk's product ``[chunk, n2·c]``
+    fits ``scratch_gb`` (a scratch size, set from the calls' ``memory_budget_gb`` by
+    :mod:`tl_circuits.interference.memory`)."""
     n1, n2, c = m.shape
-    if not math.isfinite(memory_budget_gb) or memory_budget_gb <= 0:
-        raise ValueError(f"memory_budget_gb must be a positive, finite number of GB, got {memory_budget_gb!r}")
+    if not math.isfinite(scratch_gb) or scratch_gb <= 0:
+        raise ValueError(f"scratch_gb must be a positive, finite number of GB, got {scratch_gb!r}")
     flat = m.reshape(n1, n2 * c)
-    chunk = chunk_rows(left.shape[0], n2 * c, m.element_size(), memory_budget_gb)
+    chunk = chunk_rows(left.shape[0], n2 * c, m.element_size(), scratch_gb)
     workspace = workspace or ReductionWorkspace()
     out = torch.empty(left.shape[0], c, dtype=m.dtype, device=m.device)
     for start in range(0, left.shape[0], chunk):

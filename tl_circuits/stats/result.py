@@ -1,9 +1,9 @@
 """The result of :func:`tl_circuits.stats.permutation_test`: per-cell grids, settings, a table, plots, files.
 
-``save(path)`` writes two files side by side, as the bundled models do: ``<path>.safetensors`` (every tensor:
-the grids, the null distribution, the relabelings) and ``<path>.json`` (settings, block names, which
-optional fields are absent). ``InterferenceTestResult.load(path)`` reads them back exactly: same dtypes, NaN
-kept, ``None`` fields kept.
+``save(folder)`` writes it as every result is written (:mod:`tl_circuits.results_io`: the grids, the null
+distribution and the relabelings bit for bit, NaN and ``None`` fields kept); :func:`tl_circuits.load` reads it
+back. The file pair ``<stem>.safetensors`` + ``<stem>.json`` of earlier versions is still read
+(:meth:`InterferenceTestResult.load_legacy`).
 """
 
 from __future__ import annotations
@@ -11,32 +11,46 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from tl_circuits.deprecation import deprecated_alias
+from tl_circuits.results_io import SavedResult, check_record, legacy_files_present, pair_paths, read_json
+from tl_circuits.stats.pvalues import significant_cells
 from tl_circuits.stats.validation import Grid
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from matplotlib.figure import Figure
     from pandas import DataFrame
 
-__all__ = ["InterferenceTestResult", "GRID_FIELDS"]
+__all__ = ["InterferenceTestResult", "GRID_FIELDS", "NULL_HYPOTHESIS", "P_FIELDS"]
 
 GRID_FIELDS = ("observed", "null_mean", "null_std", "z", "effect_size", "p_value", "q_value_bh", "q_value_by",
-               "p_maxstat", "p_cluster", "ci_low", "ci_high", "significant", "permutations_used")
+               "p_value_maxstat", "p_value_cluster", "ci_low", "ci_high", "significant", "permutations_used")
 SETTING_FIELDS = ("alpha", "n_permutations", "alternative", "correction", "n_a", "n_b", "n_bootstrap", "ci_method",
-                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen")
-OPTIONAL_GRIDS = ("permutations_used",)  # absent from files written before they existed
-FILE_FORMAT = "tl_circuits.InterferenceTestResult"
-FILE_VERSION = 1
+                  "confidence_level", "cluster_threshold", "connectivity", "seed", "n_permutations_screen", "screen",
+                  "loss")
+P_FIELDS = ("p_value", "q_value_bh", "q_value_by", "p_value_maxstat", "p_value_cluster")
+"""The p- and q-value fields, each of which can decide ``significant`` (:meth:`InterferenceTestResult.plot`)."""
+NULL_HYPOTHESIS = ("the task labels are exchangeable: the joint distribution of the pooled pairwise scores does not "
+                   "change when the labels A and B are reassigned among the pooled samples (group sizes kept)")
+ALTERNATIVE_TEXT = {
+    "less": "the A x B mean score is lower than under exchangeable labels (towards conflict for signed scores)",
+    "greater": "the A x B mean score is higher than under exchangeable labels (more interference for unsigned "
+               "and symmetric scores)",
+    "two-sided": "the A x B mean score differs from what exchangeable labels give, in either direction",
+}
+LEGACY_FORMAT = "tl_circuits.InterferenceTestResult"
+LEGACY_VERSION = 1
+LEGACY_NAMES = {"p_maxstat": "p_value_maxstat", "p_cluster": "p_value_cluster"}  # fields of the file pair
 
 
 @dataclass(frozen=True, repr=False)
-class InterferenceTestResult:
+class InterferenceTestResult(SavedResult):
     """Result of :func:`permutation_test`. Every grid field is a dict block -> Tensor[n_layers, n_heads_B].
 
     Attributes:
@@ -47,8 +61,8 @@ class InterferenceTestResult:
             (``sd_pairs``: SD of M over ordered off-diagonal pooled pairs).
         p_value: permutation p-value, ``(1 + hits) / (1 + n_permutations)``.
         q_value_bh, q_value_by: BH / BY q-values over all finite cells of all blocks.
-        p_maxstat: Westfall–Young max-T family-wise adjusted p.
-        p_cluster: cluster-mass family-wise adjusted p (1 outside clusters).
+        p_value_maxstat: Westfall–Young max-T family-wise adjusted p (``p_maxstat`` before: deprecated alias).
+        p_value_cluster: cluster-mass family-wise adjusted p (1 outside clusters; ``p_cluster`` before).
         ci_low, ci_high: bootstrap interval of ``observed`` (``None`` when ``n_bootstrap=0``).
         significant: ``correction``'s adjusted p (``q_value_bh`` for "bh", ...) ≤ ``alpha``; False for NaN cells.
         null_distribution: block -> [P, L, H], the statistic under each relabeling of ``permutations``.
@@ -57,6 +71,12 @@ class InterferenceTestResult:
         n_permutations_screen: ``None``, or with the default number of permutations the screen size (every cell
             is tested on these; cells with screen p ≤ alpha on all ``n_permutations``).
         permutations_used: ``None``, or per cell the number of relabelings its ``p_value`` is over.
+        screen: whether screening was asked for (``n_permutations_screen`` says whether it happened).
+        null_hypothesis: what each cell's p-value tests, with the alternative, in words.
+        loss: what each task's per-sample loss scored (``settings["loss"]`` of the engine, docs/spec.md §2.1) when
+            the pooled matrix came from a model
+            (:func:`~tl_circuits.stats.interference_tests.interference_permutation_test`); ``None`` for a matrix
+            given as tensors.
     """
 
     observed: Grid
@@ -67,8 +87,8 @@ class InterferenceTestResult:
     p_value: Grid
     q_value_bh: Grid
     q_value_by: Grid
-    p_maxstat: Grid
-    p_cluster: Grid
+    p_value_maxstat: Grid
+    p_value_cluster: Grid
     ci_low: Optional[Grid]
     ci_high: Optional[Grid]
     significant: Dict[str, Bool[Tensor, "n_layers heads"]]
@@ -88,6 +108,16 @@ class InterferenceTestResult:
     permutations: Optional[Tensor] = None
     n_permutations_screen: Optional[int] = None
     permutations_used: Optional[Grid] = None
+    screen: bool = True
+    loss: Optional[dict] = None
+
+    p_maxstat = deprecated_alias("p_maxstat", "p_value_maxstat")
+    p_cluster = deprecated_alias("p_cluster", "p_value_cluster")
+
+    @property
+    def null_hypothesis(self) -> str:
+        """H0 and the alternative of every cell's ``p_value``, in words."""
+        return f"H0: {NULL_HYPOTHESIS}. H1 ({self.alternative}): {ALTERNATIVE_TEXT[self.alternative]}"
 
     @property
     def blocks(self) -> Tuple[str, ...]:
@@ -127,7 +157,7 @@ class InterferenceTestResult:
         """Heatmaps of ``field`` per block; cells that are not significant are hatched and greyed.
 
         ``mask_with=None`` uses ``significant`` (this result's correction); a p/q field name
-        (e.g. ``"p_maxstat"``) shows the cells where that field ≤ ``alpha``; ``mask_with=False`` shows all.
+        (e.g. ``"p_value_maxstat"``) shows the cells where that field ≤ ``alpha``; ``mask_with=False`` shows all.
         ``z``, ``effect_size`` and any field with negative values (signed scores) use a diverging colormap
         centred at 0; ``shared_scale=True`` gives all blocks one colour scale. Other keyword arguments go to
         :func:`tl_circuits.plotting.plot_blocks`. Returns the matplotlib Figure.
@@ -140,8 +170,9 @@ class InterferenceTestResult:
             masks, shown = self.significant, f"{self.correction} ≤ {self.alpha}"
         elif mask_with is False:
             masks, shown = None, None
-        elif mask_with in ("p_value", "q_value_bh", "q_value_by", "p_maxstat", "p_cluster"):
-            masks = {b: torch.nan_to_num(v, nan=2.0) <= self.alpha for b, v in getattr(self, mask_with).items()}
+        elif mask_with in P_FIELDS or mask_with in LEGACY_NAMES:
+            mask_with = LEGACY_NAMES.get(mask_with, mask_with)
+            masks = significant_cells(getattr(self, mask_with), self.alpha)
             shown = f"{mask_with} ≤ {self.alpha}"
         else:
             raise ValueError(f"mask_with must be None, False or a p/q field name, got {mask_with!r}")
@@ -155,102 +186,44 @@ class InterferenceTestResult:
         return plot_blocks(getattr(self, field), masks=masks, title=title, blocks=self.blocks,
                            colorbar_label=field, **kwargs)
 
-    def save(self, path: Union[str, Path]) -> Tuple[Path, Path]:
-        """Write ``<path>.safetensors`` (tensors) and ``<path>.json`` (settings); returns both paths.
-
-        ``path`` may end in ``.safetensors`` or ``.json``; the stem is used for both files.
-
-        >>> import tempfile, torch
-        >>> from tl_circuits.stats import permutation_test
-        >>> res = permutation_test({"Q": torch.rand(6, 6, 1, 2)}, 3, n_permutations=19, n_bootstrap=0,
-        ...                        progress=False)
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     _ = res.save(f"{tmp}/run")
-        ...     back = InterferenceTestResult.load(f"{tmp}/run")
-        >>> back.settings == res.settings and torch.equal(back.observed["Q"], res.observed["Q"])
-        True
-        """
-        from safetensors.torch import save_file
-
-        tensor_path, json_path = result_paths(path)
-        blocks = list(self.blocks)
-        tensors: Dict[str, Tensor] = {}
-        absent = []
-        for name in GRID_FIELDS:
-            grid = getattr(self, name)
-            if grid is None:
-                absent.append(name)
-                continue
-            if list(grid) != blocks:
-                raise ValueError(f"{name} has blocks {list(grid)}, observed has {blocks}")
-            for index, block in enumerate(blocks):
-                tensors[f"{name}/{index}"] = _own_storage(grid[block])
-        null_blocks = list(self.null_distribution)
-        for index, block in enumerate(null_blocks):
-            tensors[f"null_distribution/{index}"] = _own_storage(self.null_distribution[block])
-        if self.permutations is None:
-            absent.append("permutations")
-        else:
-            tensors["permutations"] = _own_storage(self.permutations)
-        settings = self.settings
+    def saved_fields(self) -> dict[str, Any]:
+        fields = super().saved_fields()
         try:
-            json.dumps(settings["seed"])
+            json.dumps(fields["seed"])
         except TypeError:
-            settings["seed"] = repr(settings["seed"])     # e.g. a generator: kept as a description
-        record = {"format": FILE_FORMAT, "version": FILE_VERSION, "blocks": blocks,
-                  "null_distribution_blocks": null_blocks, "absent": absent, "settings": settings}
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tensor_path), metadata={"format": FILE_FORMAT})
-        json_path.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
-        return tensor_path, json_path
+            fields["seed"] = repr(fields["seed"])     # e.g. a generator: kept as a description
+        return fields
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "InterferenceTestResult":
-        """Read a result written by :meth:`save` (the same ``path``)."""
+    def load_legacy(cls, path: Path) -> Optional["InterferenceTestResult"]:
+        """The file pair of earlier versions, ``<stem>.safetensors`` + ``<stem>.json`` (format
+        ``tl_circuits.InterferenceTestResult``, version 1; ``path`` the stem or either file), or ``None``."""
         from safetensors.torch import load_file
 
-        tensor_path, json_path = result_paths(path)
-        missing = [str(p) for p in (tensor_path, json_path) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"no saved InterferenceTestResult at {str(path)!r}: missing "
-                                    f"{' and '.join(missing)} (save() writes both)")
-        record = json.loads(json_path.read_text())
-        if not isinstance(record, dict) or record.get("format") != FILE_FORMAT:
-            raise ValueError(f"{json_path} is not a saved InterferenceTestResult (no format {FILE_FORMAT!r})")
-        if record.get("version") != FILE_VERSION:
-            raise ValueError(f"{json_path} has file version {record.get('version')!r}; this tl_circuits reads "
-                             f"version {FILE_VERSION}")
+        tensor_path, json_path = pair_paths(path)
+        if not legacy_files_present((tensor_path, json_path), "InterferenceTestResult"):
+            return None
+        record = check_record(read_json(json_path), json_path, LEGACY_FORMAT, (LEGACY_VERSION,),
+                              "InterferenceTestResult")
         tensors = load_file(str(tensor_path))
         blocks, absent = record["blocks"], set(record["absent"])
 
         def grid(name: str) -> Optional[Dict[str, Tensor]]:
-            if name in absent or (name in OPTIONAL_GRIDS and f"{name}/0" not in tensors):
-                return None
+            stored = {new: old for old, new in LEGACY_NAMES.items()}.get(name, name)
+            if stored in absent or (name == "permutations_used" and f"{stored}/0" not in tensors):
+                return None  # absent, or written before the field existed
             try:
-                return {block: tensors[f"{name}/{index}"] for index, block in enumerate(blocks)}
+                return {block: tensors[f"{stored}/{index}"] for index, block in enumerate(blocks)}
             except KeyError:
-                raise ValueError(f"{tensor_path} lacks the {name!r} grid that {json_path} lists") from None
+                raise ValueError(f"{tensor_path} lacks the {stored!r} grid that {json_path} lists") from None
 
         grids = {name: grid(name) for name in GRID_FIELDS}
         null = {block: tensors[f"null_distribution/{index}"]
                 for index, block in enumerate(record["null_distribution_blocks"])}
         permutations = None if "permutations" in absent else tensors["permutations"]
-        return cls(**grids, **record["settings"], null_distribution=null,  # type: ignore[arg-type]
+        settings = {"screen": record["settings"].get("n_permutations_screen") is not None, **record["settings"]}
+        return cls(**grids, **settings, null_distribution=null,  # type: ignore[arg-type]
                    permutations=permutations)
 
 
-def result_paths(path: Union[str, Path]) -> Tuple[Path, Path]:
-    """``(<stem>.safetensors, <stem>.json)`` for a path with or without one of those suffixes.
-
-    >>> [p.name for p in result_paths("out/run.json")]
-    ['run.safetensors', 'run.json']
-    """
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
-
-
-def _own_storage(tensor: Tensor) -> Tensor:
-    # safetensors refuses views that share storage (the blocks of one q-value vector do)
-    return tensor.detach().cpu().contiguous().clone()
+result_paths = pair_paths  # the file pair of earlier versions (tl_circuits.results_io.pair_paths)

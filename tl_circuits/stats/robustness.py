@@ -142,7 +142,7 @@ class RankStability:
 
 
 def bootstrap_cell_means(scores: ScoresAB, idx_a: Int[Tensor, "r n_a"], idx_b: Int[Tensor, "r n_b"],
-                         memory_budget_gb: float = defaults.STATS_WORKSPACE_GB) -> dict[str, Tensor]:
+                         scratch_gb: float = defaults.STATS_WORKSPACE_GB) -> dict[str, Tensor]:
     """``{block: [R, L·H]}``: every cell's A × B mean on each resample (rows ``idx_a[r]``, columns ``idx_b[r]``)."""
     n_a, n_b = _check_ab(scores)
     ones = torch.ones(1, dtype=torch.float64)
@@ -152,7 +152,7 @@ def bootstrap_cell_means(scores: ScoresAB, idx_a: Int[Tensor, "r n_a"], idx_b: I
     for block, s in scores.items():
         x = s.detach().double().cpu()
         flat = x.reshape(n_a, n_b, -1)
-        out[block] = bilinear(count_a, flat, count_b, memory_budget_gb) / (n_a * n_b)
+        out[block] = bilinear(count_a, flat, count_b, scratch_gb) / (n_a * n_b)
     return out
 
 

@@ -22,6 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_circuits import defaults
+from tl_circuits.deprecation import warn_deprecated
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from tqdm import tqdm
@@ -70,15 +71,15 @@ def check_choice(name: str, value: Any, choices: Sequence) -> str:
 
 
 def resolve_memory_budget_gb(memory_budget_gb: float, memory_budget: Optional[float]) -> float:
-    """The scratch budget in GB; the deprecated ``memory_budget`` (bytes) still works, with a warning.
+    """What a statistics call may allocate, in GB; the deprecated ``memory_budget`` (bytes) still works, with a warning.
 
     >>> resolve_memory_budget_gb(0.5, None)
     0.5
     """
     if memory_budget is not None:
-        warnings.warn("memory_budget (bytes) is deprecated; pass memory_budget_gb (GB, 2**30 bytes) instead",
-                      DeprecationWarning, stacklevel=3)
-        if memory_budget_gb != defaults.STATS_WORKSPACE_GB:
+        warn_deprecated("memory_budget (bytes) is deprecated; pass memory_budget_gb (GB, 2**30 bytes: what the call "
+                        "may allocate) instead", stacklevel=4)
+        if memory_budget_gb != defaults.MEMORY_BUDGET_GB:
             raise ValueError("pass memory_budget_gb or the deprecated memory_budget, not both")
         memory_budget_gb = float(memory_budget) / defaults.GB
     try:
