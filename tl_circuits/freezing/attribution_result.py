@@ -2,9 +2,9 @@
 the missed-effect bound (docs/spec.md §1.9).
 
 An :class:`AttributionResult` *is* a :class:`~tl_circuits.freezing.sweep.SweepResult` (same grids, ``test()``,
-``plot()``, ``save(folder)``;
-:func:`tl_circuits.load` gives it back as an ``AttributionResult``): ``effect[c][l, h]`` is the exact freeze effect where ``verified[c][l, h]`` and the
-first-order estimate elsewhere; ``estimate[c]`` keeps every estimate, so verified cells show both numbers.
+``plot()``; ``save(folder)``, and :func:`tl_circuits.load` gives it back as an ``AttributionResult``):
+``effect[c][l, h]`` is the exact freeze effect where ``verified[c][l, h]`` and the first-order estimate elsewhere;
+``estimate[c]`` keeps every estimate, so verified cells show both numbers.
 
 >>> import torch
 >>> result = AttributionResult(clean=2.0, frozen={}, replacement="mean", metric_name="loss",
