@@ -142,3 +142,28 @@ def test_options_are_checked(mha_model, tokens):
     assert n_to_verify(0.5, 8) == 4 and n_to_verify(20, 8) == 8
     grid = {"ov": torch.tensor([[0.1, -3.0], [float("nan"), 2.0]])}
     assert top_cells(grid, 2) == [("ov", 0, 1), ("ov", 1, 1)]
+
+
+def test_loss_mask_scores_the_chosen_predictions(mha_model, tokens):
+    """With a loss mask, estimates equal those of a hand-written masked loss (log_softmax and gather, each sample's
+    mean over its counted predictions), and the verified cells equal freeze_sweep's exact effects under that mask."""
+    loss_mask = torch.zeros_like(tokens)
+    loss_mask[:, 3:6] = 1
+    loss_mask[1, 2] = 1
+
+    def masked_loss(logits):  # loss_mask[i, p]: the prediction of token p + 1 from position p
+        logp = logits[:, :-1].double().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        counted = loss_mask[:, :-1].double()
+        return -(logp * counted).sum(1) / counted.sum(1)
+
+    result = attribution_sweep(mha_model, tokens, per_sample=True, loss_mask=loss_mask, verify=1.0, progress=False)
+    by_hand = first_order_pass(mha_model, tokens, masked_loss, circuits=["qk", "ov"], replacement="zero",
+                               per_sample=True)
+    exact = freeze_sweep(mha_model, tokens, per_sample=True, loss_mask=loss_mask, progress=False)
+    assert result.settings["loss"]["counted_predictions"]["total"] == 10
+    for circuit in ("qk", "ov"):
+        torch.testing.assert_close(result.per_sample_estimate[circuit], by_hand.estimate[circuit], rtol=1e-5,
+                                   atol=1e-7)
+        torch.testing.assert_close(result.effect[circuit], exact.effect[circuit], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_mask says what the default metric scores"):
+        attribution_sweep(mha_model, tokens, masked_loss, loss_mask=loss_mask, progress=False)

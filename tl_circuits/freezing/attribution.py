@@ -42,7 +42,8 @@ from tl_circuits.freezing.first_order import (
 )
 from tl_circuits.freezing.options import Circuit, parse_option
 from tl_circuits.freezing.references import ReferenceLike
-from tl_circuits.freezing.sweep import Metric, PerSampleMetric
+from tl_circuits.freezing.sweep import Metric, PerSampleMetric, default_metric
+from tl_circuits.interference.inputs import check_mask, prepare_loss
 from tl_circuits.models.spec import check_tokens, model_spec
 from tl_circuits.models.types import Model
 
@@ -66,6 +67,7 @@ def attribution_sweep(
     memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
     chunk_size: Optional[int] = None,
     progress: bool = True,
+    loss_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> AttributionResult:
     """First-order estimates of every head's freeze effect, the top cells verified exactly (module docstring).
 
@@ -82,6 +84,9 @@ def attribution_sweep(
             ``missed_groups`` groups a round, ``seed``).
         qk_alpha: 1 (default): AtP*'s exact frozen pattern; 0: plain attribution patching (softmax linearised);
             in between: the logit-space path of :func:`~tl_circuits.freezing.first_order.qk_path_delta`.
+        loss_mask: the predictions the default metric scores, as :func:`tl_circuits.freeze_sweep`'s (the ``scored``
+            convention of docs/spec.md §2.1); the estimates, the verification and the bound all use that loss.
+            There is no ``attention_mask``: the estimates assume unpadded samples.
     """
     spec = model_spec(model)
     check_tokens(spec, tokens)
@@ -91,6 +96,12 @@ def attribution_sweep(
     parsed = check_attribution_replacement(replacement)
     n_verify = n_to_verify(verify, spec.n_layers * spec.n_heads)
     metric_name = getattr(metric, "__name__", "metric") if metric is not None else "loss"
+    loss = {"scored": f"metric {metric_name}"}
+    if metric is None:
+        loss, metric = _default_loss(tokens, loss_mask, per_sample)
+    elif loss_mask is not None:
+        raise ValueError("loss_mask says what the default metric scores; a metric of your own gets the logits only "
+                         "and would ignore it: score the predictions you want inside your metric, or drop the metric")
     reference = prepare_attribution_reference(model, spec, parsed, reference)  # once: RESAMPLE runs it here
     estimated = first_order_pass(model, tokens, metric, circuits=swept, replacement=parsed, reference=reference,
                                  per_sample=per_sample, qk_alpha=qk_alpha)
@@ -104,7 +115,7 @@ def attribution_sweep(
     settings = dict(sweep="attribution", estimate=ESTIMATE_NOTE, circuits=[c.value for c in swept],
                     qk_method="exact pattern (AtP*)" if qk_alpha == 1 else f"logit path, alpha={qk_alpha}",
                     qk_alpha=qk_alpha, batch=batch, n_pos=n_pos, per_sample=per_sample, verify=verify,
-                    verified_cells=[], seed=seed)
+                    verified_cells=[], seed=seed, loss=loss)
     result = AttributionResult(
         clean=clean, frozen={}, replacement=parsed.value, metric_name=metric_name, settings=settings,
         clean_per_sample=estimated.clean if per_sample else None,
@@ -117,3 +128,10 @@ def attribution_sweep(
                                      confidence=missed_confidence, groups=missed_groups, seed=seed,
                                      memory_budget_gb=memory_budget_gb, chunk_size=chunk_size, progress=progress)
     return result
+
+
+def _default_loss(tokens: Tensor, loss_mask: Optional[Tensor], per_sample: bool) -> tuple[dict, Metric]:
+    """The default metric (:func:`tl_circuits.freezing.sweep.default_metric`, ``loss_mask`` checked) and its
+    description for the settings."""
+    scored = prepare_loss(tokens, check_mask(tokens, None, "tokens"), loss_mask, None, "tokens")
+    return scored.describe(), default_metric(tokens, per_sample, None, scored.loss_mask)
