@@ -57,6 +57,19 @@ def assert_first_order(errors, floor):
 FLOORS = {"hooked-mha": 1e-10, "hooked-gqa": 1e-10, "gpt2-bridge": 1e-10, "llama-bridge": 1e-6}
 
 
+def interpolated_errors(model, tokens, other, epsilons):
+    """first_order_errors of QK and OV under RESAMPLE towards the reference clean + eps · (corrupted − clean) of every
+    pattern and z."""
+    spec = model_spec(model)
+    names = [spec.hook_name(layer, kind) for layer in range(spec.n_layers) for kind in ("pattern", "z")]
+    clean, corrupted = cached(model, tokens, names), cached(model, other, names)
+
+    def reference_at(eps):
+        return {n: clean[n] + eps * (corrupted[n] - clean[n]) for n in names}
+
+    return first_order_errors(model, tokens, reference_at, ["qk", "ov"], "resample", epsilons)
+
+
 def epsilons_for(which):
     return (1e-2, 1e-3) if which == "llama-bridge" else (1e-3, 1e-4)
 
@@ -66,15 +79,8 @@ def test_estimate_tends_to_the_exact_effect_as_the_replacement_nears_clean(which
     """RESAMPLE towards an interpolated reference, pattern (QK) and z (OV): estimate / exact → 1 per head and sample,
     GQA siblings included (each head's own z; its KV head's v)."""
     model = builders.float64_model(which)
-    spec = model_spec(model)
     tokens, other = builders.random_tokens(2, 8, seed=0), builders.random_tokens(2, 8, seed=1)
-    names = [spec.hook_name(layer, kind) for layer in range(spec.n_layers) for kind in ("pattern", "z")]
-    clean, corrupted = cached(model, tokens, names), cached(model, other, names)
-
-    def reference_at(eps):
-        return {n: clean[n] + eps * (corrupted[n] - clean[n]) for n in names}
-
-    errors = first_order_errors(model, tokens, reference_at, ["qk", "ov"], "resample", epsilons_for(which))
+    errors = interpolated_errors(model, tokens, other, epsilons_for(which))
     assert_first_order(errors, floor=FLOORS[which])
 
 
@@ -214,14 +220,6 @@ def test_estimate_tends_to_exact_on_every_architecture(name):
     for QK (the z route of GPT-J and OPT included) and OV."""
     float32 = name == "MixtralForCausalLM"  # its grouped expert matmul has no float64 kernel
     model = builders.bridge_of(zoo.build(name) if float32 else zoo.build(name).double())
-    spec = model_spec(model)
-    tokens, other = zoo.tokens(2, 8, seed=0), zoo.tokens(2, 8, seed=1)
-    names = [spec.hook_name(layer, kind) for layer in range(spec.n_layers) for kind in ("pattern", "z")]
-    clean, corrupted = cached(model, tokens, names), cached(model, other, names)
-
-    def reference_at(eps):
-        return {n: clean[n] + eps * (corrupted[n] - clean[n]) for n in names}
-
     epsilons = (1e-1, 1e-2) if float32 else (1e-2, 1e-3)
-    errors = first_order_errors(model, tokens, reference_at, ["qk", "ov"], "resample", epsilons)
+    errors = interpolated_errors(model, zoo.tokens(2, 8, seed=0), zoo.tokens(2, 8, seed=1), epsilons)
     assert_first_order(errors, floor=1e-5 if float32 else 1e-6)  # float32 kept inside (rotary, norms, ALiBi)
