@@ -63,12 +63,12 @@ def mha(seed: int = 0, biases: bool = True, n_layers: int = 2) -> HookedTransfor
     return hooked(seed, biases, n_layers=n_layers)
 
 
-def gqa(seed: int = 0, biases: bool = False) -> HookedTransformer:
+def gqa(seed: int = 0, biases: bool = False, **overrides) -> HookedTransformer:
     """GQA (4 query heads over 2 KV heads), rotary, RMSNorm, gated SiLU MLP (LLaMA-like)."""
     return hooked(
         seed, biases, n_key_value_heads=2, positional_embedding_type="rotary",
         normalization_type="RMS", act_fn="silu", gated_mlp=True, final_rms=True,
-        rotary_dim=8, rotary_adjacent_pairs=False,
+        rotary_dim=8, rotary_adjacent_pairs=False, **overrides,
     )
 
 
@@ -154,6 +154,21 @@ def gpt2_bridge(seed: int = 0, n_layers: int = 2):
 def llama_bridge(seed: int = 0):
     """TransformerBridge around a fresh :func:`hf_llama_model` (the weights of :func:`hf_llama` with the same seed)."""
     return testing.tiny_model("LlamaForCausalLM", seed)
+
+
+FLOAT64_MODELS = ("hooked-mha", "hooked-gqa", "gpt2-bridge", "llama-bridge")
+
+
+def float64_model(which: str, seed: int = 0):
+    """A float64 model for checks that need more than float32's digits (first-order limits): ``"hooked-mha"`` /
+    ``"hooked-gqa"`` (:func:`mha` / :func:`gqa` weights' configs, TL < 4), ``"gpt2-bridge"`` / ``"llama-bridge"``
+    (bridges around :func:`hf_gpt2_model` / :func:`hf_llama_model` in float64; LLaMA's rotary tables stay float32)."""
+    if which == "hooked-mha":
+        return hooked(seed, True, dtype=torch.float64)
+    if which == "hooked-gqa":
+        return gqa(seed, dtype=torch.float64)
+    hf = {"gpt2-bridge": hf_gpt2_model, "llama-bridge": hf_llama_model}[which](seed)
+    return bridge_of(hf.double())
 
 
 def native_bridge(seed: int = 0, rotary: bool = False):

@@ -15,6 +15,7 @@ import tl_circuits
 from tests.saved_results import assert_same_result
 from tl_circuits import InterferenceConfig, InterferenceResult, SweepResult, conflict_test, permutation_test
 from tl_circuits.interference.fisher import DiagonalFisher
+from tl_circuits.freezing.attribution_result import AttributionResult, MissedEffectBound
 from tl_circuits.results_io import KINDS, META_FILE, TENSORS_FILE, VERSION
 
 
@@ -49,6 +50,11 @@ def every_result():
     return {
         "InterferenceResult": interference_result(),
         "SweepResult": sweep,
+        "AttributionResult": AttributionResult(
+            clean=2.0, frozen={}, replacement="mean", metric_name="loss", settings={"sweep": "attribution"},
+            estimate={"ov": torch.tensor([[0.5, math.nan]])}, verified={"ov": torch.tensor([[True, False]])},
+            exact={"ov": torch.tensor([[0.4, math.nan]])},
+            missed={"ov": MissedEffectBound("ov", 0.1, 1, 5, 1, 0.97, 0.97, [0.1] * 5, [[[0, 1]]] * 5, 0)}),
         "SweepTestResult": sweep.test(n_bootstrap=50, progress=False),
         "InterferenceTestResult": permutation_test({"O": pooled}, 5, n_permutations=19, n_bootstrap=20,
                                                    progress=False),

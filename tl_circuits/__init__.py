@@ -11,7 +11,7 @@ The specification of every quantity is docs/spec.md.
 
 >>> import tl_circuits
 >>> isinstance(tl_circuits.__version__, str), len(tl_circuits.__all__) - 1  # less __version__
-(True, 26)
+(True, 28)
 """
 
 import importlib
@@ -24,12 +24,14 @@ from tl_circuits.bundled.models import load_bundled_model
 from tl_circuits.checks import SanityCheckResult, sanity_check
 from tl_circuits.deprecation import warn_deprecated
 from tl_circuits.freezing import (
+    AttributionResult,
     Circuit,
     GradientMode,
     MeanActivations,
     Replacement,
     SweepResult,
     SweepTestResult,
+    attribution_sweep,
     compute_mean_activations,
     freeze,
     freeze_sweep,
@@ -48,7 +50,7 @@ __all__ = [
     "__version__",
     # freezing
     "Circuit", "Replacement", "GradientMode", "freeze", "freeze_sweep", "SweepResult", "SweepTestResult",
-    "compute_mean_activations", "MeanActivations",
+    "compute_mean_activations", "MeanActivations", "attribution_sweep", "AttributionResult",
     # interference
     "compute_interference", "per_sample_gradients", "loss_mask_from_labels", "GradientConfig", "InterferenceConfig",
     "InterferenceResult", "PooledScores",

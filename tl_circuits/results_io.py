@@ -44,6 +44,7 @@ TENSORS_FILE = "tensors.safetensors"
 KINDS = {
     "InterferenceResult": "tl_circuits.interference.result",
     "SweepResult": "tl_circuits.freezing.sweep",
+    "AttributionResult": "tl_circuits.freezing.attribution_result",
     "SweepTestResult": "tl_circuits.freezing.sweep_stats",
     "InterferenceTestResult": "tl_circuits.stats.result",
     "ConflictTestResult": "tl_circuits.stats.conflict",

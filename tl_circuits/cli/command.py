@@ -60,7 +60,7 @@ from typing import Optional, Sequence
 import torch
 
 from tl_circuits import defaults
-from tl_circuits.cli.pipeline import REPLACEMENTS, TOP_K, AnalysisConfig, run_analysis
+from tl_circuits.cli.pipeline import REPLACEMENTS, SWEEPS, TOP_K, AnalysisConfig, run_analysis
 from tl_circuits.cli.loading import (  # noqa: F401  (CommandError, load_model: this module's public names too)
     DEFAULT_SAMPLES,
     CommandError,
@@ -113,6 +113,7 @@ class CommandOptions:
     traceback: bool
     bridge: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    sweep: str = "auto"
     normalization: str = defaults.NORMALIZATION
     check: bool = False
     layers: Optional[tuple[int, ...]] = None
@@ -131,7 +132,7 @@ class CommandOptions:
         return AnalysisConfig(interference=InterferenceConfig(gradients=gradients, variant=self.variant,
                                                               fisher_source="pooled",
                                                               normalization=self.normalization),
-                              replacement=self.replacement, n_permutations=self.n_permutations,
+                              replacement=self.replacement, sweep=self.sweep, n_permutations=self.n_permutations,
                               n_bootstrap=self.n_bootstrap, alpha=self.alpha, top_k=self.top_k, seed=self.seed,
                               layers=self.layers, heads=self.heads)
 
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--replacement", choices=REPLACEMENTS, default="zero",
         help="what a frozen circuit is replaced with (default zero; mean: the task's mean; resample: each "
              "sample's corrupted twin, corrupted_prompt + completion, from the task records)")
+    add("--sweep", choices=SWEEPS, default="auto",
+        help="freeze sweep: exact (a forward per head), attribution (first-order estimates, the top 10%% of each "
+             "circuit verified exactly; see docs/attribution.md) or auto (default: exact unless it would take more "
+             "than a few minutes)")
     add("--alpha", type=_unit_interval, default=defaults.ALPHA,
         help=f"significance level of the BH q-values (default {defaults.ALPHA})")
     add("--top-k", type=_positive_int, default=TOP_K, help=f"rows in the top-heads and top-pairs tables "

@@ -10,6 +10,11 @@ Then :meth:`tl_circuits.SweepResult.test` (two-sided sign-flip test of "the free
 bootstrap intervals, BH/BY q-values over every (circuit, layer, head) cell and the interaction BOTH − (QK + OV)),
 and the attention patterns of the top QK heads on the first sample, clean beside frozen.
 
+``--sweep attribution`` (or ``auto`` on a model whose exact sweep would take more than a few minutes,
+:func:`chosen_sweep`) runs :func:`tl_circuits.attribution_sweep` instead: first-order estimates of every cell, the
+top :data:`VERIFY_SHARE` of each circuit by |estimate| verified exactly, and the missed-effect bound of the rest at
+:data:`MISSED_CONFIDENCE`; the report marks which numbers are estimates (docs/attribution.md).
+
 A TransformerLens-native bridge on TransformerLens 3.x cannot freeze QK (it discards pattern edits): there only OV
 is swept, QK and BOTH are NaN, and the pattern picture says so.
 """
@@ -25,6 +30,7 @@ from torch import Tensor
 
 from tl_circuits import defaults
 from tl_circuits.cli.task_files import TaskInput
+from tl_circuits.freezing.attribution import attribution_sweep
 from tl_circuits.freezing.references import compute_mean_activations
 from tl_circuits.freezing.sweep import SweepResult, freeze_sweep
 from tl_circuits.freezing.sweep_stats import SweepTestResult
@@ -38,6 +44,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from tl_circuits.cli.pipeline import AnalysisConfig
 
 CIRCUITS = ("qk", "ov", "both")
+SWEEPS = ("auto", "exact", "attribution")
+VERIFY_SHARE = 0.1  # the attribution sweep verifies this share of each circuit's cells exactly
+MISSED_CONFIDENCE = 0.95  # confidence of its missed-effect bound (all unverified cells at once)
+AUTO_EXACT_FLOPS = 1e13  # "auto": the exact sweep up to about this many FLOPs (a few minutes on a CPU)
 PATTERN_HEADS = 3  # top QK heads shown clean beside frozen
 SWEEP_ALTERNATIVE = "two-sided"  # "the freeze changes the loss", either way
 
@@ -91,12 +101,31 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
     budget = config.interference.memory_budget_gb
     reference = sweep_reference(model, task, config.replacement, config.progress, budget)
     circuits = swept_circuits(model, config.replacement)
-    # the default metric: the per-sample loss of the interference's gradients, on the same counted predictions
-    sweep = freeze_sweep(model, tokens, circuits=circuits, layers=config.layers, heads=config.heads, per_sample=True,
-                         replacement=config.replacement,
-                         reference=reference, seed=config.seed, memory_budget_gb=budget, progress=config.progress,
-                         attention_mask=task.attention_mask.to(device), loss_mask=task.loss_mask.to(device),
-                         reference_attention_mask=sweep_reference_mask(task, config.replacement, device), world=world)
+    mask = task.attention_mask.to(device)
+    # the attribution screen takes the task's loss mask but no attention mask (docs/spec.md §1.9): right padding only
+    # follows the valid tokens, so a causal model computes the same there; left padding and layer/head subsets run
+    # the exact sweep
+    right_padded_only = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    attribution = (chosen_sweep(model, tokens, len(circuits), config.sweep) == "attribution" and right_padded_only
+                   and config.layers is None and config.heads is None)
+    if attribution:
+        valid = mask.bool()
+        counted = task.loss_mask.to(device).bool().clone()
+        counted[:, :-1] &= valid[:, 1:] & valid[:, :-1]  # a prediction counts only between valid tokens
+        counted[:, -1] = False
+        sweep: SweepResult = attribution_sweep(
+            model, tokens, circuits=circuits, per_sample=True, replacement=config.replacement,
+            reference=reference, verify=VERIFY_SHARE, missed_confidence=MISSED_CONFIDENCE, seed=config.seed,
+            memory_budget_gb=budget, progress=config.progress, loss_mask=counted)
+        sweep.settings["sweep_chosen_by"] = config.sweep
+    else:
+        # the default metric: the per-sample loss of the interference's gradients, on the same counted predictions
+        sweep = freeze_sweep(model, tokens, circuits=circuits, layers=config.layers, heads=config.heads,
+                             per_sample=True, replacement=config.replacement, reference=reference, seed=config.seed,
+                             memory_budget_gb=budget, progress=config.progress,
+                             attention_mask=mask, loss_mask=task.loss_mask.to(device),
+                             reference_attention_mask=sweep_reference_mask(task, config.replacement, device),
+                             world=world)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
                       correction=correction, seed=config.seed, progress=config.progress)
@@ -108,6 +137,23 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
     else:
         patterns = _no_patterns()
     return FreezeStage(sweep, test, patterns)
+
+
+def exact_sweep_flops(model: Model, tokens: Tensor, n_circuits: int) -> float:
+    """Rough FLOPs of the exact sweep: 2 × parameters × tokens per forward, times its forward-equivalents (each of the
+    ``n_circuits`` × H copies of layer l runs layers l..L−1: (L + 1) / 2 per head on average, as whole forwards)."""
+    spec = model_spec(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    forwards = n_circuits * spec.n_heads * (spec.n_layers + 1) / 2
+    return 2.0 * n_params * tokens.numel() * forwards
+
+
+def chosen_sweep(model: Model, tokens: Tensor, n_circuits: int, sweep: str, limit: float = AUTO_EXACT_FLOPS) -> str:
+    """``"exact"`` or ``"attribution"``: as asked, or for ``"auto"`` the exact sweep unless
+    :func:`exact_sweep_flops` exceeds ``limit``."""
+    if sweep != "auto":
+        return sweep
+    return "exact" if exact_sweep_flops(model, tokens, n_circuits) <= limit else "attribution"
 
 
 def _no_patterns() -> Figure:

@@ -29,6 +29,7 @@ from tl_circuits.cli.tables import (
     top_heads_by_interference,
     top_pairs_table,
 )
+from tl_circuits.freezing.attribution_result import AttributionResult
 
 FREEZE_ROWS_SHOWN = 5  # per task, in report.md (the JSON keeps top_k)
 
@@ -135,9 +136,25 @@ def _freeze_section(analysis: Analysis, role: dict[str, str]) -> list[str]:
         "",
         markdown_table(top, {"task": "task", "circuit": "circuit", "layer": "layer", "head": "head",
                              "effect": "Δ loss", "interval": "interval", "q_value_bh": "q (BH)",
-                             "frozen_loss": "loss frozen", **role}),
+                             "frozen_loss": "loss frozen", "number": "number", **role}),
     ]
+    lines[4:4] = _attribution_lines(analysis)
     return lines + _circuit_comparison(analysis, role) + _pattern_lines(analysis)
+
+
+def _attribution_lines(analysis: Analysis) -> list[str]:
+    """What an attribution sweep's numbers are: estimates except where verified, and the bound on the rest."""
+    lines = []
+    for key, sweep in analysis.sweeps.items():
+        if not isinstance(sweep, AttributionResult):
+            continue
+        counts = ", ".join(f"{c.upper()} {n} of {sweep.verified[c].numel()}" for c, n in sweep.n_verified.items())
+        bounds = "; ".join(str(bound) for bound in sweep.missed.values())
+        lines += ["", f"**Task {key.upper()}: attribution sweep.** Effects marked *estimate* are first-order "
+                  "estimates (AtP*: the head's frozen pattern exact, linear from there; docs/attribution.md), not "
+                  f"freezes; the cells with the largest |estimate| were verified exactly ({counts}) and are marked "
+                  f"*exact*. Tests of estimated cells test the estimate. Missed-effect bound: {bounds or 'none'}."]
+    return lines
 
 
 def _circuit_comparison(analysis: Analysis, role: dict[str, str]) -> list[str]:

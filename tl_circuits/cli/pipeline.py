@@ -53,7 +53,11 @@ from torch import Tensor
 from tl_circuits import defaults
 from tl_circuits.bundled.samples import duplicate_groups
 from tl_circuits.cli.task_files import TaskInput
-from tl_circuits.cli.freeze_stage import CIRCUITS, run_freeze_stage  # noqa: F401 - CIRCUITS: the report's circuits
+from tl_circuits.cli.freeze_stage import (  # noqa: F401 - CIRCUITS: the report's circuits
+    CIRCUITS,
+    SWEEPS,
+    run_freeze_stage,
+)
 from tl_circuits.freezing.sweep import SweepResult
 from tl_circuits.freezing.sweep_stats import SweepTestResult
 from tl_circuits.interference.config import InterferenceConfig
@@ -88,6 +92,9 @@ class AnalysisConfig:
             permutation null needs a label-free normaliser, and the map shares it.
         replacement: freeze replacement of the sweep, ``"zero"``, ``"mean"`` (mean over the task's own batch) or
             ``"resample"`` (each sample's corrupted twin, :attr:`TaskInput.corrupted`).
+        sweep: ``"exact"`` (a forward per head), ``"attribution"`` (first-order estimates, the top 10% of each
+            circuit verified exactly; docs/attribution.md) or ``"auto"`` (exact unless it would take more than a few
+            minutes: :func:`tl_circuits.cli.freeze_stage.chosen_sweep`).
         n_permutations: label permutations; ``None`` (default): :func:`tl_circuits.defaults.default_n_permutations`
             of all (block, layer, head) cells at ``alpha``, so a single real effect can reach significance.
         screen: screen the permutation test's cells (as :func:`tl_circuits.permutation_test`'s ``screen``, its
@@ -101,6 +108,7 @@ class AnalysisConfig:
 
     interference: InterferenceConfig = field(default_factory=pooled_interference_config)
     replacement: str = "zero"
+    sweep: str = "auto"
     n_permutations: Optional[int] = None
     screen: bool = True
     n_bootstrap: int = defaults.N_BOOTSTRAP
@@ -121,6 +129,8 @@ class AnalysisConfig:
             object.__setattr__(self, "interference", self.interference.replace(fisher_source="pooled"))
         if self.replacement not in REPLACEMENTS:
             raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {self.replacement!r}")
+        if self.sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {SWEEPS}, got {self.sweep!r}")
         if self.n_permutations is not None and self.n_permutations < 1:
             raise ValueError(f"n_permutations must be >= 1 or None, got {self.n_permutations}")
         if self.n_bootstrap < 0:
@@ -155,7 +165,7 @@ class AnalysisConfig:
     def to_dict(self, n_permutations_used: Optional[int] = None) -> dict[str, Any]:
         """Plain settings (JSON-ready); ``n_permutations`` is the number used where it is given."""
         n_permutations = n_permutations_used if n_permutations_used is not None else self.n_permutations
-        return dict(variant=self.variant, replacement=self.replacement, n_permutations=n_permutations,
+        return dict(variant=self.variant, replacement=self.replacement, sweep=self.sweep, n_permutations=n_permutations,
                     n_permutations_requested=self.n_permutations, screen=self.screen, n_bootstrap=self.n_bootstrap,
                     alpha=self.alpha,
                     correction=self.correction, alternative=self.alternative, top_k=self.top_k, seed=self.seed,

@@ -1,7 +1,8 @@
 """The report's tables (pandas DataFrames, written as its CSV files and listed in report.json).
 
 - :func:`sweep_table` (``sweep.csv``): task, task_name, circuit, layer, head, ``clean_loss``, ``frozen_loss``
-  (the loss with that head's circuit frozen) and ``effect = frozen_loss − clean_loss``.
+  (the loss with that head's circuit frozen) and ``effect = frozen_loss − clean_loss``; ``number``: ``"exact"``, or
+  ``"estimate"`` for an attribution sweep's unverified first-order estimate.
 - :func:`interference_table` (``interference.csv``): per (block, layer, head) the map's mean and every statistic.
 - :func:`top_heads_by_freeze`, :func:`top_heads_by_interference`, :func:`top_conflicts_table`,
   :func:`top_pairs_table`, :func:`samples_table`.
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 from tl_circuits.cli.pipeline import Analysis
+from tl_circuits.freezing.attribution_result import AttributionResult
+from tl_circuits.freezing.sweep import SweepResult
 
 SWEEP_COLUMNS = ["task", "task_name", "circuit", "layer", "head", "clean_loss", "frozen_loss", "effect"]
 SWEEP_TEST_COLUMNS = ["ci_low", "ci_high", "p_value", "q_value_bh", "q_value_by", "significant",
@@ -47,8 +50,19 @@ def sweep_table(analysis: Analysis) -> pd.DataFrame:
                 row = dict(task=key.upper(), task_name=name, circuit=circuit, layer=layer, head=head,
                            clean_loss=sweep.clean, frozen_loss=loss, effect=loss - sweep.clean)
                 row.update(_test_cells(test, circuit, layer, head))
+                row["number"] = _number(sweep, circuit, layer, head)
                 rows.append(row)
-    return pd.DataFrame(rows, columns=SWEEP_COLUMNS + SWEEP_TEST_COLUMNS)
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS + SWEEP_TEST_COLUMNS + ["number"])
+
+
+def _number(sweep: SweepResult, circuit: str, layer: int, head: int) -> str:
+    """What a cell's effect is: ``"exact"`` (a freeze), ``"estimate"`` (an attribution sweep's first-order estimate,
+    not verified) or ``"not run"``."""
+    if not isinstance(sweep, AttributionResult):
+        return "exact"
+    if circuit not in sweep.verified:
+        return "not run"
+    return "exact" if bool(sweep.verified[circuit][layer, head]) else "estimate"
 
 
 def _test_cells(test: Any, circuit: str, layer: int, head: int) -> dict[str, float]:

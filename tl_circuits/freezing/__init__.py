@@ -7,10 +7,15 @@
 - :mod:`~tl_circuits.freezing.stacked`: the stacked, layer-restarting forward passes of one sweep draw;
 - :mod:`~tl_circuits.freezing.sweep`: :func:`freeze_sweep`, every head in turn, and its :class:`SweepResult`
   (on disk: :mod:`~tl_circuits.freezing.sweep_io`);
-- :mod:`~tl_circuits.freezing.sweep_stats`: :meth:`SweepResult.test`, intervals and paired tests of per-sample effects.
+- :mod:`~tl_circuits.freezing.sweep_stats`: :meth:`SweepResult.test`, intervals and paired tests of per-sample effects;
+- :mod:`~tl_circuits.freezing.attribution`: :func:`attribution_sweep`, first-order estimates of every head's freeze
+  effect (:mod:`~tl_circuits.freezing.first_order`), the top cells verified exactly and a bound on the rest
+  (:mod:`~tl_circuits.freezing.attribution_checks`), in an :class:`AttributionResult`.
 """
 
 from tl_circuits.freezing.api import FreezeHandle, freeze
+from tl_circuits.freezing.attribution import attribution_sweep
+from tl_circuits.freezing.attribution_result import AttributionResult, MissedEffectBound
 from tl_circuits.freezing.hooks import Hook, LayerFreeze, build_freeze_hooks, freeze_generator, freeze_hooks
 from tl_circuits.freezing.options import (
     NOISE_SCALE,
@@ -48,6 +53,7 @@ from tl_circuits.freezing.sweep_stats import INTERACTION, SWEEP_NULL_HYPOTHESIS,
 
 __all__ = [
     "INTERACTION",
+    "AttributionResult",
     "NOISE_SCALE",
     "SWEEP_FORMAT",
     "SWEEP_FORMAT_VERSION",
@@ -61,6 +67,7 @@ __all__ = [
     "LayerFreeze",
     "MeanActivations",
     "Metric",
+    "MissedEffectBound",
     "PerSampleMetric",
     "PreparedReference",
     "ReferenceLike",
@@ -68,6 +75,7 @@ __all__ = [
     "ResampleReference",
     "SweepResult",
     "SweepTestResult",
+    "attribution_sweep",
     "build_freeze_hooks",
     "check_noise_scale",
     "check_qk_freezable",

@@ -90,22 +90,49 @@ class LayerFreeze:
         """This layer's ``(hook_name, hook_fn)`` pairs, in the order a forward pass reaches them."""
         spec, layer, out = self.spec, self.layer, []
         if self.circuit in (Circuit.QK, Circuit.BOTH):
-            recomputed = self.replacement in (Replacement.ZERO, Replacement.MEAN, Replacement.NOISE)
-            # live q/k: NOISE draws at their scale, a position bias is the live scores minus their q·k, and
-            # the z route rebuilds the original pattern for straight-through gradients
-            needs_live_qk = self.replacement == Replacement.NOISE or (recomputed and spec.position_bias) or (
-                spec.qk_route == "z" and self.gradient == GradientMode.STRAIGHT_THROUGH)
-            if needs_live_qk:
-                out.append((spec.query_hook(layer), self._stash_hook("q")))
-                out.append((spec.key_hook(layer), self._stash_hook("k")))
+            out.extend(self._qk_input_hooks())
             if spec.qk_route == "z":
                 out.append((spec.hook_name(layer, "v"), self._stash_hook("v")))
                 out.append((spec.hook_name(layer, "z"), self.qk_z_hook))
-            elif recomputed and spec.qk_mask_source == "scores":
-                out.append((spec.hook_name(layer, "attn_scores"), self._stash_hook("scores")))
             out.append((spec.hook_name(layer, "pattern"), self.pattern_hook))
         if self.circuit in (Circuit.OV, Circuit.BOTH):
             out.append((spec.hook_name(layer, "z"), self.z_hook))
+        return out
+
+    def reading_hooks(self, record: Callable[[str, Tensor], None]) -> list[Hook]:
+        """Hooks that leave the forward unchanged and hand ``record`` what :meth:`hooks` would write, detached:
+        ``("pattern", [batch, n_frozen, q, k])`` for QK and ``("z", [batch, pos, n_frozen, d_head])`` for OV.
+
+        The first-order estimates (:mod:`tl_circuits.freezing.attribution`) read the frozen values here, so an
+        estimate and a freeze compute them with the same code."""
+        spec, layer, out = self.spec, self.layer, []
+        if self.circuit in (Circuit.QK, Circuit.BOTH):
+            out.extend(self._qk_input_hooks())
+
+            def read_pattern(activation: Tensor, hook: HookPoint) -> None:
+                if spec.qk_route == "z":  # at hook_z, before the (post-hoc) pattern hook: a pattern-shaped stand-in
+                    batch, n_pos = activation.shape[:2]
+                    activation = torch.empty(batch, spec.n_heads, n_pos, n_pos, device=activation.device)
+                record("pattern", self.frozen_pattern(activation).detach())
+                self._stash.clear()
+            out.append((spec.hook_name(layer, "z" if spec.qk_route == "z" else "pattern"), read_pattern))
+        if self.circuit in (Circuit.OV, Circuit.BOTH):
+            out.append((spec.hook_name(layer, "z"), lambda z, hook: record("z", self.frozen_z(z).detach())))
+        return out
+
+    def _qk_input_hooks(self) -> list[Hook]:
+        """The read-only hooks stashing what a QK freeze's pattern is computed from (live q/k, live scores)."""
+        spec, layer, out = self.spec, self.layer, []
+        recomputed = self.replacement in (Replacement.ZERO, Replacement.MEAN, Replacement.NOISE)
+        # live q/k: NOISE draws at their scale, a position bias is the live scores minus their q·k, and
+        # the z route rebuilds the original pattern for straight-through gradients
+        needs_live_qk = self.replacement == Replacement.NOISE or (recomputed and spec.position_bias) or (
+            spec.qk_route == "z" and self.gradient == GradientMode.STRAIGHT_THROUGH)
+        if needs_live_qk:
+            out.append((spec.query_hook(layer), self._stash_hook("q")))
+            out.append((spec.key_hook(layer), self._stash_hook("k")))
+        if spec.qk_route != "z" and recomputed and spec.qk_mask_source == "scores":
+            out.append((spec.hook_name(layer, "attn_scores"), self._stash_hook("scores")))
         return out
 
     def _stash_hook(self, key):
@@ -213,7 +240,7 @@ class LayerFreeze:
         frozen = F.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
         return torch.where(torch.isnan(frozen), torch.zeros_like(frozen), frozen)  # fully masked rows: 0, as TL
 
-    def _frozen_pattern(self, like: Float[Tensor, "batch head q k"]) -> Tensor:
+    def frozen_pattern(self, like: Float[Tensor, "batch head q k"]) -> Tensor:
         """The frozen heads' pattern [batch, n_frozen, q, k] in a run whose pattern is shaped like ``like``."""
         batch, _, n_pos, n_key = like.shape
         if self.replacement == Replacement.RESAMPLE:
@@ -235,7 +262,7 @@ class LayerFreeze:
         if self.spec.qk_route == "z":  # after the output: what the cache shows, the pattern z was built from
             frozen = self._stash.pop("pattern", None)
             return pattern if frozen is None else self._write(pattern, frozen.to(pattern.dtype), head_dim=1)
-        frozen = self._frozen_pattern(pattern)
+        frozen = self.frozen_pattern(pattern)
         self._stash.clear()
         return self._write(pattern, frozen, head_dim=1)
 
@@ -247,7 +274,7 @@ class LayerFreeze:
         batch, n_pos = z.shape[:2]
         v = self._stash.pop("v")[:, :, self._kv_heads()]
         like = torch.empty(batch, self.spec.n_heads, n_pos, v.shape[1], device=z.device)  # the pattern's shape
-        frozen = self._frozen_pattern(like).float().detach()
+        frozen = self.frozen_pattern(like).float().detach()
         self._stash["pattern"] = frozen
         if self.gradient == GradientMode.STRAIGHT_THROUGH:
             live = attention_scores(self.model, self.spec, self.layer, self._stash["q"][:, :, self.heads],
@@ -260,17 +287,19 @@ class LayerFreeze:
         return self._write(z, head_z, head_dim=2, detach=False)
 
     # ----- OV ---------------------------------------------------------------------------------
-    def z_hook(self, z: Float[Tensor, "batch pos head d_head"], hook: HookPoint) -> Tensor:
+    def frozen_z(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos n_frozen d_head"]:
+        """The frozen heads' z (an OV freeze's replacement) in a run whose z is ``z``."""
         orig = z[:, :, self.heads]
         if self.replacement == Replacement.ZERO:
-            frozen = torch.zeros_like(orig)
-        elif self.replacement == Replacement.MEAN:
-            frozen = self._mean("z", self.heads, z.shape[1]).to(z.device).expand_as(orig)
-        elif self.replacement == Replacement.NOISE:
-            frozen = self._noise(orig)
-        else:  # RESAMPLE
-            frozen = self._reference(self.spec.hook_name(self.layer, "z"), z)[:, :, self.heads].expand_as(orig)
-        return self._write(z, frozen, head_dim=2)
+            return torch.zeros_like(orig)
+        if self.replacement == Replacement.MEAN:
+            return self._mean("z", self.heads, z.shape[1]).to(z.device).expand_as(orig)
+        if self.replacement == Replacement.NOISE:
+            return self._noise(orig)
+        return self._reference(self.spec.hook_name(self.layer, "z"), z)[:, :, self.heads].expand_as(orig)  # RESAMPLE
+
+    def z_hook(self, z: Float[Tensor, "batch pos head d_head"], hook: HookPoint) -> Tensor:
+        return self._write(z, self.frozen_z(z), head_dim=2)
 
 
 def freeze_generator(model: Model, seed: Optional[int]) -> torch.Generator:

@@ -7,8 +7,10 @@ from the clean run's ``resid_pre_l`` (:func:`clean_run`): a HookedTransformer by
 bridge, logit post-processing outside ``unembed``: ``restart_problem``) runs the whole model, with the same
 numbers and more work. Copy j of the stacked batch freezes one
 head in its own rows ``[j·batch, (j+1)·batch)`` only, so a layer is one forward pass (or a few, within the
-row budget). The metric is applied to each copy's rows of those same logits, whether it returns a scalar
-(batch metric) or one value per sample (``per_sample``): per-sample values cost no extra forward.
+row budget). :func:`joint_draw` stacks copies that each freeze a *group* of cells together (the attribution
+sweep's missed-effect bound), restarting at the group's first layer. The metric is applied to each copy's rows of
+those same logits, whether it returns a scalar (batch metric) or one value per sample (``per_sample``): per-sample
+values cost no extra forward.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def sweep_draw(
     batch: int,
     run_layer: LayerRunner,
     metric: Callable[[Tensor], Tensor],
-    passes: list[list[tuple[Circuit, int]]],
+    passes: Sequence[Sequence[list[tuple[Circuit, int]]]],
     draw: DrawSettings,
     per_sample: bool,
     bar,
@@ -126,22 +128,23 @@ def sweep_draw(
 ) -> dict[str, Tensor]:
     """The frozen metric of every (circuit, layer, head) for one draw: circuit -> [L, H] (or [N, L, H] per sample).
 
-    ``run_layer``: from :func:`clean_run`; ``passes``: the (circuit, head) copies stacked in each forward of a
-    layer. Cells not run stay NaN.
+    ``run_layer``: from :func:`clean_run`; ``passes[layer]``: the (circuit, head) copies stacked in each forward of
+    that layer. Cells not run stay NaN.
     ``share``: under a process group, which (layer, pass) items this rank runs (:class:`SweepShare`; the caller
     merges the grids). ``layers``: the layers swept (default all; each restarts from its own ``resid_pre``).
     """
-    circuits = dict.fromkeys(c for chunk in passes for c, _ in chunk)
+    circuits = dict.fromkeys(c for layer_passes in passes for chunk in layer_passes for c, _ in chunk)
     lead = (batch,) if per_sample else ()
     frozen = {c.value: torch.full((*lead, spec.n_layers, spec.n_heads), float("nan"), dtype=torch.float64)
               for c in circuits}
     for layer in range(spec.n_layers) if layers is None else layers:
-        for pass_index, chunk in enumerate(passes):
+        for pass_index, chunk in enumerate(passes[layer]):
             if share is not None and not share.take(layer, chunk):
                 continue
             generator = (None if draw.noise_seed is None else
                          freeze_generator(model, item_noise_seed(draw.noise_seed, layer, pass_index)))
-            hooks = _stacked_hooks(model, spec, layer, chunk, batch, draw, generator)
+            hooks = _stacked_hooks(model, spec, [(circuit, ((layer, head),)) for circuit, head in chunk], batch,
+                                   draw, generator)
             with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]  # TransformerLens wants a list of its union
                 logits = run_layer(layer, len(chunk))
             for j, (circuit, head) in enumerate(chunk):
@@ -152,6 +155,36 @@ def sweep_draw(
     return frozen
 
 
+def joint_draw(
+    model: Model,
+    spec: ModelSpec,
+    batch: int,
+    run_layer: LayerRunner,
+    metric: Callable[[Tensor], Tensor],
+    groups: Sequence[tuple[Circuit, Sequence[tuple[int, int]]]],
+    draw: DrawSettings,
+    per_sample: bool,
+    copies_per_pass: int,
+    bar,
+) -> Tensor:
+    """The metric with each group's (layer, head) cells frozen *together* (one stacked copy per group):
+    ``[n_groups]``, or ``[N, n_groups]`` per sample. Each pass restarts at the first layer any of its groups
+    freezes; ``copies_per_pass`` groups share a forward."""
+    values = torch.full((*((batch,) if per_sample else ()), len(groups)), float("nan"), dtype=torch.float64)
+    for pass_index, start in enumerate(range(0, len(groups), copies_per_pass)):
+        chunk = list(groups[start:start + copies_per_pass])
+        first = min(layer for _, cells in chunk for layer, _ in cells)
+        generator = (None if draw.noise_seed is None else
+                     freeze_generator(model, item_noise_seed(draw.noise_seed, first, pass_index)))
+        with model.hooks(fwd_hooks=_stacked_hooks(model, spec, chunk, batch, draw, generator)):  # type: ignore[arg-type]
+            logits = run_layer(first, len(chunk))
+        for j in range(len(chunk)):
+            values[..., start + j] = evaluate_metric(metric, logits[j * batch:(j + 1) * batch], per_sample)
+        del logits
+        bar.update()
+    return values
+
+
 def _tile(reference, copies: int):
     """Repeat a RESAMPLE reference (hook name -> [batch, ...]) for the stacked copies."""
     if not isinstance(reference, dict):
@@ -159,18 +192,23 @@ def _tile(reference, copies: int):
     return {name: t if t.shape[0] == 1 else t.repeat(copies, *([1] * (t.ndim - 1))) for name, t in reference.items()}
 
 
-def _stacked_hooks(model, spec, layer, chunk, batch, draw: DrawSettings,
-                   generator: Optional[torch.Generator]) -> list[Hook]:
-    """Hooks freezing head ``chunk[j]`` in rows ``[j*batch, (j+1)*batch)`` of a stacked batch."""
+def _stacked_hooks(model, spec, copies: Sequence[tuple[Circuit, Sequence[tuple[int, int]]]], batch,
+                   draw: DrawSettings, generator: Optional[torch.Generator]) -> list[Hook]:
+    """Hooks freezing copy j's ``(circuit, cells)`` -- its (layer, head) cells together -- in rows
+    ``[j*batch, (j+1)*batch)`` of a stacked batch."""
     hooks = []
-    for circuit in dict.fromkeys(c for c, _ in chunk):
-        heads = [h for c, h in chunk if c == circuit]
-        row_mask = torch.zeros(len(chunk) * batch, len(heads), dtype=torch.bool)
-        for j, (c, h) in enumerate(chunk):
-            if c == circuit:
-                row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
+    # (circuit, layer) in order of first appearance, then by layer: a layer's NOISE draws keep the copies' order
+    keys = sorted(dict.fromkeys((circuit, layer) for circuit, cells in copies for layer, _ in cells),
+                  key=lambda key: key[1])
+    for circuit, layer in keys:
+        heads = sorted({h for c, cells in copies if c == circuit for l, h in cells if l == layer})
+        row_mask = torch.zeros(len(copies) * batch, len(heads), dtype=torch.bool)
+        for j, (c, cells) in enumerate(copies):
+            for l, h in cells:
+                if c == circuit and l == layer:
+                    row_mask[j * batch:(j + 1) * batch, heads.index(h)] = True
         layer_freeze = LayerFreeze(model, spec, layer, heads, circuit, draw.replacement, GradientMode.STOPGRAD,
-                                   _tile(draw.references[circuit], len(chunk)), float(draw.noise_scale),
+                                   _tile(draw.references[circuit], len(copies)), float(draw.noise_scale),
                                    generator, row_mask)
         hooks.extend(layer_freeze.hooks())
     return hooks

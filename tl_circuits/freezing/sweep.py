@@ -190,6 +190,7 @@ def freeze_sweep(
     n_draws: Optional[int] = None,
     memory_budget_gb: float = defaults.MEMORY_BUDGET_GB,
     chunk_size: Optional[int] = None,
+    cells: Optional[Sequence[tuple[Union[str, Circuit], int, int]]] = None,
     progress: bool = True,
     max_batch_rows: Optional[int] = None,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
@@ -241,6 +242,9 @@ def freeze_sweep(
             batch larger than the budget allows is run anyway, with a warning.
         chunk_size: most rows (copies of a sample) in one stacked forward, instead of the budget's
             (``max_batch_rows``, its old name, is deprecated).
+        cells: run only these ``(circuit, layer, head)`` cells, each frozen alone as in the whole sweep (the
+            circuits among ``circuits``); every other cell stays NaN. The attribution sweep verifies its top
+            cells this way. (A NOISE cell then draws other noise than in the whole sweep: the stacked passes differ.)
         progress: a tqdm progress bar.
         world: ``None`` (default): this process runs every variant, whatever process group exists.
             ``distributed.current_world()``, passed on every rank of a process group: the (layer, stacked pass) items
@@ -288,15 +292,15 @@ def freeze_sweep(
                       f"{batch * memory.forward_row_bytes(spec, n_pos) / GB:.3g} GB, above memory_budget_gb="
                       f"{memory_budget_gb:g}; run the sweep on fewer samples at a time to stay within it",
                       UserWarning, stacklevel=2)
-    copies = [(circuit, head) for circuit in swept for head in selection.heads]
-    per_pass = max(1, min(len(copies), max_rows // batch))
-    passes = [copies[i:i + per_pass] for i in range(0, len(copies), per_pass)]
+    per_pass = max(1, min(len(swept) * len(selection.heads), max_rows // batch))
+    chosen = None if cells is None else _check_cells(spec, swept, cells)
+    passes = _layer_passes(spec, swept, selection, None if chosen is None else set(chosen), per_pass)
     draws_frozen = []
     with torch.no_grad():
         clean_logits, run_layer, route = clean_run(model, spec, tokens, mask)
         clean_value = evaluate_metric(metric, clean_logits, per_sample)  # type: ignore[arg-type]
         del clean_logits
-        n_items = len(selection.layers) * len(passes)  # (layer, stacked pass) items, dealt out over ranks
+        n_items = sum(len(layer_passes) for layer_passes in passes)  # (layer, stacked pass) items, dealt over ranks
         n_mine = SweepShare(n_items, world).n_mine
         with tqdm(total=len(seeds) * n_mine, desc="freeze sweep", disable=not progress) as bar:
             for draw_seed, draw_reference in zip(seeds, draw_references):
@@ -309,9 +313,39 @@ def freeze_sweep(
                     batch=batch, n_pos=n_pos, rows_per_pass=per_pass * batch, restart=route, per_sample=per_sample,
                     n_draws=len(seeds), draw_seeds=seeds if replacement == Replacement.NOISE else None,
                     attention_mask=mask is not None, loss=loss_settings,
+                    cells=None if chosen is None else [[c.value, l, h] for c, l, h in chosen],
                     **({} if layers is None and heads is None else {"selection": selection.to_dict()}))
     combine = _combine_per_sample if per_sample else _combine_batch_means
     return combine(clean_value, draws_frozen, replacement.value, metric_name, settings)
+
+
+def _check_cells(spec, swept: list[Circuit], cells) -> list[tuple[Circuit, int, int]]:
+    """``cells`` as sorted, de-duplicated (circuit, layer, head) triples of swept circuits (errors name the cell)."""
+    out = set()
+    for cell in cells:
+        if not isinstance(cell, (tuple, list)) or len(cell) != 3:
+            raise ValueError(f"each cell must be a (circuit, layer, head) triple, got {cell!r}")
+        circuit = parse_option(Circuit, cell[0], "circuit")
+        if circuit not in swept:
+            raise ValueError(f"cell {tuple(cell)!r} names circuit {circuit.value!r}, which is not among the swept "
+                             f"circuits {[c.value for c in swept]}")
+        spec.check_layer_head(cell[1], cell[2])
+        out.add((circuit, cell[1], cell[2]))
+    if not out:
+        raise ValueError("cells is empty: name at least one (circuit, layer, head) cell, or pass cells=None")
+    return sorted(out, key=lambda cell: (cell[1], swept.index(cell[0]), cell[2]))
+
+
+def _layer_passes(spec, swept: list[Circuit], selection: Selection, cells,
+                  per_pass: int) -> list[list[list[tuple[Circuit, int]]]]:
+    """Per layer, its (circuit, head) copies in passes of ``per_pass``: the selected heads of a selected layer (none
+    elsewhere), or among them the layer's ``cells``."""
+    passes = []
+    for layer in range(spec.n_layers):
+        copies = [(circuit, head) for circuit in swept for head in selection.heads
+                  if layer in selection.layers and (cells is None or (circuit, layer, head) in cells)]
+        passes.append([copies[i:i + per_pass] for i in range(0, len(copies), per_pass)])
+    return passes
 
 
 def default_metric(tokens: Tensor, per_sample: bool, mask: Optional[Tensor] = None,

@@ -174,6 +174,11 @@ class ModelSpec:
     def resid_pre_hook(layer: int) -> str:
         return f"blocks.{layer}.hook_resid_pre"
 
+    def block_output_hooks(self, layer: int) -> list[str]:
+        """Hooks of what block ``layer`` adds to the residual stream: its attention output, and its MLP output
+        unless the model is attention-only."""
+        return [f"blocks.{layer}.hook_attn_out"] + ([] if self.attn_only else [f"blocks.{layer}.hook_mlp_out"])
+
     # ----- parameters --------------------------------------------------------------------------
     def param_name(self, layer: int, block: Block, bias: bool = False) -> str:
         """Name (in ``model.named_parameters()``) of a layer's block weight or bias.

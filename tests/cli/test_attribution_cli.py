@@ -1,0 +1,64 @@
+"""``tl-circuits --sweep``: which sweep the command runs, and how the report marks estimated vs verified numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.cli.helpers import assert_complete_report, checkpoint_args
+from tl_circuits import attribution_sweep, compute_mean_activations, load_bundled_model
+from tl_circuits.models import model_spec
+from tl_circuits.cli.command import main
+from tl_circuits.cli.loading import load_model, load_tasks
+from tl_circuits.cli.freeze_stage import VERIFY_SHARE, chosen_sweep, exact_sweep_flops
+
+
+def test_auto_runs_the_exact_sweep_where_it_is_cheap():
+    model = load_bundled_model("induction-2l")
+    tokens = torch.zeros(8, 33, dtype=torch.long)
+    spec = model_spec(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert exact_sweep_flops(model, tokens, 3) == 2 * n_params * tokens.numel() * 3 * spec.n_heads * 1.5
+    assert chosen_sweep(model, tokens, 3, "auto") == "exact"
+    assert chosen_sweep(model, tokens, 3, "auto", limit=1.0) == "attribution"
+    assert chosen_sweep(model, tokens, 3, "exact", limit=1.0) == "exact"
+    assert chosen_sweep(model, tokens, 3, "attribution") == "attribution"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_attribution_report_marks_estimates_and_verified_cells(checkpoint_inputs, tmp_path):
+    """--sweep attribution --replacement mean: sweep.csv's ``number`` says which effects are exact (the top 10% of each
+    circuit by |estimate|, equal to the attribution sweep called directly) and which are estimates."""
+    out = tmp_path / "report"
+    assert main([str(a) for a in [*checkpoint_args(checkpoint_inputs, out), "--sweep", "attribution",
+                                  "--replacement", "mean"]]) == 0
+    assert_complete_report(out)
+    sweep_csv = pd.read_csv(out / "sweep.csv")
+    data = json.loads((out / "report.json").read_text())
+    assert data["settings"]["sweep"] == "attribution"
+    assert data["sweep"]["A"]["settings"]["sweep"] == "attribution"
+    markdown = (out / "report.md").read_text()
+    assert "attribution sweep" in markdown and "Missed-effect bound" in markdown
+    swept = sweep_csv[sweep_csv.circuit.isin(["qk", "ov", "both"])]
+    per_circuit = swept.groupby(["task", "circuit"]).number.apply(lambda n: (n == "exact").sum())
+    n_cells = int(swept.groupby(["task", "circuit"]).size().iloc[0])
+    assert (per_circuit == math.ceil(VERIFY_SHARE * n_cells)).all()
+    assert set(swept.number) == {"exact", "estimate"}
+    # task B's verified cells and estimates are the attribution sweep's, called directly
+    root = checkpoint_inputs["root"]
+    loaded = load_model(str(root / "model"), "cpu")
+    _, task_b = load_tasks(loaded, root / "a.tokens", root / "b.npy")
+    mean = compute_mean_activations(loaded.model, task_b.tokens, progress=False)
+    direct = attribution_sweep(loaded.model, task_b.tokens, circuits=("qk", "ov", "both"), per_sample=True,
+                               replacement="mean", reference=mean, verify=VERIFY_SHARE, progress=False,
+                               loss_mask=task_b.loss_mask)  # the command's loss: each task's counted predictions
+    rows_b = swept[swept.task == "B"]
+    for circuit in ("qk", "ov"):
+        rows = rows_b[rows_b.circuit == circuit].sort_values(["layer", "head"])
+        assert rows.effect.to_numpy() == pytest.approx(direct.effect[circuit].flatten().double().numpy(),
+                                                       rel=1e-4, abs=1e-5)
+        assert ((rows.number == "exact").to_numpy() == direct.verified[circuit].flatten().numpy()).all()
