@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from tests.builders import HAS_HOOKED_TRANSFORMER, HookedTransformer
 
 import tl_circuits as tlc
-from tl_circuits.bundled import models as bundled, scoring, tasks, training
+from tl_circuits.bundled import models as bundled, task_metrics, tasks, training
 from tl_circuits.bundled.tasks import BOS, counting_batch, induction_batch, random_batch, scored_loss
 from tl_circuits.bundled.training import BUNDLED_CONFIGS, train_model, training_batch
 
@@ -393,6 +393,6 @@ def test_retraining_reproduces_the_shipped_model(name):
 
 def test_docstring_examples_run():
     # training's examples train HookedTransformers; bundled's run on whatever load_bundled_model returns
-    for module in (tasks, scoring, bundled, training) if HAS_HOOKED_TRANSFORMER else (tasks, scoring, bundled):
+    for module in (tasks, task_metrics, bundled, training) if HAS_HOOKED_TRANSFORMER else (tasks, task_metrics, bundled):
         failures, tried = doctest.testmod(module, verbose=False)
         assert tried >= 2 and failures == 0, module.__name__
