@@ -393,6 +393,7 @@ def test_retraining_reproduces_the_shipped_model(name):
 
 def test_docstring_examples_run():
     # training's examples train HookedTransformers; bundled's run on whatever load_bundled_model returns
-    for module in (tasks, task_metrics, bundled, training) if HAS_HOOKED_TRANSFORMER else (tasks, task_metrics, bundled):
+    modules = (tasks, task_metrics, bundled) + ((training,) if HAS_HOOKED_TRANSFORMER else ())
+    for module in modules:
         failures, tried = doctest.testmod(module, verbose=False)
         assert tried >= 2 and failures == 0, module.__name__
