@@ -168,7 +168,7 @@ def test_mean_reference_chunks_by_budget_and_the_old_batch_size_still_works(mode
     for layer in whole.z:
         assert torch.equal(old.z[layer], by_chunk.z[layer]) and torch.equal(by_budget.z[layer], by_chunk.z[layer])
         torch.testing.assert_close(by_chunk.z[layer], whole.z[layer])
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not both"), pytest.warns(TLCircuitsDeprecationWarning):
         compute_mean_activations(model, ref_tokens, batch_size=3, chunk_size=4, progress=False)
 
 

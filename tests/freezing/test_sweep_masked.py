@@ -41,7 +41,7 @@ def test_masked_per_sample_sweep_equals_a_hand_loop(model, replacement):
     spec = model_spec(model)
     circuits = ("qk",) if replacement == "identity" else ("qk", "ov")
     result = freeze_sweep(model, tokens, circuits=circuits, replacement=replacement, per_sample=True,
-                          attention_mask=mask, loss_mask=loss_mask, max_batch_rows=8, **QUIET)
+                          attention_mask=mask, loss_mask=loss_mask, chunk_size=8, **QUIET)
     clean = torch.tensor([alone(model, tokens, mask, loss_mask, i) for i in range(4)], dtype=torch.float64)
     torch.testing.assert_close(result.clean_per_sample, clean, rtol=1e-5, atol=1e-5)
     for circuit in circuits:
