@@ -282,5 +282,6 @@ def test_pooled_matrix_and_tests_take_the_loss(mha_model):
     conflict = interference_conflict_test(mha_model, tokens_a, tokens_b, config=cfg, **tasks)
     pooled_cross = brute_force(model_spec(mha_model), raw_a, raw_b, "signed", "sum", "pooled", False, **DAMP)
     for block in BLOCKS:
-        torch.testing.assert_close(conflict.estimate[block], pooled_cross[block].mean((0, 1)), rtol=2e-4, atol=1e-9)
+        want = pooled_cross[block].mean((0, 1))  # to float32 operands' rounding, relative to the block (§3.3)
+        torch.testing.assert_close(conflict.estimate[block], want, rtol=2e-4, atol=1e-6 * float(want.abs().max()))
     assert conflict.loss == settings["loss"]
