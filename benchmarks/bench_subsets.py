@@ -54,12 +54,15 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux: kB
 
 
-def measure(kind: str, subset: bool, smoke: bool, device: str) -> dict:
-    """One measurement, in this process: seconds and peak memory of one call."""
+def measure(kind: str, subset: bool, smoke: bool, device: str, samples: int = 0) -> dict:
+    """One measurement, in this process: seconds and peak memory of one call (``samples``: per task, 0: the
+    shape's)."""
     from tl_circuits.freezing.sweep import freeze_sweep
     from tl_circuits.interference.engine import compute_interference
 
-    shape = SMOKE if smoke else FULL
+    shape = dict(SMOKE if smoke else FULL)
+    if samples:
+        shape["n_samples"] = samples
     model = build(shape, device)
     a, b = tokens(shape, 0, device), tokens(shape, 1, device)
     last_two = [shape["n_layer"] - 2, shape["n_layer"] - 1]
@@ -85,9 +88,9 @@ def measure(kind: str, subset: bool, smoke: bool, device: str) -> dict:
     return {"seconds": seconds, "peak_gb": peak, "absolute_gb": rss_gb()}
 
 
-def in_subprocess(kind: str, subset: bool, smoke: bool, device: str) -> dict:
-    args = [sys.executable, __file__, "--one", kind, "--device", device] + (["--subset"] if subset else []) + (
-        ["--smoke"] if smoke else [])
+def in_subprocess(kind: str, subset: bool, smoke: bool, device: str, samples: int = 0) -> dict:
+    args = [sys.executable, __file__, "--one", kind, "--device", device, "--samples", str(samples)] + (
+        ["--subset"] if subset else []) + (["--smoke"] if smoke else [])
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -98,18 +101,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", choices=("sweep", "interference"), help=argparse.SUPPRESS)
     parser.add_argument("--subset", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--samples", type=int, default=0,
+                        help="samples per task (default: 4; more make the interference's factor memory dominate)")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.subset, args.smoke, args.device)))
+        print(json.dumps(measure(args.one, args.subset, args.smoke, args.device, args.samples)))
         return
-    shape = SMOKE if args.smoke else FULL
+    shape = dict(SMOKE if args.smoke else FULL)
+    shape["n_samples"] = args.samples or shape["n_samples"]
     n = shape["n_layer"]
     print(f"GPT-2-shaped bridge: {n} layers x {shape['n_head']} heads, d_model {shape['n_embd']}, "
           f"{shape['n_positions']} positions, {shape['n_samples']} samples per task, device {args.device}")
     print(f"{'call':<28}{'full (baseline)':>18}{'last 2 layers':>16}{'ratio':>8}{'goal':>8}")
     for kind, goal in (("sweep", 0.3), ("interference", 0.5)):
-        full = in_subprocess(kind, False, args.smoke, args.device)
-        sub = in_subprocess(kind, True, args.smoke, args.device)
+        full = in_subprocess(kind, False, args.smoke, args.device, args.samples)
+        sub = in_subprocess(kind, True, args.smoke, args.device, args.samples)
         print(f"{kind + ' time (s)':<28}{full['seconds']:>18.3f}{sub['seconds']:>16.3f}"
               f"{sub['seconds'] / full['seconds']:>8.2f}{goal:>8}")
         if kind == "interference":
