@@ -105,12 +105,12 @@ def test_sweep_variants_are_split_not_repeated(distributed):
 
 def test_one_process_resumes_from_the_shards_of_the_ranks(distributed, monkeypatch):
     """The ranks wrote their shards (named by global sample range); one process finds every one of them."""
-    from tl_circuits.interference import gradients
+    from tl_circuits.interference import chunk_engines
 
     def no_gradients(*args):
         raise AssertionError("a gradient was computed although every shard was on disk")
 
-    monkeypatch.setattr(gradients, "_factor_chunk", no_gradients)
+    monkeypatch.setattr(chunk_engines, "_factor_chunk", no_gradients)
     assert_same(scenarios.checkpointed(), {k: v for k, v in distributed["checkpointed"][0].items()
                                            if k not in COUNTS}, "resumed")
 

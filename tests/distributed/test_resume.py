@@ -11,7 +11,7 @@ import torch
 from tests import builders
 from tests.distributed.scenarios import config, tasks
 from tl_circuits import compute_interference
-from tl_circuits.interference import checkpoint, gradients
+from tl_circuits.interference import checkpoint, chunk_engines
 
 
 
@@ -22,13 +22,13 @@ class Interrupted(Exception):
 @pytest.fixture
 def forwarded(monkeypatch):
     """Samples run through the factored engine's forward/backward (a one-item list)."""
-    real, count = gradients._factor_chunk, [0]
+    real, count = chunk_engines._factor_chunk, [0]
 
     def counted(model, spec, tokens, *rest):
         count[0] += tokens.shape[0]
         return real(model, spec, tokens, *rest)
 
-    monkeypatch.setattr(gradients, "_factor_chunk", counted)
+    monkeypatch.setattr(chunk_engines, "_factor_chunk", counted)
     return count
 
 

@@ -16,15 +16,15 @@ from tests.distributed.scenarios import SCENARIOS
 
 def count_forwarded_samples() -> list[int]:
     """Count the samples this rank runs through the factored engine's forward/backward (a one-item list)."""
-    from tl_circuits.interference import gradients
+    from tl_circuits.interference import chunk_engines
 
-    real, count = gradients._factor_chunk, [0]
+    real, count = chunk_engines._factor_chunk, [0]
 
     def counted(model, spec, tokens, *rest):
         count[0] += tokens.shape[0]
         return real(model, spec, tokens, *rest)
 
-    gradients._factor_chunk = counted
+    chunk_engines._factor_chunk = counted
     return count
 
 

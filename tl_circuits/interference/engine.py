@@ -53,13 +53,8 @@ from tl_circuits.interference import memory
 from tl_circuits.interference.checkpoint import task_checkpoint
 from tl_circuits.interference.config import GradientConfig, InterferenceConfig
 from tl_circuits.interference.fisher import DiagonalFisher
-from tl_circuits.interference.gradients import (
-    engine_bytes,
-    gradient_chunks,
-    resolve_method,
-    sample_chunks,
-    shared_qkv_input,
-)
+from tl_circuits.interference.chunk_engines import sample_chunks
+from tl_circuits.interference.gradients import engine_bytes, gradient_chunks, resolve_method, shared_qkv_input
 from tl_circuits.interference.inputs import TaskLoss, non_finite_error, prepare_inputs, prepare_loss
 from tl_circuits.interference.loss_fn import LossFn
 from tl_circuits.interference.result import InterferenceResult, PooledScores

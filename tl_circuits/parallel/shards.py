@@ -1,7 +1,7 @@
 """Sample shards across ranks: each rank computes the gradients of its own chunks of samples, and every rank
 holds the factors of its own share of the layers, for every sample.
 
-A chunk is a slice of :func:`tl_circuits.interference.gradients.sample_chunks`; chunk ``c`` belongs to rank
+A chunk is a slice of :func:`tl_circuits.interference.chunk_engines.sample_chunks`; chunk ``c`` belongs to rank
 ``c % size`` (:func:`chunk_owner`), so the split of a task with a sample count not divisible by the world size
 is as even as the chunks allow. The layers are shared out as contiguous balanced ranges (:func:`held_layers`):
 a rank holds, and later scores (:mod:`tl_circuits.parallel.scores`), only its layers, so the factors held per
