@@ -43,7 +43,7 @@ META_FILE = "result.json"
 TENSORS_FILE = "tensors.safetensors"
 KINDS = {
     "InterferenceResult": "tl_circuits.interference.result",
-    "SweepResult": "tl_circuits.freezing.sweep",
+    "SweepResult": "tl_circuits.freezing.sweep_result",
     "AttributionResult": "tl_circuits.freezing.attribution_result",
     "SweepTestResult": "tl_circuits.freezing.sweep_stats",
     "InterferenceTestResult": "tl_circuits.stats.result",
