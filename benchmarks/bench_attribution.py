@@ -68,6 +68,7 @@ def exact_seconds(model, tokens, reference, layers: list[int]) -> tuple[float, s
         seconds, _ = timed(lambda: freeze_sweep(model, tokens, replacement="resample", reference=reference,
                                                 cells=cells, progress=False))
         per_layer.append(seconds)
+        print(f"exact sweep, layer {layer} alone: {seconds:.2f} s", flush=True)
     clean, _ = timed(lambda: model(tokens))  # every call above also ran one clean forward: counted once
     depth = torch.tensor([float(spec.n_layers - layer) for layer in layers])
     times = torch.tensor(per_layer) - clean
@@ -101,9 +102,12 @@ def main() -> None:
 
     estimate()  # warm-up
     attribution_s, _ = timed(estimate)
+    print(f"attribution QK+OV: {attribution_s:.2f} s", flush=True)
     verified_s, verified = timed(lambda: estimate(verify=0.1))
+    print(f"attribution + verify 10%: {verified_s:.2f} s", flush=True)
     bound_s, _ = timed(lambda: verified.bound_missed(model, tokens, reference=reference, confidence=0.95,
                                                      progress=False))
+    print(f"missed-effect bound: {bound_s:.2f} s", flush=True)
     exact_s, how = exact_seconds(model, tokens, reference, layers)
     n_verify = math.ceil(0.1 * spec.n_layers * spec.n_heads)
     print(f"[exact sweep QK+OV]          {exact_s:9.2f} s ({how})")
