@@ -29,14 +29,17 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from scipy.stats import spearmanr
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/ and tl_circuits/
+
 from tl_circuits import compute_mean_activations, freeze_sweep, load_bundled_model
 from tl_circuits.bundled import bundled_tasks, list_bundled_models
-from tl_circuits.bundled.scoring import scored_loss_metric
+from tl_circuits.bundled.task_metrics import scored_loss_metric
 from tl_circuits.freezing.first_order import first_order_pass
 
 REPLACEMENTS = ("resample", "mean", "zero")
