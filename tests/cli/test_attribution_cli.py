@@ -62,3 +62,16 @@ def test_attribution_report_marks_estimates_and_verified_cells(checkpoint_inputs
         assert rows.effect.to_numpy() == pytest.approx(direct.effect[circuit].flatten().double().numpy(),
                                                        rel=1e-4, abs=1e-5)
         assert ((rows.number == "exact").to_numpy() == direct.verified[circuit].flatten().numpy()).all()
+
+
+def test_a_zero_screen_warns_and_a_mean_screen_does_not(checkpoint_inputs, tmp_path):
+    """ZERO is where the estimates rank worst (docs/attribution.md): the command says so (in report.json's and
+    report.md's warnings, and on stderr unless --quiet) when it screens with it, and not when it screens with MEAN."""
+    for replacement in ("zero", "mean"):
+        out = tmp_path / replacement
+        args = [str(a) for a in checkpoint_args(checkpoint_inputs, out)]
+        assert main(args + ["--sweep", "attribution", "--replacement", replacement]) == 0
+        warned = [w for w in json.loads((out / "report.json").read_text())["warnings"] if "screens ZERO" in w]
+        assert len(warned) == (replacement == "zero"), warned
+    assert "screens ZERO freezes least well" in (tmp_path / "zero" / "report.md").read_text()
+    assert "lower under ZERO" in (tmp_path / "zero" / "report.md").read_text()

@@ -153,7 +153,9 @@ def _attribution_lines(analysis: Analysis) -> list[str]:
         lines += ["", f"**Task {key.upper()}: attribution sweep.** Effects marked *estimate* are first-order "
                   "estimates (AtP*: the head's frozen pattern exact, linear from there; docs/attribution.md), not "
                   f"freezes; the cells with the largest |estimate| were verified exactly ({counts}) and are marked "
-                  f"*exact*. Tests of estimated cells test the estimate. Missed-effect bound: {bounds or 'none'}."]
+                  f"*exact*. Tests of estimated cells test the estimate. Missed-effect bound: {bounds or 'none'}. How "
+                  "well such estimates rank heads was measured against the exact sweep (docs/attribution.md): top-10% "
+                  "recall 0.71–1.00 for QK and 0.29–1.00 for OV under MEAN and RESAMPLE, lower under ZERO."]
     return lines
 
 
