@@ -104,8 +104,8 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
     circuits = swept_circuits(model, config.replacement)
     mask = task.attention_mask.to(device)
     # both sweeps take the task's padding, loss mask and layer/head subset with one meaning (docs/spec.md §1.7, §1.9)
-    masks = dict(attention_mask=mask, loss_mask=task.loss_mask.to(device),
-                 reference_attention_mask=sweep_reference_mask(task, config.replacement, device))
+    masks: dict[str, Any] = dict(attention_mask=mask, loss_mask=task.loss_mask.to(device),
+                                 reference_attention_mask=sweep_reference_mask(task, config.replacement, device))
     if chosen_sweep(model, tokens, len(circuits), config.sweep) == "attribution":
         sweep: SweepResult = attribution_sweep(
             model, tokens, circuits=circuits, layers=config.layers, heads=config.heads, per_sample=True,

@@ -22,6 +22,13 @@ where it is affordable, and ``verify`` whatever is reported.
 {'qk': 2, 'ov': 2}
 >>> result.settings["sweep"], result.estimate["qk"].shape
 ('attribution', torch.Size([2, 4]))
+
+A padded batch (sample 0 left-padded), layer 1 only, as :func:`tl_circuits.freeze_sweep` takes them:
+
+>>> mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]] + [[1] * 12] * 3)
+>>> result = attribution_sweep(model, tokens, attention_mask=mask, layers=[1], progress=False)
+>>> result.settings["attention_mask"], result.estimate["ov"][0].isnan().all().item()
+(True, True)
 """
 
 from __future__ import annotations
@@ -111,9 +118,9 @@ def attribution_sweep(
                                          reference_attention_mask, selection.layers)
     if metric is None:
         loss, metric = _default_loss(tokens, mask, loss_mask, per_sample)
-    cells = dict(layers=selection.layers, heads=selection.heads)
     estimated = first_order_pass(model, tokens, metric, circuits=swept, replacement=parsed, reference=reference,
-                                 per_sample=per_sample, qk_alpha=qk_alpha, attention_mask=mask, **cells)
+                                 per_sample=per_sample, qk_alpha=qk_alpha, attention_mask=mask,
+                                 layers=selection.layers, heads=selection.heads)
     if per_sample:
         clean = float(estimated.clean.nanmean())
         per_sample_estimate = estimated.estimate
