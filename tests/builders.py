@@ -171,6 +171,12 @@ def float64_model(which: str, seed: int = 0):
     return bridge_of(hf.double())
 
 
+def padded_float64_model(which: str, seed: int = 0):
+    """:func:`float64_model` for left-padded batches: the LLaMA bridge stays float32 there (HF LLaMA's eager softmax
+    runs in float32, where a left-padded row's float64 mask, all finfo(float64).min, becomes -inf: NaN)."""
+    return llama_bridge(seed) if which == "llama-bridge" else float64_model(which, seed)
+
+
 def native_bridge(seed: int = 0, rotary: bool = False):
     """TransformerBridge.boot_native: MHA, LayerNorm, GELU, learned positions (or rotary, adjacent pairs),
     random weights with wide matrices and non-zero biases so heads are distinguishable."""

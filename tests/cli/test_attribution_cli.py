@@ -52,9 +52,10 @@ def test_attribution_report_marks_estimates_and_verified_cells(checkpoint_inputs
     root = checkpoint_inputs["root"]
     loaded = load_model(str(root / "model"), "cpu")
     _, task_b = load_tasks(loaded, root / "a.tokens", root / "b.npy")
-    mean = compute_mean_activations(loaded.model, task_b.tokens, progress=False)
+    mean = compute_mean_activations(loaded.model, task_b.tokens, progress=False, attention_mask=task_b.attention_mask)
     direct = attribution_sweep(loaded.model, task_b.tokens, circuits=("qk", "ov", "both"), per_sample=True,
                                replacement="mean", reference=mean, verify=VERIFY_SHARE, progress=False,
+                               attention_mask=task_b.attention_mask,
                                loss_mask=task_b.loss_mask)  # the command's loss: each task's counted predictions
     rows_b = swept[swept.task == "B"]
     for circuit in ("qk", "ov"):
@@ -75,3 +76,32 @@ def test_a_zero_screen_warns_and_a_mean_screen_does_not(checkpoint_inputs, tmp_p
         assert len(warned) == (replacement == "zero"), warned
     assert "screens ZERO freezes least well" in (tmp_path / "zero" / "report.md").read_text()
     assert "lower under ZERO" in (tmp_path / "zero" / "report.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_attribution_runs_on_padded_tasks_with_a_layer_and_head_subset(checkpoint_inputs, tmp_path):
+    """--sweep attribution on task A (ragged: padded) with --layers/--heads: the attribution sweep runs (not the exact
+    one), its cells equal attribution_sweep called directly with the task's padding, loss mask, masked MEAN
+    reference and selection, and every other cell is NaN."""
+    out = tmp_path / "report"
+    assert main([str(a) for a in [*checkpoint_args(checkpoint_inputs, out), "--sweep", "attribution",
+                                  "--replacement", "mean", "--layers", "1", "--heads", "0-1"]]) == 0
+    data = json.loads((out / "report.json").read_text())
+    settings = data["sweep"]["A"]["settings"]
+    assert settings["sweep"] == "attribution" and settings["attention_mask"] is True
+    assert settings["selection"] == {"layers": [1], "heads": [0, 1]}
+    root = checkpoint_inputs["root"]
+    loaded = load_model(str(root / "model"), "cpu")
+    task_a, _ = load_tasks(loaded, root / "a.tokens", root / "b.npy")
+    assert bool((task_a.attention_mask == 0).any())  # task A is padded
+    mean = compute_mean_activations(loaded.model, task_a.tokens, progress=False, attention_mask=task_a.attention_mask)
+    direct = attribution_sweep(loaded.model, task_a.tokens, circuits=("qk", "ov", "both"), layers=[1], heads=[0, 1],
+                               per_sample=True, replacement="mean", reference=mean, verify=VERIFY_SHARE,
+                               attention_mask=task_a.attention_mask, loss_mask=task_a.loss_mask, progress=False)
+    sweep_csv = pd.read_csv(out / "sweep.csv")
+    rows_a = sweep_csv[sweep_csv.task == "A"]
+    for circuit in ("qk", "ov"):
+        rows = rows_a[rows_a.circuit == circuit].sort_values(["layer", "head"])
+        expected = direct.effect[circuit].flatten().double().numpy()
+        assert rows.effect.to_numpy() == pytest.approx(expected, rel=1e-4, abs=1e-5, nan_ok=True)
+        assert int((~rows.effect.isna()).sum()) == 2

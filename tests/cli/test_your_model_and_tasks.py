@@ -116,12 +116,13 @@ def test_the_sweep_scores_the_completion_tokens(hf_task_inputs, hf_report):
     tokenizer = model.tokenizer
     for key, rows, prompts, completions in (("A", TASK_A, PROMPT_A, COMPLETION_A),
                                             ("B", TASK_B, PROMPT_B, COMPLETION_B)):
-        tokens, _ = tokenized_by_hand(tokenizer, rows)
+        tokens, attention = tokenized_by_hand(tokenizer, rows)
         width = tokens.shape[1]
         mask = hand_loss_mask(prompts, completions, width)
         from tl_circuits.freezing.references import compute_mean_activations
 
-        reference = compute_mean_activations(model, tokens, progress=False)
+        # the MEAN reference: the task's mean over its valid tokens (the right padding left out)
+        reference = compute_mean_activations(model, tokens, progress=False, attention_mask=attention)
         sweep = freeze_sweep(model, tokens, completion_loss(tokens, mask), circuits=("qk", "ov", "both"),
                              per_sample=True, replacement="mean", reference=reference, progress=False)
         table = pd.read_csv(out / "sweep.csv")

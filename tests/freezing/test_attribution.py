@@ -21,21 +21,22 @@ MODELS = [pytest.param(m, marks=pytest.mark.needs_hooked_transformer) if m.start
           for m in builders.FLOAT64_MODELS]  # hooked-*: HookedTransformers (TL < 4); *-bridge: both legs
 
 
-def cached(model, tokens, names):
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+def cached(model, tokens, names, attention_mask=None):
+    masked = {} if attention_mask is None else {"attention_mask": attention_mask}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **masked)
     return {n: cache[n] for n in names}
 
 
-def first_order_errors(model, tokens, reference_at, circuits, replacement, epsilons):
+def first_order_errors(model, tokens, reference_at, circuits, replacement, epsilons, attention_mask=None):
     """Per ε: (|estimate − exact|, |exact|) of every (sample, layer, head), the exact sweep run with
-    ``reference_at(ε)`` (float64 per-sample effects)."""
+    ``reference_at(ε)`` (float64 per-sample effects), both with ``attention_mask``."""
     errors = []
     for eps in epsilons:
         reference = reference_at(eps)
         exact = freeze_sweep(model, tokens, circuits=circuits, replacement=replacement, reference=reference,
-                             per_sample=True, progress=False)
+                             per_sample=True, progress=False, attention_mask=attention_mask)
         estimate = first_order_pass(model, tokens, None, circuits=circuits, replacement=replacement,
-                                    reference=reference, per_sample=True)
+                                    reference=reference, per_sample=True, attention_mask=attention_mask)
         errors.append((torch.cat([(estimate.estimate[c] - exact.per_sample_effect[c]).abs().flatten()
                                   for c in circuits]),
                        torch.cat([exact.per_sample_effect[c].abs().flatten() for c in circuits])))
@@ -58,17 +59,17 @@ def assert_first_order(errors, floor):
 FLOORS = {"hooked-mha": 1e-10, "hooked-gqa": 1e-10, "gpt2-bridge": 1e-10, "llama-bridge": 1e-6}
 
 
-def interpolated_errors(model, tokens, other, epsilons):
+def interpolated_errors(model, tokens, other, epsilons, attention_mask=None):
     """first_order_errors of QK and OV under RESAMPLE towards the reference clean + eps · (corrupted − clean) of every
-    pattern and z."""
+    pattern and z (``other`` padded as ``tokens``, by ``attention_mask``)."""
     spec = model_spec(model)
     names = [spec.hook_name(layer, kind) for layer in range(spec.n_layers) for kind in ("pattern", "z")]
-    clean, corrupted = cached(model, tokens, names), cached(model, other, names)
+    clean, corrupted = (cached(model, t, names, attention_mask) for t in (tokens, other))
 
     def reference_at(eps):
         return {n: clean[n] + eps * (corrupted[n] - clean[n]) for n in names}
 
-    return first_order_errors(model, tokens, reference_at, ["qk", "ov"], "resample", epsilons)
+    return first_order_errors(model, tokens, reference_at, ["qk", "ov"], "resample", epsilons, attention_mask)
 
 
 def epsilons_for(which):
@@ -86,12 +87,28 @@ def test_estimate_tends_to_the_exact_effect_as_the_replacement_nears_clean(which
 
 
 @pytest.mark.parametrize("which", MODELS)
-def test_qk_estimate_tends_to_exact_with_queries_and_keys_interpolated(which):
+def test_estimate_tends_to_the_exact_effect_with_padding(which):
+    """The same on a padded batch (sample 1 left-padded, sample 2 right-padded; the corrupted batch padded alike),
+    the estimate and the exact sweep both run with the attention mask: estimate / exact → 1 per head and sample."""
+    model = builders.padded_float64_model(which)
+    tokens, mask = builders.padded_tokens(3, 9, seed=0, right_from=6)
+    other = builders.random_tokens(3, 9, seed=1)
+    float32 = which == "llama-bridge"
+    errors = interpolated_errors(model, tokens, other, (1e-1, 1e-2) if float32 else epsilons_for(which),
+                                 attention_mask=mask)
+    assert_first_order(errors, floor=1e-5 if float32 else FLOORS[which])
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("which", MODELS)
+def test_qk_estimate_tends_to_exact_with_queries_and_keys_interpolated(which, padded):
     """QK-MEAN on one sample whose "means" are its own queries and keys moved ε towards another input's: the frozen
-    scores go through the model's own scale, rotary and softmax (the AtP* fix), and estimate / exact → 1."""
-    model = builders.float64_model(which)
+    scores go through the model's own scale, rotary, mask and softmax (the AtP* fix), and estimate / exact → 1;
+    left-padded, the frozen pattern must mask the padded keys as the clean one does."""
+    model = builders.padded_float64_model(which) if padded else builders.float64_model(which)
     tokens, other = builders.random_tokens(1, 8, seed=2), builders.random_tokens(1, 8, seed=3)
-    clean, moved = (compute_mean_activations(model, t, progress=False) for t in (tokens, other))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]]) if padded else None
+    clean, moved = (compute_mean_activations(model, t, progress=False, attention_mask=mask) for t in (tokens, other))
 
     def reference_at(eps):
         def towards(a, b):
@@ -99,8 +116,10 @@ def test_qk_estimate_tends_to_exact_with_queries_and_keys_interpolated(which):
         return MeanActivations(q=towards(clean.q, moved.q), k=towards(clean.k, moved.k), z=clean.z,
                                per_position=True, n_samples=1)
 
-    errors = first_order_errors(model, tokens, reference_at, ["qk"], "mean", epsilons_for(which))
-    assert_first_order(errors, floor=FLOORS[which])
+    float32 = padded and which == "llama-bridge"
+    errors = first_order_errors(model, tokens, reference_at, ["qk"], "mean",
+                                (1e-2, 1e-3) if float32 else epsilons_for(which), mask)
+    assert_first_order(errors, floor=1e-5 if float32 else FLOORS[which])
 
 
 @pytest.mark.parametrize("replacement", ["zero", "mean", "resample", "identity"])

@@ -11,9 +11,10 @@ bootstrap intervals, BH/BY q-values over every (circuit, layer, head) cell and t
 and the attention patterns of the top QK heads on the first sample, clean beside frozen.
 
 ``--sweep attribution`` (or ``auto`` on a model whose exact sweep would take more than a few minutes,
-:func:`chosen_sweep`) runs :func:`tl_circuits.attribution_sweep` instead: first-order estimates of every cell, the
-top :data:`VERIFY_SHARE` of each circuit by |estimate| verified exactly, and the missed-effect bound of the rest at
-:data:`MISSED_CONFIDENCE`; the report marks which numbers are estimates (docs/attribution.md).
+:func:`chosen_sweep`) runs :func:`tl_circuits.attribution_sweep` instead, with the same padding, loss mask and
+``--layers``/``--heads``: first-order estimates of every (selected) cell, the top :data:`VERIFY_SHARE` of each circuit
+by |estimate| verified exactly, and the missed-effect bound of the rest at :data:`MISSED_CONFIDENCE`; the report marks
+which numbers are estimates (docs/attribution.md).
 
 A TransformerLens-native bridge on TransformerLens 3.x cannot freeze QK (it discards pattern edits): there only OV
 is swept, QK and BOTH are NaN, and the pattern picture says so.
@@ -78,12 +79,12 @@ def swept_circuits(model: Model, replacement: str = "mean") -> tuple[str, ...]:
 
 def sweep_reference(model: Model, task: TaskInput, replacement: str, progress: bool = False,
                     memory_budget_gb: float = defaults.MEMORY_BUDGET_GB) -> Any:
-    """The sweep's reference: MEAN: the task's mean activations; RESAMPLE: its corrupted twins (row ``i`` patches
-    sample ``i``); None for ZERO."""
+    """The sweep's reference: MEAN: the task's mean activations over its valid tokens (its padding left out);
+    RESAMPLE: its corrupted twins (row ``i`` patches sample ``i``); None for ZERO."""
     device = next(model.parameters()).device
     if replacement == "mean":
         return compute_mean_activations(model, task.tokens.to(device), memory_budget_gb=memory_budget_gb,
-                                        progress=progress)
+                                        progress=progress, attention_mask=task.attention_mask.to(device))
     if replacement == "resample":
         if task.corrupted is None:
             raise ValueError(f"RESAMPLE needs each sample's corrupted twin; task {task.name!r} has none")
@@ -106,32 +107,23 @@ def run_freeze_stage(model: Model, task: TaskInput, config: AnalysisConfig,
     reference = sweep_reference(model, task, config.replacement, config.progress, budget)
     circuits = swept_circuits(model, config.replacement)
     mask = task.attention_mask.to(device)
-    # the attribution screen takes the task's loss mask but no attention mask (docs/spec.md §1.9): right padding only
-    # follows the valid tokens, so a causal model computes the same there; left padding and layer/head subsets run
-    # the exact sweep
-    right_padded_only = bool((mask[:, 1:] <= mask[:, :-1]).all())
-    attribution = (chosen_sweep(model, tokens, len(circuits), config.sweep) == "attribution" and right_padded_only
-                   and config.layers is None and config.heads is None)
-    if attribution:
+    # both sweeps take the task's padding, loss mask and layer/head subset with one meaning (docs/spec.md §1.7, §1.9)
+    masks: dict[str, Any] = dict(attention_mask=mask, loss_mask=task.loss_mask.to(device),
+                                 reference_attention_mask=sweep_reference_mask(task, config.replacement, device))
+    if chosen_sweep(model, tokens, len(circuits), config.sweep) == "attribution":
         if config.replacement == "zero":
             warnings.warn(ZERO_SCREEN_WARNING, UserWarning, stacklevel=2)
-        valid = mask.bool()
-        counted = task.loss_mask.to(device).bool().clone()
-        counted[:, :-1] &= valid[:, 1:] & valid[:, :-1]  # a prediction counts only between valid tokens
-        counted[:, -1] = False
         sweep: SweepResult = attribution_sweep(
-            model, tokens, circuits=circuits, per_sample=True, replacement=config.replacement,
-            reference=reference, verify=VERIFY_SHARE, missed_confidence=MISSED_CONFIDENCE, seed=config.seed,
-            memory_budget_gb=budget, progress=config.progress, loss_mask=counted)
+            model, tokens, circuits=circuits, layers=config.layers, heads=config.heads, per_sample=True,
+            replacement=config.replacement, reference=reference, verify=VERIFY_SHARE,
+            missed_confidence=MISSED_CONFIDENCE, seed=config.seed, memory_budget_gb=budget, progress=config.progress,
+            **masks)
         sweep.settings["sweep_chosen_by"] = config.sweep
     else:
         # the default metric: the per-sample loss of the interference's gradients, on the same counted predictions
         sweep = freeze_sweep(model, tokens, circuits=circuits, layers=config.layers, heads=config.heads,
                              per_sample=True, replacement=config.replacement, reference=reference, seed=config.seed,
-                             memory_budget_gb=budget, progress=config.progress,
-                             attention_mask=mask, loss_mask=task.loss_mask.to(device),
-                             reference_attention_mask=sweep_reference_mask(task, config.replacement, device),
-                             world=world)
+                             memory_budget_gb=budget, progress=config.progress, world=world, **masks)
     correction = config.correction if config.correction in ("bh", "by", "none") else "bh"
     test = sweep.test(alpha=config.alpha, alternative=SWEEP_ALTERNATIVE, n_bootstrap=config.n_bootstrap,
                       correction=correction, seed=config.seed, progress=config.progress)

@@ -152,7 +152,8 @@ class AttributionResult(SweepResult):
 
     def verify(self, model: Model, tokens: Tensor, k, metric=None, reference=None, **kwargs) -> AttributionResult:
         """This result with the top ``k`` cells of each circuit by |estimate| verified exactly; see
-        :func:`tl_circuits.freezing.attribution_checks.verify_top` (same tokens, metric and reference as the sweep)."""
+        :func:`tl_circuits.freezing.attribution_checks.verify_top` (same tokens, metric, reference and
+        ``attention_mask=`` as the sweep)."""
         from tl_circuits.freezing.attribution_checks import verify_top
 
         return verify_top(self, model, tokens, k, metric=metric, reference=reference, **kwargs)

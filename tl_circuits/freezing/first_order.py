@@ -25,6 +25,11 @@ nothing), of the batch estimates: large where paths through different later laye
 Per-sample estimates come from the same backward: samples are independent rows of the batch, so the gradient of
 the sum of per-sample metrics at row i is sample i's own gradient.
 
+Padding (``attention_mask``) is :func:`tl_circuits.freeze_sweep`'s: the clean forward and backward run with the mask,
+the frozen pattern is the freeze's own (which reads the padding from the live scores or pattern; a delegating
+bridge cannot see it, so a padded QK-ZERO/MEAN there is refused, :func:`~tl_circuits.freezing.sweep_inputs.
+check_padded_qk`), and a padded position's z gets no gradient (nothing valid reads it), so padding adds nothing.
+
 >>> import torch
 >>> from tl_circuits import load_bundled_model
 >>> model = load_bundled_model("induction-2l")
@@ -57,10 +62,14 @@ from tl_circuits.freezing.options import (
 from tl_circuits.freezing.references import PreparedReference, ReferenceLike, prepare_reference
 from tl_circuits.freezing.stacked import evaluate_metric
 from tl_circuits.freezing.sweep import default_metric
+from tl_circuits.freezing.sweep_inputs import check_padded_qk, check_resample_masks
+from tl_circuits.interference.inputs import check_mask
 from tl_circuits.models.spec import ModelSpec, model_spec
 from tl_circuits.models.types import Model
+from tl_circuits.selection import resolve_selection
 
-__all__ = ["FirstOrderPass", "first_order_pass", "prepare_attribution_reference", "qk_path_delta"]
+__all__ = ["FirstOrderPass", "attribution_inputs", "first_order_pass", "prepare_attribution_reference",
+           "qk_path_delta"]
 
 ATTRIBUTION_REPLACEMENTS = (Replacement.ZERO, Replacement.MEAN, Replacement.RESAMPLE, Replacement.IDENTITY)
 _LOG_FLOOR = 1e-30  # log of a pattern entry that underflowed to 0 (an unmasked key): a very negative logit
@@ -82,12 +91,30 @@ class FirstOrderPass:
 
 
 def prepare_attribution_reference(model: Model, spec: ModelSpec, replacement: Replacement,
-                                  reference: Optional[ReferenceLike]) -> PreparedReference:
-    """The reference every circuit's estimate reads, prepared once (RESAMPLE: one reference forward for the patterns
-    and z of every layer; MEAN: a ``MeanActivations``)."""
-    heads = tuple((layer, 0) for layer in range(spec.n_layers))
-    both = FreezeSpec(heads, Circuit.BOTH, replacement, GradientMode.STOPGRAD)
-    return prepare_reference(model, spec, both, reference, range(spec.n_layers))
+                                  reference: Optional[ReferenceLike],
+                                  reference_mask: Optional[Int[Tensor, "batch pos"]] = None,
+                                  layers: Optional[Sequence[int]] = None) -> PreparedReference:
+    """The reference every circuit's estimate reads, prepared once (RESAMPLE: one reference forward, with
+    ``reference_mask``, for the patterns and z of ``layers`` (default: every layer); MEAN: a ``MeanActivations``)."""
+    layers = range(spec.n_layers) if layers is None else layers
+    both = FreezeSpec(tuple((layer, 0) for layer in layers), Circuit.BOTH, replacement, GradientMode.STOPGRAD)
+    return prepare_reference(model, spec, both, reference, layers, reference_mask)
+
+
+def attribution_inputs(model: Model, spec: ModelSpec, tokens: Tensor, replacement: Replacement,
+                       circuits: Sequence[Circuit], reference: Union[PreparedReference, ReferenceLike],
+                       attention_mask: Optional[Tensor], reference_attention_mask: Optional[Tensor],
+                       layers: Optional[Sequence[int]] = None) -> tuple[Optional[Tensor], PreparedReference]:
+    """The checked padding mask (``None``: unpadded) and the prepared reference, with :func:`tl_circuits.freeze_sweep`'s
+    checks and errors: RESAMPLE reference tokens padded as their clean rows
+    (:func:`~tl_circuits.freezing.sweep_inputs.check_resample_masks`, run with that padding), and no padded QK freeze a
+    bridge cannot mask (:func:`~tl_circuits.freezing.sweep_inputs.check_padded_qk`)."""
+    mask = None if attention_mask is None else check_mask(tokens, attention_mask, "tokens")
+    reference_mask = check_resample_masks(tokens, mask, [reference], reference_attention_mask, replacement)
+    check_padded_qk(spec, mask, circuits, replacement)
+    prepared = prepare_attribution_reference(model, spec, replacement, reference, reference_mask,  # type: ignore
+                                             layers)
+    return mask, prepared
 
 
 def check_attribution_replacement(replacement: Union[str, Replacement]) -> Replacement:
@@ -110,16 +137,24 @@ def first_order_pass(
     per_sample: bool = False,
     qk_alpha: float = 1.0,
     graddrop: bool = False,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    reference_attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+    layers: Optional[Sequence[int]] = None,
+    heads: Optional[Sequence[int]] = None,
 ) -> FirstOrderPass:
     """First-order estimates of every head's freeze effect for ``circuits`` (module docstring).
 
     ``metric``: ``logits -> scalar`` (or ``[batch]`` with ``per_sample=True``); None: the mean next-token loss
-    (per sample: each sample's). ``reference``: as :func:`tl_circuits.freeze` (or already prepared by
-    :func:`prepare_attribution_reference`: prepared again, which only picks its tensors). The model's parameters get
-    no gradient (``torch.autograd.grad`` at zero-valued probes added to every ``hook_z``), and every hook is removed
-    on exit. ``graddrop``: also AtP*'s GradDrop ranking score (module docstring).
+    (per sample: each sample's; with an ``attention_mask``: :func:`tl_circuits.freezing.sweep.default_metric`'s
+    masked per-sample loss). ``reference``: as :func:`tl_circuits.freeze` (or already prepared by
+    :func:`prepare_attribution_reference`: prepared again, which only picks its tensors). ``attention_mask``,
+    ``reference_attention_mask``, ``layers``, ``heads``: as :func:`tl_circuits.freeze_sweep` (estimates NaN outside
+    the selected cells). The model's parameters get no gradient (``torch.autograd.grad`` at zero-valued probes added
+    to every selected layer's ``hook_z``), and every hook is removed on exit. ``graddrop``: also AtP*'s GradDrop
+    ranking score (module docstring).
     """
     spec = model_spec(model)
+    selection = resolve_selection(spec, layers, heads)
     swept = [parse_option(Circuit, c, "circuit") for c in circuits]
     replacement = check_attribution_replacement(replacement)
     if not 0 <= qk_alpha <= 1:
@@ -127,19 +162,21 @@ def first_order_pass(
     for circuit in swept:
         check_replacement_fits(replacement, circuit)
         check_qk_freezable(spec, circuit)
+    mask, reference = attribution_inputs(model, spec, tokens, replacement, swept, reference, attention_mask,
+                                         reference_attention_mask, selection.layers)
     if metric is None:
-        metric = default_metric(tokens, per_sample)
-    reference = prepare_attribution_reference(model, spec, replacement, reference)  # type: ignore[arg-type]
+        metric = default_metric(tokens, per_sample, mask)
     qk = Circuit.QK in swept
     ov = Circuit.OV in swept or Circuit.BOTH in swept
     records: dict[tuple[int, str], Tensor] = {}
     probes: dict[int, Tensor] = {}
     dropped: list[Optional[int]] = [None]  # GradDrop: the layer whose residual contributions pass no gradient
-    hooks = _recording_hooks(model, spec, replacement, reference, qk, ov, records, probes)
+    hooks = _recording_hooks(model, spec, replacement, reference, qk, ov, records, probes, selection.layers)
     if graddrop:
         hooks += _graddrop_hooks(spec, dropped)
+    masked = {} if mask is None else {"attention_mask": mask}  # no keyword without a mask, as freeze_sweep
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
-        logits = model(tokens)
+        logits = model(tokens, **masked)
         value = metric(logits)
         clean = evaluate_metric(lambda _: value, logits, per_sample)
         del logits
@@ -158,7 +195,12 @@ def first_order_pass(
             own = torch.arange(spec.n_layers, dtype=torch.float64)[:, None]  # layers before a head's own: unchanged
             drop_scores = {c: (g + own * plain[c].abs()) / max(1, spec.n_layers - 1) if spec.n_layers > 1
                            else plain[c].abs() for c, g in drop_scores.items()}
-    patterns = {layer: records[(layer, "pattern_frozen")] for layer in range(spec.n_layers) if qk}
+    if not selection.is_full:  # NaN outside the selected cells (the "O" block: the selected query heads)
+        unselected = ~selection.cells(spec)["O"]
+        estimate = {c: e.masked_fill(unselected.to(e.device), float("nan")) for c, e in estimate.items()}
+        if drop_scores is not None:
+            drop_scores = {c: e.masked_fill(unselected.to(e.device), float("nan")) for c, e in drop_scores.items()}
+    patterns = {layer: records[(layer, "pattern_frozen")] for layer in selection.layers if qk}
     return FirstOrderPass(estimate=estimate, clean=clean, frozen_patterns=patterns, graddrop=drop_scores)
 
 
@@ -172,9 +214,12 @@ def _estimates(spec, swept, total, probes, records, qk_alpha, clean, per_sample,
     layers = sorted(probes)
     grads = torch.autograd.grad(total, [probes[layer] for layer in layers], allow_unused=True, retain_graph=retain)
     dz = {layer: torch.zeros_like(probes[layer]) if g is None else g.detach() for layer, g in zip(layers, grads)}
+    some = next(iter(dz.values()))
+    missing = torch.full((some.shape[0], spec.n_heads), float("nan"), dtype=torch.float64, device=some.device)
     estimate = {}
-    for circuit in swept:
-        rows = [_layer_estimate(spec, circuit, layer, dz[layer], records, qk_alpha) for layer in range(spec.n_layers)]
+    for circuit in swept:  # a layer without a probe (not selected): NaN
+        rows = [_layer_estimate(spec, circuit, layer, dz[layer], records, qk_alpha) if layer in dz else missing
+                for layer in range(spec.n_layers)]
         grid = torch.stack(rows, dim=1)                                                  # [N, L, H]
         if per_sample:
             grid = torch.where(torch.isfinite(clean)[:, None, None], grid, float("nan"))
@@ -197,11 +242,11 @@ def _graddrop_hooks(spec: ModelSpec, dropped: list[Optional[int]]) -> list[Hook]
 
 
 def _recording_hooks(model, spec, replacement, reference, qk: bool, ov: bool, records: dict,
-                     probes: dict) -> list[Hook]:
-    """Read-only hooks recording every layer's clean pattern, v, z and frozen values, and the z probes."""
+                     probes: dict, layers: Sequence[int]) -> list[Hook]:
+    """Read-only hooks recording each of ``layers``' clean pattern, v, z and frozen values, and the z probes."""
     hooks: list[Hook] = []
     heads = list(range(spec.n_heads))
-    for layer in range(spec.n_layers):
+    for layer in layers:
         def record(kind: str, value: Tensor, layer: int = layer) -> None:
             records[(layer, f"{kind}_frozen")] = value
 

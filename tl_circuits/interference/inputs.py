@@ -52,7 +52,8 @@ def next_token_losses(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tens
                       mask: Int[Tensor, "batch pos"], loss_mask: Optional[Tensor] = None) -> Float[Tensor, " batch"]:
     """Each sample's token-mean next-token cross-entropy over its counted predictions (:func:`prediction_mask`:
     valid targets, and those set in ``loss_mask`` if given), in float32 or better."""
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    predictions = logits[:, :-1]  # float32 or better: bf16/fp16 up to float32, float64 kept
+    log_probs = torch.log_softmax(predictions.to(torch.promote_types(predictions.dtype, torch.float32)), dim=-1)
     target = log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
     counted = prediction_mask(mask, loss_mask)[:, :-1].to(log_probs.dtype)
     return -(target * counted).sum(-1) / counted.sum(-1)
