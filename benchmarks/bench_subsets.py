@@ -21,7 +21,7 @@ only some of it can follow a selection:
 No assertions on time; run it on a quiet machine (peak memory does not depend on the load).
 
     python benchmarks/bench_subsets.py                          # GPT-2-small shape, 4 samples per task
-    python benchmarks/bench_subsets.py --samples 64             # factors and score tiles large
+    python benchmarks/bench_subsets.py --samples 64 --calls interference  # factors and score tiles large
     python benchmarks/bench_subsets.py --memory-budget-gb 2     # another budget (default 4, the library's)
     python benchmarks/bench_subsets.py --smoke                  # tiny model, a few seconds
     python benchmarks/bench_subsets.py --device cuda            # on a GPU
@@ -148,6 +148,7 @@ def measure(kind: str, subset: bool, smoke: bool, device: str, samples: int = 0,
     peaks.enter("")
     plan = result.settings["plan"] if kind == "interference" else {}
     return {"seconds": seconds, "model_gb": baseline, "peak_gb": max(peaks.peaks.values()),
+            "timings": result.settings["timings"] if kind == "interference" else {},
             "gradient_pass_gb": peaks.peaks.get("gradient pass", math.nan),
             "score_pass_gb": peaks.peaks.get("score pass", math.nan), "plan": plan}
 
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--subset", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=0,
                         help="samples per task (default: 4; more make the interference's factor memory dominate)")
+    parser.add_argument("--calls", choices=("sweep", "interference", "both"), default="both",
+                        help="which calls to measure (default: both)")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0,
                         help="the interference's memory_budget_gb (default: the library's)")
     args = parser.parse_args()
@@ -189,12 +192,14 @@ def main() -> None:
         ratio = sub / full if full > 0 else math.nan
         print(f"{label:<34}{full:>16.4g}{sub:>14.4g}{ratio:>7.2f}{goal:>6}")
 
-    for kind in ("sweep", "interference"):
+    for kind in ("sweep", "interference") if args.calls == "both" else (args.calls,):
         full = in_subprocess(kind, False, args.smoke, args.device, args.samples, args.memory_budget_gb)
         sub = in_subprocess(kind, True, args.smoke, args.device, args.samples, args.memory_budget_gb)
         row(f"{kind} time (s)", full["seconds"], sub["seconds"], "0.3" if kind == "sweep" else "0.5")
         if kind != "interference":
             continue
+        for stage in ("gradients_s", "scoring_s"):
+            row(f"  of which {stage}", full["timings"][stage], sub["timings"][stage])
         row("  peak above the model (GB)", full["peak_gb"], sub["peak_gb"], "0.5")
         row("    in the gradient pass", full["gradient_pass_gb"], sub["gradient_pass_gb"])
         row("    in the score pass", full["score_pass_gb"], sub["score_pass_gb"])
