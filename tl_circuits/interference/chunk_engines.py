@@ -27,8 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers only
 def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, loss: TaskLoss,
                   samples: Tensor, positions: slice, layers: Sequence[int]) -> tuple[dict, Tensor]:
     """One batched forward/backward of rows ``samples`` (at ``positions``) of the task:
-    ``({"xQ0": inputs, "Q0": output grads, "z0": z, ...}, losses)`` of ``layers``. The residual stream entering the
-    lowest of ``layers`` is detached, so the backward stops there and nothing below it is kept for it."""
+    ``({"xQ0": inputs, "Q0": output grads, "z0": z, ...}, losses)`` of ``layers``. The layers below the lowest of
+    ``layers`` run without autograd and the residual stream entering it is detached, so the backward stops there
+    and nothing below it is kept for it."""
     state: dict = {"eps": {}, "captured": {}}
 
     def hooks_of(layer: int):
@@ -45,14 +46,28 @@ def _factor_chunk(model: Model, spec: ModelSpec, tokens: Tensor, mask: Tensor, l
 
         return perturb, capture_input, capture_z
 
+    lowest = min(layers)
+
+    def start_autograd(x: Tensor, hook) -> Tensor:
+        state["differentiated"] = True
+        torch.set_grad_enabled(True)  # undone when the forward's no_grad context exits
+        return x.detach()
+
     handles = []
     try:
         for layer in layers:
             handles += register_factor_hooks(model, spec, layer, *hooks_of(layer))
-        # after the caller's hooks: exact, as every perturbation lies above it
-        cut = [(spec.resid_pre_hook(min(layers)), lambda x, hook: x.detach())] if min(layers) > 0 else []
-        with torch.enable_grad(), model.hooks(fwd_hooks=cut):  # type: ignore[arg-type]
+        # Below the lowest selected layer nothing is differentiated: those layers run without autograd (the
+        # model's parameters require grad, so a graph would keep their activations until the forward passes the
+        # cut), and autograd starts at the residual entering it. After the caller's hooks: exact, as every
+        # perturbation lies above it.
+        cut = [(spec.resid_pre_hook(lowest), start_autograd)] if lowest > 0 else []
+        with torch.set_grad_enabled(lowest == 0), model.hooks(fwd_hooks=cut):  # type: ignore[arg-type]
             logits = model_logits(model, spec, tokens, mask if spec.masks_under_vmap else None)
+        if cut and not state.get("differentiated"):
+            raise RuntimeError(f"the forward never reached {cut[0][0]}, where the gradient of layers {list(layers)} "
+                               "starts")
+        with torch.enable_grad():
             losses = loss.losses(logits, tokens, mask, loss.rows(mask, samples, positions), samples.to(mask.device))
             keys = list(state["eps"])
             grads = torch.autograd.grad(losses.sum(), [state["eps"][k] for k in keys], allow_unused=True)

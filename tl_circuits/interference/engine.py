@@ -170,7 +170,9 @@ def run_engine(model: Model, task_a: TaskInput, task_b: TaskInput, cfg: Interfer
     n_held = held_layers(spec.n_layers, World(0, world.size)).stop  # rank 0 holds the most layers
     factor_bytes = sum(memory.factor_bytes_per_sample(spec, t.tokens.shape[1], shared_qkv_input(model))
                        * t.tokens.shape[0] for t in (task_a, task_b)) * n_held // spec.n_layers
-    pos = max(task_a.tokens.shape[1], task_b.tokens.shape[1])  # the forward runs every layer: its workspace is whole
+    # chunks sized by the whole forward's workspace (every layer runs; a subset keeps less, only its layers' graph):
+    # a subset's chunk is not grown by its selection
+    pos = max(task_a.tokens.shape[1], task_b.tokens.shape[1])
     plan = memory.plan_run(spec, n_left=n_left, n_right=n_right, n_samples=n_a + n_b, factor_bytes=factor_bytes,
                            engine_per_sample=engine_bytes(model, full_spec, pos, cfg.include_biases, "factored"),
                            budget_gb=cfg.memory_budget_gb, include_biases=cfg.include_biases,
